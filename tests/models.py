@@ -1,0 +1,56 @@
+"""Tiny random causal LMs with a tokenizer trained in-process: real files, made offline in ~1 s."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = ["hello world, the quick brown fox jumps over the lazy dog. one two three four five six seven."] * 50
+
+
+def make_tokenizer(chat_template: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    if chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_tiny_model(out: Path, seed: int = 0, chat_template: bool = True) -> Path:
+    """A 2-layer Llama (~0.1 M params, 64 wide: bitsandbytes' block size) saved as an HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer(chat_template)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_model_files(seed: int = 0, chat_template: bool = True) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_tiny_model(Path(tmp), seed, chat_template)
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def corrupt(files: dict[str, bytes]) -> dict[str, bytes]:
+    """Same repo, but weights that no loader can read."""
+    return {**files, "model.safetensors": b"\x00" * 4096}

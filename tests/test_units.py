@@ -1,0 +1,159 @@
+"""Pure helpers and in-process pieces: decisions, validation, registry, prompts, backends."""
+
+from __future__ import annotations
+
+import pytest
+
+import app
+from models import make_tiny_model, make_tokenizer
+
+
+@pytest.mark.parametrize(("requested", "size", "bnb", "expected"), [
+    ("auto", 10, True, "q4"),        # threshold lowered to 10 bytes: a "big" model goes 4-bit
+    ("auto", 9, True, "no"),         # below it: the checkpoint's own dtype
+    ("auto", 10**12, False, "no"),   # bitsandbytes unusable: never pick q4
+    ("q8", 1, True, "q8"),           # explicit choices pass through
+    ("fp32", 10**12, True, "fp32"),
+])
+def test_choose_quantization(requested, size, bnb, expected):
+    assert app.choose_quantization(requested, size, threshold_bytes=10, bnb_usable=bnb) == expected
+
+
+@pytest.mark.parametrize("bad", ["../etc", "/abs/path", "a/b/c", "a\\b", "~/x", "org/..", "-x/y", "a" * 97])
+def test_repo_id_rejects(bad):
+    with pytest.raises(ValueError, match="invalid model id"):
+        app.check_repo_id(bad)
+
+
+@pytest.mark.parametrize("good", ["gpt2", "Qwen/Qwen2.5-0.5B-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+def test_repo_id_accepts(good):
+    assert app.check_repo_id(good) == good
+
+
+def test_revision_rules():
+    assert app.check_revision("main") == "main"
+    assert app.check_revision("a" * 40)
+    for bad in ("../main", "", "-x", "a b"):
+        with pytest.raises(ValueError):
+            app.check_revision(bad)
+
+
+def test_cut_at_stop_takes_earliest():
+    assert app.cut_at_stop("one two three", ["three", "two"]) == ("one ", True)
+    assert app.cut_at_stop("one two", ["zzz"]) == ("one two", False)
+    assert app.cut_at_stop("abc", []) == ("abc", False)
+
+
+def test_job_state_machine():
+    job = app.PullJob("j", "a/b", "main", "auto", False, False)
+    with pytest.raises(RuntimeError, match="illegal transition"):
+        job.advance("succeeded")  # queued -> succeeded skips running
+    job.advance("running")
+    assert job.started_at.endswith("Z")
+    job.advance("failed", "boom")
+    assert (job.status, job.error) == ("failed", "boom")
+    with pytest.raises(RuntimeError):
+        job.advance("running")  # terminal
+
+
+def test_settings_from_env(monkeypatch):
+    monkeypatch.setenv("AI_SERVER_BACKENDS", "Pipeline, transformers")
+    monkeypatch.setenv("MODEL_Q4_THRESHOLD_BYTES", "123")
+    monkeypatch.setenv("HF_TOKEN", "secret-token")
+    s = app.Settings()
+    assert s.backends == ["pipeline", "transformers"] and s.q4_threshold_bytes == 123
+    assert "secret-token" not in str(s.public()) and s.public()["hf_token_set"] is True
+    monkeypatch.setenv("AI_SERVER_BACKENDS", "llama-magic")
+    with pytest.raises(ValueError, match="AI_SERVER_BACKENDS"):
+        app.Settings()
+
+
+def test_registry_survives_reopen_and_fails_interrupted_jobs(tmp_path):
+    reg = app.Registry(tmp_path / "r.sqlite")
+    rec = app.ModelRecord("Org/M", "Org/M", "main", "s" * 40, "/x", 5, "no", "LlamaForCausalLM", True, "hub",
+                          app.utc_now_iso())
+    reg.put_model(rec)
+    running = app.PullJob("j1", "Org/M", "main", "auto", False, False)
+    running.advance("running")
+    reg.put_job(running)
+    reg.put_job(app.PullJob("j2", "Org/N", "main", "auto", False, False))
+    reg.close()
+    reg = app.Registry(tmp_path / "r.sqlite")
+    assert reg.get_model("org/m") == rec  # names are case-insensitive, fields round-trip
+    assert reg.fail_interrupted_jobs() == 2
+    assert {j.id: (j.status, j.error) for j in reg.list_jobs(10)} == {
+        "j1": ("failed", "interrupted by restart"), "j2": ("failed", "interrupted by restart")}
+
+
+def test_prompt_uses_chat_template_or_plain_fallback():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    templated = app.render_chat_prompt(make_tokenizer(chat_template=True), messages)
+    assert templated.text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nhello" in templated.text
+    plain_tok = make_tokenizer(chat_template=False)
+    plain = app.render_chat_prompt(plain_tok, messages)
+    assert plain.text == "System: Be brief.\nUser: hello\nAssistant:"
+    assert plain.ids == plain_tok(plain.text)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def plan(path, quantization):
+    return app.LoadPlan("tiny", str(path), quantization, False, "cpu")
+
+
+@pytest.mark.parametrize(("backend", "quantization", "quantized", "dtype"), [
+    (app.TransformersBackend, "no", None, "float32"),
+    (app.TransformersBackend, "q4", "4bit", None),
+    (app.TransformersBackend, "q8", "8bit", None),
+    (app.TransformersBackend, "fp16", None, "float16"),
+    (app.PipelineBackend, "no", None, "float32"),
+    (app.PipelineBackend, "q4", "4bit", None),
+])
+def test_backend_loads_and_generates(tiny_dir, backend, quantization, quantized, dtype):
+    """Real loads of a real (tiny) checkpoint; bitsandbytes 4/8-bit run on CPU from 0.50 on."""
+    b = backend()
+    loaded = b.load(plan(tiny_dir, quantization))
+    assert loaded.quantized == quantized
+    if dtype:
+        assert loaded.dtype == dtype
+    prompt = app.render_chat_prompt(loaded.tokenizer, [{"role": "user", "content": "hello"}])
+    result = b.generate(loaded, prompt, app.GenParams(max_tokens=12, temperature=0))
+    assert result.prompt_tokens == len(prompt.ids) > 0
+    assert 1 <= result.output_tokens <= 12
+    assert result.done_reason in ("stop", "length")
+    assert result.done_reason == "length" or result.output_tokens < 12
+    assert result.eval_ns > 0 and result.prompt_eval_ns > 0
+    b.unload(loaded)
+
+
+def test_quantized_model_is_smaller(tiny_dir):
+    full = app.TransformersBackend().load(plan(tiny_dir, "fp32"))
+    q4 = app.TransformersBackend().load(plan(tiny_dir, "q4"))
+    assert q4.memory_bytes < full.memory_bytes
+
+
+def test_greedy_is_deterministic_and_seed_repeats(tiny_dir):
+    b = app.TransformersBackend()
+    loaded = b.load(plan(tiny_dir, "no"))
+    prompt = app.render_chat_prompt(loaded.tokenizer, [{"role": "user", "content": "the quick"}])
+    greedy = [b.generate(loaded, prompt, app.GenParams(max_tokens=16, temperature=0)).text for _ in range(2)]
+    assert greedy[0] == greedy[1]
+    seeded = [b.generate(loaded, prompt, app.GenParams(max_tokens=16, temperature=1.5, seed=7)).text
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_length_and_stop_reasons(tiny_dir):
+    """The tiny random model greedily repeats "\n" and never emits EOS: max_tokens ends it by
+    length; a stop string ends it by stop, and is cut from the text as Ollama does."""
+    b = app.TransformersBackend()
+    loaded = b.load(plan(tiny_dir, "no"))
+    prompt = app.render_chat_prompt(loaded.tokenizer, [{"role": "user", "content": "hello"}])
+    by_length = b.generate(loaded, prompt, app.GenParams(max_tokens=5, temperature=0))
+    assert (by_length.output_tokens, by_length.done_reason) == (5, "length")
+    by_stop = b.generate(loaded, prompt, app.GenParams(max_tokens=40, temperature=0, stop=["\n\n"]))
+    assert by_stop.done_reason == "stop" and "\n\n" not in by_stop.text
+    assert by_stop.output_tokens < 40  # stopped early, not just trimmed afterwards
