@@ -980,6 +980,8 @@ class PullManager:
                 self.registry.put_job(job)
                 log.info("pull %s: running", job.id)
                 rec = await self._download(job)
+            if job.init:  # the job stays running until the model is loaded (or failed to)
+                await self._init(job)
             job.advance("succeeded")
             self.registry.put_job(job)
             log.info("pull %s: succeeded (%d bytes)", job.id, rec.size_bytes)
@@ -988,11 +990,8 @@ class PullManager:
             raise
         except Exception as exc:  # any failure ends the job; the message says what to do
             self._fail(job, describe_pull_error(exc, job.model, job.revision, self.settings))
-            return
         finally:
             self._active.pop(job.model.lower(), None)
-        if job.init:
-            await self._init(job)
 
     def _fail(self, job: PullJob, message: str) -> None:
         job.advance("failed", message)
@@ -1032,9 +1031,8 @@ class PullManager:
         try:
             async with self.models.use(job.model):
                 pass
-        except ServerError as exc:
+        except ServerError as exc:  # the download stands; the job says why the load did not
             job.init_error = exc.message
-            self.registry.put_job(job)
             log.warning("pull %s: init load failed: %s", job.id, exc.message)
 
     async def shutdown(self) -> None:

@@ -140,8 +140,8 @@ def start_server(hub, tmp_path):
 
     def start(home: Path | None = None, **env: str) -> ServerProcess:
         home = home or tmp_path / f"home{len(servers)}"
-        server = ServerProcess(home, hub.url, tmp_path / f"server{len(servers)}.log",
-                               AI_SERVER_BACKENDS="transformers,pipeline", **env)
+        env = {"AI_SERVER_BACKENDS": "transformers,pipeline", **env}
+        server = ServerProcess(home, hub.url, tmp_path / f"server{len(servers)}.log", **env)
         servers.append(server)
         return server.start()
 
