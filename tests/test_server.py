@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import SMOLLM2_REPO, copy_home
+from conftest import ROOT, SMOLLM2_REPO, copy_home
 
 FRANCE = "What is the capital of France? Answer in one sentence."
 
@@ -297,3 +299,11 @@ def test_curl_style_body_without_json_content_type(shared_server):
 def test_introspection_routes_answer_json(shared_server, path):
     r = shared_server.client.get(path)
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+
+
+def test_smoke_script_runs_the_seed_flow(shared_server):
+    """scripts/smoke.sh (the bash twin of scripts/dai-cazzo.ps1) against a real server."""
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "smoke.sh"), "tiny/llama-a"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "BASE": shared_server.url})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pull job" in done.stdout and "smoke OK" in done.stdout
