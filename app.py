@@ -428,6 +428,8 @@ def describe_pull_error(exc: BaseException, repo_id: str, revision: str, setting
         return f"not authorized for repo '{repo_id}' (HTTP {exc.response.status_code}): set HF_TOKEN"
     if isinstance(exc, hf_errors.EntryNotFoundError):
         return f"a file of '{repo_id}' is missing on the hub: {exc}"
+    if isinstance(exc, hf_errors.HfHubHTTPError) and exc.response is not None:
+        return f"the hub answered HTTP {exc.response.status_code} for '{repo_id}': {exc}; pull again later"
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return f"disk full while downloading into {settings.hf_cache}: free space and pull again (it resumes)"
     if isinstance(exc, (hf_errors.LocalEntryNotFoundError, hf_errors.HTTPError, ConnectionError, TimeoutError)):
@@ -578,10 +580,10 @@ def hf_generation_config(model: Any, tokenizer: Any, params: GenParams) -> Any:
 
     base = model.generation_config
     sampling = params.temperature > 0
+    pad_candidates = (base.pad_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id)
     config = GenerationConfig(
-        max_new_tokens=params.max_tokens, do_sample=sampling,
-        eos_token_id=base.eos_token_id, bos_token_id=base.bos_token_id,
-        pad_token_id=base.pad_token_id if base.pad_token_id is not None else tokenizer.pad_token_id or tokenizer.eos_token_id)
+        max_new_tokens=params.max_tokens, do_sample=sampling, eos_token_id=base.eos_token_id,
+        bos_token_id=base.bos_token_id, pad_token_id=next((t for t in pad_candidates if t is not None), None))
     if params.stop:
         config.stop_strings = params.stop  # generate() then needs tokenizer=
     if sampling:
@@ -760,12 +762,10 @@ class LoadedModel:
     loaded_at: str = dataclasses.field(default_factory=utc_now_iso)
     refs: int = 0
     evicted: bool = False
-    generations: int = 0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def generate(self, prompt: Prompt, params: GenParams) -> GenResult:
         with self.lock:  # one generation at a time per model; the RNG seed is per request
-            self.generations += 1
             return self.backend.generate(self.loaded, prompt, params)
 
     def public(self) -> dict[str, Any]:
@@ -860,6 +860,8 @@ class ModelCache:
             if model is not None:
                 self.loaded[rec.name] = model
                 self.load_counts[rec.name] += 1
+                while len(self.loaded) > self.settings.max_cache_models:  # another load finished meanwhile
+                    self.evict(next(iter(self.loaded)))
                 self.cooldowns.pop(rec.name, None)
                 return model
         self.cooldowns[rec.name] = Cooldown(time.monotonic() + self.settings.load_cooldown_s, attempts)
@@ -977,6 +979,9 @@ class PullManager:
 
     def active_job(self, model: str) -> PullJob | None:
         return self._active.get(model.lower())
+
+    def active_jobs(self) -> list[PullJob]:
+        return list(self._active.values())
 
     def live(self, job_id: str) -> PullJob | None:
         return next((j for j in self._active.values() if j.id == job_id), None)
@@ -1324,7 +1329,7 @@ def add_routes(app: FastAPI) -> None:
                              for n, e in state.models.backend_errors.items()],
                 "bitsandbytes": {"usable": state.bnb_error is None, "error": state.bnb_error},
                 **state.models.status(),
-                "pulls_active": [j.public() for j in list(state.pulls._active.values())],
+                "pulls_active": [j.public() for j in state.pulls.active_jobs()],
                 "config": state.settings.public()}
 
     @app.get("/diag")
@@ -1388,6 +1393,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     setup_logging(settings.log_level)
     if args.command == "import-default":
+        if settings.default_model not in EMBEDDED_MODELS:
+            log.error("DEFAULT_MODEL=%r is not an embedded model; known: %s", settings.default_model,
+                      sorted(EMBEDDED_MODELS))
+            return 2
         settings.home.mkdir(parents=True, exist_ok=True)
         registry = Registry(settings.home / "registry.sqlite")
         if registry.get_model(settings.default_model) is None:

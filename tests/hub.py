@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -58,15 +59,25 @@ class Drop:
     times: int
 
 
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """Clients that hang up (a killed server under test, a cut download) are expected here."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
 class LocalHub:
     def __init__(self) -> None:
         self.repos: dict[str, HubRepo] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         self.drops: dict[tuple[str, str], Drop] = {}
         self.stalls: dict[tuple[str, str], threading.Event] = {}
+        self.gated: dict[str, str] = {}  # lower-cased repo id -> the token it needs
+        self.auth_seen: list[str | None] = []  # Authorization headers, in order
         self.lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
+        self._server = QuietServer(("127.0.0.1", 0), _handler_for(self))
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -90,6 +101,10 @@ class LocalHub:
     def drop(self, repo_id: str, path: str, after_bytes: int, times: int) -> None:
         """The next `times` GETs of that file send `after_bytes` bytes, then cut the connection."""
         self.drops[(repo_id.lower(), path)] = Drop(after_bytes, times)
+
+    def gate(self, repo_id: str, token: str) -> None:
+        """Requests for this repo without `Authorization: Bearer <token>` get 401 GatedRepo."""
+        self.gated[repo_id.lower()] = token
 
     def stall(self, repo_id: str, path: str) -> threading.Event:
         """GETs of that file send headers, then hang until the returned event is set."""
@@ -118,6 +133,7 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
         def _record(self) -> None:
             with hub.lock:
                 hub.requests.append((self.command, unquote(urlparse(self.path).path), self.headers.get("Range")))
+                hub.auth_seen.append(self.headers.get("Authorization"))
 
         def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
@@ -141,6 +157,11 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             repo = hub.repos.get(repo_id.lower())
             if repo is None:
                 self._not_found("RepoNotFound")
+                return None
+            needed = hub.gated.get(repo_id.lower())
+            if needed is not None and self.headers.get("Authorization") != f"Bearer {needed}":
+                self._json({"error": "Access to this model is restricted."}, 401,
+                           {"X-Error-Code": "GatedRepo", "X-Error-Message": "gated"})
                 return None
             if rev not in (None, "main", repo.sha):
                 self._not_found("RevisionNotFound")

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import ROOT, SMOLLM2_REPO, copy_home
+from conftest import ROOT, SMOLLM2_REPO, copy_home, free_port
 
 FRANCE = "What is the capital of France? Answer in one sentence."
 
@@ -55,17 +55,21 @@ def test_smollm2_pull_chat_restart(start_server, hub, smollm2_dir, smollm2_home,
     again = server.chat(SMOLLM2_REPO, FRANCE, temperature=0, max_tokens=40).json()
     assert again["load_duration"] == 0 and again["message"] == reply["message"]  # cached; greedy repeats
 
-    downloads = len(hub.gets(SMOLLM2_REPO))
     server.restart()
+    hub_calls = len(hub.requests)
     names = {m["name"] for m in server.client.get("/models").json()["models"]}
     assert {SMOLLM2_REPO, "smollm2:135m"} <= names
     after = server.chat(SMOLLM2_REPO, FRANCE, temperature=0, max_tokens=40).json()
     assert after["message"] == reply["message"] and after["load_duration"] > 0
-    assert len(hub.gets(SMOLLM2_REPO)) == downloads  # loaded from disk; nothing pulled again
+    assert len(hub.requests) == hub_calls  # loaded from local files: no hub call of any kind
 
 
-def test_stop_strings_and_max_tokens_on_real_model(start_server, smollm2_home, tmp_path):
-    server = start_server(home=copy_home(smollm2_home, tmp_path / "home"))
+def test_default_model_is_imported_at_startup(start_server):
+    """A fresh home with DEFAULT_MODEL set: the server imports the embedded GGUF before serving."""
+    server = start_server(DEFAULT_MODEL="smollm2:135m")
+    entry = server.model("smollm2:135m")
+    assert entry["source"] == "embedded" and entry["architecture"] == "LlamaForCausalLM"
+    assert (server.home / "models" / "smollm2-135m" / "model.safetensors").is_file()
     stopped = server.chat("smollm2:135m", FRANCE, temperature=0, max_tokens=40, stop=["Paris"]).json()
     assert stopped["message"]["content"].strip() == "The capital of France is" and stopped["done_reason"] == "stop"
     short = server.chat("smollm2:135m", "Write a long story about a dragon.", temperature=0, max_tokens=6).json()
@@ -174,6 +178,7 @@ def test_init_reports_load_failure_on_the_job(shared_server):
 
 def test_concurrent_first_chats_load_once(start_server):
     server = start_server()
+    assert server.client.get("/models").json() == {"models": []}  # DEFAULT_MODEL="" turns the import off
     server.pull_ok("tiny/llama-g")
     with ThreadPoolExecutor(5) as pool:
         replies = list(pool.map(lambda _: server.chat("tiny/llama-g", max_tokens=8), range(5)))
@@ -307,3 +312,63 @@ def test_smoke_script_runs_the_seed_flow(shared_server):
                           text=True, timeout=300, env={**os.environ, "BASE": shared_server.url})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "pull job" in done.stdout and "smoke OK" in done.stdout
+
+
+def test_pulls_beyond_the_limit_wait_queued_and_progress_is_visible(start_server, hub):
+    release = hub.stall("tiny/llama-a", "model.safetensors")
+    server = start_server(MAX_CONCURRENT_PULLS="1")
+    first = server.pull("tiny/llama-a")["job_id"]
+    while (running := server.client.get(f"/jobs/{first}").json())["status"] != "running":
+        time.sleep(0.05)
+    second = server.pull("tiny/llama-b")["job_id"]
+    time.sleep(1.0)  # ample time for a free slot to be taken, were there one
+    assert server.client.get(f"/jobs/{second}").json()["status"] == "queued"
+    while (running := server.client.get(f"/jobs/{first}").json())["downloaded_bytes"] == 0:
+        time.sleep(0.05)  # the small files arrive first; the weights hang in the hub
+    total = sum(len(f.data) for f in hub.repos["tiny/llama-a"].files.values())
+    assert running["total_bytes"] == total and 0 < running["downloaded_bytes"] < total
+    assert 0 < running["progress"] < 1
+    release.set()
+    del hub.stalls[("tiny/llama-a", "model.safetensors")]
+    # The stalled GET is cut; huggingface_hub retries it and the pull completes; then the next runs.
+    assert server.wait_job(first)["status"] == "succeeded"
+    assert server.wait_job(second)["status"] == "succeeded"
+
+
+def test_gated_repo_needs_hf_token(start_server, hub):
+    hub.add_repo("tiny/gated", {p: f.data for p, f in hub.repos["tiny/llama-a"].files.items()})
+    hub.gate("tiny/gated", "hf_secret")
+    without = start_server()
+    job = without.wait_job(without.pull("tiny/gated")["job_id"])
+    assert job["status"] == "failed" and "gated" in job["error"] and "HF_TOKEN" in job["error"]
+    with_token = start_server(HF_TOKEN="hf_secret")
+    with_token.pull_ok("tiny/gated")
+    assert "Bearer hf_secret" in hub.auth_seen
+    assert "hf_secret" not in with_token.client.get("/status").text
+    assert "hf_secret" not in with_token.log()
+
+
+def test_unreachable_hub_fails_clearly(start_server):
+    server = start_server(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    job = server.wait_job(server.pull("tiny/llama-a")["job_id"])
+    assert job["status"] == "failed" and "hub unreachable" in job["error"] and "pull again" in job["error"]
+
+
+def test_running_request_keeps_its_model_through_eviction(start_server):
+    server = start_server(MAX_CACHE_MODELS="1")
+    server.pull_ok("tiny/llama-a")
+    server.pull_ok("tiny/llama-b")
+    server.chat("tiny/llama-a", max_tokens=1)
+    results = {}
+
+    def long_chat():
+        results["a"] = server.chat("tiny/llama-a", max_tokens=3000, temperature=0)
+
+    worker = threading.Thread(target=long_chat)
+    worker.start()
+    time.sleep(0.5)  # a's generation is under way
+    results["b"] = server.chat("tiny/llama-b", max_tokens=2)  # evicts a while it is in use
+    assert [m["name"] for m in server.client.get("/status").json()["cache"]] == ["tiny/llama-b"]
+    worker.join()
+    assert results["b"].status_code == 200
+    assert results["a"].status_code == 200 and results["a"].json()["eval_count"] == 3000

@@ -44,6 +44,15 @@ def test_cut_at_stop_takes_earliest():
     assert app.cut_at_stop("abc", []) == ("abc", False)
 
 
+def test_pull_errors_say_what_to_do():
+    settings = app.Settings(hf_cache="/tmp/cache", hf_endpoint="http://hub")
+    full = OSError(28, "No space left on device")
+    assert app.describe_pull_error(full, "a/b", "main", settings) == (
+        "disk full while downloading into /tmp/cache: free space and pull again (it resumes)")
+    assert "hub unreachable" in app.describe_pull_error(ConnectionError("refused"), "a/b", "main", settings)
+    assert app.describe_pull_error(ValueError("odd"), "a/b", "main", settings) == "ValueError: odd"
+
+
 def test_job_state_machine():
     job = app.PullJob("j", "a/b", "main", "auto", False, False)
     with pytest.raises(RuntimeError, match="illegal transition"):
