@@ -1391,6 +1391,7 @@ class GenerationRun:
                  params: GenParams, keep_alive_s: float | None):
         self.cache, self.rec, self.build, self.params, self.keep_alive_s = cache, rec, build, params, keep_alive_s
         self.gen: Generation | None = None
+        self.finished = False
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -1419,12 +1420,15 @@ class GenerationRun:
         def done(_f: asyncio.Future) -> None:  # the model is held until the thread is really done
             self.cache.release(model, self.keep_alive_s)
             queue.put_nowait(self._END)
+            if gen.cancel.is_set() and not self.finished:
+                log.info("model %s: generation cancelled after %d tokens", self.rec.name, len(gen.stream.ids))
 
         future.add_done_callback(done)
         try:
             while (item := await queue.get()) is not self._END:
                 yield item
             prompt, result = future.result()
+            self.finished = True
             yield Finished(prompt, result, load_ns, time.perf_counter_ns() - start)
         finally:
             gen.cancel.set()

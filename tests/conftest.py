@@ -114,8 +114,18 @@ def hub():
         hub.add_repo(repo, tiny_model_files(seed))
     hub.add_repo("tiny/corrupt", corrupt(tiny_model_files(0)))
     hub.add_repo("tiny/no-template", tiny_model_files(0, chat_template=False))
+    hub.add_repo("tiny/fim", tiny_model_files(0, fim=True))
     yield hub
     hub.stop()
+
+
+@pytest.fixture
+def fresh_repo(hub, request):
+    """A tiny repo only this test uses, for tests that count the hub's requests."""
+    files = {p: f.data for p, f in hub.repos["tiny/llama-a"].files.items()}
+    name = "fresh/" + request.node.name.replace("_", "-")[:80]
+    hub.add_repo(name, files)
+    return name
 
 
 @pytest.fixture(scope="session")

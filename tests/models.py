@@ -12,7 +12,10 @@ CHAT_TEMPLATE = (
 CORPUS = ["hello world, the quick brown fox jumps over the lazy dog. one two three four five six seven."] * 50
 
 
-def make_tokenizer(chat_template: bool = True):
+FIM = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]
+
+
+def make_tokenizer(chat_template: bool = True, fim: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -20,7 +23,7 @@ def make_tokenizer(chat_template: bool = True):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *(FIM if fim else [])],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
@@ -29,12 +32,12 @@ def make_tokenizer(chat_template: bool = True):
     return tok
 
 
-def make_tiny_model(out: Path, seed: int = 0, chat_template: bool = True) -> Path:
+def make_tiny_model(out: Path, seed: int = 0, chat_template: bool = True, fim: bool = False) -> Path:
     """A 2-layer Llama (~0.1 M params, 64 wide: bitsandbytes' block size) saved as an HF folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = make_tokenizer(chat_template)
+    tok = make_tokenizer(chat_template, fim)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -45,9 +48,9 @@ def make_tiny_model(out: Path, seed: int = 0, chat_template: bool = True) -> Pat
     return out
 
 
-def tiny_model_files(seed: int = 0, chat_template: bool = True) -> dict[str, bytes]:
+def tiny_model_files(seed: int = 0, chat_template: bool = True, fim: bool = False) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_tiny_model(Path(tmp), seed, chat_template)
+        folder = make_tiny_model(Path(tmp), seed, chat_template, fim)
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 

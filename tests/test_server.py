@@ -105,37 +105,37 @@ def test_jobs_listing_and_404(shared_server):
     assert r.status_code == 404 and "GET /jobs" in r.json()["error"]
 
 
-def test_dropped_connection_is_retried_within_a_pull(shared_server, hub):
-    hub.drop("tiny/llama-d", "model.safetensors", after_bytes=50_000, times=1)
-    shared_server.pull_ok("tiny/llama-d")
+def test_dropped_connection_is_retried_within_a_pull(shared_server, hub, fresh_repo):
+    hub.drop(fresh_repo, "model.safetensors", after_bytes=50_000, times=1)
+    shared_server.pull_ok(fresh_repo)
     # huggingface_hub retried the broken GET itself (from byte 0 here: it reads 10 MB chunks,
     # so a drop inside a 400 KB file leaves no whole chunk to resume from).
-    assert len(hub.gets("tiny/llama-d", "model.safetensors")) == 2
-    assert shared_server.model("tiny/llama-d")["size_bytes"] > 50_000
+    assert len(hub.gets(fresh_repo, "model.safetensors")) == 2
+    assert shared_server.model(fresh_repo)["size_bytes"] > 50_000
 
 
-def test_hub_dropping_mid_file_fails_then_next_pull_succeeds(shared_server, hub):
-    hub.drop("tiny/llama-e", "model.safetensors", after_bytes=50_000, times=99)
-    failed = shared_server.wait_job(shared_server.pull("tiny/llama-e")["job_id"])
+def test_hub_dropping_mid_file_fails_then_next_pull_succeeds(shared_server, hub, fresh_repo):
+    hub.drop(fresh_repo, "model.safetensors", after_bytes=50_000, times=99)
+    failed = shared_server.wait_job(shared_server.pull(fresh_repo)["job_id"])
     assert failed["status"] == "failed" and "connection lost" in failed["error"] and "pull again" in failed["error"]
-    assert shared_server.model("tiny/llama-e") is None  # never half-registered
-    small_files = {p for _, p, _ in hub.gets("tiny/llama-e") if not p.endswith("model.safetensors")}
+    assert shared_server.model(fresh_repo) is None  # never half-registered
+    small_files = {p for _, p, _ in hub.gets(fresh_repo) if not p.endswith("model.safetensors")}
     hub.drops.clear()
-    shared_server.pull_ok("tiny/llama-e")
-    assert shared_server.model("tiny/llama-e") is not None
-    assert shared_server.chat("tiny/llama-e", max_tokens=4).status_code == 200
+    shared_server.pull_ok(fresh_repo)
+    assert shared_server.model(fresh_repo) is not None
+    assert shared_server.chat(fresh_repo, max_tokens=4).status_code == 200
     # Files completed by the failed pull are kept: the second pull fetched only the broken one.
-    refetched = [p for _, p, _ in hub.gets("tiny/llama-e") if p in small_files]
+    refetched = [p for _, p, _ in hub.gets(fresh_repo) if p in small_files]
     assert len(refetched) == len(small_files)
 
 
-def test_concurrent_pulls_of_one_model_share_one_job(shared_server, hub):
+def test_concurrent_pulls_of_one_model_share_one_job(shared_server, hub, fresh_repo):
     with ThreadPoolExecutor(6) as pool:
-        jobs = list(pool.map(lambda _: shared_server.pull("tiny/llama-f"), range(6)))
+        jobs = list(pool.map(lambda _: shared_server.pull(fresh_repo), range(6)))
     assert len({j["job_id"] for j in jobs}) == 1
     shared_server.wait_job(jobs[0]["job_id"])
     per_file = {}
-    for _, path, _ in hub.gets("tiny/llama-f"):
+    for _, path, _ in hub.gets(fresh_repo):
         per_file[path] = per_file.get(path, 0) + 1
     assert per_file and set(per_file.values()) == {1}  # each file downloaded once
 

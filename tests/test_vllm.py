@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
+import jsonschema
 import pytest
 
 from conftest import copy_home
@@ -16,6 +18,10 @@ from conftest import copy_home
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                  reason="vllm not installed: scripts/setup.sh --vllm, then run with .venv-vllm")]
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+          "additionalProperties": False}
 
 
 def test_vllm_backend_loads_smollm2_and_answers(start_server, smollm2_home, tmp_path):
@@ -33,3 +39,13 @@ def test_vllm_backend_loads_smollm2_and_answers(start_server, smollm2_home, tmp_
     stopped = server.chat("smollm2:135m", "What is the capital of France? Answer in one sentence.",
                           temperature=0, max_tokens=40, stop=["Paris"]).json()
     assert "Paris" not in stopped["message"]["content"] and stopped["done_reason"] == "stop"
+    # Ollama's API on the vLLM backend, with vLLM's own structured outputs enforcing the schema.
+    shaped = server.client.post("/api/chat", json={
+        "model": "smollm2:135m", "stream": False, "format": SCHEMA, "options": {"temperature": 0, "num_predict": 60},
+        "messages": [{"role": "user", "content": "Which city is France's capital?"}]}).json()
+    jsonschema.validate(json.loads(shaped["message"]["content"]), SCHEMA)
+    with server.client.stream("POST", "/api/generate", json={"model": "smollm2:135m", "prompt": "Say hi.",
+                                                             "options": {"temperature": 0, "num_predict": 8}}) as r:
+        lines = [json.loads(line) for line in r.iter_lines()]
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] == len(lines[-1]["context"]) - lines[-1][
+        "prompt_eval_count"]

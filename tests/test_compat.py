@@ -1,0 +1,386 @@
+"""Drop-in compatibility: the real `ollama` and `openai` client packages against a real server,
+plus byte-level checks of the NDJSON and SSE framing and of every route's error shape."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import httpx
+import jsonschema
+import ollama
+import openai
+import pytest
+
+from conftest import ServerProcess, copy_home
+
+FRANCE = "What is the capital of France? Answer in one sentence."
+GREEDY = {"temperature": 0, "num_predict": 40}
+CITY_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                "is_capital": {"type": "boolean"}},
+               "required": ["city", "is_capital"], "additionalProperties": False}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+
+
+@pytest.fixture(scope="module")
+def server(hub, smollm2_home, tmp_path_factory):
+    """Serves smollm2:135m and all-minilm (imported by the CLI) and pulls tiny models from the hub."""
+    tmp = tmp_path_factory.mktemp("compat")
+    server = ServerProcess(copy_home(smollm2_home, tmp / "home"), hub.url, tmp / "server.log",
+                           AI_SERVER_BACKENDS="transformers,pipeline", MAX_CACHE_MODELS="3")
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return ollama.Client(host=server.url)
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+
+
+# --- the ollama package --------------------------------------------------------------------------
+def test_ollama_list_show_and_version(client, server):
+    names = {m.model for m in client.list().models}
+    assert {"smollm2:135m", "all-minilm:latest"} <= names
+    smol = next(m for m in client.list().models if m.model == "smollm2:135m")
+    assert smol.details.family == "llama" and smol.details.parameter_size == "135M" and smol.size > 0
+    shown = client.show("smollm2:135m")
+    assert shown.modelinfo["general.architecture"] == "llama" and shown.modelinfo["llama.context_length"] == 8192
+    assert "completion" in shown.capabilities and "<|im_start|>" in shown.template
+    assert client.show("all-minilm").capabilities == ["embedding"]
+    assert httpx.get(f"{server.url}/api/version").json()["version"].count(".") == 2
+    assert httpx.get(f"{server.url}/").text == "Ollama is running"
+
+
+def test_ollama_chat_streaming_and_not(client):
+    messages = [{"role": "user", "content": FRANCE}]
+    whole = client.chat(model="smollm2:135m", messages=messages, options=GREEDY)
+    assert "Paris" in whole.message.content and whole.done and whole.done_reason == "stop"
+    assert whole.eval_count > 0 and whole.prompt_eval_count > 10 and whole.total_duration > whole.eval_duration
+    chunks = list(client.chat(model="smollm2:135m", messages=messages, options=GREEDY, stream=True))
+    assert len(chunks) > 3 and all(c.message.role == "assistant" for c in chunks)
+    assert "".join(c.message.content for c in chunks) == whole.message.content
+    assert [c.done for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1].eval_count == whole.eval_count and chunks[-1].message.content == ""
+
+
+def test_ollama_generate_with_context_and_raw(client):
+    first = client.generate(model="smollm2:135m", prompt=FRANCE, options=GREEDY)
+    assert "Paris" in first.response and len(first.context) == first.prompt_eval_count + first.eval_count
+    follow = client.generate(model="smollm2:135m", prompt="And of Germany?", context=first.context, options=GREEDY)
+    assert follow.prompt_eval_count > len(first.context)  # the earlier exchange was fed back in
+    streamed = list(client.generate(model="smollm2:135m", prompt=FRANCE, options=GREEDY, stream=True))
+    assert "".join(c.response for c in streamed) == first.response and streamed[-1].context == first.context
+    raw = client.generate(model="smollm2:135m", prompt="The capital of France is", raw=True,
+                          options={"temperature": 0, "num_predict": 5})
+    assert raw.context is None and raw.eval_count == 5 and raw.done_reason == "length"
+
+
+def test_ollama_options(client):
+    base = {"temperature": 0.9, "seed": 42, "num_predict": 12}
+    a = client.generate(model="smollm2:135m", prompt="Tell me a story.", options=base)
+    b = client.generate(model="smollm2:135m", prompt="Tell me a story.", options={**base, "numa": True, "mirostat": 0})
+    assert a.response == b.response  # same seed, same text; legacy keys ignored
+    stopped = client.generate(model="smollm2:135m", prompt=FRANCE, options={**GREEDY, "stop": ["Paris"]})
+    assert "Paris" not in stopped.response and stopped.done_reason == "stop"
+    penalised = client.generate(model="smollm2:135m", prompt="Repeat: la la la la la la",
+                                options={"temperature": 0, "num_predict": 20, "repeat_penalty": 1.8,
+                                         "presence_penalty": 1.0, "frequency_penalty": 1.0})
+    plain = client.generate(model="smollm2:135m", prompt="Repeat: la la la la la la",
+                            options={"temperature": 0, "num_predict": 20})
+    assert penalised.response != plain.response  # the penalties reach the sampler
+
+
+def test_ollama_num_ctx_truncates_or_refuses(client, server):
+    long = "word " * 300
+    refused = httpx.post(f"{server.url}/api/generate", json={  # the ollama package has no `truncate` yet
+        "model": "smollm2:135m", "prompt": long, "truncate": False, "stream": False,
+        "options": {"num_ctx": 64, "num_predict": 2}})
+    assert refused.status_code == 400 and "exceeds the context length" in refused.json()["error"]
+    cut = client.generate(model="smollm2:135m", prompt=long, options={"num_ctx": 64, "num_predict": 2})
+    assert cut.prompt_eval_count < 64
+    history = [{"role": "user", "content": long}, {"role": "assistant", "content": "ok"},
+               {"role": "user", "content": "Say hi."}]
+    kept = client.chat(model="smollm2:135m", messages=history, options={"num_ctx": 128, "num_predict": 4})
+    assert kept.prompt_eval_count < 128  # old turns were dropped, the last one kept
+
+
+def test_ollama_json_schema_format_is_enforced(client):
+    reply = client.chat(model="smollm2:135m", messages=[{"role": "user", "content": "Which city is France's capital?"}],
+                        format=CITY_SCHEMA, options={"temperature": 0, "num_predict": 60})
+    jsonschema.validate(json.loads(reply.message.content), CITY_SCHEMA)
+    loose = client.generate(model="smollm2:135m", prompt="Describe Paris as JSON.", format="json",
+                            options={"temperature": 0, "num_predict": 60})
+    assert isinstance(json.loads(loose.response), dict)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="smollm2:135m", prompt="x", format={"type": "no-such-type"})
+    assert err.value.status_code == 400 and "invalid format" in err.value.error
+
+
+def test_ollama_embed_and_legacy_embeddings(client):
+    out = client.embed(model="all-minilm", input=["a cat", "a kitten", "a spreadsheet"])
+    cat, kitten, sheet = out.embeddings
+    assert len(cat) == 384 and all(abs(math.hypot(*v) - 1) < 1e-4 for v in out.embeddings)  # L2-normalised
+    dot = lambda u, v: sum(a * b for a, b in zip(u, v))  # noqa: E731
+    assert dot(cat, kitten) > dot(cat, sheet)  # a real model: meaning, not noise
+    assert out.prompt_eval_count > 0
+    short = client.embed(model="all-minilm", input="a cat", dimensions=64)
+    assert len(short.embeddings[0]) == 64 and abs(math.hypot(*short.embeddings[0]) - 1) < 1e-4
+    legacy = client.embeddings(model="all-minilm", prompt="a cat")
+    # Not re-normalised by the server (Ollama's legacy contract); this model's own last layer normalises.
+    assert legacy.embedding == pytest.approx(cat_alone(client), abs=1e-5)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.embed(model="smollm2:135m", input="x")
+    assert err.value.status_code == 400
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="all-minilm", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 400 and "does not support generate" in err.value.error
+
+
+def cat_alone(client):
+    return client.embed(model="all-minilm", input="a cat").embeddings[0]
+
+
+def test_ollama_pull_streams_progress_through_the_job_system(client, server):
+    statuses = [p.status for p in client.pull("tiny/llama-a", stream=True)]
+    assert statuses[0] == "pulling manifest" and statuses[-3:] == ["verifying sha256 digest", "writing manifest",
+                                                                   "success"]
+    assert any(s.startswith("pulling ") and s != "pulling manifest" for s in statuses)
+    assert client.pull("hf.co/tiny/llama-b:latest").status == "success"  # stream=False waits
+    jobs = server.client.get("/jobs").json()["jobs"]
+    assert {"tiny/llama-a", "tiny/llama-b"} <= {j["model"] for j in jobs}  # the same jobs /pull makes
+    with pytest.raises(ollama.ResponseError) as err:
+        client.pull("nobody/nothing")
+    assert err.value.status_code == 404 and "not found" in err.value.error
+
+
+def test_ollama_pull_stream_reports_failure_as_a_final_error_line(server):
+    with httpx.stream("POST", f"{server.url}/api/pull", json={"model": "nobody/nothing", "stream": True}) as r:
+        lines = [json.loads(line) for line in r.iter_lines()]
+    assert r.status_code == 200 and lines[0] == {"status": "pulling manifest"}
+    assert "not found" in lines[-1]["error"]
+
+
+def test_ollama_ps_copy_delete(client, server):
+    client.pull("tiny/llama-c")
+    client.generate(model="tiny/llama-c", prompt="hi", options={"num_predict": 2})
+    running = {m.model: m for m in client.ps().models}
+    assert "tiny/llama-c:latest" in running and running["tiny/llama-c:latest"].expires_at is not None
+    client.copy("tiny/llama-c", "mytiny:v1")
+    assert "mytiny:v1" in {m.model for m in client.list().models}
+    assert client.generate(model="mytiny:v1", prompt="hi", options={"num_predict": 2}).done
+    client.delete("mytiny:v1")
+    assert "mytiny:v1" not in {m.model for m in client.list().models}
+    assert client.generate(model="tiny/llama-c", prompt="hi", options={"num_predict": 2}).done  # files kept
+    with pytest.raises(ollama.ResponseError) as err:
+        client.delete("mytiny:v1")
+    assert err.value.status_code == 404 and err.value.error == "model 'mytiny:v1' not found"
+
+
+def test_keep_alive_load_unload_and_expiry(client, server):
+    client.pull("tiny/llama-d")
+    loaded = client.generate(model="tiny/llama-d", prompt="")
+    assert loaded.done_reason == "load" and "tiny/llama-d:latest" in {m.model for m in client.ps().models}
+    unloaded = client.generate(model="tiny/llama-d", prompt="", keep_alive=0)
+    assert unloaded.done_reason == "unload" and "tiny/llama-d:latest" not in {m.model for m in client.ps().models}
+    client.chat(model="tiny/llama-d", messages=[{"role": "user", "content": "hi"}], keep_alive=0,
+                options={"num_predict": 2})
+    assert "tiny/llama-d:latest" not in {m.model for m in client.ps().models}  # unloaded right after
+    client.chat(model="tiny/llama-d", messages=[], keep_alive="1s")
+    assert "tiny/llama-d:latest" in {m.model for m in client.ps().models}
+    deadline = time.monotonic() + 15
+    while "tiny/llama-d:latest" in {m.model for m in client.ps().models} and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert "tiny/llama-d:latest" not in {m.model for m in client.ps().models}  # expired while idle
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="tiny/llama-d", prompt="", keep_alive="5 minutes")
+    assert err.value.status_code == 400 and "invalid duration" in err.value.error
+
+
+def test_ollama_errors(client, server):
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="nope:latest", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 404 and err.value.error == "model 'nope:latest' not found"
+    for path, body, fragment in [
+        ("/api/generate", {"model": "smollm2:135m", "prompt": "x", "raw": True, "system": "s"}, "raw mode"),
+        ("/api/generate", {"model": "smollm2:135m", "prompt": "x", "images": ["aGk="]}, "does not support images"),
+        ("/api/generate", {"model": "smollm2:135m", "prompt": "x", "think": True}, "does not support thinking"),
+        ("/api/generate", {"model": "tiny/llama-a", "prompt": "x", "suffix": "y"}, "does not support insert"),
+        ("/api/chat", {"model": "smollm2:135m", "messages": [{"role": "robot", "content": "x"}]}, "invalid request"),
+        ("/api/show", {}, "model is required"),
+        ("/api/embed", {"model": "nope", "input": "x"}, 'model "nope" not found, try pulling it first'),
+        ("/api/copy", {"source": "nope", "destination": "x"}, 'model "nope" not found'),
+    ]:
+        r = httpx.post(f"{server.url}{path}", json=body)
+        assert 400 <= r.status_code < 500 and fragment in r.json()["error"], (path, r.status_code, r.text)
+    r = httpx.request("DELETE", f"{server.url}/api/delete", json={"model": "nope"})
+    assert r.status_code == 404 and r.json() == {"error": "model 'nope' not found"}
+
+
+def test_suffix_needs_fim_tokens(client):
+    """Fill-in-the-middle: a model whose tokenizer has <fim_prefix>/<fim_suffix>/<fim_middle> says
+    "insert" and takes a suffix; SmolLM2's GGUF tokenizer has none, so it refuses with 400."""
+    client.pull("tiny/fim")
+    assert "insert" in client.show("tiny/fim").capabilities
+    reply = client.generate(model="tiny/fim", prompt="def add(a, b):", suffix="\n", options={"num_predict": 4})
+    assert reply.done and reply.eval_count == 4
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="smollm2:135m", prompt="def add(a, b):", suffix="\n")
+    assert err.value.status_code == 400 and "does not support insert" in err.value.error
+
+
+# --- byte-level framing and disconnects ------------------------------------------------------------
+def test_ndjson_framing_bytes(server):
+    body = {"model": "smollm2:135m", "messages": [{"role": "user", "content": FRANCE}], "options": GREEDY}
+    with httpx.stream("POST", f"{server.url}/api/chat", json=body) as r:  # stream defaults to true
+        raw = b"".join(r.iter_bytes())
+    assert r.headers["content-type"] == "application/x-ndjson"
+    assert raw.endswith(b"}\n") and b"\n\n" not in raw and b"data:" not in raw
+    lines = raw.decode().split("\n")[:-1]
+    objs = [json.loads(line) for line in lines]
+    assert all(line == json.dumps(o, separators=(",", ":"), ensure_ascii=False) for line, o in zip(lines, objs))
+    assert [o["done"] for o in objs].count(True) == 1 and objs[-1]["done_reason"] == "stop"
+    one = httpx.post(f"{server.url}/api/chat", json={**body, "stream": False})
+    assert one.headers["content-type"].startswith("application/json") and one.text.count("\n") == 1
+
+
+def test_stream_errors_before_the_first_byte_are_http_errors(server):
+    r = httpx.post(f"{server.url}/api/generate", json={"model": "smollm2:135m", "prompt": "x",
+                                                        "format": {"type": "no-such-type"}})
+    assert r.status_code == 400 and "invalid format" in r.json()["error"]
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "nope", "stream": True,
+                                                               "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_client_disconnect_stops_the_generation(server):
+    server.pull_ok("tiny/llama-e")
+    body = {"model": "tiny/llama-e", "prompt": "hello", "options": {"num_predict": 100000, "temperature": 0},
+            "stream": True}
+    with httpx.stream("POST", f"{server.url}/api/generate", json=body) as r:
+        lines = r.iter_lines()
+        assert json.loads(next(lines))["done"] is False
+        next(lines)
+    deadline = time.monotonic() + 30
+    while "tiny/llama-e: generation cancelled after" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    line = next(ln for ln in server.log().splitlines() if "tiny/llama-e: generation cancelled after" in ln)
+    assert int(line.split("after ")[1].split()[0]) < 100000
+    cache = {m["name"]: m for m in server.client.get("/status").json()["cache"]}
+    assert cache["tiny/llama-e"]["in_use"] == 0  # the slot is free again
+    assert server.client.post("/api/generate", json={**body, "stream": False,
+                                                     "options": {"num_predict": 3}}).status_code == 200
+
+
+def test_native_chat_streams_too(server):
+    body = {"model": "smollm2:135m", "messages": [{"role": "user", "content": FRANCE}], "temperature": 0,
+            "max_tokens": 40, "stream": True}
+    with httpx.stream("POST", f"{server.url}/chat", json=body) as r:
+        objs = [json.loads(line) for line in r.iter_lines()]
+    assert "Paris" in "".join(o["message"]["content"] for o in objs) and objs[-1]["done"] is True
+
+
+# --- the openai package ------------------------------------------------------------------------------
+def test_openai_models(oai):
+    ids = {m.id for m in oai.models.list().data}
+    assert {"smollm2:135m", "all-minilm:latest"} <= ids
+    assert oai.models.retrieve("smollm2:135m").owned_by == "library"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("nope")
+
+
+def test_openai_chat_streaming_and_not(oai):
+    messages = [{"role": "user", "content": FRANCE}]
+    whole = oai.chat.completions.create(model="smollm2:135m", messages=messages, temperature=0, max_tokens=40)
+    assert "Paris" in whole.choices[0].message.content and whole.choices[0].finish_reason == "stop"
+    assert whole.usage.completion_tokens > 0 and whole.usage.total_tokens == (
+        whole.usage.prompt_tokens + whole.usage.completion_tokens)
+    chunks = list(oai.chat.completions.create(model="smollm2:135m", messages=messages, temperature=0, max_tokens=40,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-2].choices[0].delta.content is None
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert len({c.created for c in chunks}) == 1 and len({c.id for c in chunks}) == 1
+
+
+def test_openai_completions(oai):
+    whole = oai.completions.create(model="smollm2:135m", prompt="The capital of France is", max_tokens=5,
+                                   temperature=0)
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 5
+    streamed = list(oai.completions.create(model="smollm2:135m", prompt="The capital of France is", max_tokens=5,
+                                           temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+
+
+def test_openai_json_schema_and_json_object(oai):
+    reply = oai.chat.completions.create(
+        model="smollm2:135m", messages=[{"role": "user", "content": "Which city is France's capital?"}],
+        temperature=0, max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}})
+    jsonschema.validate(json.loads(reply.choices[0].message.content), CITY_SCHEMA)
+    obj = oai.chat.completions.create(model="smollm2:135m", temperature=0, max_tokens=300,
+                                      messages=[{"role": "user", "content": "Give the capital of France as a JSON object."}],
+                                      response_format={"type": "json_object"})
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_openai_tool_call(oai):
+    reply = oai.chat.completions.create(
+        model="smollm2:135m", messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+        tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0, max_tokens=80)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == "get_weather"
+    args = json.loads(choice.message.tool_calls[0].function.arguments)
+    jsonschema.validate(args, WEATHER_TOOL["function"]["parameters"])
+    follow = oai.chat.completions.create(  # the call and its result go back in, as an agent loop does
+        model="smollm2:135m", temperature=0, max_tokens=20, tools=[WEATHER_TOOL],
+        messages=[{"role": "user", "content": "What's the weather in Paris?"}, choice.message.model_dump(),
+                  {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": "21 C, sunny"}])
+    assert follow.choices[0].message.content is not None
+
+
+def test_openai_embeddings_float_and_base64(oai, server):
+    floats = oai.embeddings.create(model="all-minilm", input=["a cat", "a dog"], encoding_format="float")
+    assert [d.index for d in floats.data] == [0, 1] and len(floats.data[0].embedding) == 384
+    b64 = oai.embeddings.create(model="all-minilm", input="a cat")  # the SDK asks for base64 and decodes it
+    assert b64.data[0].embedding == pytest.approx(floats.data[0].embedding, abs=1e-6)
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"model": "all-minilm", "input": [], "encoding_format": "float"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_openai_error_shapes(oai, server):
+    with pytest.raises(openai.NotFoundError) as err:
+        oai.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert err.value.body["type"] == "not_found_error" and "nope" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model="smollm2:135m", messages=[])
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model="smollm2:135m", messages=[{"role": "user", "content": "x"}], n=2)
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{broken")
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_sse_framing_bytes(server):
+    body = {"model": "smollm2:135m", "messages": [{"role": "user", "content": FRANCE}], "temperature": 0,
+            "max_tokens": 20, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+        raw = b"".join(r.iter_bytes()).decode()
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    assert all(e.startswith("data: {") and "\n" not in e for e in events[:-2])
+    objs = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(o["object"] == "chat.completion.chunk" for o in objs)
+    assert [o["choices"][0]["finish_reason"] for o in objs][-1] == "stop"
