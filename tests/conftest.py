@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hub import LocalHub  # noqa: E402
-from models import corrupt, tiny_model_files  # noqa: E402
+from models import THINKING_TEMPLATE, corrupt, tiny_model_files  # noqa: E402
 
 SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_REPOS = {f"tiny/llama-{c}": seed for seed, c in enumerate("abcdefghijk")}
@@ -115,6 +115,7 @@ def hub():
     hub.add_repo("tiny/corrupt", corrupt(tiny_model_files(0)))
     hub.add_repo("tiny/no-template", tiny_model_files(0, chat_template=False))
     hub.add_repo("tiny/fim", tiny_model_files(0, fim=True))
+    hub.add_repo("tiny/thinker", tiny_model_files(0, chat_template=THINKING_TEMPLATE))
     yield hub
     hub.stop()
 

@@ -9,13 +9,16 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+THINKING_TEMPLATE = CHAT_TEMPLATE.replace(
+    "<|im_start|>assistant\n{% endif %}",
+    "<|im_start|>assistant\n{% if enable_thinking %}<think>{% endif %}{% endif %}")
 CORPUS = ["hello world, the quick brown fox jumps over the lazy dog. one two three four five six seven."] * 50
 
 
 FIM = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]
 
 
-def make_tokenizer(chat_template: bool = True, fim: bool = False):
+def make_tokenizer(chat_template: bool | str = True, fim: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -28,11 +31,11 @@ def make_tokenizer(chat_template: bool = True, fim: bool = False):
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
     if chat_template:
-        tok.chat_template = CHAT_TEMPLATE
+        tok.chat_template = chat_template if isinstance(chat_template, str) else CHAT_TEMPLATE
     return tok
 
 
-def make_tiny_model(out: Path, seed: int = 0, chat_template: bool = True, fim: bool = False) -> Path:
+def make_tiny_model(out: Path, seed: int = 0, chat_template: bool | str = True, fim: bool = False) -> Path:
     """A 2-layer Llama (~0.1 M params, 64 wide: bitsandbytes' block size) saved as an HF folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -48,7 +51,7 @@ def make_tiny_model(out: Path, seed: int = 0, chat_template: bool = True, fim: b
     return out
 
 
-def tiny_model_files(seed: int = 0, chat_template: bool = True, fim: bool = False) -> dict[str, bytes]:
+def tiny_model_files(seed: int = 0, chat_template: bool | str = True, fim: bool = False) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_tiny_model(Path(tmp), seed, chat_template, fim)
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}

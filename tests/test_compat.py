@@ -206,6 +206,43 @@ def test_keep_alive_load_unload_and_expiry(client, server):
     assert err.value.status_code == 400 and "invalid duration" in err.value.error
 
 
+def test_ollama_tool_calls_come_back_as_objects(client):
+    """A reply shaped {"name", "arguments"} (forced here with `format`) is parsed into
+    message.tool_calls, arguments as an object, as Ollama's clients require."""
+    call_schema = {"type": "object", "properties": {"name": {"const": "get_weather"},
+                                                    "arguments": WEATHER_TOOL["function"]["parameters"]},
+                   "required": ["name", "arguments"]}
+    for stream in (False, True):
+        reply = client.chat(model="smollm2:135m", tools=[WEATHER_TOOL], format=call_schema, stream=stream,
+                            messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+                            options={"temperature": 0, "num_predict": 80})
+        calls = reply.message.tool_calls if not stream else next(c for c in reply if c.message.tool_calls).message.tool_calls
+        assert calls[0].function.name == "get_weather"
+        jsonschema.validate(dict(calls[0].function.arguments), WEATHER_TOOL["function"]["parameters"])
+
+
+def test_generate_system_and_template(client):
+    client.pull("tiny/llama-a")  # its template adds no default system turn (SmolLM2's does)
+    with_system = client.generate(model="tiny/llama-a", prompt="hello", system="the quick brown fox",
+                                  options={"temperature": 0, "num_predict": 3})
+    without = client.generate(model="tiny/llama-a", prompt="hello", options={"temperature": 0, "num_predict": 3})
+    assert with_system.prompt_eval_count > without.prompt_eval_count  # the system turn is in the prompt
+    templated = client.generate(model="smollm2:135m", prompt="Paris is in", system="Geography.",
+                                template="{{ .System }} Q: {{ .Prompt }} A:", options={"temperature": 0, "num_predict": 3})
+    assert templated.done
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="smollm2:135m", prompt="x", template="{{ range .Messages }}{{ end }}")
+    assert err.value.status_code == 400 and "template" in err.value.error
+
+
+def test_thinking_capability(client):
+    client.pull("tiny/thinker")
+    assert "thinking" in client.show("tiny/thinker").capabilities
+    reply = client.chat(model="tiny/thinker", think=True, messages=[{"role": "user", "content": "hi"}],
+                        options={"num_predict": 3})
+    assert reply.done and reply.eval_count == 3
+
+
 def test_ollama_errors(client, server):
     with pytest.raises(ollama.ResponseError) as err:
         client.chat(model="nope:latest", messages=[{"role": "user", "content": "hi"}])
@@ -317,6 +354,9 @@ def test_openai_chat_streaming_and_not(oai):
 def test_openai_completions(oai):
     whole = oai.completions.create(model="smollm2:135m", prompt="The capital of France is", max_tokens=5,
                                    temperature=0)
+    capped = oai.chat.completions.create(model="smollm2:135m", messages=[{"role": "user", "content": "Tell a story."}],
+                                         max_completion_tokens=4, temperature=0)
+    assert capped.usage.completion_tokens == 4 and capped.choices[0].finish_reason == "length"
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 5
     streamed = list(oai.completions.create(model="smollm2:135m", prompt="The capital of France is", max_tokens=5,
                                            temperature=0, stream=True))

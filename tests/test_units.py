@@ -195,3 +195,35 @@ def test_length_and_stop_reasons(tiny_dir):
     by_stop = generate(b, loaded, prompt, app.GenParams(max_tokens=40, temperature=0, stop=["\n\n"]))
     assert by_stop.done_reason == "stop" and "\n\n" not in by_stop.text
     assert by_stop.output_tokens < 40  # stopped early, not just trimmed afterwards
+
+
+def test_parse_tool_calls_shapes():
+    names = {"get_weather"}
+    text, calls = app.parse_tool_calls('Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+                                       '</tool_call>', names)
+    assert text == "Sure." and calls == [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    text, calls = app.parse_tool_calls('{"name": "get_weather", "parameters": {"city": "Rome"}}', names)
+    assert text == "" and calls[0]["function"]["arguments"] == {"city": "Rome"}
+    assert app.parse_tool_calls('{"name": "unknown", "arguments": {}}', names) == (
+        '{"name": "unknown", "arguments": {}}', [])
+    assert app.parse_tool_calls("no calls here", names) == ("no calls here", [])
+
+
+def test_ollama_options_defaults_and_mapping():
+    p = app.ollama_params(None, None, None)
+    assert (p.temperature, p.top_k, p.top_p, p.max_tokens, p.repeat_last_n, p.seed) == (0.8, 40, 0.9, None, 64, None)
+    opts = app.OllamaOptions(num_predict=7, temperature=0, seed=-1, stop="x", num_ctx=99, mirostat=1)
+    p = app.ollama_params(opts, "json", False)
+    assert (p.max_tokens, p.temperature, p.seed, p.stop, p.num_ctx, p.truncate, p.format) == (
+        7, 0, None, ["x"], 99, False, "json")
+
+
+def test_repeat_penalties_follow_llama_cpp():
+    import torch
+
+    penalties = app.RepeatPenalties(app.GenParams(repeat_penalty=2.0, repeat_last_n=2, presence_penalty=0.5,
+                                                  frequency_penalty=0.25))
+    ids = torch.tensor([[0, 1, 1]])  # only the last 2 tokens count: token 1, twice
+    scores = torch.tensor([[4.0, 4.0, -4.0]])
+    out = penalties(ids, scores)
+    assert out.tolist() == [[4.0, 4.0 / 2 - 0.5 - 0.5, -4.0]]
