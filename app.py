@@ -307,10 +307,6 @@ class CoolingDown(ServerError):
     status = 429
 
 
-class Unavailable(ServerError):
-    status = 503
-
-
 def model_not_found(name: str) -> NotFound:
     return NotFound(f"model '{name}' not found locally; pull it first: POST /pull {{\"model\": \"{name}\"}}")
 
@@ -1785,11 +1781,11 @@ class OllamaMessage(BaseModel):
     thinking: str | None = None
 
 
-class OllamaChatBody(BaseModel):
+class OllamaInferenceBody(BaseModel):
+    """Fields /api/chat and /api/generate share; `stream` defaults to true (Go's nil *bool)."""
+
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1, max_length=500)
-    messages: list[OllamaMessage] = Field(default_factory=list, max_length=10_000)
-    tools: list[Tool] | None = None
     format: Format = None
     options: OllamaOptions | None = None
     stream: bool = True
@@ -1798,9 +1794,12 @@ class OllamaChatBody(BaseModel):
     truncate: bool | None = None
 
 
-class OllamaGenerateBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=500)
+class OllamaChatBody(OllamaInferenceBody):
+    messages: list[OllamaMessage] = Field(default_factory=list, max_length=10_000)
+    tools: list[Tool] | None = None
+
+
+class OllamaGenerateBody(OllamaInferenceBody):
     prompt: str | None = Field("", max_length=4_000_000)
     suffix: str | None = Field(None, max_length=4_000_000)
     system: str | None = None
@@ -1808,12 +1807,6 @@ class OllamaGenerateBody(BaseModel):
     context: list[int] | None = None
     raw: bool = False
     images: list[str] | None = None
-    format: Format = None
-    options: OllamaOptions | None = None
-    stream: bool = True
-    keep_alive: float | str | None = None
-    think: bool | Literal["low", "medium", "high", "max"] | None = None
-    truncate: bool | None = None
 
 
 class ModelNameBody(BaseModel):
@@ -2363,7 +2356,7 @@ def generate_builder(body: OllamaGenerateBody, rec: ModelRecord, name: str,
     return build
 
 
-def add_ollama_routes(app: FastAPI) -> None:
+def add_ollama_inference_routes(app: FastAPI) -> None:
     @app.api_route("/", methods=["GET", "HEAD"])
     async def root() -> PlainTextResponse:
         return PlainTextResponse("Ollama is running")
@@ -2429,6 +2422,9 @@ def add_ollama_routes(app: FastAPI) -> None:
 
         return stream_response(await first_then_rest(lines()), "application/x-ndjson", ndjson_error)
 
+
+
+def add_ollama_model_routes(app: FastAPI) -> None:
     @app.api_route("/api/tags", methods=["GET", "HEAD"])
     async def tags(request: Request) -> dict[str, Any]:
         records = state_of(request).registry.list_models()
@@ -2608,7 +2604,7 @@ def openai_chat_request(body: OpenAIChatBody, rec: ModelRecord, settings: Settin
     return build, params, tools
 
 
-def add_openai_routes(app: FastAPI) -> None:
+def add_openai_chat_route(app: FastAPI) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: OpenAIChatBody, request: Request) -> Any:
         state = state_of(request)
@@ -2662,6 +2658,9 @@ def add_openai_routes(app: FastAPI) -> None:
 
         return stream_response(await first_then_rest(lines()), "text/event-stream", sse_error)
 
+
+
+def add_openai_other_routes(app: FastAPI) -> None:
     @app.post("/v1/completions")
     async def completions(body: OpenAICompletionBody, request: Request) -> Any:
         state = state_of(request)
@@ -2767,8 +2766,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(JsonBodyDefault)
     install_error_handlers(app)
     add_native_routes(app)
-    add_ollama_routes(app)
-    add_openai_routes(app)
+    add_ollama_inference_routes(app)
+    add_ollama_model_routes(app)
+    add_openai_chat_route(app)
+    add_openai_other_routes(app)
     return app
 
 
