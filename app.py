@@ -307,6 +307,10 @@ class CoolingDown(ServerError):
     status = 429
 
 
+class ClientGone(ServerError):
+    status = 499  # nginx's and Ollama's "client closed request"; only the access log sees it
+
+
 def model_not_found(name: str) -> NotFound:
     return NotFound(f"model '{name}' not found locally; pull it first: POST /pull {{\"model\": \"{name}\"}}")
 
@@ -1442,6 +1446,8 @@ async def run_to_end(run: GenerationRun, request: Request | None) -> Finished:
     watcher = asyncio.create_task(cancel_when_disconnected(request, run)) if request else None
     try:
         async for event in run.events():
+            if isinstance(event, Finished) and run._cancelled.is_set():
+                raise ClientGone("request canceled")
             if isinstance(event, Finished):
                 return event
     finally:
