@@ -73,14 +73,17 @@ import errno
 import functools
 import gc
 import hashlib
+import hmac
 import importlib.metadata
 import importlib.util
+import ipaddress
 import json
 import logging
 import math
 import platform
 import re
 import shutil
+import socket
 import sqlite3
 import struct
 import sys
@@ -96,6 +99,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub import constants as hf_constants
@@ -103,7 +107,7 @@ from huggingface_hub import errors as hf_errors
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger("ai_server")
@@ -162,6 +166,32 @@ class Settings(BaseSettings):
     vllm_enforce_eager: bool | None = Field(None, validation_alias="VLLM_ENFORCE_EAGER")  # None: eager on CPU
     max_jobs_listed: int = Field(100, ge=1, validation_alias="MAX_JOBS_LISTED")
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
+    log_format: Literal["text", "json"] = Field("text", validation_alias="LOG_FORMAT")
+    # Hardening: keys, browsers, limits, queueing, pulls, shutdown.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, validation_alias="API_KEYS")
+    api_keys_file: Path | None = Field(None, validation_alias="API_KEYS_FILE")
+    origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                    validation_alias=AliasChoices("ORIGINS", "OLLAMA_ORIGINS"))
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, validation_alias="MAX_BODY_BYTES")
+    max_queue: int = Field(512, ge=0, validation_alias=AliasChoices("MAX_QUEUE", "OLLAMA_MAX_QUEUE"))
+    num_parallel: int = Field(1, ge=1, validation_alias=AliasChoices("NUM_PARALLEL", "OLLAMA_NUM_PARALLEL"))
+    pull_retries: int = Field(3, ge=0, validation_alias="PULL_RETRIES")
+    pull_retry_backoff_s: float = Field(2.0, ge=0, validation_alias="PULL_RETRY_BACKOFF_S")
+    pull_min_free_bytes: int = Field(1_000_000_000, ge=0, validation_alias="PULL_MIN_FREE_BYTES")
+    graceful_shutdown_s: float = Field(30.0, ge=0, validation_alias="GRACEFUL_SHUTDOWN_S")
+
+    @field_validator("api_keys", "origins", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> list[str]:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+
+    def all_api_keys(self) -> list[str]:
+        """API_KEYS plus one key per line of API_KEYS_FILE (blank lines and # comments skipped)."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.expanduser().read_text().splitlines()
+            keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        return keys
 
     @field_validator("backends", mode="before")
     @classmethod
@@ -185,8 +215,9 @@ class Settings(BaseSettings):
 
     def public(self) -> dict[str, Any]:
         """Settings for /status: everything but secrets."""
-        data = self.model_dump(mode="json", exclude={"hf_token"})
+        data = self.model_dump(mode="json", exclude={"hf_token", "api_keys"})
         data["hf_token_set"] = self.hf_token is not None
+        data["api_keys_set"] = bool(self.api_keys or self.api_keys_file)
         return data
 
 
@@ -203,6 +234,15 @@ def new_id() -> str:
 
 
 REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,299}$")
+
+
+def check_model_name(name: str) -> str:
+    """A model name as clients send it (name:tag, org/repo, hf.co/org/repo:tag): no paths."""
+    if not MODEL_NAME_RE.match(name) or ".." in name or "//" in name.removeprefix("https://"):
+        raise ValueError(f"invalid model name {name!r}: use name:tag or a Hub repo id like 'org/name' "
+                         "(letters, digits, '_', '.', ':', '/', '-'; no '..')")
+    return name
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -307,12 +347,63 @@ class CoolingDown(ServerError):
     status = 429
 
 
+class Busy(ServerError):
+    status = 503
+
+
 class ClientGone(ServerError):
     status = 499  # nginx's and Ollama's "client closed request"; only the access log sees it
 
 
 def model_not_found(name: str) -> NotFound:
     return NotFound(f"model '{name}' not found locally; pull it first: POST /pull {{\"model\": \"{name}\"}}")
+
+
+# ============================================================================
+# 5b. Metrics (Prometheus)
+# ============================================================================
+class Metrics:
+    """Every metric the server exports, in a registry of its own per app (tests build many apps)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        r = self.registry = CollectorRegistry()
+        latency = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+        self.requests = Counter("ai_server_requests", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram("ai_server_request_duration_seconds", "HTTP request time, streams to their end",
+                                         ["route"], buckets=latency, registry=r)
+        self.ttft_seconds = Histogram("ai_server_time_to_first_token_seconds", "Queue + load + prefill time",
+                                      ["model"], buckets=latency, registry=r)
+        self.generations = Counter("ai_server_generations", "Generations started", ["model"], registry=r)
+        self.generated_tokens = Counter("ai_server_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self.prompt_tokens = Counter("ai_server_prompt_tokens", "Prompt tokens evaluated", ["model"], registry=r)
+        self.load_seconds = Histogram("ai_server_model_load_seconds", "Model load time", ["model", "backend"],
+                                      buckets=latency, registry=r)
+        self.load_failures = Counter("ai_server_model_load_failures", "Loads where every backend failed", ["model"],
+                                     registry=r)
+        self.rejected = Counter("ai_server_rejected_requests", "Requests refused: queue full", ["model"], registry=r)
+        self.pull_bytes = Counter("ai_server_pull_bytes", "Bytes downloaded by pulls", registry=r)
+        self.pull_jobs = Counter("ai_server_pull_jobs", "Pull jobs that ended", ["status"], registry=r)
+
+    def add_gauges(self, read: Callable[[], list[tuple[str, str, dict[str, float]]]]) -> None:
+        """Gauges computed at scrape time from live state: (name, help, {model: value})."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        class Gauges:
+            def collect(self):
+                for name, doc, values in read():
+                    family = GaugeMetricFamily(name, doc, labels=["model"])
+                    for model, value in values.items():
+                        family.add_metric([model], value)
+                    yield family
+
+        self.registry.register(Gauges())
+
+    def exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 # ============================================================================
@@ -476,8 +567,80 @@ def downloaded_bytes(cache_dir: Path, plan: SnapshotPlan) -> int:
     return total
 
 
+class PullCancelled(Exception):
+    """Raised inside snapshot_download's progress callback to end a cancelled pull."""
+
+
+class NotEnoughDisk(Exception):
+    pass
+
+
+def cancellable_progress(cancel: threading.Event) -> type:
+    """snapshot_download's progress-bar class, silent; it ends the download (at the next chunk
+    or file) once the pull is cancelled. Threads running snapshot_download cannot be interrupted
+    otherwise."""
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class Progress(hf_tqdm):
+        def __init__(self, *args: Any, **kwargs: Any):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if cancel.is_set():
+                raise PullCancelled("cancelled")
+            return super().update(n)
+
+    return Progress
+
+
+def check_disk_space(cache_dir: Path, needed_bytes: int, reserve_bytes: int) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache_dir).free
+    if free - needed_bytes < reserve_bytes:
+        raise NotEnoughDisk(
+            f"not enough disk space in {cache_dir}: the download needs {needed_bytes} more bytes and "
+            f"PULL_MIN_FREE_BYTES={reserve_bytes} must stay free, but {free} bytes are free; free space, "
+            "lower PULL_MIN_FREE_BYTES, or set HF_HUB_CACHE to a bigger disk")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: lost connections, timeouts, the hub's 5xx and 429; never a 4xx answer."""
+    if isinstance(exc, (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError,
+                        hf_errors.EntryNotFoundError)):
+        return False
+    if isinstance(exc, hf_errors.HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else None
+        return status is None or status >= 500 or status == 429
+    return isinstance(exc, (hf_errors.HTTPError, hf_errors.LocalEntryNotFoundError, ConnectionError, TimeoutError))
+
+
+async def run_in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """asyncio.to_thread, but on a daemon thread: a stalled download must not keep the
+    process alive at exit (the default executor's threads are joined)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def work() -> None:
+        try:
+            result, ok = fn(*args, **kwargs), True
+        except BaseException as exc:  # handed to the awaiting coroutine
+            result, ok = exc, False
+        with contextlib.suppress(RuntimeError):  # the loop may be gone at shutdown
+            loop.call_soon_threadsafe(settle, ok, result)
+
+    threading.Thread(target=work, daemon=True, name=f"pull-{getattr(fn, '__name__', 'work')}").start()
+    return await future
+
+
 def describe_pull_error(exc: BaseException, repo_id: str, revision: str, settings: Settings) -> str:
     """A message that says what went wrong and what to do; chosen by exception type."""
+    if isinstance(exc, NotEnoughDisk):
+        return str(exc)
     if isinstance(exc, hf_errors.GatedRepoError):
         return f"repo '{repo_id}' is gated: accept its terms on the Hub, then set HF_TOKEN and pull again"
     if isinstance(exc, hf_errors.RepositoryNotFoundError):
@@ -1149,6 +1312,50 @@ class Cooldown:
         return max(0, math.ceil(self.until - time.monotonic()))
 
 
+async def wait_unless_cancelled(waiter: Any, cancelled: asyncio.Event) -> None:
+    """Awaits `waiter`; if `cancelled` fires first, gives up (the waiter is cancelled) and raises."""
+    task, stop = asyncio.ensure_future(waiter), asyncio.ensure_future(cancelled.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    task.cancel()
+    raise ClientGone("request canceled")
+
+
+class Scheduler:
+    """Admission per model, as Ollama bounds it: NUM_PARALLEL requests run, the rest wait in FIFO
+    order (asyncio.Semaphore wakes waiters in order), and at most MAX_QUEUE wait in all: beyond
+    that a request is refused at once with 503 and Retry-After. A waiting request whose client
+    went away leaves the queue and never runs."""
+
+    MESSAGE = "server busy, please try again.  maximum pending requests exceeded"  # Ollama's text, two spaces
+
+    def __init__(self, num_parallel: int, max_queue: int, metrics: Metrics):
+        self.num_parallel, self.max_queue, self.metrics = num_parallel, max_queue, metrics
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self.waiting: collections.Counter[str] = collections.Counter()
+        self.running: collections.Counter[str] = collections.Counter()
+
+    async def enter(self, name: str, cancelled: asyncio.Event) -> None:
+        slot = self._slots.setdefault(name, asyncio.Semaphore(self.num_parallel))
+        if slot.locked() and sum(self.waiting.values()) >= self.max_queue:
+            self.metrics.rejected.labels(name).inc()
+            raise Busy(self.MESSAGE, headers={"Retry-After": "1"})
+        self.waiting[name] += 1
+        try:
+            await wait_unless_cancelled(slot.acquire(), cancelled)
+        finally:
+            self.waiting[name] -= 1
+        self.running[name] += 1
+
+    def leave(self, name: str) -> None:
+        self.running[name] -= 1
+        self._slots[name].release()
+
+
 def is_embedding_model(rec: ModelRecord) -> bool:
     return "embedding" in model_capabilities(rec.path)
 
@@ -1157,8 +1364,9 @@ class ModelCache:
     """Loaded models: LRU-bounded, single-flight loads, cooldown after total failure,
     unloaded when idle past their keep_alive."""
 
-    def __init__(self, settings: Settings, registry: Registry, backends: list[Backend]):
-        self.settings, self.registry, self.backends = settings, registry, backends
+    def __init__(self, settings: Settings, registry: Registry, backends: list[Backend], metrics: Metrics):
+        self.settings, self.registry, self.backends, self.metrics = settings, registry, backends, metrics
+        self.scheduler = Scheduler(settings.num_parallel, settings.max_queue, metrics)
         self.embedding_backend = EmbeddingBackend()
         self.loaded: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
         self.cooldowns: dict[str, Cooldown] = {}
@@ -1241,6 +1449,7 @@ class ModelCache:
                     self.evict(next(iter(self.loaded)))
                 return model
         retry_s = math.ceil(self.settings.load_cooldown_s)
+        self.metrics.load_failures.labels(rec.name).inc()
         self.cooldowns[rec.name] = Cooldown(time.monotonic() + self.settings.load_cooldown_s, attempts)
         log.error("model %s: every backend failed, cooling down %d s: %s", rec.name, retry_s, attempts)
         raise CoolingDown(f"model '{rec.name}' failed to load on every backend; retry in {retry_s} s",
@@ -1252,12 +1461,13 @@ class ModelCache:
         start = time.perf_counter_ns()
         try:
             loaded = await asyncio.to_thread(backend.load, plan)
-        except Exception as exc:  # each backend may fail in its own way; record and go on
+        except Exception as exc:  # each backend may fail in its own way (OOM included); record and go on
             attempts.append({"backend": backend.name, "error": f"{type(exc).__name__}: {exc}"})
             log.warning("model %s: %s failed to load: %s: %s", plan.name, backend.name, type(exc).__name__, exc)
             free_torch_memory()
             return None
         load_ns = time.perf_counter_ns() - start
+        self.metrics.load_seconds.labels(plan.name, backend.name).observe(load_ns / 1e9)
         log.info("model %s: loaded by %s in %.2f s (dtype=%s, quantized=%s)", plan.name, backend.name,
                  load_ns / 1e9, loaded.dtype, loaded.quantized)
         return LoadedModel(plan.name, backend, loaded, plan.quantization, load_ns)
@@ -1294,8 +1504,18 @@ class ModelCache:
         for name in list(self.loaded):
             self.evict(name)
 
+    def gauges(self) -> list[tuple[str, str, dict[str, float]]]:
+        return [("ai_server_queue_depth", "Requests waiting for a slot", dict(self.scheduler.waiting)),
+                ("ai_server_running_requests", "Requests generating", dict(self.scheduler.running)),
+                ("ai_server_model_loaded", "1 for each loaded model", {n: 1.0 for n in self.loaded}),
+                ("ai_server_model_memory_bytes", "Memory a loaded model takes",
+                 {n: float(m.loaded.memory_bytes or 0) for n, m in self.loaded.items()})]
+
     def status(self) -> dict[str, Any]:
-        return {"cache": [{"name": n, **m.public()} for n, m in self.loaded.items()],  # LRU first
+        return {"queue": {"waiting": {n: c for n, c in self.scheduler.waiting.items() if c},
+                          "running": {n: c for n, c in self.scheduler.running.items() if c},
+                          "max_queue": self.scheduler.max_queue, "num_parallel": self.scheduler.num_parallel},
+                "cache": [{"name": n, **m.public()} for n, m in self.loaded.items()],  # LRU first
                 "loading": sorted(self._inflight),
                 "cooldowns": {n: {"remaining_s": c.remaining_s(), "attempts": c.attempts}
                               for n, c in self.cooldowns.items() if c.remaining_s() > 0},
@@ -1388,11 +1608,12 @@ class GenerationRun:
     _END = object()
 
     def __init__(self, cache: ModelCache, rec: ModelRecord, build: Callable[[LoadedModel], Prompt],
-                 params: GenParams, keep_alive_s: float | None):
+                 params: GenParams, keep_alive_s: float | None, request: Request | None = None):
         self.cache, self.rec, self.build, self.params, self.keep_alive_s = cache, rec, build, params, keep_alive_s
+        self.request = request
         self.gen: Generation | None = None
         self.finished = False
-        self._cancelled = threading.Event()
+        self._cancelled = asyncio.Event()
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -1400,6 +1621,22 @@ class GenerationRun:
             self.gen.cancel.set()
 
     async def events(self):
+        """Waits for a slot, holds the model, streams pieces; the client is watched throughout
+        (a stream's own disconnect handling only starts once its first byte is out)."""
+        watcher = asyncio.create_task(cancel_when_disconnected(self.request, self)) if self.request else None
+        try:
+            await self.cache.scheduler.enter(self.rec.name, self._cancelled)
+            try:
+                async for event in self._generate():
+                    yield event
+            finally:
+                if self.gen is None:  # failed before the worker started; else its done-callback leaves
+                    self.cache.scheduler.leave(self.rec.name)
+        finally:
+            if watcher:
+                watcher.cancel()
+
+    async def _generate(self):
         start = time.perf_counter_ns()
         model, load_ns = await self.cache.acquire(self.rec)
         loop = asyncio.get_running_loop()
@@ -1408,6 +1645,8 @@ class GenerationRun:
                                     lambda text: loop.call_soon_threadsafe(queue.put_nowait, text))
         if self._cancelled.is_set():
             gen.cancel.set()
+        metrics = self.cache.metrics
+        metrics.generations.labels(self.rec.name).inc()
 
         def work() -> tuple[Prompt, GenResult]:
             prompt = self.build(model)
@@ -1417,21 +1656,37 @@ class GenerationRun:
 
         future = loop.run_in_executor(None, work)
 
-        def done(_f: asyncio.Future) -> None:  # the model is held until the thread is really done
+        def done(_f: asyncio.Future) -> None:  # model and slot are held until the thread is really done
             self.cache.release(model, self.keep_alive_s)
+            self.cache.scheduler.leave(self.rec.name)
             queue.put_nowait(self._END)
             if gen.cancel.is_set() and not self.finished:
                 log.info("model %s: generation cancelled after %d tokens", self.rec.name, len(gen.stream.ids))
 
         future.add_done_callback(done)
+        first = True
         try:
             while (item := await queue.get()) is not self._END:
+                if first:
+                    metrics.ttft_seconds.labels(self.rec.name).observe((time.perf_counter_ns() - start) / 1e9)
+                    first = False
                 yield item
-            prompt, result = future.result()
+            prompt, result = self._result(future)
+            metrics.prompt_tokens.labels(self.rec.name).inc(result.prompt_tokens)
+            metrics.generated_tokens.labels(self.rec.name).inc(result.output_tokens)
             self.finished = True
             yield Finished(prompt, result, load_ns, time.perf_counter_ns() - start)
         finally:
             gen.cancel.set()
+
+    def _result(self, future: asyncio.Future) -> tuple[Prompt, GenResult]:
+        try:
+            return future.result()
+        except torch.OutOfMemoryError:
+            free_torch_memory()  # give back what the failed step took; the server keeps serving
+            log.error("model %s: out of memory during generation", self.rec.name)
+            raise Busy(f"out of memory while generating with '{self.rec.name}': retry with a shorter prompt, "
+                       "a smaller num_ctx, or a quantized model (quantize q4)", headers={"Retry-After": "5"}) from None
 
 
 async def cancel_when_disconnected(request: Request, run: GenerationRun, every_s: float = 0.25) -> None:
@@ -1441,18 +1696,13 @@ async def cancel_when_disconnected(request: Request, run: GenerationRun, every_s
     run.cancel()
 
 
-async def run_to_end(run: GenerationRun, request: Request | None) -> Finished:
-    """A non-streamed generation, still cancelled if the client goes away."""
-    watcher = asyncio.create_task(cancel_when_disconnected(request, run)) if request else None
-    try:
-        async for event in run.events():
-            if isinstance(event, Finished) and run._cancelled.is_set():
-                raise ClientGone("request canceled")
-            if isinstance(event, Finished):
-                return event
-    finally:
-        if watcher:
-            watcher.cancel()
+async def run_to_end(run: GenerationRun) -> Finished:
+    """A non-streamed generation (still cancelled if the client goes away: see events())."""
+    async for event in run.events():
+        if isinstance(event, Finished) and run._cancelled.is_set():
+            raise ClientGone("request canceled")
+        if isinstance(event, Finished):
+            return event
     raise RuntimeError("generation ended without a result")
 
 
@@ -1473,7 +1723,8 @@ def split_thinking(text: str) -> tuple[str, str | None]:
 # 11. Jobs
 # ============================================================================
 PULL_ERROR_STATUS = ((hf_errors.GatedRepoError, 401), (hf_errors.RepositoryNotFoundError, 404),
-                     (hf_errors.RevisionNotFoundError, 404), (hf_errors.EntryNotFoundError, 404))
+                     (hf_errors.RevisionNotFoundError, 404), (hf_errors.EntryNotFoundError, 404),
+                     (NotEnoughDisk, 507), (PullCancelled, 499))
 
 
 def pull_error_status(exc: BaseException) -> int:
@@ -1484,9 +1735,12 @@ class PullManager:
     """Background pulls: one job per model at a time, at most N downloading at once.
     Tasks are owned (a strong reference is kept until they end)."""
 
-    def __init__(self, settings: Settings, registry: Registry, models: ModelCache, bnb_usable: bool):
-        self.settings, self.registry, self.models = settings, registry, models
+    def __init__(self, settings: Settings, registry: Registry, models: ModelCache, bnb_usable: bool,
+                 metrics: Metrics):
+        self.settings, self.registry, self.models, self.metrics = settings, registry, models, metrics
         self.bnb_usable = bnb_usable
+        self._cancels: dict[str, threading.Event] = {}  # job id -> set when the job is cancelled
+        self._registered: set[str] = set()  # job ids past registration: too late to cancel
         self._semaphore = asyncio.Semaphore(settings.max_concurrent_pulls)
         self._active: dict[str, PullJob] = {}  # lower-cased repo id -> job
         self._tasks: dict[str, asyncio.Task] = {}  # job id -> task
@@ -1503,6 +1757,7 @@ class PullManager:
         job = PullJob(new_id(), model, revision, quantize, init, trust_remote_code)
         self.registry.put_job(job)
         self._active[model.lower()] = job
+        self._cancels[job.id] = threading.Event()
         task = asyncio.create_task(self._run(job))
         self._tasks[job.id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(job.id, None))
@@ -1522,48 +1777,97 @@ class PullManager:
         if (task := self._tasks.get(job_id)) is not None:
             await asyncio.shield(task)
 
+    def cancel(self, job_id: str) -> PullJob:
+        """DELETE /jobs/{id}: the job fails now; its download stops at the next chunk or file and
+        nothing is registered. A pull that already registered its model can no longer be cancelled."""
+        job = self.live(job_id)
+        if job is None:
+            if (ended := self.registry.get_job(job_id)) is None:
+                raise NotFound(f"job '{job_id}' not found; GET /jobs lists recent jobs")
+            raise Conflict(f"job '{job_id}' already ended ({ended.status}); nothing to cancel")
+        if job_id in self._registered:
+            raise Conflict(f"job '{job_id}' already downloaded and registered its model; DELETE /models to remove it")
+        self._cancels[job_id].set()
+        self._end(job, "failed", "cancelled by request")
+        self.error_status[job_id] = 499
+        return job
+
+    def _cancelled(self, job: PullJob) -> bool:
+        return self._cancels[job.id].is_set()
+
+    def _end(self, job: PullJob, status: str, error: str | None = None) -> None:
+        job.advance(status, error)
+        self.registry.put_job(job)
+        self.metrics.pull_jobs.labels(status).inc()
+        if self._active.get(job.model.lower()) is job:
+            del self._active[job.model.lower()]
+        (log.info if status == "succeeded" else log.warning)("pull %s: %s%s", job.id, status,
+                                                              f": {error}" if error else "")
+
     async def _run(self, job: PullJob) -> None:
         try:
             async with self._semaphore:
+                if self._cancelled(job):
+                    return
                 job.advance("running")
                 self.registry.put_job(job)
                 log.info("pull %s: running", job.id)
-                rec = await self._download(job)
+                rec = await self._download_with_retries(job)
             if job.init:  # the job stays running until the model is loaded (or failed to)
                 await self._init(job, rec)
-            job.advance("succeeded")
-            self.registry.put_job(job)
-            log.info("pull %s: succeeded (%d bytes)", job.id, rec.size_bytes)
+            self._end(job, "succeeded")
         except asyncio.CancelledError:
-            self._fail(job, "interrupted by shutdown")
+            if not self._cancelled(job):
+                self._end(job, "failed", "interrupted by shutdown")
             raise
         except Exception as exc:  # any failure ends the job; the message says what to do
-            self.error_status[job.id] = pull_error_status(exc)
-            self._fail(job, describe_pull_error(exc, job.model, job.revision, self.settings))
+            if not self._cancelled(job):
+                self.error_status[job.id] = pull_error_status(exc)
+                self._end(job, "failed", describe_pull_error(exc, job.model, job.revision, self.settings))
         finally:
-            self._active.pop(job.model.lower(), None)
+            self._cancels.pop(job.id, None)
 
-    def _fail(self, job: PullJob, message: str) -> None:
-        job.advance("failed", message)
-        self.registry.put_job(job)
-        log.warning("pull %s: failed: %s", job.id, message)
+    async def _download_with_retries(self, job: PullJob) -> ModelRecord:
+        retries = self.settings.pull_retries
+        for attempt in range(retries + 1):
+            try:
+                return await self._download(job)
+            except Exception as exc:  # retried only when transient; raised otherwise
+                if self._cancelled(job) or not is_transient(exc) or attempt == retries:
+                    raise
+                delay = self.settings.pull_retry_backoff_s * 2 ** attempt
+                log.warning("pull %s: %s: %s; retry %d of %d in %.1f s", job.id, type(exc).__name__, exc,
+                            attempt + 1, retries, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def _download(self, job: PullJob) -> ModelRecord:
-        plan = await asyncio.to_thread(plan_snapshot, self.api, job.model, job.revision)
+        plan = await run_in_daemon_thread(plan_snapshot, self.api, job.model, job.revision)
         job.total_bytes = plan.total_bytes
+        already = downloaded_bytes(self.settings.hf_cache, plan)
+        await asyncio.to_thread(check_disk_space, self.settings.hf_cache, plan.total_bytes - already,
+                                self.settings.pull_min_free_bytes)
         watcher = asyncio.create_task(self._watch_progress(job, plan))
         try:
-            path = await asyncio.to_thread(
+            path = await run_in_daemon_thread(
                 snapshot_download, job.model, revision=plan.sha, cache_dir=self.settings.hf_cache,
-                endpoint=self.settings.hf_endpoint, token=self._token())
+                endpoint=self.settings.hf_endpoint, token=self._token(),
+                tqdm_class=cancellable_progress(self._cancels[job.id]))
         finally:
             watcher.cancel()
-        job.downloaded_bytes = downloaded_bytes(self.settings.hf_cache, plan)
+        self._count_bytes(job, downloaded_bytes(self.settings.hf_cache, plan))
+        if self._cancelled(job):
+            raise PullCancelled("cancelled")
         return self._register(job, plan, Path(path))
 
+    def _count_bytes(self, job: PullJob, now: int) -> None:
+        if now > job.downloaded_bytes:
+            self.metrics.pull_bytes.inc(now - job.downloaded_bytes)
+        job.downloaded_bytes = now
+
     async def _watch_progress(self, job: PullJob, plan: SnapshotPlan) -> None:
-        while True:
-            job.downloaded_bytes = await asyncio.to_thread(downloaded_bytes, self.settings.hf_cache, plan)
+        while not self._cancelled(job):
+            self._count_bytes(job, await asyncio.to_thread(downloaded_bytes, self.settings.hf_cache, plan))
             self.registry.put_job(job)
             await asyncio.sleep(0.5)
 
@@ -1575,6 +1879,7 @@ class PullManager:
         self.models.evict(rec.name)  # a re-pull replaces the files: never serve the old ones
         self.models.cooldowns.pop(rec.name, None)
         self.registry.put_model(rec)
+        self._registered.add(job.id)
         return rec
 
     async def _init(self, job: PullJob, rec: ModelRecord) -> None:
@@ -1586,10 +1891,14 @@ class PullManager:
             log.warning("pull %s: init load failed: %s", job.id, exc.message)
 
     async def shutdown(self) -> None:
-        tasks = list(self._tasks.values())
+        """Marks running pulls failed ("interrupted by shutdown"), then stops their downloads at the
+        next chunk; being daemon threads, stalled ones cannot hold the process at exit."""
+        cancels, tasks = list(self._cancels.values()), list(self._tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for cancel in cancels:
+            cancel.set()
 
 
 # ============================================================================
@@ -1699,13 +2008,16 @@ class PullBody(BaseModel):
         return check_revision(value)
 
 
+ModelName = Annotated[str, AfterValidator(check_model_name)]
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=1_000_000)
 
 
 class ChatBody(BaseModel):
-    model: str = Field(min_length=1, max_length=200)
+    model: ModelName
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     max_tokens: int = Field(512, ge=1, le=32768)
     temperature: float = Field(0.7, ge=0, le=5)
@@ -1791,7 +2103,7 @@ class OllamaInferenceBody(BaseModel):
     """Fields /api/chat and /api/generate share; `stream` defaults to true (Go's nil *bool)."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=500)
+    model: ModelName
     format: Format = None
     options: OllamaOptions | None = None
     stream: bool = True
@@ -1819,8 +2131,8 @@ class ModelNameBody(BaseModel):
     """For /api/show, /api/delete, /api/pull: `model`, or the legacy `name`."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str | None = Field(None, max_length=500)
-    name: str | None = Field(None, max_length=500)
+    model: ModelName | None = None
+    name: ModelName | None = None
     stream: bool = True
 
     def target(self) -> str:
@@ -1831,13 +2143,13 @@ class ModelNameBody(BaseModel):
 
 
 class CopyBody(BaseModel):
-    source: str = Field(min_length=1, max_length=500)
-    destination: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./:-]*$")
+    source: ModelName
+    destination: ModelName
 
 
 class OllamaEmbedBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=500)
+    model: ModelName
     input: str | list[str] | None = None
     truncate: bool | None = None
     dimensions: int | None = Field(None, ge=1)
@@ -1846,7 +2158,7 @@ class OllamaEmbedBody(BaseModel):
 
 class OllamaLegacyEmbedBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=500)
+    model: ModelName
     prompt: str = ""
     keep_alive: float | str | None = None
 
@@ -1866,7 +2178,7 @@ class StreamOptions(BaseModel):
 
 class OpenAIChatBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=500)
+    model: ModelName
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=10_000)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -1886,7 +2198,7 @@ class OpenAIChatBody(BaseModel):
 
 class OpenAICompletionBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=500)
+    model: ModelName
     prompt: str | list[str] = Field(...)
     suffix: str | None = None
     stream: bool = False
@@ -1903,7 +2215,7 @@ class OpenAICompletionBody(BaseModel):
 
 class OpenAIEmbeddingBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=500)
+    model: ModelName
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
@@ -2046,6 +2358,10 @@ class AppState:
     bnb_error: str | None
     tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
 
+    @property
+    def metrics(self) -> Metrics:
+        return self.models.metrics
+
 
 def bnb_probe() -> str | None:
     """bitsandbytes must import *and* quantize: a CPU-only install older than 0.45 imports fine but
@@ -2061,19 +2377,20 @@ def bnb_probe() -> str | None:
     return None
 
 
-def open_state(settings: Settings) -> AppState:
+def open_state(settings: Settings, metrics: Metrics) -> AppState:
     settings.home.mkdir(parents=True, exist_ok=True)
     (settings.home / "models").mkdir(exist_ok=True)
     registry = Registry(settings.home / "registry.sqlite")
     if (n := registry.fail_interrupted_jobs()):
         log.warning("registry: %d pull job(s) marked failed: interrupted by restart", n)
-    models = ModelCache(settings, registry, build_backends(settings))
+    models = ModelCache(settings, registry, build_backends(settings), metrics)
+    metrics.add_gauges(models.gauges)
     models.probe_backends()
     bnb_error = bnb_probe()
     log.info("bitsandbytes: %s", "usable" if bnb_error is None else f"unusable ({bnb_error})")
     ensure_embedded_models(settings, registry)
-    return AppState(settings, registry, models, PullManager(settings, registry, models, bnb_error is None),
-                    bnb_error)
+    return AppState(settings, registry, models,
+                    PullManager(settings, registry, models, bnb_error is None, metrics), bnb_error)
 
 
 def state_of(request: Request) -> AppState:
@@ -2211,6 +2528,15 @@ def add_native_routes(app: FastAPI) -> None:
             raise NotFound(f"job '{job_id}' not found; GET /jobs lists recent jobs")
         return found.public()
 
+    @app.delete("/jobs/{job_id}")
+    async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+        return state_of(request).pulls.cancel(job_id).public()
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        body, content_type = state_of(request).metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @app.get("/models")
     async def models(request: Request) -> dict[str, Any]:
         state = state_of(request)
@@ -2234,10 +2560,10 @@ def add_native_routes(app: FastAPI) -> None:
         require_generative(rec, body.model)
         messages = [m.model_dump() for m in body.messages]
         build = lambda m: render_chat_prompt(m.loaded.tokenizer, messages)  # noqa: E731
-        run = GenerationRun(state.models, rec, build, body.params(), keep_alive_of(body.keep_alive))
+        run = GenerationRun(state.models, rec, build, body.params(), keep_alive_of(body.keep_alive), request)
         if body.stream:
             return await ollama_chat_stream(run, body.model, tools=None)
-        fin = await run_to_end(run, request)
+        fin = await run_to_end(run)
         return {"model": body.model, "created_at": utc_now_iso(),
                 "message": {"role": "assistant", "content": fin.result.text}, "done": True, **ollama_stats(fin)}
 
@@ -2394,10 +2720,10 @@ def add_ollama_inference_routes(app: FastAPI) -> None:
             render = lambda ms: render_chat_prompt(model.loaded.tokenizer, ms, tools, think if think else None)  # noqa: E731
             return fit_chat(render, messages, context_size(model.loaded, params, state.settings), params.truncate)
 
-        run = GenerationRun(state.models, rec, build, params, keep_alive)
+        run = GenerationRun(state.models, rec, build, params, keep_alive, request)
         if body.stream:
             return await ollama_chat_stream(run, body.model, tools, think)
-        return ndjson_one(ollama_chat_final(body.model, await run_to_end(run, request), tools, think))
+        return ndjson_one(ollama_chat_final(body.model, await run_to_end(run), tools, think))
 
     @app.post("/api/generate")
     async def api_generate(body: OllamaGenerateBody, request: Request) -> Any:
@@ -2411,14 +2737,14 @@ def add_ollama_inference_routes(app: FastAPI) -> None:
         check_think(rec, body.model, body.think)
         build = generate_builder(body, rec, body.model, state.settings)
         run = GenerationRun(state.models, rec, build, ollama_params(body.options, body.format, body.truncate),
-                            keep_alive)
+                            keep_alive, request)
 
         def final(fin: Finished) -> dict[str, Any]:
             extra = {} if body.raw else {"context": fin.prompt.ids + fin.result.output_ids}
             return ollama_chunk(body.model, True, response="", **ollama_stats(fin), **extra)
 
         if not body.stream:
-            fin = await run_to_end(run, request)
+            fin = await run_to_end(run)
             return ndjson_one({**final(fin), "response": fin.result.text})
 
         async def lines():
@@ -2617,7 +2943,7 @@ def add_openai_chat_route(app: FastAPI) -> None:
         rec = require_model(state, body.model)
         require_generative(rec, body.model)
         build, params, tools = openai_chat_request(body, rec, state.settings)
-        run = GenerationRun(state.models, rec, build, params, None)
+        run = GenerationRun(state.models, rec, build, params, None, request)
         ident, created = f"chatcmpl-{new_id()}", int(time.time())
 
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
@@ -2632,7 +2958,7 @@ def add_openai_chat_route(app: FastAPI) -> None:
             return text, openai_tool_calls(calls)
 
         if not body.stream:
-            fin = await run_to_end(run, request)
+            fin = await run_to_end(run)
             text, calls = reply(fin)
             message = {"role": "assistant", "content": text or (None if calls else "")}
             if calls:
@@ -2676,7 +3002,7 @@ def add_openai_other_routes(app: FastAPI) -> None:
         native = OllamaGenerateBody(model=body.model, prompt=prompt, suffix=body.suffix, raw=True)
         params = openai_params(body, body.max_tokens)
         build = generate_builder(native, rec, body.model, state.settings)
-        run = GenerationRun(state.models, rec, build, params, None)
+        run = GenerationRun(state.models, rec, build, params, None, request)
         ident, created = f"cmpl-{new_id()}", int(time.time())
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
@@ -2684,7 +3010,7 @@ def add_openai_other_routes(app: FastAPI) -> None:
                     "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": None}]}
 
         if not body.stream:
-            fin = await run_to_end(run, request)
+            fin = await run_to_end(run)
             return {**chunk(fin.result.text, fin.result.done_reason), "usage": openai_usage(fin)}
 
         async def lines():
@@ -2741,20 +3067,140 @@ class JsonBodyDefault:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
-            headers = [h for h in scope["headers"] if h[0] != b"content-type"]
             ctype = dict(scope["headers"]).get(b"content-type", b"")
             if not ctype or ctype.startswith(b"application/x-www-form-urlencoded"):
-                scope = {**scope, "headers": [*headers, self.JSON]}
+                # In place: outer middleware read the route from this same scope dict afterwards.
+                scope["headers"] = [h for h in scope["headers"] if h[0] != b"content-type"] + [self.JSON]
         await self.app(scope, receive, send)
+
+
+PUBLIC_PATHS = {"/", "/health", "/api/version"}
+
+
+def is_local_host(host_header: str) -> bool:
+    """Ollama's DNS-rebinding rule for a loopback-bound server: loopback, private and unspecified
+    addresses, localhost, *.localhost, *.local, *.internal and this machine's name."""
+    host = host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+    host = host.strip("[]").lower()
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+        return ip.is_loopback or ip.is_private or ip.is_unspecified
+    except ValueError:
+        return (host in ("localhost", socket.gethostname().lower())
+                or host.endswith((".localhost", ".local", ".internal")))
+
+
+class AccessControl:
+    """ASGI middleware: Host check (loopback-bound servers), API keys, request-body size cap.
+    Answers in the error shape of the route's API."""
+
+    def __init__(self, app: Any, settings: Settings):
+        self.app, self.settings = app, settings
+        self.keys = [k.encode() for k in settings.all_api_keys()]
+        self.check_host = is_local_host(settings.host) and settings.host not in ("0.0.0.0", "::")
+
+    def refuse(self, scope: dict, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+        if scope["path"].startswith("/v1/"):
+            return openai_error_response(status, message, headers)
+        return error_response(status, message, headers)
+
+    def authorized(self, scope: dict) -> bool:
+        value = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = value.partition(b" ")
+        # compare_digest against every key: the time taken does not say which key came close.
+        hits = [hmac.compare_digest(token.strip(), key) for key in self.keys]
+        return scheme.lower() == b"bearer" and any(hits)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.check_host and host and not is_local_host(host):
+            return await self.refuse(scope, 403, f"forbidden: Host '{host}' is not local (DNS-rebinding protection); "
+                                                 "bind AI_SERVER_HOST to a public address to serve other names")(
+                scope, receive, send)
+        if self.keys and scope["path"] not in PUBLIC_PATHS and scope["method"] != "OPTIONS" \
+                and not self.authorized(scope):
+            return await self.refuse(scope, 401, "missing or invalid API key: send Authorization: Bearer <key>",
+                                     {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        length = headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.settings.max_body_bytes:
+            return await self.refuse(scope, 413, f"request body of {int(length)} bytes is over the "
+                                                 f"{self.settings.max_body_bytes}-byte limit (MAX_BODY_BYTES)")(
+                scope, receive, send)
+        await self.app(scope, self._capped(receive), send)
+
+    def _capped(self, receive: Any) -> Any:
+        """A body without Content-Length is cut off at the cap: the app sees a disconnect."""
+        seen = 0
+
+        async def capped() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            return {"type": "http.disconnect"} if seen > self.settings.max_body_bytes else message
+
+        return capped
+
+
+class HttpMetrics:
+    """ASGI middleware: requests by route template, method and status, and their duration
+    (a stream's until its last byte). Route templates, not paths, keep label values bounded."""
+
+    def __init__(self, app: Any, metrics: Metrics, routes: Callable[[], list[Any]]):
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    def route_of(self, scope: dict) -> str:
+        from starlette.routing import Match
+
+        for route in self.routes():
+            if route.matches(scope)[0] == Match.FULL:
+                return route.path
+        return "unmatched"
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route, start, status = self.route_of(scope), time.perf_counter(), 500
+
+        async def recording_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - start)
+
+
+DEFAULT_ORIGINS = ("http://localhost", "https://localhost", "http://localhost:*", "https://localhost:*",
+                   "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
+                   "http://0.0.0.0", "https://0.0.0.0", "http://0.0.0.0:*", "https://0.0.0.0:*",
+                   "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+CORS_HEADERS = ("Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "OpenAI-Beta",
+                "x-stainless-arch", "x-stainless-lang", "x-stainless-os", "x-stainless-package-version",
+                "x-stainless-runtime", "x-stainless-runtime-version", "x-stainless-retry-count",
+                "x-stainless-async", "x-stainless-timeout", "x-stainless-read-timeout")
+
+
+def origins_regex(extra: list[str]) -> str:
+    """Ollama's default origins plus ORIGINS, '*' as a wildcard (chrome-extension://*)."""
+    patterns = [re.escape(o).replace(r"\*", ".*") for o in (*DEFAULT_ORIGINS, *extra)]
+    return "^(" + "|".join(patterns) + ")$"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app for these settings; state is opened in the lifespan, not at import."""
     settings = settings or Settings()
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = await asyncio.to_thread(open_state, settings)
+        state = await asyncio.to_thread(open_state, settings, metrics)
         app.state.ai = state
         state.tasks.append(asyncio.create_task(state.models.reap_forever()))
         log.info("ai-server %s: serving on %s:%d, home %s", VERSION, settings.host, settings.port, settings.home)
@@ -2769,7 +3215,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("ai-server: stopped")
 
     app = FastAPI(title="ai-server", version=VERSION, lifespan=lifespan)
+    # add_middleware wraps: the last added is the outermost (CORS answers preflights first).
     app.add_middleware(JsonBodyDefault)
+    app.add_middleware(AccessControl, settings=settings)
+    app.add_middleware(HttpMetrics, metrics=metrics, routes=lambda: app.routes)
+    app.add_middleware(CORSMiddleware, allow_origin_regex=origins_regex(settings.origins), allow_methods=["*"],
+                       allow_headers=list(CORS_HEADERS))
     install_error_handlers(app)
     add_native_routes(app)
     add_ollama_inference_routes(app)
@@ -2782,8 +3233,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 # ============================================================================
 # 20. Main
 # ============================================================================
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+class JsonLogFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line. Ten lines here rather than a dependency."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2791,7 +3256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "import-default"))
     args = parser.parse_args(argv)
     settings = Settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     if args.command == "import-default":
         names = [n for n in (settings.default_model, settings.embed_model) if enabled(n)]
         unknown = [n for n in names if n not in EMBEDDED_MODELS]
@@ -2806,7 +3271,11 @@ def main(argv: list[str] | None = None) -> int:
                 import_embedded_model(settings, registry, name)
         registry.close()
         return 0
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    # SIGTERM: uvicorn stops accepting, lets running requests finish within the grace period,
+    # then the lifespan marks unfinished pulls failed and unloads models.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=settings.graceful_shutdown_s,
+                log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG)
     return 0
 
 
