@@ -652,6 +652,8 @@ def describe_pull_error(exc: BaseException, repo_id: str, revision: str, setting
         return f"not authorized for repo '{repo_id}' (HTTP {exc.response.status_code}): set HF_TOKEN"
     if isinstance(exc, hf_errors.EntryNotFoundError):
         return f"a file of '{repo_id}' is missing on the hub: {exc}"
+    if isinstance(exc, hf_errors.HfHubHTTPError) and exc.response is not None and exc.response.status_code == 404:
+        return f"repo '{repo_id}' or revision '{revision}' not found at {settings.hf_endpoint} (HTTP 404)"
     if isinstance(exc, hf_errors.HfHubHTTPError) and exc.response is not None:
         return f"the hub answered HTTP {exc.response.status_code} for '{repo_id}': {exc}; pull again later"
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -709,8 +711,12 @@ def parameter_count(path: str) -> int:
 
     total = 0
     for file in Path(path).glob("*.safetensors"):
-        with safe_open(file, "pt") as f:
-            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        try:
+            with safe_open(file, "pt") as f:
+                total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        except Exception as exc:  # a corrupt file must not break listings; loading it reports the error
+            log.warning("model at %s: unreadable safetensors header in %s: %s", path, file.name, exc)
+            return 0
     return total
 
 
@@ -1620,14 +1626,19 @@ class GenerationRun:
         if self.gen is not None:
             self.gen.cancel.set()
 
-    async def events(self):
-        """Waits for a slot, holds the model, streams pieces; the client is watched throughout
-        (a stream's own disconnect handling only starts once its first byte is out)."""
+    async def events(self, streaming: bool = False):
+        """Waits for a slot, holds the model, yields pieces, then Finished. The client is watched
+        while nothing has been sent. A stream stops watching at its first event: from then on
+        Starlette's StreamingResponse listens for the disconnect itself, and ASGI allows only
+        one reader of receive() (two readers made Starlette see false disconnects)."""
         watcher = asyncio.create_task(cancel_when_disconnected(self.request, self)) if self.request else None
         try:
             await self.cache.scheduler.enter(self.rec.name, self._cancelled)
             try:
                 async for event in self._generate():
+                    if streaming and watcher is not None:
+                        watcher.cancel()
+                        watcher = None
                     yield event
             finally:
                 if self.gen is None:  # failed before the worker started; else its done-callback leaves
@@ -1697,12 +1708,14 @@ async def cancel_when_disconnected(request: Request, run: GenerationRun, every_s
 
 
 async def run_to_end(run: GenerationRun) -> Finished:
-    """A non-streamed generation (still cancelled if the client goes away: see events())."""
-    async for event in run.events():
-        if isinstance(event, Finished) and run._cancelled.is_set():
-            raise ClientGone("request canceled")
-        if isinstance(event, Finished):
-            return event
+    """A non-streamed generation (still cancelled if the client goes away: see events()).
+    aclosing: the generator's cleanup (its disconnect watcher) runs now, not at garbage collection."""
+    async with contextlib.aclosing(run.events()) as events:
+        async for event in events:
+            if isinstance(event, Finished) and run._cancelled.is_set():
+                raise ClientGone("request canceled")
+            if isinstance(event, Finished):
+                return event
     raise RuntimeError("generation ended without a result")
 
 
@@ -1728,7 +1741,11 @@ PULL_ERROR_STATUS = ((hf_errors.GatedRepoError, 401), (hf_errors.RepositoryNotFo
 
 
 def pull_error_status(exc: BaseException) -> int:
-    return next((status for kind, status in PULL_ERROR_STATUS if isinstance(exc, kind)), 502)
+    """The HTTP status of a failed pull: the hub's own 4xx (a mirror may send no error code), else 502."""
+    status = next((status for kind, status in PULL_ERROR_STATUS if isinstance(exc, kind)), None)
+    if status is None and isinstance(exc, hf_errors.HfHubHTTPError) and exc.response is not None:
+        status = exc.response.status_code if 400 <= exc.response.status_code < 500 else None
+    return status or 502
 
 
 class PullManager:
@@ -2008,7 +2025,10 @@ class PullBody(BaseModel):
         return check_revision(value)
 
 
-ModelName = Annotated[str, AfterValidator(check_model_name)]
+# The rule is shown in the OpenAPI schema (clients and fuzzers see it) but enforced by
+# check_model_name, whose message says what to change (pydantic's would quote the regex).
+ModelName = Annotated[str, Field(json_schema_extra={"pattern": MODEL_NAME_RE.pattern, "maxLength": 300}),
+                      AfterValidator(check_model_name)]
 
 
 class ChatMessage(BaseModel):
@@ -2609,7 +2629,7 @@ async def ollama_chat_stream(run: GenerationRun, name: str, tools: list[dict] | 
                              think: bool = False) -> StreamingResponse:
     """NDJSON chunks; with tools the reply is held back and parsed whole (a tool call is JSON)."""
     async def lines():
-        async for event in run.events():
+        async for event in run.events(streaming=True):
             if isinstance(event, Finished):
                 final = ollama_chat_final(name, event, tools, think)
                 message = final.pop("message")
@@ -2748,7 +2768,7 @@ def add_ollama_inference_routes(app: FastAPI) -> None:
             return ndjson_one({**final(fin), "response": fin.result.text})
 
         async def lines():
-            async for event in run.events():
+            async for event in run.events(streaming=True):
                 chunk = final(event) if isinstance(event, Finished) else ollama_chunk(body.model, False, response=event)
                 yield compact_json(chunk) + "\n"
 
@@ -2970,7 +2990,7 @@ def add_openai_chat_route(app: FastAPI) -> None:
 
         async def lines():
             first = True
-            async for event in run.events():
+            async for event in run.events(streaming=True):
                 if isinstance(event, Finished):
                     text, calls = reply(event)
                     if tools:  # held back and parsed whole, like the Ollama stream
@@ -3014,7 +3034,7 @@ def add_openai_other_routes(app: FastAPI) -> None:
             return {**chunk(fin.result.text, fin.result.done_reason), "usage": openai_usage(fin)}
 
         async def lines():
-            async for event in run.events():
+            async for event in run.events(streaming=True):
                 if isinstance(event, Finished):
                     yield sse(chunk("", event.result.done_reason))
                     if body.stream_options and body.stream_options.include_usage:

@@ -1,0 +1,370 @@
+"""Production hardening, end to end: API keys, /metrics, CORS and Host checks, input limits,
+pull faults (disk, cancel, stall, retries), queueing and load, graceful shutdown, fuzzing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import ollama
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ROOT
+
+KEYS = ("sk-test-alpha-7f3a91", "sk-test-bravo-2c8d44")
+FILE_KEY = "sk-test-charlie-9e1b07"
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition, 0 when absent."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+# --- API keys ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def keyed(hub, tmp_path_factory):
+    from conftest import ServerProcess
+
+    tmp = tmp_path_factory.mktemp("keyed")
+    (tmp / "keys").write_text(f"# operators' keys\n{FILE_KEY}\n\n")
+    server = ServerProcess(tmp / "home", hub.url, tmp / "server.log", AI_SERVER_BACKENDS="transformers,pipeline",
+                           API_KEYS=",".join(KEYS), API_KEYS_FILE=str(tmp / "keys"))
+    server.client.headers["Authorization"] = f"Bearer {KEYS[0]}"
+    yield server.start()
+    server.stop()
+
+
+def test_every_route_but_the_public_ones_needs_a_key(keyed):
+    spec = keyed.client.get("/openapi.json").json()
+    anonymous = httpx.Client(base_url=keyed.url)
+    for path in ("/", "/health", "/api/version"):
+        assert anonymous.get(path).status_code == 200, path
+    checked = 0
+    for path, methods in spec["paths"].items():
+        for method in methods:
+            concrete = path.replace("{job_id}", "x").replace("{name}", "x/y").replace("{model}", "x")
+            if path in ("/", "/health", "/api/version"):
+                continue
+            for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {KEYS[0]}"}):
+                r = anonymous.request(method.upper(), concrete, headers=headers, json={})
+                assert r.status_code == 401, (method, path, headers, r.status_code)
+                assert r.headers["www-authenticate"] == "Bearer"
+                if method == "head":
+                    continue
+                body = r.json()
+                assert ("API key" in body["error"]["message"]) if path.startswith("/v1/") else (
+                    "API key" in body["error"])
+            checked += 1
+    assert checked >= 25  # every route of the three APIs was tried
+    for key in (*KEYS, FILE_KEY):
+        assert anonymous.get("/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_keys_work_with_the_real_clients_and_are_never_logged(keyed, monkeypatch):
+    keyed.pull_ok("tiny/llama-a")
+    monkeypatch.setenv("OLLAMA_API_KEY", KEYS[1])  # the ollama package sends it as a Bearer token
+    assert "tiny/llama-a:latest" in {m.model for m in ollama.Client(host=keyed.url).list().models}
+    monkeypatch.delenv("OLLAMA_API_KEY")
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=keyed.url).list()
+    assert err.value.status_code == 401
+    good = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=FILE_KEY)
+    assert good.chat.completions.create(model="tiny/llama-a", messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=2).usage.completion_tokens == 2
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="nope").models.list()
+    log = keyed.log()
+    assert not any(k in log for k in (*KEYS, FILE_KEY))
+    assert keyed.client.get("/status").json()["config"]["api_keys_set"] is True
+    assert not any(k in keyed.client.get("/status").text for k in (*KEYS, FILE_KEY))
+
+
+# --- metrics, CORS, Host, limits -----------------------------------------------------------------------
+def test_metrics_move_with_traffic(shared_server):
+    before = shared_server.client.get("/metrics").text
+    shared_server.pull_ok("tiny/llama-a")
+    shared_server.wait_job(shared_server.pull("nobody/nothing")["job_id"])
+    for _ in range(2):
+        assert shared_server.client.post("/api/generate", json={"model": "tiny/llama-a", "prompt": "hi", "stream": False,
+                                                                "options": {"num_predict": 5}}).status_code == 200
+    shared_server.client.post("/api/chat", json={"model": "nope", "messages": []})
+    after = shared_server.client.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    grew = lambda name, **lb: metric(text, name, **lb) - metric(before, name, **lb)  # noqa: E731
+    assert grew("ai_server_requests_total", route="/api/generate", method="POST", status="200") == 2
+    assert grew("ai_server_requests_total", route="/api/chat", method="POST", status="404") == 1
+    assert grew("ai_server_generated_tokens_total", model="tiny/llama-a") == 10
+    assert grew("ai_server_prompt_tokens_total", model="tiny/llama-a") > 0
+    assert grew("ai_server_generations_total", model="tiny/llama-a") == 2
+    assert grew("ai_server_time_to_first_token_seconds_count", model="tiny/llama-a") == 2
+    assert grew("ai_server_request_duration_seconds_count", route="/api/generate") == 2
+    assert metric(text, "ai_server_model_load_seconds_count", model="tiny/llama-a", backend="transformers") >= 1
+    assert grew("ai_server_pull_jobs_total", status="succeeded") >= 1 and grew("ai_server_pull_jobs_total",
+                                                                                status="failed") >= 1
+    assert grew("ai_server_pull_bytes_total") > 0 or metric(text, "ai_server_pull_bytes_total") > 0
+    assert metric(text, "ai_server_model_loaded", model="tiny/llama-a") == 1
+    assert metric(text, "ai_server_model_memory_bytes", model="tiny/llama-a") > 0
+
+
+def test_load_failures_are_counted(shared_server):
+    shared_server.pull_ok("tiny/corrupt")
+    shared_server.chat("tiny/corrupt")
+    text = shared_server.client.get("/metrics").text
+    assert metric(text, "ai_server_model_load_failures_total", model="tiny/corrupt") >= 1
+
+
+def test_cors_allows_local_and_configured_origins_only(start_server):
+    server = start_server(ORIGINS="chrome-extension://*,https://app.example.com")
+    for origin, allowed in [("http://localhost:3000", True), ("http://127.0.0.1:8080", True), ("app://x", True),
+                            ("chrome-extension://abcdef", True), ("https://app.example.com", True),
+                            ("https://evil.example", False), ("http://localhost.evil.example", False)]:
+        r = server.client.options("/api/chat", headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                                        "Access-Control-Request-Headers": "content-type,authorization"})
+        assert (r.headers.get("access-control-allow-origin") == origin) is allowed, (origin, r.status_code)
+        simple = server.client.get("/api/tags", headers={"Origin": origin})
+        assert (simple.headers.get("access-control-allow-origin") == origin) is allowed
+
+
+def test_non_local_host_headers_are_refused_on_loopback(shared_server):
+    for host, ok in [("localhost", True), (f"127.0.0.1:{shared_server.port}", True), ("192.168.1.7", True),
+                     ("myhost.local", True), ("evil.example", False), ("attacker.com:8005", False)]:
+        r = shared_server.client.get("/api/tags", headers={"Host": host})
+        assert (r.status_code == 200) is ok, (host, r.status_code)
+        if not ok:
+            assert r.status_code == 403 and "DNS-rebinding" in r.json()["error"]
+
+
+def test_input_limits_are_4xx_with_a_hint(start_server):
+    server = start_server(MAX_BODY_BYTES="4096")
+    big = {"model": "x", "prompt": "a" * 5000}
+    r = server.client.post("/api/generate", json=big)
+    assert r.status_code == 413 and "MAX_BODY_BYTES" in r.json()["error"]
+    r = server.client.post("/v1/completions", json=big)
+    assert r.status_code == 413 and "MAX_BODY_BYTES" in r.json()["error"]["message"]
+
+    def chunks():
+        yield b'{"model": "x", "prompt": "'
+        for _ in range(10):
+            yield b"a" * 1000
+        yield b'"}'
+
+    r = server.client.post("/api/generate", content=chunks(), headers={"Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500, r.status_code  # no Content-Length: cut off at the cap, never a 500
+    for name in ("../../etc/passwd", "/abs/model", "a//b", "x" * 400, "bad name", "..."):
+        r = server.client.post("/api/chat", json={"model": name, "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 400 and "invalid model name" in r.json()["error"], name
+    for body in ({"model": "m", "prompt": "x", "options": {"num_predict": 10**9}},
+                 {"model": "m", "prompt": "x", "options": {"temperature": -1}},
+                 {"model": "m", "prompt": "x", "options": {"num_ctx": 1}}):
+        assert server.client.post("/api/generate", json=body).status_code == 400
+    r = server.client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                           "max_tokens": 10**9})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+# --- pull faults -----------------------------------------------------------------------------------------
+def test_disk_space_is_checked_before_downloading(start_server, hub, fresh_repo):
+    server = start_server(PULL_MIN_FREE_BYTES=str(10**18))
+    job = server.wait_job(server.pull(fresh_repo)["job_id"])
+    assert job["status"] == "failed" and "not enough disk space" in job["error"] and "HF_HUB_CACHE" in job["error"]
+    assert hub.gets(fresh_repo) == []  # refused before a byte was fetched
+    r = server.client.post("/api/pull", json={"model": fresh_repo, "stream": False})
+    assert r.status_code == 507 and "not enough disk space" in r.json()["error"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs: a real filesystem that really fills up."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); the disk-full path needs one")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_filling_up_mid_download_fails_cleanly(start_server, hub, fresh_repo, small_disk):
+    release = hub.stall(fresh_repo, "model.safetensors")
+    server = start_server(HF_HUB_CACHE=str(small_disk / "hub"), PULL_MIN_FREE_BYTES="0", PULL_RETRIES="0")
+    job_id = server.pull(fresh_repo)["job_id"]
+    while server.client.get(f"/jobs/{job_id}").json()["downloaded_bytes"] == 0:
+        time.sleep(0.05)  # small files are in; the weights hang in the hub
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # something else takes the rest of the disk meanwhile
+        with pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+    del hub.stalls[(fresh_repo.lower(), "model.safetensors")]  # retries must reach the real file
+    release.set()
+    job = server.wait_job(job_id)
+    assert job["status"] == "failed" and "disk full" in job["error"], job
+    assert server.model(fresh_repo) is None
+    filler.unlink()
+    server.pull_ok(fresh_repo)  # with room again, the same pull works
+    assert server.client.get("/health").status_code == 200
+
+
+def test_cancel_a_running_pull(start_server, hub, fresh_repo):
+    release = hub.stall(fresh_repo, "model.safetensors")
+    server = start_server()
+    job_id = server.pull(fresh_repo)["job_id"]
+    while server.client.get(f"/jobs/{job_id}").json()["status"] != "running":
+        time.sleep(0.05)
+    r = server.client.delete(f"/jobs/{job_id}")
+    assert r.status_code == 200 and r.json()["status"] == "failed" and r.json()["error"] == "cancelled by request"
+    del hub.stalls[(fresh_repo.lower(), "model.safetensors")]
+    release.set()  # the stalled file now arrives: the cancelled pull must still register nothing
+    time.sleep(1.5)
+    assert server.model(fresh_repo) is None
+    assert server.client.get(f"/jobs/{job_id}").json()["error"] == "cancelled by request"
+    assert server.client.delete(f"/jobs/{job_id}").status_code == 409
+    assert server.client.delete("/jobs/no-such-job").status_code == 404
+    server.pull_ok(fresh_repo)  # a new pull of the same model works
+
+
+def test_stalled_hub_times_out(start_server, hub, fresh_repo):
+    release = hub.stall(fresh_repo, "model.safetensors")
+    try:
+        server = start_server(HF_HUB_DOWNLOAD_TIMEOUT="1", PULL_RETRIES="0")
+        job = server.wait_job(server.pull(fresh_repo)["job_id"], timeout_s=90)
+        assert job["status"] == "failed" and "pull again" in job["error"] and "Timeout" in job["error"], job
+        assert server.model(fresh_repo) is None
+    finally:
+        release.set()
+
+
+def test_transient_failures_are_retried_with_backoff(start_server, hub, fresh_repo):
+    # huggingface_hub tries a file 6 times (1 + 5 retries); 6 drops defeat one snapshot_download.
+    hub.drop(fresh_repo, "model.safetensors", after_bytes=0, times=6)
+    server = start_server(PULL_RETRIES="2", PULL_RETRY_BACKOFF_S="0.1")
+    job = server.wait_job(server.pull(fresh_repo)["job_id"], timeout_s=120)
+    assert job["status"] == "succeeded", job
+    assert "retry 1 of 2" in server.log()
+    assert len(hub.gets(fresh_repo, "model.safetensors")) == 7
+
+
+# --- queueing, load, cancellation ------------------------------------------------------------------------
+async def fire(url: str, model: str, n: int, tokens: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=n)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        body = {"model": model, "prompt": "hello", "stream": False, "options": {"num_predict": tokens, "temperature": 0}}
+        return await asyncio.gather(*(client.post("/api/generate", json=body) for _ in range(n)))
+
+
+def test_64_clients_under_the_queue_limit_all_complete(start_server):
+    server = start_server(MAX_QUEUE="128")
+    server.pull_ok("tiny/llama-a")
+    replies = asyncio.run(fire(server.url, "tiny/llama-a", 64, 8))
+    assert [r.status_code for r in replies] == [200] * 64
+    assert all(r.json()["done"] and r.json()["eval_count"] == 8 for r in replies)
+    metrics = server.client.get("/metrics").text
+    assert metric(metrics, "ai_server_generations_total", model="tiny/llama-a") == 64
+
+
+def test_a_full_queue_answers_503_and_loses_nothing(start_server):
+    server = start_server(MAX_QUEUE="8", NUM_PARALLEL="1")
+    server.pull_ok("tiny/llama-a")
+    server.chat("tiny/llama-a", max_tokens=1)  # loaded: the burst measures the queue, not the load
+    replies = asyncio.run(fire(server.url, "tiny/llama-a", 64, 64))
+    ok = [r for r in replies if r.status_code == 200]
+    busy = [r for r in replies if r.status_code == 503]
+    assert len(ok) + len(busy) == 64 and busy and len(ok) >= 9  # 1 running + 8 waiting at least
+    assert all(r.json()["error"] == "server busy, please try again.  maximum pending requests exceeded" and
+               r.headers["retry-after"] == "1" for r in busy)
+    assert all(r.json()["eval_count"] == 64 for r in ok)
+    metrics = server.client.get("/metrics").text
+    assert metric(metrics, "ai_server_rejected_requests_total", model="tiny/llama-a") == len(busy)
+    assert metric(metrics, "ai_server_generations_total", model="tiny/llama-a") == len(ok) + 1
+
+
+def test_a_queued_request_whose_client_left_never_runs(start_server):
+    server = start_server(NUM_PARALLEL="1")
+    server.pull_ok("tiny/llama-a")
+    server.chat("tiny/llama-a", max_tokens=1)  # warm-up: generation 1
+    holder = {"model": "tiny/llama-a", "prompt": "hi", "options": {"num_predict": 100000, "temperature": 0}}
+    with httpx.stream("POST", f"{server.url}/api/generate", json=holder, timeout=60) as stream:
+        lines = stream.iter_lines()  # kept: a discarded iterator makes httpcore close the connection
+        next(lines)  # generation 2 holds the only slot
+        with pytest.raises(httpx.ReadTimeout):  # waits in the queue behind it, then gives up
+            httpx.post(f"{server.url}/api/generate", timeout=1, json={
+                "model": "tiny/llama-a", "prompt": "hi", "stream": False, "options": {"num_predict": 5}})
+        deadline = time.monotonic() + 10
+        while server.client.get("/status").json()["queue"]["waiting"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.client.get("/status").json()["queue"]["waiting"] == {}  # it left the queue
+    deadline = time.monotonic() + 30  # closing the stream cancels generation 2 and frees the slot
+    while server.client.get("/status").json()["queue"]["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.chat("tiny/llama-a", max_tokens=1).status_code == 200  # generation 3
+    metrics = server.client.get("/metrics").text
+    assert metric(metrics, "ai_server_generations_total", model="tiny/llama-a") == 3  # the one that left: never
+
+
+# --- shutdown, fuzzing --------------------------------------------------------------------------------------
+def test_sigterm_lets_running_generations_finish_and_persists_jobs(start_server, hub, fresh_repo):
+    server = start_server(GRACEFUL_SHUTDOWN_S="60")
+    server.pull_ok("tiny/llama-a")
+    server.chat("tiny/llama-a", max_tokens=1)
+    release = hub.stall(fresh_repo, "model.safetensors")
+    job_id = server.pull(fresh_repo)["job_id"]
+    result = {}
+
+    def generate():
+        result["r"] = server.client.post("/api/generate", json={
+            "model": "tiny/llama-a", "prompt": "hi", "stream": False, "options": {"num_predict": 1500, "temperature": 0}})
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    while server.client.get("/status").json()["queue"]["running"].get("tiny/llama-a") != 1:
+        time.sleep(0.05)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(httpx.TransportError):  # no longer accepting
+        httpx.get(f"{server.url}/health", timeout=2)
+    worker.join()
+    assert result["r"].status_code == 200 and result["r"].json()["eval_count"] == 1500  # finished, not cut
+    # Then it exited, the stalled pull notwithstanding. uvicorn re-raises the SIGTERM it caught once
+    # its graceful shutdown is complete, so -15 is its clean exit; the lifespan's last line proves it.
+    assert server.proc.wait(60) in (0, -signal.SIGTERM)
+    assert "ai-server: stopped" in server.log()
+    release.set()
+    server.start()
+    job = server.client.get(f"/jobs/{job_id}").json()
+    assert (job["status"], job["error"]) == ("failed", "interrupted by shutdown")
+
+
+def test_json_logs(start_server):
+    server = start_server(LOG_FORMAT="json")
+    server.pull_ok("tiny/llama-a")
+    lines = [ln for ln in server.log().splitlines() if ln.startswith("{")]
+    events = [json.loads(ln) for ln in lines]
+    assert any(e["logger"] == "ai_server" and "pull" in e["message"] for e in events)
+    assert all({"ts", "level", "logger", "message"} <= set(e) for e in events)
+
+
+def test_schemathesis_finds_no_server_errors(shared_server, tmp_path):
+    """A bounded, seeded fuzz run of every operation in the app's own OpenAPI schema."""
+    exe = shutil.which("schemathesis", path=os.path.dirname(sys.executable))
+    done = subprocess.run(
+        [exe, "run", f"{shared_server.url}/openapi.json", "--checks", "not_a_server_error,response_schema_conformance",
+         "--max-examples", "15", "--seed", "20261122", "--workers", "1", "--phases", "examples,coverage,fuzzing",
+         "--request-timeout", "120"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert shared_server.client.get("/health").status_code == 200
