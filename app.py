@@ -30,6 +30,17 @@ Environment (one place for each default: `Settings` below):
 | EMBED_MODEL                | all-minilm                 | embedded embedding model; "" = off        |
 | KEEP_ALIVE (OLLAMA_KEEP_ALIVE) | 5m                     | idle time before unload; 0 now, <0 never  |
 | CONTEXT_LENGTH             | 4096 (tokens)              | default num_ctx (capped by the model)     |
+| API_KEYS / API_KEYS_FILE   | unset                      | Bearer keys; unset = no auth              |
+| ORIGINS (OLLAMA_ORIGINS)   | local and app origins      | extra CORS origins, '*' wildcards         |
+| MAX_BODY_BYTES             | 16 MiB                     | request body cap (413 above)              |
+| MAX_QUEUE (OLLAMA_MAX_QUEUE)| 512                       | waiting requests before 503               |
+| NUM_PARALLEL               | 1                          | requests generating at once per model     |
+| PULL_RETRIES               | 3                          | retries of transient pull failures        |
+| PULL_RETRY_BACKOFF_S       | 2 (s)                      | first retry delay, doubling               |
+| PULL_MIN_FREE_BYTES        | 1e9                        | disk that must stay free after a pull     |
+| GRACEFUL_SHUTDOWN_S        | 30 (s)                     | SIGTERM: time for running requests        |
+| LOG_FORMAT                 | text                       | text or json (one object per line)        |
+| HF_HUB_DOWNLOAD_TIMEOUT    | 10 (s, huggingface_hub's)  | a stalled download fails after this       |
 | VLLM_MAX_MODEL_LEN         | model config               | vLLM context length                       |
 | VLLM_GPU_MEMORY_UTILIZATION| 0.9                        | vLLM share of GPU memory                  |
 | VLLM_ENFORCE_EAGER         | eager on CPU, graphs on GPU| vLLM enforce_eager                        |
@@ -40,12 +51,12 @@ Sections, in order; each uses only those above it:
   2. Imports                     12. Embedded models (smollm2:135m, all-minilm)
   3. Config                      13. Wire models (native, Ollama, OpenAI) -> GenParams
   4. Helpers (names, ids)        14. Responses (NDJSON, SSE)
-  5. Errors                      15. App state and shared route helpers
+  5. Errors, 5b. Metrics         15. App state and shared route helpers
   6. Registry and Hub pulls      16. Routes: native (/pull, /jobs, /models, /chat, ...)
   7. Decoding (stops, grammars)  17. Routes: Ollama (/api/*)
   8. Backends                    18. Routes: OpenAI (/v1/*)
   9. Loader (LRU, keep_alive)    19. App
- 10. Generation (thread bridge)  20. Main
+ 10. Generation (thread bridge)  20. Main      (19 also holds the middleware: keys, Host, CORS, ...)
 """
 
 # ============================================================================

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -368,3 +369,12 @@ def test_schemathesis_finds_no_server_errors(shared_server, tmp_path):
         capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert shared_server.client.get("/health").status_code == 200
+
+
+def test_the_dashboard_only_uses_metrics_the_server_exports(shared_server):
+    dashboard = (ROOT / "scripts" / "monitoring" / "grafana-dashboard.json").read_text()
+    exported = shared_server.client.get("/metrics").text
+    used = set(re.findall(r"ai_server_[a-z_]+", dashboard))
+    bases = {re.sub(r"_(bucket|sum|count|total)$", "", name) for name in used}
+    assert bases and all(f" {base}" in exported for base in bases), bases - {
+        b for b in bases if f" {b}" in exported}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import app
 from models import make_tiny_model, make_tokenizer
@@ -227,3 +228,43 @@ def test_repeat_penalties_follow_llama_cpp():
     scores = torch.tensor([[4.0, 4.0, -4.0]])
     out = penalties(ids, scores)
     assert out.tolist() == [[4.0, 4.0 / 2 - 0.5 - 0.5, -4.0]]
+
+
+class FakeCudaOomBackend(app.TransformersBackend):
+    """A NAMED FAKE for a CUDA-only path: torch.OutOfMemoryError is what CUDA raises when a
+    generation step does not fit; on CPU the process is killed instead, so it cannot happen here."""
+
+    name = "transformers"
+    fail_next = True
+
+    def generate(self, loaded, prompt, params, gen):
+        if FakeCudaOomBackend.fail_next:
+            FakeCudaOomBackend.fail_next = False
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().generate(loaded, prompt, params, gen)
+
+
+def test_out_of_memory_during_generation_is_503_and_the_model_keeps_serving(tiny_dir, tmp_path):
+    import asyncio
+
+    settings = app.Settings(home=tmp_path, default_model="", embed_model="")
+    registry = app.Registry(tmp_path / "r.sqlite")
+    rec = app.ModelRecord("tiny", "tiny", "main", "s", str(tiny_dir), 1, "no", None, False, "hub", app.utc_now_iso())
+    registry.put_model(rec)
+    cache = app.ModelCache(settings, registry, [FakeCudaOomBackend()], app.Metrics())
+    cache.backend_errors = {"transformers": None}
+    params = app.GenParams(max_tokens=4, temperature=0)
+
+    async def run_once():
+        build = lambda m: app.render_chat_prompt(m.loaded.tokenizer, [{"role": "user", "content": "hi"}])  # noqa: E731
+        return await app.run_to_end(app.GenerationRun(cache, rec, build, params, None))
+
+    async def scenario():
+        with pytest.raises(app.Busy, match="out of memory") as err:
+            await run_once()
+        assert err.value.headers["Retry-After"] == "5"
+        assert cache.scheduler.running["tiny"] == 0 and cache.loaded["tiny"].refs == 0  # slot and model freed
+        return await run_once()
+
+    fin = asyncio.run(scenario())
+    assert fin.result.output_tokens == 4  # the same loaded model serves the next request
