@@ -149,7 +149,9 @@ def test_model_not_pulled_is_404(shared_server):
 
 
 def test_chat_validation_is_400(shared_server):
+    too_many = [{"role": "user", "content": "a"}] * 1001
     for body in ({"model": "x", "messages": []}, {"model": "x", "messages": [{"role": "robot", "content": "a"}]},
+                 {"model": "x", "messages": too_many},
                  {"model": "x", "messages": [{"role": "user", "content": "a"}], "max_tokens": 0},
                  {"model": "x", "messages": [{"role": "user", "content": "a"}], "temperature": -1}):
         r = shared_server.client.post("/chat", json=body)
