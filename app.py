@@ -2207,14 +2207,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class OpenAIChatBody(BaseModel):
+class OpenAISamplingBody(BaseModel):
+    """Fields /v1/chat/completions and /v1/completions share."""
+
     model_config = ConfigDict(extra="ignore")
     model: ModelName
-    messages: list[OpenAIMessage] = Field(min_length=1, max_length=10_000)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -2222,26 +2222,19 @@ class OpenAIChatBody(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1)
+
+
+class OpenAIChatBody(OpenAISamplingBody):
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=10_000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
     response_format: dict[str, Any] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
 
 
-class OpenAICompletionBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: ModelName
+class OpenAICompletionBody(OpenAISamplingBody):
     prompt: str | list[str] = Field(...)
     suffix: str | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1)
 
 
 class OpenAIEmbeddingBody(BaseModel):
@@ -2252,7 +2245,7 @@ class OpenAIEmbeddingBody(BaseModel):
     dimensions: int | None = Field(None, ge=1)
 
 
-def openai_params(body: OpenAIChatBody | OpenAICompletionBody, max_tokens: int | None) -> GenParams:
+def openai_params(body: OpenAISamplingBody, max_tokens: int | None) -> GenParams:
     """OpenAI's defaults (temperature 1, top_p 1, no top-k), as Ollama's compatibility layer uses."""
     return GenParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                      top_p=body.top_p if body.top_p else 1.0, top_k=0, repeat_last_n=64,
