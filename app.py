@@ -2943,7 +2943,8 @@ async def pull_progress(state: AppState, job: PullJob):
 # ============================================================================
 # 18. Routes: OpenAI-compatible (/v1/*)
 # ============================================================================
-def openai_chat_request(body: OpenAIChatBody, rec: ModelRecord, settings: Settings):
+def openai_chat_request(body: OpenAIChatBody, settings: Settings):
+    """(prompt builder, parameters, tools) for one chat completion."""
     tools = check_tools(body.tools) if body.tool_choice != "none" else None
     params = openai_params(body, body.max_completion_tokens or body.max_tokens)
     params.format = response_format_to_format(body.response_format)
@@ -2966,7 +2967,7 @@ def add_openai_chat_route(app: FastAPI) -> None:
         state = state_of(request)
         rec = require_model(state, body.model)
         require_generative(rec, body.model)
-        build, params, tools = openai_chat_request(body, rec, state.settings)
+        build, params, tools = openai_chat_request(body, state.settings)
         run = GenerationRun(state.models, rec, build, params, None, request)
         ident, created = f"chatcmpl-{new_id()}", int(time.time())
 
