@@ -335,11 +335,14 @@ class ServerError(Exception):
 
     status = 500
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None, **extra: Any):
+    def __init__(self, message: str, headers: dict[str, str] | None = None, status: int | None = None,
+                 **extra: Any):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
         self.extra = extra
+        if status is not None:  # for errors whose status is only known at run time (a pull's)
+            self.status = status
 
 
 class BadRequest(ServerError):
@@ -506,28 +509,29 @@ class Registry:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
-    def put_model(self, rec: ModelRecord) -> None:
-        row = dataclasses.asdict(rec)
-        cols = ", ".join(row)
-        self._run(f"INSERT OR REPLACE INTO models ({cols}) VALUES ({', '.join('?' * len(row))})",
+    def _put(self, table: str, record: Any) -> None:
+        row = dataclasses.asdict(record)
+        self._run(f"INSERT OR REPLACE INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                   tuple(row.values()))
+
+    def put_model(self, rec: ModelRecord) -> None:
+        self._put("models", rec)
+
+    def _model(self, row: sqlite3.Row) -> ModelRecord:
+        return ModelRecord(**{**dict(row), "trust_remote_code": bool(row["trust_remote_code"])})
 
     def get_model(self, name: str) -> ModelRecord | None:
         rows = self._run("SELECT * FROM models WHERE name = ?", (name,))
-        return ModelRecord(**{**dict(rows[0]), "trust_remote_code": bool(rows[0]["trust_remote_code"])}) if rows else None
+        return self._model(rows[0]) if rows else None
 
     def list_models(self) -> list[ModelRecord]:
-        rows = self._run("SELECT * FROM models ORDER BY created_at DESC")
-        return [ModelRecord(**{**dict(r), "trust_remote_code": bool(r["trust_remote_code"])}) for r in rows]
+        return [self._model(r) for r in self._run("SELECT * FROM models ORDER BY created_at DESC")]
 
     def delete_model(self, name: str) -> None:
         self._run("DELETE FROM models WHERE name = ?", (name,))
 
     def put_job(self, job: PullJob) -> None:
-        row = dataclasses.asdict(job)
-        cols = ", ".join(row)
-        self._run(f"INSERT OR REPLACE INTO jobs ({cols}) VALUES ({', '.join('?' * len(row))})",
-                  tuple(row.values()))
+        self._put("jobs", job)
 
     def _job(self, row: sqlite3.Row) -> PullJob:
         data = dict(row)
@@ -705,8 +709,9 @@ def model_capabilities(path: str) -> tuple[str, ...]:
     if (folder / "modules.json").exists():  # a sentence-transformers folder
         return ("embedding",)
     caps = ["completion", "tools"]  # tools work on every model: see tool_system_prompt
-    vocab = read_json(folder / "tokenizer.json").get("model", {}).get("vocab", {})
-    added = {t.get("content") for t in read_json(folder / "tokenizer.json").get("added_tokens", [])}
+    tokenizer = read_json(folder / "tokenizer.json")  # several MB: parsed once (and cached per path)
+    vocab = tokenizer.get("model", {}).get("vocab", {})
+    added = {t.get("content") for t in tokenizer.get("added_tokens", [])}
     if all(t in vocab or t in added for t in FIM_TOKENS):
         caps.append("insert")
     template = read_chat_template(folder) or ""
@@ -1637,6 +1642,10 @@ class GenerationRun:
         if self.gen is not None:
             self.gen.cancel.set()
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
     async def events(self, streaming: bool = False):
         """Waits for a slot, holds the model, yields pieces, then Finished. The client is watched
         while nothing has been sent. A stream stops watching at its first event: from then on
@@ -1723,7 +1732,7 @@ async def run_to_end(run: GenerationRun) -> Finished:
     aclosing: the generator's cleanup (its disconnect watcher) runs now, not at garbage collection."""
     async with contextlib.aclosing(run.events()) as events:
         async for event in events:
-            if isinstance(event, Finished) and run._cancelled.is_set():
+            if isinstance(event, Finished) and run.cancelled:
                 raise ClientGone("request canceled")
             if isinstance(event, Finished):
                 return event
@@ -1854,6 +1863,7 @@ class PullManager:
                 self._end(job, "failed", describe_pull_error(exc, job.model, job.revision, self.settings))
         finally:
             self._cancels.pop(job.id, None)
+            self._registered.discard(job.id)  # only live jobs are asked (cancel); ended ones answer 409
 
     async def _download_with_retries(self, job: PullJob) -> ModelRecord:
         retries = self.settings.pull_retries
@@ -2437,6 +2447,12 @@ def require_generative(rec: ModelRecord, name: str) -> None:
         raise BadRequest(f'"{name}" does not support generate')
 
 
+def require_generative_model(state: AppState, name: str) -> ModelRecord:
+    rec = require_model(state, name)
+    require_generative(rec, name)
+    return rec
+
+
 def keep_alive_of(value: float | str | None) -> float | None:
     if value is None:
         return None
@@ -2525,13 +2541,7 @@ def delete_model(state: AppState, rec: ModelRecord) -> None:
 # ============================================================================
 # 16. Routes: native (/pull, /jobs, /models, /chat, /status, /diag, /health)
 # ============================================================================
-def add_native_routes(app: FastAPI) -> None:
-    @app.get("/health")
-    async def health(request: Request) -> JSONResponse:
-        state = state_of(request)
-        ready = any(err is None for err in state.models.backend_errors.values())
-        return JSONResponse({"status": "ok" if ready else "no backend available"}, status_code=200 if ready else 503)
-
+def add_pull_routes(app: FastAPI) -> None:
     @app.post("/pull", status_code=202)
     async def pull(body: PullBody, request: Request) -> dict[str, Any]:
         job = state_of(request).pulls.submit(body.model, body.revision, body.quantize, body.init,
@@ -2555,6 +2565,14 @@ def add_native_routes(app: FastAPI) -> None:
     @app.delete("/jobs/{job_id}")
     async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
         return state_of(request).pulls.cancel(job_id).public()
+
+
+def add_native_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        state = state_of(request)
+        ready = any(err is None for err in state.models.backend_errors.values())
+        return JSONResponse({"status": "ok" if ready else "no backend available"}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -2907,9 +2925,7 @@ async def ollama_pull(state: AppState, name: str, stream: bool) -> Any:
 
 
 def pull_failed(state: AppState, job: PullJob) -> ServerError:
-    err = ServerError(job.error or "pull failed")
-    err.status = state.pulls.error_status.get(job.id, 502)
-    return err
+    return ServerError(job.error or "pull failed", status=state.pulls.error_status.get(job.id, 502))
 
 
 async def aiter_of(*items: str):
@@ -2965,8 +2981,7 @@ def add_openai_chat_route(app: FastAPI) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: OpenAIChatBody, request: Request) -> Any:
         state = state_of(request)
-        rec = require_model(state, body.model)
-        require_generative(rec, body.model)
+        rec = require_generative_model(state, body.model)
         build, params, tools = openai_chat_request(body, state.settings)
         run = GenerationRun(state.models, rec, build, params, None, request)
         ident, created = f"chatcmpl-{new_id()}", int(time.time())
@@ -3021,8 +3036,7 @@ def add_openai_other_routes(app: FastAPI) -> None:
     @app.post("/v1/completions")
     async def completions(body: OpenAICompletionBody, request: Request) -> Any:
         state = state_of(request)
-        rec = require_model(state, body.model)
-        require_generative(rec, body.model)
+        rec = require_generative_model(state, body.model)
         prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt[:1])
         native = OllamaGenerateBody(model=body.model, prompt=prompt, suffix=body.suffix, raw=True)
         params = openai_params(body, body.max_tokens)
@@ -3102,6 +3116,9 @@ class JsonBodyDefault:
 PUBLIC_PATHS = {"/", "/health", "/api/version"}
 
 
+HOSTNAME = socket.gethostname().lower()  # once: is_local_host runs on every request
+
+
 def is_local_host(host_header: str) -> bool:
     """Ollama's DNS-rebinding rule for a loopback-bound server: loopback, private and unspecified
     addresses, localhost, *.localhost, *.local, *.internal and this machine's name."""
@@ -3111,7 +3128,7 @@ def is_local_host(host_header: str) -> bool:
         ip = ipaddress.ip_address(host.split("%")[0])
         return ip.is_loopback or ip.is_private or ip.is_unspecified
     except ValueError:
-        return (host in ("localhost", socket.gethostname().lower())
+        return (host in ("localhost", HOSTNAME)
                 or host.endswith((".localhost", ".local", ".internal")))
 
 
@@ -3247,6 +3264,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(CORSMiddleware, allow_origin_regex=origins_regex(settings.origins), allow_methods=["*"],
                        allow_headers=list(CORS_HEADERS))
     install_error_handlers(app)
+    add_pull_routes(app)
     add_native_routes(app)
     add_ollama_inference_routes(app)
     add_ollama_model_routes(app)
