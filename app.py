@@ -3132,6 +3132,17 @@ def is_local_host(host_header: str) -> bool:
                 or host.endswith((".localhost", ".local", ".internal")))
 
 
+def bound_to_loopback(bind_host: str) -> bool:
+    """The Host check applies only then, as in Ollama: a server bound to a LAN address must
+    answer the names the LAN uses for it."""
+    if bind_host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind_host).is_loopback
+    except ValueError:
+        return False
+
+
 class AccessControl:
     """ASGI middleware: Host check (loopback-bound servers), API keys, request-body size cap.
     Answers in the error shape of the route's API."""
@@ -3139,7 +3150,7 @@ class AccessControl:
     def __init__(self, app: Any, settings: Settings):
         self.app, self.settings = app, settings
         self.keys = [k.encode() for k in settings.all_api_keys()]
-        self.check_host = is_local_host(settings.host) and settings.host not in ("0.0.0.0", "::")
+        self.check_host = bound_to_loopback(settings.host)
 
     def refuse(self, scope: dict, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
         if scope["path"].startswith("/v1/"):

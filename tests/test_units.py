@@ -268,3 +268,10 @@ def test_out_of_memory_during_generation_is_503_and_the_model_keeps_serving(tiny
 
     fin = asyncio.run(scenario())
     assert fin.result.output_tokens == 4  # the same loaded model serves the next request
+
+
+@pytest.mark.parametrize(("bind", "checked"), [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
+                                               ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                               ("192.168.1.20", False), ("10.0.0.5", False)])
+def test_host_check_only_when_bound_to_loopback(bind, checked):
+    assert app.bound_to_loopback(bind) is checked
