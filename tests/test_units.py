@@ -132,7 +132,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def plan(path, quantization):
-    return app.LoadPlan("tiny", str(path), quantization, False, "cpu")
+    return app.LoadPlan("tiny", str(path), quantization, False, "cpu", app.choose_dtype(quantization, "fp32", "cpu"))
 
 
 def generate(backend, loaded, prompt, params):
