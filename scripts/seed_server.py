@@ -28,8 +28,10 @@ def create_app(model_dir: str) -> FastAPI:
 
         def run() -> None:
             with lock, torch.inference_mode():
+                # logit_bias only so the benchmark can ban EOS for every peer alike (the seed had none).
+                bias = [[[int(t)], float(b)] for t, b in (body.get("logit_bias") or {}).items()] or None
                 pipe(body["messages"], max_new_tokens=body.get("max_tokens", 128), do_sample=False,
-                     streamer=streamer)
+                     streamer=streamer, sequence_bias=bias)
 
         threading.Thread(target=run, daemon=True).start()
 

@@ -228,3 +228,20 @@ def test_chat_turns_reuse_the_prefix_over_http(smol_server):
         hits.append(smol_server.client.get("/status").json()["cache"][0]["batching"]["prefix_cache"])
     assert hits[2]["reused_tokens"] > hits[1]["reused_tokens"] > hits[0]["reused_tokens"]
     assert 0 < hits[2]["bytes"] <= hits[2]["max_bytes"]
+
+
+def test_openai_logit_bias_bans_eos_and_checks_ids(smol_server):
+    """OpenAI's logit_bias (the benchmark bans EOS with it, so every reply runs to max_tokens)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{smol_server.url}/v1", api_key="unused")
+    ask = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "What is 2+2?"}],
+           "max_tokens": 40, "temperature": 0}
+    free = client.chat.completions.create(**ask)
+    banned = client.chat.completions.create(**ask, logit_bias={"0": -100, "2": -100})  # <|endoftext|>, <|im_end|>
+    assert free.choices[0].finish_reason == "stop" and free.usage.completion_tokens < 40
+    assert banned.choices[0].finish_reason == "length" and banned.usage.completion_tokens == 40
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.chat.completions.create(**ask, logit_bias={"99999999": -100})
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**ask, logit_bias={"2": -500})
