@@ -30,7 +30,7 @@ start() {  # start NAME PORT CMD...: runs it in the background, waits until it a
   "$@" >"$OUT/logs/$name.log" 2>&1 &
   PIDS+=($!); eval "PID_${name//-/_}=$!"
   for _ in $(seq 600); do
-    curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null 2>&1 && return 0
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v1/models")" != 000 ] && return 0
     kill -0 "$!" 2>/dev/null || { echo "$name died:"; tail -20 "$OUT/logs/$name.log"; return 1; }
     sleep 1
   done
