@@ -7,8 +7,9 @@ APIs: native (/pull, /jobs, /models, /chat), Ollama's (/api/*, NDJSON streams) a
 (/v1/*, SSE streams), all on the same models.
 
 Models are pulled explicitly (POST /pull, through huggingface_hub.snapshot_download) and
-loaded only from local files, by the first backend that works: vLLM when importable, else
-transformers (bitsandbytes 4/8-bit when chosen), else a transformers pipeline.
+loaded only from local files, by the first backend that works: vLLM when importable (its async
+engine), else transformers (continuous batching with prefix reuse; bitsandbytes 4/8-bit when
+chosen), else a transformers pipeline.
 
 Environment (one place for each default: `Settings` below):
 | name                       | default                    | meaning                                   |
@@ -23,6 +24,8 @@ Environment (one place for each default: `Settings` below):
 | MODEL_Q4_THRESHOLD_BYTES   | 14e9                       | quantize=auto picks q4 at/above this size |
 | AI_SERVER_BACKENDS         | vllm,transformers,pipeline | backend chain, in order                   |
 | AI_SERVER_DEVICE           | auto                       | auto, cpu or cuda                         |
+| DTYPE                      | auto                       | auto: bf16 on CPUs with native bf16, else |
+|                            |                            | fp32; the checkpoint's on GPUs            |
 | MODEL_LOAD_COOLDOWN        | 300 (s)                    | wait after every backend failed to load   |
 | ALLOW_REMOTE_CODE          | 0                          | allow trust_remote_code for every model   |
 | MAX_CACHE_MODELS           | 2                          | models kept loaded (LRU)                  |
@@ -34,7 +37,10 @@ Environment (one place for each default: `Settings` below):
 | ORIGINS (OLLAMA_ORIGINS)   | local and app origins      | extra CORS origins, '*' wildcards         |
 | MAX_BODY_BYTES             | 16 MiB                     | request body cap (413 above)              |
 | MAX_QUEUE (OLLAMA_MAX_QUEUE)| 512                       | waiting requests before 503               |
-| NUM_PARALLEL               | 1                          | requests generating at once per model     |
+| NUM_PARALLEL               | 16                         | requests generating at once per model     |
+|                            |                            | (the rows of its batch)                   |
+| BATCHING                   | 1                          | 0: one request at a time per model        |
+| PREFIX_CACHE_BYTES         | 256 MiB                    | KV of past prompts kept for reuse; 0 off  |
 | PULL_RETRIES               | 3                          | retries of transient pull failures        |
 | PULL_RETRY_BACKOFF_S       | 2 (s)                      | first retry delay, doubling               |
 | PULL_MIN_FREE_BYTES        | 1e9                        | disk that must stay free after a pull     |
@@ -44,6 +50,7 @@ Environment (one place for each default: `Settings` below):
 | VLLM_MAX_MODEL_LEN         | model config               | vLLM context length                       |
 | VLLM_GPU_MEMORY_UTILIZATION| 0.9                        | vLLM share of GPU memory                  |
 | VLLM_ENFORCE_EAGER         | eager on CPU, graphs on GPU| vLLM enforce_eager                        |
+| VLLM_TENSOR_PARALLEL_SIZE  | 1                          | vLLM tensor-parallel GPUs                 |
 | LOG_LEVEL                  | INFO                       | logging level                             |
 
 Sections, in order; each uses only those above it:
