@@ -239,7 +239,7 @@ def write_summary(out: Path, rows: list[dict]) -> None:
         if cell:
             best = dict(cell[0])
             for key in ("agg_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_ms", "e2e_p50_s", "e2e_p99_s"):
-                best[key] = statistics.median(x[key] for x in cell if x[key] is not None)
+                best[key] = round(statistics.median(x[key] for x in cell if x[key] is not None), 2)
             best["errors"] = sum(x["errors"] for x in cell)
             best["rounds"] = len(cell)
             medians.append(best)
