@@ -1413,7 +1413,8 @@ class BatchEngine:
 
     @property
     def running(self) -> int:
-        return len(self.batch.rows) if self.batch else 0
+        batch = self.batch  # read once: the engine thread may end the batch meanwhile
+        return len(batch.rows) if batch else 0
 
     def _run(self) -> None:
         with torch.inference_mode():
