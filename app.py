@@ -1260,6 +1260,9 @@ def common_prefix_len(a: list[int], b: tuple[int, ...]) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # (keys, values) per layer, [rows, heads, positions, dim]
+
+
 class PrefixCache:
     """KV states of finished sequences keyed by their tokens, least recently used first, bounded
     by bytes. A new prompt starts from the longest stored prefix, so a chat's next turn
@@ -1267,15 +1270,14 @@ class PrefixCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
-        self.entries: collections.OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = \
-            collections.OrderedDict()
+        self.entries: collections.OrderedDict[tuple[int, ...], KV] = collections.OrderedDict()
         self.hits = self.misses = self.reused_tokens = 0
 
     @staticmethod
-    def size(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    def size(kv: KV) -> int:
         return sum(t.numel() * t.element_size() for pair in kv for t in pair)
 
-    def lookup(self, ids: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+    def lookup(self, ids: list[int]) -> tuple[int, KV | None]:
         """(n, KV of ids[:n]) for the longest stored prefix; at least one token is left to prefill."""
         best, best_key = 0, None
         for key in self.entries:
@@ -1289,7 +1291,7 @@ class PrefixCache:
         self.reused_tokens += best
         return best, [(k[..., :best, :], v[..., :best, :]) for k, v in self.entries[best_key]]
 
-    def store(self, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def store(self, ids: list[int], kv: KV) -> None:
         size = self.size(kv)
         if size > self.max_bytes or not ids:
             return
@@ -1336,9 +1338,6 @@ def left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # (keys, values) per layer, [rows, heads, positions, dim]
 
 
 class Batch:
