@@ -1759,7 +1759,7 @@ class EmbeddingBackend(Backend):
 def build_backends(settings: Settings) -> list[Backend]:
     """The fallback chain for generative models, in the order AI_SERVER_BACKENDS gives."""
     makers = {"vllm": lambda: VllmBackend(settings), "transformers": lambda: TransformersBackend(settings),
-              "pipeline": PipelineBackend}
+              "pipeline": lambda: PipelineBackend(settings)}
     return [makers[name]() for name in settings.backends]
 
 
@@ -1902,7 +1902,7 @@ class ModelCache:
         # the default executor's min(32, cpus + 4) would cap NUM_PARALLEL at 6 on 2 cores.
         self.workers = concurrent.futures.ThreadPoolExecutor(
             settings.num_parallel * settings.max_cache_models + 4, thread_name_prefix="generate")
-        self.embedding_backend = EmbeddingBackend()
+        self.embedding_backend = EmbeddingBackend(settings)
         self.loaded: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
         self.cooldowns: dict[str, Cooldown] = {}
         self.load_counts: collections.Counter[str] = collections.Counter()
