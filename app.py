@@ -1073,7 +1073,7 @@ class RowSampler:
 
     def __call__(self, ids: list[int], logits: torch.Tensor) -> int:
         scores = logits.float()  # [1, vocab], float32 as generate() does
-        if self.processors or self.warpers:
+        if not self.plain:
             input_ids = torch.tensor([ids], device=logits.device)
             for step in (*self.processors, *self.warpers):
                 scores = step(input_ids, scores)
@@ -1420,8 +1420,9 @@ class BatchEngine:
             while (new := self._take(block=self.batch is None)) is not None:
                 if new:
                     self._guarded(self._admit, new)
-                if self.batch is not None:
-                    self._finish([i for i, row in enumerate(self.batch.rows) if row.gen.cancel.is_set()])
+                if self.batch is not None:  # rows whose clients left end without a new token
+                    self._leave(self.batch, [i for i, r in enumerate(self.batch.rows) if r.gen.cancel.is_set()],
+                                store=False)
                 if self.batch is not None:
                     self._guarded(self._step, [])
         for row in self.batch.rows if self.batch else []:  # closed mid-generation (shutdown)
@@ -1501,27 +1502,25 @@ class BatchEngine:
         logits = self._forward(last, batch.mask, positions, batch.cache)
         self.steps += 1
         self._sample(batch, logits)
-        if not batch.rows:
-            self.batch = None
 
     def _sample(self, batch: Batch, logits: torch.Tensor) -> None:
         """Each row's next token (plain greedy rows in one argmax); finished rows leave."""
         greedy = logits.argmax(dim=-1).tolist()
         finished = [i for i, row in enumerate(batch.rows)
                     if row.accept(greedy[i] if row.sampler.plain else row.sampler(row.ids, logits[i:i + 1]))]
-        for i in finished:
-            self._store(batch.rows[i], batch.kv_of(i))
-            self._end(batch.rows[i])
-        batch.keep([i for i in range(len(batch.rows)) if i not in set(finished)])
+        self._leave(batch, finished, store=True)
 
-    def _finish(self, indices: list[int]) -> None:
-        """Ends rows without a new token (their clients left)."""
+    def _leave(self, batch: Batch, indices: list[int], store: bool) -> None:
+        """These rows end (their KV kept for reuse when `store`); the running batch ends with its last row."""
         if not indices:
             return
         for i in indices:
-            self._end(self.batch.rows[i])
-        self.batch.keep([i for i in range(len(self.batch.rows)) if i not in set(indices)])
-        if not self.batch.rows:
+            if store:
+                self._store(batch.rows[i], batch.kv_of(i))
+            self._end(batch.rows[i])
+        gone = set(indices)
+        batch.keep([i for i in range(len(batch.rows)) if i not in gone])
+        if batch is self.batch and not batch.rows:
             self.batch = None
 
     def _store(self, row: Row, kv: KV) -> None:
