@@ -1871,12 +1871,28 @@ class Scheduler:
 
     async def enter(self, name: str, cancelled: asyncio.Event) -> None:
         slot = self._slots.setdefault(name, asyncio.Semaphore(self.num_parallel))
-        if slot.locked() and sum(self.waiting.values()) >= self.max_queue:
+        if not slot.locked():
+            await slot.acquire()  # a free slot is taken at once: no other request runs in between
+            self.running[name] += 1
+            return
+        if sum(self.waiting.values()) >= self.max_queue:
             self.metrics.rejected.labels(name).inc()
             raise Busy(self.MESSAGE, headers={"Retry-After": "1"})
         self.waiting[name] += 1
+        queued = asyncio.ensure_future(self._wait(slot, name))
         try:
-            await wait_unless_cancelled(slot.acquire(), cancelled)
+            await wait_unless_cancelled(queued, cancelled)
+        except BaseException:
+            if queued.done() and not queued.cancelled() and queued.exception() is None:
+                self.leave(name)  # the slot came as the request was cancelled: hand it on
+            queued.cancel()
+            raise
+
+    async def _wait(self, slot: asyncio.Semaphore, name: str) -> None:
+        """Counts the request as waiting until the moment it holds a slot: a request that
+        already runs must not take a place in the queue (that refused the queue's last place)."""
+        try:
+            await slot.acquire()
         finally:
             self.waiting[name] -= 1
         self.running[name] += 1

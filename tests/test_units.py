@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -275,3 +277,38 @@ def test_out_of_memory_during_generation_is_503_and_the_model_keeps_serving(tiny
                                                ("192.168.1.20", False), ("10.0.0.5", False)])
 def test_host_check_only_when_bound_to_loopback(bind, checked):
     assert app.bound_to_loopback(bind) is checked
+
+
+def test_scheduler_admits_num_parallel_plus_max_queue_then_503s_in_fifo_order():
+    async def burst():
+        scheduler = app.Scheduler(num_parallel=1, max_queue=3, metrics=app.Metrics())
+        order: list[int] = []
+
+        async def request(i: int) -> int:
+            try:
+                await scheduler.enter("m", asyncio.Event())
+            except app.Busy:
+                return 503
+            order.append(i)
+            await asyncio.sleep(0)  # runs a while: the burst arrives meanwhile
+            scheduler.leave("m")
+            return 200
+
+        first = await asyncio.gather(*(request(i) for i in range(10)))
+        # the queue is exact: 1 runs, 3 wait, the rest are refused; all counters return to 0
+        assert first == [200] * 4 + [503] * 6 and order == [0, 1, 2, 3]
+        assert scheduler.waiting["m"] == scheduler.running["m"] == 0
+
+        gone, waiting = asyncio.Event(), asyncio.Event()
+        await scheduler.enter("m", waiting)  # holds the only slot
+        queued = asyncio.ensure_future(scheduler.enter("m", gone))
+        await asyncio.sleep(0)
+        assert scheduler.waiting["m"] == 1
+        gone.set()  # its client left while it waited: it never runs and frees its place
+        with pytest.raises(app.ClientGone):
+            await queued
+        scheduler.leave("m")
+        assert scheduler.waiting["m"] == scheduler.running["m"] == 0
+        assert not scheduler._slots["m"].locked()
+
+    asyncio.run(burst())
