@@ -2672,6 +2672,12 @@ class OllamaMessage(BaseModel):
     tool_name: str | None = None
     thinking: str | None = None
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (tool replies carry the tool's name)."""
+        return {"role": self.role.lower(), "content": self.content or "",
+                **({"tool_calls": self.tool_calls} if self.tool_calls else {}),
+                **({"name": self.tool_name} if self.tool_name else {})}
+
 
 class OllamaInferenceBody(BaseModel):
     """Fields /api/chat and /api/generate share; `stream` defaults to true (Go's nil *bool)."""
@@ -3290,9 +3296,7 @@ def add_ollama_inference_routes(app: FastAPI) -> None:
         think = check_think(rec, body.model, body.think)
         tools = check_tools(body.tools)
         params = ollama_params(body.options, body.format, body.truncate)
-        messages = [{"role": m.role.lower(), "content": m.content or "",
-                     **({"tool_calls": m.tool_calls} if m.tool_calls else {}),
-                     **({"name": m.tool_name} if m.tool_name else {})} for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
 
         def build(model: LoadedModel) -> Prompt:
             render = lambda ms: render_chat_prompt(model.loaded.tokenizer, ms, tools, think if think else None)  # noqa: E731
