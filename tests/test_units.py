@@ -258,7 +258,7 @@ def test_out_of_memory_during_generation_is_503_and_the_model_keeps_serving(tiny
     params = app.GenParams(max_tokens=4, temperature=0)
 
     async def run_once():
-        build = lambda m: app.render_chat_prompt(m.loaded.tokenizer, [{"role": "user", "content": "hi"}])  # noqa: E731
+        build = lambda m, _cancel: app.render_chat_prompt(m.loaded.tokenizer, [{"role": "user", "content": "hi"}])  # noqa: E731
         return await app.run_to_end(app.GenerationRun(cache, rec, build, params, None))
 
     async def scenario():
