@@ -699,15 +699,22 @@ class SnapshotPlan:
 
 
 def configure_hub_client(timeout_s: float) -> None:
-    """huggingface_hub's shared HTTP client waits forever by default (timeout=None): a hub that took
-    the connection and never answered stalled a pull's metadata calls for minutes, slot held. Now
-    every connect and every read (not a whole download) fails after `timeout_s`."""
+    """huggingface_hub's shared HTTP client waits forever: it has no timeout, and metadata calls pass
+    timeout=None per request (model_info, list_repo_tree), so a hub that took the connection and
+    never answered stalled a pull for minutes, slot held. A request hook gives every request that
+    has no timeout of its own `timeout_s` per connect and per read (downloads keep theirs)."""
     import httpx2
     from huggingface_hub.utils import _http as hf_http, set_client_factory
 
+    bounded = httpx2.Timeout(timeout_s).as_dict()
+
+    def bound(request: Any) -> None:
+        if all(v is None for v in request.extensions.get("timeout", {}).values()):
+            request.extensions["timeout"] = bounded
+
     def factory() -> Any:
-        client = hf_http.default_client_factory()  # its request hook (headers, offline mode) kept
-        client.timeout = httpx2.Timeout(timeout_s)
+        client = hf_http.default_client_factory()  # its own request hook (headers, offline mode) kept
+        client.event_hooks["request"].append(bound)
         return client
 
     set_client_factory(factory)
@@ -2348,15 +2355,17 @@ def cut_longest_message(render: Callable[[list[dict[str, Any]]], Prompt], messag
     of the token ids instead cut the template's header, and the reply came back empty."""
     messages = [dict(m) for m in messages]
     longest = max(range(len(messages)), key=lambda i: len(messages[i].get("content") or ""))
+    content, messages[longest]["content"] = messages[longest].get("content") or "", ""
+    frame = len(render(messages).ids)  # the prompt without that message's text
     for _ in range(8):  # the cut is estimated in characters; token counts shift a little at it
         check_cancel(cancel)
+        messages[longest]["content"] = content
         prompt = render(messages)
         over = len(prompt.ids) - (num_ctx - 1)
-        content = messages[longest].get("content") or ""
-        if over <= 0 or not content:
+        if over <= 0 or not content or frame >= num_ctx - 1:
             break
-        chars_per_token = len(prompt.text) / max(len(prompt.ids), 1)
-        messages[longest]["content"] = content[min(len(content), math.ceil(over * chars_per_token * 1.1) + 1):]
+        chars_per_token = len(content) / max(len(prompt.ids) - frame, 1)
+        content = content[min(len(content), math.ceil(over * chars_per_token) + 1):]
     if len(prompt.ids) >= num_ctx:  # the template alone is longer than the context: keep its end
         return Prompt(prompt.text, prompt.ids[-(num_ctx - 1):])
     return prompt
@@ -3314,7 +3323,7 @@ def keep_alive_of(value: float | str | None) -> float | None:
     try:
         return parse_duration_s(value)
     except ValueError as exc:
-        raise BadRequest(str(exc)) from None
+        raise BadRequest(f"invalid keep_alive: {exc}") from None
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:

@@ -74,6 +74,7 @@ class LocalHub:
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         self.drops: dict[tuple[str, str], Drop] = {}
         self.stalls: dict[tuple[str, str], threading.Event] = {}
+        self.api_stalls: dict[str, threading.Event] = {}  # lower-cased repo id -> metadata calls hang
         self.gated: dict[str, str] = {}  # lower-cased repo id -> the token it needs
         self.auth_seen: list[str | None] = []  # Authorization headers, in order
         self.lock = threading.Lock()
@@ -110,6 +111,12 @@ class LocalHub:
         """GETs of that file send headers, then hang until the returned event is set."""
         event = threading.Event()
         self.stalls[(repo_id.lower(), path)] = event
+        return event
+
+    def stall_api(self, repo_id: str) -> threading.Event:
+        """Metadata calls (/api/models/...) for this repo hang until the returned event is set."""
+        event = threading.Event()
+        self.api_stalls[repo_id.lower()] = event
         return event
 
     def gets(self, repo_id: str, path: str | None = None) -> list[tuple[str, str, str | None]]:
@@ -183,6 +190,8 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
 
         def _api(self, m: re.Match, query: dict) -> None:
             repo_id, rev, tree_rev, sub = m.groups()
+            if (stall := hub.api_stalls.get(repo_id.lower())) is not None:
+                stall.wait(120)
             repo = self._repo_and_rev(repo_id, rev or tree_rev)
             if repo is None:
                 return
