@@ -273,8 +273,9 @@ def test_one_huge_message_is_cut_inside_its_template():
     render, _ = counting_render(tokenizer)
     messages = [{"role": "user", "content": "start " + "one two three four five " * 400 + "the end"}]
     prompt = app.fit_chat(render, messages, 100, True)
-    assert len(prompt.ids) < 100
-    assert prompt.text.startswith("<|im_start|>user\n") and prompt.text.endswith("the end<|im_end|>\n<|im_start|>assistant\n")
+    sent = tokenizer.decode(prompt.ids)  # what the model sees
+    assert len(prompt.ids) < 100 and sent == prompt.text
+    assert sent.startswith("<|im_start|>user\n") and sent.endswith("the end<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_a_long_chat_is_fitted_through_the_server(server):
