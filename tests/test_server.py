@@ -215,11 +215,13 @@ def test_auto_quantization_loads_4bit_above_threshold(start_server):
     assert server.chat("tiny/llama-h", max_tokens=4).status_code == 200
 
 
-def test_explicit_quantization_and_remote_code_flag_are_recorded(shared_server):
-    shared_server.pull_ok("tiny/llama-i", quantize="q8", trust_remote_code=True)
+def test_explicit_quantization_is_recorded_and_remote_code_is_the_operators(shared_server):
+    r = shared_server.client.post("/pull", json={"model": "tiny/llama-i", "trust_remote_code": True})
+    assert r.status_code == 403 and "ALLOW_REMOTE_CODE" in r.json()["error"]  # allowed: tests/test_safety.py
+    shared_server.pull_ok("tiny/llama-i", quantize="q8")
     assert shared_server.chat("tiny/llama-i", max_tokens=3).status_code == 200
     entry = shared_server.model("tiny/llama-i")
-    assert (entry["quantization"], entry["quantized"], entry["trust_remote_code"]) == ("q8", "8bit", True)
+    assert (entry["quantization"], entry["quantized"], entry["trust_remote_code"]) == ("q8", "8bit", False)
     assert entry["backend"] == "transformers"
 
 
