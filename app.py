@@ -3042,13 +3042,58 @@ class OllamaLegacyEmbedBody(WireModel):
     keep_alive: float | str | None = None
 
 
+class OpenAIFunctionCall(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = ""
+    arguments: str | None = None  # a JSON string, as OpenAI sends it
+
+
+class OpenAIToolCall(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = ""
+    type: str = "function"
+    function: OpenAIFunctionCall = Field(default_factory=OpenAIFunctionCall)
+
+
+class OpenAIContentPart(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str = ""
+
+
 class OpenAIMessage(WireModel):
+    """Typed to the depth the server reads: the fuzzer's untyped dicts (a number for `function`, a
+    dict for `id`, a list for `arguments`) were 500s."""
+
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[OpenAIContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[OpenAIToolCall] | None = None
     tool_call_id: str | None = None
+
+
+class JsonSchemaFormat(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+
+class ResponseFormat(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class NamedFunction(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str = "function"
+    function: NamedFunction
 
 
 class StreamOptions(WireModel):
@@ -3077,9 +3122,9 @@ class OpenAISamplingBody(WireModel):
 class OpenAIChatBody(OpenAISamplingBody):
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=10_000)
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
 class OpenAICompletionBody(OpenAISamplingBody):
@@ -3104,28 +3149,28 @@ def openai_params(body: OpenAISamplingBody, max_tokens: int | None) -> GenParams
                      logit_bias={int(t): b for t, b in (body.logit_bias or {}).items()})
 
 
-def response_format_to_format(response_format: dict[str, Any] | None) -> str | dict | None:
-    if not response_format or response_format.get("type") in (None, "text"):
+def response_format_to_format(response_format: ResponseFormat | None) -> str | dict | None:
+    if response_format is None or response_format.type == "text":
         return None
-    if response_format["type"] == "json_object":
+    if response_format.type == "json_object":
         return "json"
-    if response_format["type"] == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
+    if response_format.type == "json_schema":
+        schema = response_format.json_schema.schema_ if response_format.json_schema else None
+        if schema is None:
             raise BadRequest("response_format json_schema needs json_schema.schema (an object)")
         return schema
-    raise BadRequest(f"response_format type {response_format['type']!r} is not supported: use text, "
+    raise BadRequest(f"response_format type {response_format.type!r} is not supported: use text, "
                      "json_object or json_schema")
 
 
-def openai_text(content: str | list[dict[str, Any]] | None) -> str:
+def openai_text(content: str | list[OpenAIContentPart] | None) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     parts = []
     for part in content:
-        if part.get("type") != "text":
-            raise BadRequest(f"content part type {part.get('type')!r} is not supported by this text-only model")
-        parts.append(part.get("text", ""))
+        if part.type != "text":
+            raise BadRequest(f"content part type {part.type!r} is not supported by this text-only model")
+        parts.append(part.text)
     return "".join(parts)
 
 
@@ -3139,13 +3184,13 @@ def openai_messages(messages: list[OpenAIMessage]) -> list[dict[str, Any]]:
         if m.tool_calls:
             calls = []
             for call in m.tool_calls:
-                fn = call.get("function") or {}
+                fn = call.function
                 try:
-                    args = json.loads(fn.get("arguments") or "{}")
+                    args = json.loads(fn.arguments or "{}")
                 except ValueError:
                     raise BadRequest("invalid tool call arguments: function.arguments must be a JSON string") from None
-                names[call.get("id", "")] = fn.get("name", "")
-                calls.append({"type": "function", "function": {"name": fn.get("name", ""), "arguments": args}})
+                names[call.id] = fn.name
+                calls.append({"type": "function", "function": {"name": fn.name, "arguments": args}})
             msg["tool_calls"] = calls
         if m.role == "tool":
             msg["name"] = m.name or names.get(m.tool_call_id or "", "")
@@ -3866,9 +3911,9 @@ def openai_chat_request(body: OpenAIChatBody, settings: Settings):
     tools = check_tools(body.tools) if body.tool_choice != "none" else None
     params = openai_params(body, body.max_completion_tokens or body.max_tokens)
     params.format = response_format_to_format(body.response_format)
-    if tools and (body.tool_choice == "required" or isinstance(body.tool_choice, dict)):
+    if tools and (body.tool_choice == "required" or isinstance(body.tool_choice, NamedToolChoice)):
         # A forced call is enforced by a grammar: the reply must be {"name", "arguments"} JSON.
-        forced = body.tool_choice.get("function", {}).get("name") if isinstance(body.tool_choice, dict) else None
+        forced = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
         params.format = tool_choice_schema(tools, forced)
     messages = openai_messages(body.messages)
 

@@ -498,3 +498,26 @@ def test_two_pulls_of_the_embedded_model_import_it_once(start_server):
 def test_host_header_parsing_takes_ipv6_and_refuses_junk():
     assert app.is_local_host("[::1]:8005") and app.is_local_host("[::1]")
     assert not app.is_local_host("[") and not app.is_local_host("evil.example:80")
+
+
+# Found by the fuzz run (tests/fuzz_hooks.py): OpenAI bodies the server read as untyped dicts were 500s.
+def test_malformed_openai_message_parts_are_400s(server):
+    hi = [{"role": "user", "content": "hi"}]
+    call = {"role": "assistant", "tool_calls": [{"function": 5}]}
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    for extra in ({"messages": hi, "response_format": {"type": "json_schema", "json_schema": "x"}},
+                  {"messages": hi, "response_format": {"type": "json_schema", "json_schema": [None, None]}},
+                  {"messages": hi, "tools": tools, "tool_choice": {"function": 5}},
+                  {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+                  {"messages": [call, *hi]},
+                  {"messages": [{**call, "tool_calls": [{"function": {"name": "f", "arguments": [None]}}]}, *hi]},
+                  {"messages": [{**call, "tool_calls": [{"id": {}, "function": {"name": "f", "arguments": "{}"}}]}, *hi]}):
+        r = server.client.post("/v1/chat/completions", json={"model": "tiny/llama-a", "max_tokens": 2, **extra})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (extra, r.text)
+    r = server.client.post("/v1/chat/completions", json={
+        "model": "tiny/llama-a", "max_tokens": 2, "messages": [
+            {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}})
+    assert r.status_code == 200, r.text
