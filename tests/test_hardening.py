@@ -23,7 +23,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT
+from conftest import ROOT, copy_home
 
 KEYS = ("sk-test-alpha-7f3a91", "sk-test-bravo-2c8d44")
 FILE_KEY = "sk-test-charlie-9e1b07"
@@ -297,17 +297,19 @@ def test_a_full_queue_answers_503_and_loses_nothing(start_server):
     assert metric(metrics, "ai_server_generations_total", model="tiny/llama-a") == len(ok) + 1
 
 
-def test_a_queued_request_whose_client_left_never_runs(start_server):
-    server = start_server(NUM_PARALLEL="1")
-    server.pull_ok("tiny/llama-a")
-    server.chat("tiny/llama-a", max_tokens=1)  # warm-up: generation 1
-    holder = {"model": "tiny/llama-a", "prompt": "hi", "options": {"num_predict": 100000, "temperature": 0}}
-    with httpx.stream("POST", f"{server.url}/api/generate", json=holder, timeout=60) as stream:
+def test_a_queued_request_whose_client_left_never_runs(start_server, smollm2_home, tmp_path):
+    # SmolLM2: its 4096-token context takes minutes to fill, so the holder keeps its slot (output is
+    # capped by the context; the tiny model's 512 tokens were done before the second request gave up).
+    server = start_server(copy_home(smollm2_home, tmp_path / "smol"), NUM_PARALLEL="1")
+    server.chat("smollm2:135m", max_tokens=1)  # warm-up: generation 1
+    holder = {"model": "smollm2:135m", "prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0,
+              "stream": True, "logit_bias": {"0": -100, "2": -100}}  # its end tokens banned: it runs for minutes
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=holder, timeout=60) as stream:
         lines = stream.iter_lines()  # kept: a discarded iterator makes httpcore close the connection
         next(lines)  # generation 2 holds the only slot
         with pytest.raises(httpx.ReadTimeout):  # waits in the queue behind it, then gives up
             httpx.post(f"{server.url}/api/generate", timeout=1, json={
-                "model": "tiny/llama-a", "prompt": "hi", "stream": False, "options": {"num_predict": 5}})
+                "model": "smollm2:135m", "prompt": "hi", "stream": False, "options": {"num_predict": 5}})
         deadline = time.monotonic() + 10
         while server.client.get("/status").json()["queue"]["waiting"] and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -315,9 +317,9 @@ def test_a_queued_request_whose_client_left_never_runs(start_server):
     deadline = time.monotonic() + 30  # closing the stream cancels generation 2 and frees the slot
     while server.client.get("/status").json()["queue"]["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert server.chat("tiny/llama-a", max_tokens=1).status_code == 200  # generation 3
+    assert server.chat("smollm2:135m", max_tokens=1).status_code == 200  # generation 3
     metrics = server.client.get("/metrics").text
-    assert metric(metrics, "ai_server_generations_total", model="tiny/llama-a") == 3  # the one that left: never
+    assert metric(metrics, "ai_server_generations_total", model="smollm2:135m") == 3  # the one that left: never
 
 
 # --- shutdown, fuzzing --------------------------------------------------------------------------------------
