@@ -3,8 +3,9 @@
 Run:   python app.py serve            (port 8005; imports the embedded models once)
        python app.py import-default   (the one-time imports, without serving)
 
-APIs: native (/pull, /jobs, /models, /chat), Ollama's (/api/*, NDJSON streams) and OpenAI's
-(/v1/*, SSE streams), all on the same models.
+APIs: native (/pull, /jobs, /models, /chat), Ollama's (/api/*, NDJSON streams), OpenAI's (/v1/*, SSE
+streams) and llama.cpp's server API (/completion, /tokenize, /props, ... for LLM for Unity and other
+llama.cpp clients), all on the same models.
 
 Models are pulled explicitly (POST /pull, through huggingface_hub.snapshot_download) and
 loaded only from local files, by the first backend that works: vLLM when importable (its async
@@ -32,6 +33,8 @@ Environment (one place for each default: `Settings` below; only these names conf
 | MAX_CACHE_MODELS           | 2                          | models kept loaded (LRU)                  |
 | DEFAULT_MODEL              | smollm2:135m               | embedded model imported at start; "" = off|
 | EMBED_MODEL                | all-minilm                 | embedded embedding model; "" = off        |
+| LLAMACPP_MODEL             | DEFAULT_MODEL              | model of the llama.cpp routes (/completion|
+|                            |                            | ...) when a request names none            |
 | KEEP_ALIVE (OLLAMA_KEEP_ALIVE) | 5m                     | idle time before unload; 0 now, <0 never  |
 | CONTEXT_LENGTH             | 4096 (tokens)              | default num_ctx (capped by the model)     |
 | API_KEYS / API_KEYS_FILE   | unset                      | Bearer keys; unset = no auth              |
@@ -64,8 +67,8 @@ Sections, in order; each uses only those above it:
   6. Registry and Hub pulls      16. Routes: native (/pull, /jobs, /models, /chat, ...)
   7. Decoding (stops, grammars)  17. Routes: Ollama (/api/*)
   8. Backends                    18. Routes: OpenAI (/v1/*)
-  9. Loader (LRU, keep_alive)    19. App
- 10. Generation (thread bridge)  20. Main      (19 also holds the middleware: keys, Host, CORS, ...)
+  9. Loader (LRU, keep_alive)    19. Routes: llama.cpp (/completion, /tokenize, /props, ...; `grep @llamacpp`)
+ 10. Generation (thread bridge)  20. App, 21. Main   (20 also holds the middleware: keys, Host, CORS, ...)
 """
 
 # ============================================================================
@@ -99,6 +102,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -121,7 +125,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -232,6 +236,7 @@ class Settings(BaseSettings):
     max_cache_models: int = Field(2, ge=1, validation_alias="MAX_CACHE_MODELS")
     default_model: str = Field("smollm2:135m", validation_alias="DEFAULT_MODEL")
     embed_model: str = Field("all-minilm", validation_alias="EMBED_MODEL")
+    llamacpp_model: str = Field("", validation_alias="LLAMACPP_MODEL")  # llama.cpp routes' model; "": DEFAULT_MODEL
     keep_alive_s: Annotated[float, NoDecode] = Field(
         300.0, validation_alias=AliasChoices("KEEP_ALIVE", "OLLAMA_KEEP_ALIVE"))  # <0: forever, 0: unload at once
     context_length: int = Field(4096, ge=16, validation_alias=AliasChoices("CONTEXT_LENGTH", "OLLAMA_CONTEXT_LENGTH"))
@@ -1023,7 +1028,12 @@ class GenParams:
     num_ctx: int | None = None  # None: CONTEXT_LENGTH capped by the model
     truncate: bool = True
     format: str | dict | None = None  # "json" or a JSON schema, enforced by a grammar
+    grammar: str | None = None  # a GBNF grammar (llama.cpp's), enforced while decoding; wins over format
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)  # OpenAI's: token id -> bias
+    ignore_eos: bool = False  # end-of-generation tokens are banned (llama.cpp's ignore_eos)
+    top_logprobs: int = 0  # >0: each token's logprob and this many alternatives (llama.cpp's n_probs)
+    cache_prompt: bool = True  # reuse (and keep) the prompt's KV in the prefix cache
+    max_predict_ms: float = 0.0  # >0: stop this long after the first token once a newline came (llama.cpp)
 
     def __post_init__(self) -> None:
         # A temperature this small is greedy (vLLM's rule); dividing logits by 1e-40 made them inf.
@@ -1035,6 +1045,27 @@ class GenParams:
 class Prompt:
     text: str
     ids: list[int]
+    truncated: bool = False  # tokens or messages were dropped to fit the context
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """One generated token's log-probability (of the raw distribution, before sampling settings) and
+    the most likely alternatives at that step, best first."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
+class Piece:
+    """A streamed piece of output: its text, and the tokens (with logprobs when asked) it came from.
+    A token whose text is still held back (a possible stop string) goes out with the next piece."""
+
+    text: str
+    ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclasses.dataclass
@@ -1046,6 +1077,10 @@ class GenResult:
     done_reason: str  # "stop" or "length"
     prompt_eval_ns: int
     eval_ns: int
+    stop_type: str = "none"  # llama.cpp's: eos, word (a stop string), limit, or none (cancelled)
+    stopping_word: str = ""
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    logprobs: list[TokenLogprob] | None = None
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -1069,6 +1104,7 @@ class TextStream:
         self.text = ""
         self.sent = 0  # characters of self.text already released
         self.stopped = False
+        self.stop_word = ""  # the stop string that ended the text
         self._prefix = self._read = 0  # the incremental-decoding window over self.ids
 
     def _decode(self, ids: list[int]) -> str:
@@ -1091,9 +1127,10 @@ class TextStream:
         if self.stopped:
             return ""
         window = max(0, self.sent - max((len(s) for s in self.stops), default=0))
-        hits = [i for i in (self.text.find(s, window) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := self.text.find(s, window)) >= 0]
         if hits:
-            self.stopped, end = True, min(hits)
+            end, self.stop_word = min(hits)
+            self.stopped = True
         else:
             end = len(self.text) if final else len(self.text) - held_back(self.text, self.stops)
         delta = self.text[self.sent:end]
@@ -1109,35 +1146,64 @@ class Generation:
     """One request's decoding state, shared by the worker thread that generates and the
     event loop that streams: text pieces go out through `emit`, `cancel` stops it early."""
 
-    def __init__(self, tokenizer: Any, params: GenParams, emit: Callable[[str], None],
+    def __init__(self, tokenizer: Any, params: GenParams, emit: Callable[[Piece], None],
                  count: Callable[[int], None] | None = None):
         self.stream = TextStream(tokenizer, params.stop)
         self.emit, self.count = emit, count
         self.cancel = threading.Event()
         self.start_ns = time.perf_counter_ns()
         self.first_ns: int | None = None
+        self.top_logprobs = params.top_logprobs  # engines record logprobs when > 0
+        self.max_predict_ns = params.max_predict_ms * 1e6
+        self.cached_tokens = 0  # set by the engine: prompt tokens whose KV it reused
+        self.logprobs: list[TokenLogprob] | None = [] if params.top_logprobs > 0 else None
+        self._pending_ids: list[int] = []  # tokens whose text is not out yet
+        self._pending_from = 0  # index in self.logprobs of the first pending token
 
-    def push(self, ids: list[int]) -> None:
+    def push(self, ids: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
         if self.first_ns is None:
             self.first_ns = time.perf_counter_ns()
         if self.count is not None:
             self.count(len(ids))
+        if self.logprobs is not None and logprobs:
+            self.logprobs.extend(logprobs)
+        self._pending_ids.extend(ids)
         if delta := self.stream.push(ids):
-            self.emit(delta)
+            self._emit(delta)
+
+    def _emit(self, text: str) -> None:
+        logprobs = self.logprobs[self._pending_from:] if self.logprobs is not None else None
+        self.emit(Piece(text, self._pending_ids, logprobs))
+        self._pending_ids = []
+        self._pending_from = len(self.logprobs or ())
 
     def should_stop(self) -> bool:
-        return self.cancel.is_set() or self.stream.stopped
+        return self.cancel.is_set() or self.stream.stopped or self._out_of_time()
+
+    def _out_of_time(self) -> bool:
+        """llama.cpp's t_max_predict_ms: past the budget, counted from the first token, once a line ended."""
+        return bool(self.max_predict_ns and self.first_ns and "\n" in self.stream.text
+                    and time.perf_counter_ns() - self.first_ns > self.max_predict_ns)
 
     def finish(self, prompt_tokens: int, max_tokens: int, eos_ids: set[int]) -> GenResult:
         if tail := self.stream.finish():
-            self.emit(tail)
+            self._emit(tail)
         end = time.perf_counter_ns()
         ids = self.stream.ids
         first = self.first_ns or end
         hit_eos = bool(ids) and ids[-1] in eos_ids
-        reason = "length" if len(ids) >= max_tokens and not (hit_eos or self.stream.stopped) else "stop"
-        return GenResult(self.stream.output, prompt_tokens, len(ids), list(ids), reason,
-                         first - self.start_ns, end - first)
+        limit = (len(ids) >= max_tokens or self._out_of_time()) and not (hit_eos or self.stream.stopped)
+        stop_type = "word" if self.stream.stopped else "eos" if hit_eos else "limit" if limit else "none"
+        return GenResult(self.stream.output, prompt_tokens, len(ids), list(ids), "length" if limit else "stop",
+                         first - self.start_ns, end - first, stop_type, self.stream.stop_word, self.cached_tokens,
+                         self.logprobs)
+
+
+def token_logprobs(logits: torch.Tensor, chosen: int, n: int) -> TokenLogprob:
+    """The chosen token's logprob under the raw logits of its step, and the n most likely tokens."""
+    logprobs = torch.log_softmax(logits.float().reshape(-1), dim=-1)
+    top = torch.topk(logprobs, min(n, logprobs.shape[-1]))
+    return TokenLogprob(chosen, float(logprobs[chosen]), list(zip(top.indices.tolist(), top.values.tolist())))
 
 
 class RepeatPenalties:
@@ -1162,18 +1228,45 @@ class RepeatPenalties:
         return scores - self.presence * seen.to(scores.dtype) - self.frequency * counts
 
 
-def compile_grammar(cache: dict[str, Any], tokenizer: Any, vocab_size: int, fmt: str | dict) -> Any:
-    """A compiled xgrammar grammar for "json" or a JSON schema; the compiler is cached per model."""
+def compile_grammar(cache: dict[str, Any], tokenizer: Any, vocab_size: int, fmt: str | dict | None,
+                    gbnf: str | None = None) -> Any:
+    """A compiled xgrammar grammar for a GBNF grammar (xgrammar reads llama.cpp's GBNF), or else for
+    "json" or a JSON schema; the compiler is cached per model."""
     import xgrammar as xgr
 
     if "xgr" not in cache:
         cache["xgr"] = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size))
+    if gbnf is not None:
+        try:
+            return cache["xgr"].compile_grammar(xgr.Grammar.from_ebnf(gbnf))
+        except Exception as exc:  # a syntax error, an undefined rule, no root rule
+            raise BadRequest(f"invalid grammar: {str(exc).strip()[:500]}; send a GBNF grammar with a root rule "
+                             "(root ::= ...)") from None
     schema = {"type": "object"} if fmt == "json" else fmt
     try:
         # Compact JSON: small models given free whitespace tend to emit newlines until the limit.
         return cache["xgr"].compile_json_schema(json.dumps(schema), any_whitespace=False)
     except Exception as exc:  # xgrammar raises RuntimeError/ValueError for schemas it cannot compile
         raise BadRequest(f"invalid format: {exc}; expected \"json\" or a valid JSON Schema object") from None
+
+
+class BanTokens:
+    """A logits processor that rules tokens out (llama.cpp's ignore_eos bans the end tokens)."""
+
+    def __init__(self, ids: set[int]):
+        self.ids = sorted(ids)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.ids] = -math.inf
+        return scores
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
 
 
 def hf_logits_processors(loaded: "Loaded", model: Any, params: GenParams) -> list[Any]:
@@ -1188,10 +1281,13 @@ def hf_logits_processors(loaded: "Loaded", model: Any, params: GenParams) -> lis
     penalties = RepeatPenalties(params)
     if penalties.active():
         processors.append(penalties)
-    if params.format is not None:
+    if params.ignore_eos:
+        processors.append(BanTokens(eos_token_ids(model, loaded.tokenizer)))
+    if params.format is not None or params.grammar is not None:
         import xgrammar as xgr
 
-        grammar = compile_grammar(loaded.cache, loaded.tokenizer, model.config.vocab_size, params.format)
+        grammar = compile_grammar(loaded.cache, loaded.tokenizer, model.config.vocab_size, params.format,
+                                  params.grammar)
         processors.append(xgr.contrib.hf.LogitsProcessor(grammar))
     return processors
 
@@ -1366,24 +1462,29 @@ def hf_generation_config(model: Any, tokenizer: Any, params: GenParams) -> Any:
     return config
 
 
-def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
 def seed_torch(params: GenParams) -> None:
     """Seeds the global RNG; callers hold the model's generation lock, so it is per request."""
     if params.seed is not None:
         torch.manual_seed(params.seed)
 
 
-def hf_decoding_hooks(gen: Generation) -> dict[str, Any]:
-    """generate() kwargs that feed `gen` token by token and stop when it says so."""
+class LastScores:
+    """A logits processor that keeps the raw scores of the latest step (for logprobs), unchanged."""
+
+    last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.last = scores[0].detach().clone()
+        return scores
+
+
+def hf_decoding_hooks(gen: Generation, processors: list[Any]) -> dict[str, Any]:
+    """generate() kwargs that feed `gen` token by token (with logprobs when asked), apply
+    `processors`, and stop when `gen` says so."""
     from transformers import StoppingCriteria, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
+
+    scores = LastScores() if gen.top_logprobs else None
 
     class Streamer(BaseStreamer):
         def __init__(self) -> None:
@@ -1391,7 +1492,10 @@ def hf_decoding_hooks(gen: Generation) -> dict[str, Any]:
 
         def put(self, value: torch.Tensor) -> None:
             if self.prompt_seen:  # transformers sends the prompt first, then each new token
-                gen.push(value.reshape(-1).tolist())
+                ids = value.reshape(-1).tolist()
+                logprobs = [token_logprobs(scores.last, ids[0], gen.top_logprobs)] \
+                    if scores is not None and scores.last is not None and len(ids) == 1 else None
+                gen.push(ids, logprobs)
             self.prompt_seen = True
 
         def end(self) -> None:
@@ -1401,7 +1505,8 @@ def hf_decoding_hooks(gen: Generation) -> dict[str, Any]:
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
             return torch.full((input_ids.shape[0],), gen.should_stop(), dtype=torch.bool, device=input_ids.device)
 
-    return {"streamer": Streamer(), "stopping_criteria": StoppingCriteriaList([Stop()])}
+    return {"streamer": Streamer(), "stopping_criteria": StoppingCriteriaList([Stop()]),
+            "logits_processor": [scores, *processors] if scores is not None else processors}
 
 
 def batchable(model: Any) -> bool:
@@ -1483,14 +1588,15 @@ class Row:
     gen: Generation
     eos: set[int]
     generated: int = 0
+    cache_prompt: bool = True  # look the prompt up in (and store it into) the prefix cache
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     error: BaseException | None = None
 
-    def accept(self, token: int) -> bool:
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Takes the next token; True when the row is finished."""
         self.ids.append(token)
         self.generated += 1
-        self.gen.push([token])
+        self.gen.push([token], [logprob] if logprob else None)
         return token in self.eos or self.generated >= self.max_tokens or self.gen.should_stop()
 
 
@@ -1632,7 +1738,8 @@ class BatchEngine:
         for row in rows:
             if row.gen.cancel.is_set():  # its client left while it waited
                 self._end(row)
-            elif (found := self.prefix.lookup(row.ids))[1] is not None:
+            elif row.cache_prompt and (found := self.prefix.lookup(row.ids))[1] is not None:
+                row.gen.cached_tokens = found[0]
                 self._prefill([row], self.new_cache(ddp_cache_data=found[1]), found[0])
             else:
                 fresh.append(row)
@@ -1688,7 +1795,10 @@ class BatchEngine:
     def _next(self, row: Row, greedy: int, logits: torch.Tensor) -> bool:
         """The row takes its next token; True when it is finished (done, or failed)."""
         try:
-            return row.accept(greedy if row.sampler.plain else row.sampler(row.ids, logits))
+            token = greedy if row.sampler.plain else row.sampler(row.ids, logits)
+            if row.gen.top_logprobs:
+                return row.accept(token, token_logprobs(logits, token, row.gen.top_logprobs))
+            return row.accept(token)
         except Exception as exc:  # this row's fault only: the batch goes on without it
             log.warning("model %s: one row failed while sampling: %s: %s", self.name, type(exc).__name__, exc)
             row.error = exc
@@ -1700,7 +1810,7 @@ class BatchEngine:
         if not indices:
             return
         for i in indices:
-            if store and batch.rows[i].error is None:
+            if store and batch.rows[i].error is None and batch.rows[i].cache_prompt:
                 self._store(batch.rows[i], batch.kv_of(i))
             self._end(batch.rows[i], batch.rows[i].error)
         gone = set(indices)
@@ -1764,7 +1874,8 @@ class TransformersBackend(Backend):
         model, tokenizer = loaded.handle, loaded.tokenizer
         eos = eos_token_ids(model, tokenizer)
         if loaded.engine is not None:
-            loaded.engine.run(Row(list(prompt.ids), params.max_tokens, RowSampler(loaded, model, params), gen, eos))
+            loaded.engine.run(Row(list(prompt.ids), params.max_tokens, RowSampler(loaded, model, params), gen, eos,
+                                  cache_prompt=params.cache_prompt))
             return gen.finish(len(prompt.ids), params.max_tokens, eos)
         input_ids = torch.tensor([prompt.ids], device=model.device)
         processors = hf_logits_processors(loaded, model, params)
@@ -1772,14 +1883,38 @@ class TransformersBackend(Backend):
         with torch.inference_mode():
             model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                            generation_config=hf_generation_config(model, tokenizer, params),
-                           logits_processor=processors, **hf_decoding_hooks(gen))
+                           **hf_decoding_hooks(gen, processors))
         return gen.finish(len(prompt.ids), params.max_tokens, eos)
+
+    def embed(self, loaded: Loaded, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
+        return hf_mean_embeddings(loaded.handle, loaded.tokenizer, texts, normalize, truncate, loaded.max_positions)
 
     def unload(self, loaded: Loaded) -> None:
         if loaded.engine is not None:
             loaded.engine.close()
             loaded.engine = None
         loaded.handle = None
+
+
+def hf_mean_embeddings(model: Any, tokenizer: Any, texts: list[str], normalize: bool, truncate: bool,
+                       max_positions: int | None) -> tuple[list[list[float]], int]:
+    """A causal LM's embeddings as llama.cpp makes them with --pooling mean: the last hidden state
+    averaged over the text's tokens (a forward pass of its own, beside any batch generating)."""
+    vectors, total = [], 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = tokenizer(text)["input_ids"]
+            if max_positions and len(ids) > max_positions:
+                if not truncate:
+                    raise BadRequest(f"the input ({len(ids)} tokens) exceeds the context length ({max_positions})")
+                ids = ids[:max_positions]
+            out = model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True, use_cache=False)
+            vector = out.hidden_states[-1][0].float().mean(dim=0)
+            if normalize:
+                vector = torch.nn.functional.normalize(vector, dim=0)
+            vectors.append(vector.tolist())
+            total += len(ids)
+    return vectors, total
 
 
 class PipelineBackend(Backend):
@@ -1800,8 +1935,9 @@ class PipelineBackend(Backend):
         pipe = loaded.handle
         processors = hf_logits_processors(loaded, pipe.model, params)
         seed_torch(params)
-        pipe(prompt.text, return_tensors=True, add_special_tokens=False, logits_processor=processors,
-             generation_config=hf_generation_config(pipe.model, pipe.tokenizer, params), **hf_decoding_hooks(gen))
+        pipe(prompt.text, return_tensors=True, add_special_tokens=False,
+             generation_config=hf_generation_config(pipe.model, pipe.tokenizer, params),
+             **hf_decoding_hooks(gen, processors))
         return gen.finish(len(prompt.ids), params.max_tokens, eos_token_ids(pipe.model, pipe.tokenizer))
 
 
@@ -1836,8 +1972,9 @@ class VllmEngine:
         request_id = new_id()
         async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id):
             choice = out.outputs[0]
+            gen.cached_tokens = out.num_cached_tokens or 0
             if choice.token_ids:
-                gen.push(list(choice.token_ids))
+                gen.push(list(choice.token_ids), vllm_logprobs(choice.token_ids, choice.logprobs, gen.top_logprobs))
             if out.finished:
                 return choice.finish_reason
             if gen.should_stop():
@@ -1859,6 +1996,17 @@ class VllmEngine:
 
     def public(self) -> dict[str, Any]:
         return {"engine": "vllm AsyncLLM", "running_rows": self.llm.get_num_unfinished_requests()}
+
+
+def vllm_logprobs(ids: Any, steps: Any, n: int) -> list[TokenLogprob] | None:
+    """vLLM's per-token {token id: Logprob} dicts (the n best by rank, plus the sampled token) as ours."""
+    if not steps:
+        return None
+    out = []
+    for token, step in zip(ids, steps):
+        ranked = sorted((lp.rank, i, lp.logprob) for i, lp in step.items() if lp.rank is not None)
+        out.append(TokenLogprob(token, step[token].logprob, [(i, lp) for rank, i, lp in ranked if rank <= n]))
+    return out
 
 
 class VllmBackend(Backend):
@@ -1895,7 +2043,9 @@ class VllmBackend(Backend):
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         structured = None
-        if params.format is not None:
+        if params.grammar is not None:
+            structured = StructuredOutputsParams(grammar=params.grammar)
+        elif params.format is not None:
             structured = StructuredOutputsParams(json=params.format if isinstance(params.format, dict) else
                                                  {"type": "object"}, disable_any_whitespace=True)
         sampling = SamplingParams(
@@ -1904,7 +2054,8 @@ class VllmBackend(Backend):
             min_p=params.min_p or 0.0, repetition_penalty=params.repeat_penalty,
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             seed=params.seed, stop=params.stop or None, structured_outputs=structured,
-            logit_bias=params.logit_bias or None, output_kind=RequestOutputKind.DELTA)
+            logit_bias=params.logit_bias or None, ignore_eos=params.ignore_eos,
+            logprobs=params.top_logprobs or None, output_kind=RequestOutputKind.DELTA)
         engine: VllmEngine = loaded.engine
         reason = engine.call(engine.stream(prompt.ids, sampling, gen))
         result = gen.finish(len(prompt.ids), params.max_tokens, {loaded.tokenizer.eos_token_id})
@@ -2027,7 +2178,7 @@ class Cooldown:
         return max(0, math.ceil(self.until - time.monotonic()))
 
 
-async def wait_unless_cancelled(waiter: Any, cancelled: asyncio.Event) -> None:
+async def wait_unless_cancelled(waiter: Any, cancelled: asyncio.Event) -> Any:
     """Awaits `waiter`; if `cancelled` fires first, gives up (the waiter is cancelled) and raises."""
     task, stop = asyncio.ensure_future(waiter), asyncio.ensure_future(cancelled.wait())
     try:
@@ -2053,27 +2204,31 @@ class Scheduler:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self.waiting: collections.Counter[str] = collections.Counter()
         self.running: collections.Counter[str] = collections.Counter()
+        # Per model, slot i's holder (a request) or None: llama.cpp's numbered slots (id_slot, /slots).
+        self.holders: dict[str, list[Any]] = {}
 
-    async def enter(self, name: str, cancelled: asyncio.Event) -> None:
+    async def enter(self, name: str, cancelled: asyncio.Event, holder: Any = True, prefer: int | None = None) -> int:
+        """Waits for a slot of `name` (or refuses at once: queue full); returns the slot's number,
+        `prefer` when that one is free."""
         slot = self._slots.setdefault(name, asyncio.Semaphore(self.num_parallel))
         if not slot.locked():
             await slot.acquire()  # a free slot is taken at once: no other request runs in between
             self.running[name] += 1
-            return
+            return self._hold(name, holder, prefer)
         if sum(self.waiting.values()) >= self.max_queue:
             self.metrics.rejected.labels(name).inc()
             raise Busy(self.MESSAGE, headers={"Retry-After": "1"})
         self.waiting[name] += 1
-        queued = asyncio.ensure_future(self._wait(slot, name))
+        queued = asyncio.ensure_future(self._wait(slot, name, holder, prefer))
         try:
-            await wait_unless_cancelled(queued, cancelled)
+            return await wait_unless_cancelled(queued, cancelled)
         except BaseException:
             if queued.done() and not queued.cancelled() and queued.exception() is None:
-                self.leave(name)  # the slot came as the request was cancelled: hand it on
+                self.leave(name, queued.result())  # the slot came as the request was cancelled: hand it on
             queued.cancel()
             raise
 
-    async def _wait(self, slot: asyncio.Semaphore, name: str) -> None:
+    async def _wait(self, slot: asyncio.Semaphore, name: str, holder: Any, prefer: int | None) -> int:
         """Counts the request as waiting until the moment it holds a slot: a request that
         already runs must not take a place in the queue (that refused the queue's last place)."""
         try:
@@ -2081,9 +2236,18 @@ class Scheduler:
         finally:
             self.waiting[name] -= 1
         self.running[name] += 1
+        return self._hold(name, holder, prefer)
 
-    def leave(self, name: str) -> None:
+    def _hold(self, name: str, holder: Any, prefer: int | None) -> int:
+        holders = self.holders.setdefault(name, [None] * self.num_parallel)
+        free = [i for i, h in enumerate(holders) if h is None]  # never empty: the semaphore admitted us
+        number = prefer if prefer in free else free[0]
+        holders[number] = holder
+        return number
+
+    def leave(self, name: str, number: int) -> None:
         self.running[name] -= 1
+        self.holders[name][number] = None
         self._slots[name].release()
 
 
@@ -2109,6 +2273,9 @@ class ModelCache:
         self._inflight: dict[str, asyncio.Task[LoadedModel]] = {}
         self.backend_errors: dict[str, str | None] = {}
         self.runs: set[Any] = set()  # GenerationRuns admitted or waiting (section 10), for abort_all
+
+    def loading(self, name: str) -> bool:
+        return any(n in self._inflight for n in name_candidates(name)) if name else False
 
     def abort_all(self, error: ServerError) -> None:
         """Ends every generation with `error` (its stream's last line): the grace period of a
@@ -2347,7 +2514,7 @@ def fit_chat(render: Callable[[list[dict[str, Any]]], Prompt], messages: list[di
     while enough - short > 1:
         middle = (short + enough) // 2
         short, enough = (short, middle) if fits(middle) else (middle, enough)
-    return fitted[enough]
+    return dataclasses.replace(fitted[enough], truncated=True)
 
 
 def cut_longest_message(render: Callable[[list[dict[str, Any]]], Prompt], messages: list[dict[str, Any]],
@@ -2369,8 +2536,8 @@ def cut_longest_message(render: Callable[[list[dict[str, Any]]], Prompt], messag
         chars_per_token = len(content) / max(len(prompt.ids) - frame, 1)
         content = content[min(len(content), math.ceil(over * chars_per_token) + 1):]
     if len(prompt.ids) >= num_ctx:  # the template alone is longer than the context: keep its end
-        return Prompt(prompt.text, prompt.ids[-(num_ctx - 1):])
-    return prompt
+        return Prompt(prompt.text, prompt.ids[-(num_ctx - 1):], truncated=True)
+    return dataclasses.replace(prompt, truncated=True)
 
 
 def fit_ids(prompt: Prompt, num_ctx: int, truncate: bool) -> Prompt:
@@ -2378,7 +2545,7 @@ def fit_ids(prompt: Prompt, num_ctx: int, truncate: bool) -> Prompt:
         return prompt
     if not truncate:
         raise too_long(len(prompt.ids), num_ctx)
-    return Prompt(prompt.text, prompt.ids[-(num_ctx - 1):])
+    return Prompt(prompt.text, prompt.ids[-(num_ctx - 1):], truncated=True)
 
 
 def check_prompt(prompt: Prompt, vocab_size: int | None) -> Prompt:
@@ -2407,17 +2574,24 @@ class Finished:
     total_ns: int
 
 
+TASK_IDS = itertools.count()
+
+
 class GenerationRun:
     """One generation: the model resolved and held, the prompt built, tokens generated in a
-    worker thread and fed through an asyncio queue. Iterate `events()` for text pieces and a
+    worker thread and fed through an asyncio queue. Iterate `events()` for `Piece`s and a
     final `Finished`; `cancel()` (or leaving the iteration) stops generation within a token."""
 
     _END = object()
 
     def __init__(self, cache: ModelCache, rec: ModelRecord, build: Callable[[LoadedModel, threading.Event], Prompt],
-                 params: GenParams, keep_alive_s: float | None, request: Request | None = None):
+                 params: GenParams, keep_alive_s: float | None, request: Request | None = None,
+                 prefer_slot: int | None = None):
         self.cache, self.rec, self.build, self.params, self.keep_alive_s = cache, rec, build, params, keep_alive_s
-        self.request = request
+        self.request, self.prefer_slot = request, prefer_slot
+        self.slot = -1  # the scheduler slot it holds, once admitted
+        self.task_id = next(TASK_IDS)  # llama.cpp's id_task (/slots)
+        self.prompt: Prompt | None = None  # once built
         self.gen: Generation | None = None
         self.finished = False
         self.aborted: ServerError | None = None  # why the server ended it (shutdown), if it did
@@ -2445,7 +2619,7 @@ class GenerationRun:
         watcher = asyncio.create_task(cancel_when_disconnected(self.request, self)) if self.request else None
         self.cache.runs.add(self)
         try:
-            await self.cache.scheduler.enter(self.rec.name, self._cancelled)
+            self.slot = await self.cache.scheduler.enter(self.rec.name, self._cancelled, self, self.prefer_slot)
             try:
                 async for event in self._generate():
                     if streaming and watcher is not None:
@@ -2454,7 +2628,7 @@ class GenerationRun:
                     yield event
             finally:
                 if self.gen is None:  # failed before the worker started; else its done-callback leaves
-                    self.cache.scheduler.leave(self.rec.name)
+                    self.cache.scheduler.leave(self.rec.name, self.slot)
         except ClientGone:
             raise self.aborted or ClientGone("request canceled") from None
         finally:
@@ -2476,7 +2650,7 @@ class GenerationRun:
         metrics.generations.labels(self.rec.name).inc()
 
         def work() -> tuple[Prompt, GenResult]:
-            prompt = check_prompt(self.build(model, gen.cancel), model.loaded.vocab_size)
+            prompt = self.prompt = check_prompt(self.build(model, gen.cancel), model.loaded.vocab_size)
             params = dataclasses.replace(self.params, max_tokens=token_budget(
                 prompt, self.params, context_size(model.loaded, self.params, self.cache.settings)))
             return prompt, model.generate(prompt, params, gen)
@@ -2485,7 +2659,7 @@ class GenerationRun:
 
         def done(_f: asyncio.Future) -> None:  # model and slot are held until the thread is really done
             self.cache.release(model, self.keep_alive_s)
-            self.cache.scheduler.leave(self.rec.name)
+            self.cache.scheduler.leave(self.rec.name, self.slot)
             pieces.put_nowait(self._END)
             if gen.cancel.is_set() and not self.finished:
                 log.info("model %s: generation cancelled after %d tokens", self.rec.name, len(gen.stream.ids))
@@ -3386,11 +3560,38 @@ def openai_error_response(status: int, message: str, headers: dict[str, str] | N
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+# llama.cpp's routes (section 19) answer errors in its shape: {"error": {"code", "message", "type"}}.
+LLAMACPP_PATHS = frozenset({"/completion", "/completions", "/infill", "/tokenize", "/detokenize", "/apply-template",
+                            "/embedding", "/embeddings", "/props", "/slots", "/template"})
+LLAMACPP_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                        501: "not_supported_error", 503: "unavailable_error"}
+
+
+def llamacpp_error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
+    kind = extra.pop("type", None) or LLAMACPP_ERROR_TYPES.get(status) or \
+        ("server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"code": status, "message": message, "type": kind, **extra}}
+
+
+def api_of(path: str) -> str:
+    """Which API's error shape a path answers in."""
+    return "openai" if path.startswith("/v1/") else "llamacpp" if path in LLAMACPP_PATHS else "ollama"
+
+
+def api_error_response(path: str, status: int, message: str, headers: dict[str, str] | None = None,
+                       **extra: Any) -> JSONResponse:
+    api = api_of(path)
+    if api == "openai":
+        return openai_error_response(status, message, headers)
+    if api == "llamacpp":
+        return JSONResponse(llamacpp_error_body(status, message, **extra), status_code=status, headers=headers)
+    extra.pop("type", None)  # a llama.cpp error kind; Ollama's shape has none
+    return error_response(status, message, headers, **extra)
+
+
 def any_error_response(request: Request, status: int, message: str, headers: dict[str, str] | None = None,
                        **extra: Any) -> JSONResponse:
-    if request.url.path.startswith("/v1/"):
-        return openai_error_response(status, message, headers)
-    return error_response(status, message, headers, **extra)
+    return api_error_response(request.url.path, status, message, headers, **extra)
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -3429,13 +3630,16 @@ OLLAMA_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "strin
 OPENAI_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": {}, "code": {}}}}}
+LLAMACPP_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["code", "message", "type"],
+    "properties": {"code": {"type": "integer"}, "message": {"type": "string"}, "type": {"type": "string"}}}}}
 
 
 def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
     """The OpenAPI schema says what the server sends: a bad body is a 400 in the route's API error
     shape (FastAPI documents its own 422, which this server never sends)."""
     for path, operations in spec.get("paths", {}).items():
-        schema = OPENAI_ERROR_SCHEMA if path.startswith("/v1/") else OLLAMA_ERROR_SCHEMA
+        schema = {"openai": OPENAI_ERROR_SCHEMA, "llamacpp": LLAMACPP_ERROR_SCHEMA}.get(api_of(path), OLLAMA_ERROR_SCHEMA)
         for operation in operations.values():
             if operation.get("responses", {}).pop("422", None) is not None:
                 operation["responses"]["400"] = {"description": "A field is missing, malformed or out of range",
@@ -3512,11 +3716,18 @@ def add_pull_routes(app: FastAPI) -> None:
 
 
 def add_native_routes(app: FastAPI) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "POST"])
     async def health(request: Request) -> JSONResponse:
+        """{"status": "ok"}, as llama.cpp's (LLM for Unity 3.x POSTs it); a 503 carries llama.cpp's error
+        too: no backend can load models, or the llama.cpp routes' model is loading."""
         state = state_of(request)
-        ready = any(err is None for err in state.models.backend_errors.values())
-        return JSONResponse({"status": "ok" if ready else "no backend available"}, status_code=200 if ready else 503)
+        if not any(err is None for err in state.models.backend_errors.values()):
+            reason = "no backend available"
+        elif state.models.loading(state.settings.llamacpp_model or state.settings.default_model):
+            reason = "Loading model"
+        else:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": reason, **llamacpp_error_body(503, reason)}, status_code=503)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -3604,7 +3815,7 @@ async def ollama_chat_stream(run: GenerationRun, name: str, tools: list[dict] | 
                 final["message"] = {"role": "assistant", "content": ""}
                 yield compact_json(final) + "\n"
             elif not tools:
-                yield compact_json(ollama_chunk(name, False, message={"role": "assistant", "content": event})) + "\n"
+                yield compact_json(ollama_chunk(name, False, message={"role": "assistant", "content": event.text})) + "\n"
 
     return stream_response(await first_then_rest(lines()), "application/x-ndjson", ndjson_error)
 
@@ -3734,7 +3945,8 @@ def add_ollama_inference_routes(app: FastAPI) -> None:
 
         async def lines():
             async for event in run.events(streaming=True):
-                chunk = final(event) if isinstance(event, Finished) else ollama_chunk(body.model, False, response=event)
+                chunk = final(event) if isinstance(event, Finished) else ollama_chunk(body.model, False,
+                                                                                      response=event.text)
                 yield compact_json(chunk) + "\n"
 
         return stream_response(await first_then_rest(lines()), "application/x-ndjson", ndjson_error)
@@ -3972,7 +4184,8 @@ def add_openai_chat_route(app: FastAPI) -> None:
                         yield sse({**chunk({}, None), "choices": [], "usage": openai_usage(event)})
                     yield "data: [DONE]\n\n"
                 elif not tools:
-                    yield sse(chunk({"role": "assistant", "content": event} if first else {"content": event}, None))
+                    delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
+                    yield sse(chunk(delta, None))
                     first = False
 
         return stream_response(await first_then_rest(lines()), "text/event-stream", sse_error)
@@ -4007,7 +4220,7 @@ def add_openai_other_routes(app: FastAPI) -> None:
                         yield sse({**chunk("", None), "choices": [], "usage": openai_usage(event)})
                     yield "data: [DONE]\n\n"
                 else:
-                    yield sse(chunk(event, None))
+                    yield sse(chunk(event.text, None))
 
         return stream_response(await first_then_rest(lines()), "text/event-stream", sse_error)
 
@@ -4040,7 +4253,624 @@ def openai_model(rec: ModelRecord) -> dict[str, Any]:
 
 
 # ============================================================================
-# 19. App
+# 19. Routes: llama.cpp's server API (/completion, /tokenize, /props, ...): LLM for Unity, llama.cpp clients
+# ============================================================================
+# A module-level router: `grep @llamacpp` lists this API. Every route converts to the same GenParams,
+# prompts and GenerationRun as the other APIs; only the wire shapes are llama.cpp's (tools/server,
+# checked against the binary built by scripts/build-llama-server.sh: tests/test_llamacpp_diff.py).
+llamacpp = APIRouter(tags=["llama.cpp"])
+LLAMACPP_RANDOM_SEEDS = (-1, 0xFFFFFFFF)  # llama.cpp's LLAMA_DEFAULT_SEED means "random", as -1 does
+MAX_PROMPTS = 64  # prompts in one /completion array
+
+
+class LlamaCppBody(WireModel):
+    """Fields every llama.cpp route reads; llama-server has one model, so `model` is optional here."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName | None = None
+
+
+class LlamaSamplingBody(LlamaCppBody):
+    """llama.cpp's sampling fields (tools/server/README.md), with its defaults. Unknown fields
+    (dry_*, xtc_*, samplers, lora, ...) are ignored, as llama-server ignores those it does not use."""
+
+    n_predict: int | None = Field(None, ge=-2, le=1_000_000)
+    max_tokens: int | None = Field(None, ge=-2, le=1_000_000)  # llama.cpp reads it when n_predict is absent
+    temperature: float = Field(0.8, ge=-100, le=100)  # <= 0: greedy
+    top_k: int = Field(40, ge=-(2 ** 31), le=2 ** 31 - 1)  # <= 0: off
+    top_p: float = Field(0.95, ge=0, le=1)
+    min_p: float = Field(0.05, ge=0, le=1)
+    typical_p: float = Field(1.0, ge=0, le=1)
+    repeat_penalty: float = Field(1.0, ge=0, le=100)  # 0 and 1: off
+    repeat_last_n: int = Field(64, ge=-1, le=1_000_000)
+    presence_penalty: float = Field(0.0, ge=-100, le=100)
+    frequency_penalty: float = Field(0.0, ge=-100, le=100)
+    mirostat: int = Field(0, ge=0, le=2)
+    seed: Seed = -1
+    stop: Stops = None
+    ignore_eos: bool = False
+    n_probs: int = Field(0, ge=0, le=100)
+    post_sampling_probs: bool = False
+    logit_bias: dict[str, float | bool] | list[list[Any]] | None = Field(None, max_length=1024)
+    grammar: str | None = Field(None, max_length=1_000_000)
+    json_schema: dict[str, Any] | None = None
+    cache_prompt: bool = True
+    stream: bool = False
+    return_tokens: bool = False
+    t_max_predict_ms: int = Field(0, ge=0, le=2 ** 31 - 1)
+    response_fields: list[Annotated[str, Field(max_length=200)]] | None = Field(None, max_length=64)
+    id_slot: int = Field(-1, ge=-1, le=1_000_000)
+    n_keep: int = Field(0, ge=-1)  # context shift is not done here (a prompt too long is a 400): accepted
+
+
+class LlamaCompletionBody(LlamaSamplingBody):
+    prompt: str | list[Any] = Field(..., description="a string, token ids, a mix of both, or a list of those")
+
+
+class LlamaInfillBody(LlamaSamplingBody):
+    input_prefix: str = Field("", max_length=4_000_000)
+    input_suffix: str = Field("", max_length=4_000_000)
+    input_extra: list[dict[str, Any]] = Field(default_factory=list, max_length=256)
+    prompt: str = Field("", max_length=4_000_000)
+
+
+class LlamaTokenizeBody(LlamaCppBody):
+    content: str = Field("", max_length=4_000_000)
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class LlamaDetokenizeBody(LlamaCppBody):
+    tokens: list[TokenId] = Field(default_factory=list, max_length=10_000_000)
+
+
+class LlamaEmbeddingBody(LlamaCppBody):
+    content: str | list[str] | None = None
+    input: str | list[str] | None = None  # llama.cpp accepts it too
+    embd_normalize: int = Field(2, ge=-1, le=1000)  # -1 none, 0 max-abs, 1 taxicab, 2 euclidean, >2 p-norm
+
+
+class LlamaTemplateBody(LlamaCppBody):
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=10_000)
+    tools: list[Tool] | None = None
+    add_generation_prompt: bool = True
+
+
+def llamacpp_model_name(state: AppState, requested: str | None, embedding: bool = False) -> str:
+    """The model a request means: its `model`, else LLAMACPP_MODEL, else DEFAULT_MODEL (for
+    /embeddings: EMBED_MODEL first, a model made for it)."""
+    s = state.settings
+    choices = [requested] if requested else ([s.embed_model] if embedding else []) + [s.llamacpp_model, s.default_model]
+    for name in choices:
+        if enabled(name) and (not embedding or requested or find_model(state, name) is not None):
+            return name
+    raise NotFound("no model: send `model`, or set LLAMACPP_MODEL (or DEFAULT_MODEL) to a pulled model")
+
+
+def llamacpp_model(state: AppState, requested: str | None, embedding: bool = False) -> ModelRecord:
+    name = llamacpp_model_name(state, requested, embedding)
+    rec = find_model(state, name)
+    if rec is None:
+        raise model_not_found(name)
+    return rec
+
+
+def split_prompts(prompt: str | list[Any]) -> list[list[str | int]]:
+    """llama.cpp's reading of `prompt`: a string, token ids, or a mix of both is one prompt; a list
+    of strings (or of such lists) is several, answered as an array."""
+    def part(x: Any) -> str | int:
+        if isinstance(x, bool) or not isinstance(x, (str, int)) or (isinstance(x, int) and not 0 <= x < 2 ** 31):
+            raise BadRequest('"prompt" must be a string, a list of tokens, a list of mixed strings & tokens, '
+                             "or a list of prompts")
+        return x
+
+    if isinstance(prompt, str):
+        prompts = [[prompt]]
+    elif prompt and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in prompt) \
+            and any(isinstance(x, int) for x in prompt):
+        prompts = [[part(x) for x in prompt]]  # token ids, or ids mixed with strings
+    else:
+        prompts = [[part(p)] if isinstance(p, str) else [part(x) for x in p] if isinstance(p, list) else [part(p)]
+                   for p in prompt]
+    if not prompts or any(not p or p == [""] for p in prompts):
+        raise BadRequest('"prompt" must not be empty')
+    if len(prompts) > MAX_PROMPTS:
+        raise BadRequest(f'"prompt" holds {len(prompts)} prompts; send at most {MAX_PROMPTS} per request')
+    return prompts
+
+
+def tokenize_mixed(tokenizer: Any, parts: list[str | int], add_special: bool, parse_special: bool = True) -> list[int]:
+    """Strings tokenized (special tokens added before the first one only, as llama.cpp does), ids kept."""
+    ids: list[int] = []
+    for i, p in enumerate(parts):
+        if isinstance(p, int):
+            ids.append(p)
+        else:
+            ids += tokenizer(p, add_special_tokens=add_special and i == 0,
+                             split_special_tokens=not parse_special)["input_ids"]
+    return ids
+
+
+def llamacpp_params(body: LlamaSamplingBody, n_ctx_room: bool = True) -> GenParams:
+    if body.mirostat:
+        raise BadRequest("mirostat sampling is not supported by ai-server: send mirostat 0 (top_k, top_p, min_p "
+                         "and temperature are)")
+    n_predict = body.n_predict if body.n_predict is not None else body.max_tokens if body.max_tokens is not None else -1
+    bias, _ = split_logit_bias(body.logit_bias)
+    return GenParams(
+        # n_predict 0 (LLM for Unity's warm-up) still evaluates the prompt, which fills the prefix cache:
+        # one token is generated and not returned.
+        max_tokens=1 if n_predict == 0 else n_predict if n_predict > 0 else None,
+        temperature=max(body.temperature, 0.0), top_k=max(body.top_k, 0), top_p=body.top_p,
+        min_p=body.min_p or None, typical_p=body.typical_p, repeat_penalty=body.repeat_penalty or 1.0,
+        repeat_last_n=body.repeat_last_n, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=None if body.seed in LLAMACPP_RANDOM_SEEDS or body.seed < 0 else body.seed, stop=as_list(body.stop),
+        truncate=False, format=body.json_schema, grammar=body.grammar or None, logit_bias=bias,
+        ignore_eos=body.ignore_eos, top_logprobs=body.n_probs, cache_prompt=body.cache_prompt,
+        max_predict_ms=float(body.t_max_predict_ms))
+
+
+def split_logit_bias(raw: dict[str, float | bool] | list[list[Any]] | None) -> tuple[dict[int, float], dict[str, float]]:
+    """llama.cpp's logit_bias ({"id": bias}, [[id, bias]], [["text", bias]]; false bans) as
+    (by token id, by text: each of the text's tokens, resolved once the tokenizer is known)."""
+    pairs = list(raw.items()) if isinstance(raw, dict) else [tuple(p) for p in raw or []]
+    by_id: dict[int, float] = {}
+    by_text: dict[str, float] = {}
+    for pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[1], (int, float)) or \
+                (not isinstance(pair[1], bool) and not -100 <= pair[1] <= 100):
+            raise BadRequest("logit_bias: give [token, bias] pairs (or {\"token\": bias}), bias in -100..100 or "
+                             "false to ban the token")
+        key, value = pair
+        bias = -math.inf if value is False else 0.0 if value is True else float(value)
+        if isinstance(key, int) and not isinstance(key, bool) or (isinstance(key, str) and key.isdigit()):
+            if not 0 <= int(key) < 2 ** 31:
+                raise BadRequest(f"logit_bias: token id {key} is out of range")
+            by_id[int(key)] = bias
+        elif isinstance(key, str) and key:
+            by_text[key] = bias
+        else:
+            raise BadRequest("logit_bias: a key must be a token id or a non-empty text")
+    return by_id, by_text
+
+
+def context_exceeded(n_tokens: int, n_ctx: int) -> BadRequest:
+    return BadRequest(f"request ({n_tokens} tokens) exceeds the available context size ({n_ctx} tokens), try "
+                      "increasing it", type="exceed_context_size_error", n_prompt_tokens=n_tokens, n_ctx=n_ctx)
+
+
+def llamacpp_builder(parts: list[str | int], params: GenParams, body: LlamaSamplingBody,
+                     settings: Settings) -> Callable[[LoadedModel, threading.Event], Prompt]:
+    """The prompt as llama.cpp makes it: the client's text (templated already) tokenized with the
+    model's special tokens; no truncation (a prompt that does not fit is a 400, as llama.cpp answers)."""
+    _, by_text = split_logit_bias(body.logit_bias)
+
+    def build(model: LoadedModel, _cancel: threading.Event) -> Prompt:
+        tok = model.loaded.tokenizer
+        for text, bias in by_text.items():  # this request's own params: resolved before it generates
+            params.logit_bias.update({t: bias for t in tok(text, add_special_tokens=False)["input_ids"]})
+        ids = tokenize_mixed(tok, parts, add_special=True)
+        n_ctx = context_size(model.loaded, params, settings)
+        if len(ids) >= n_ctx:
+            raise context_exceeded(len(ids), n_ctx)
+        text = parts[0] if len(parts) == 1 and isinstance(parts[0], str) else tok.decode(ids)
+        return Prompt(text, ids)
+
+    return build
+
+
+def model_context_length(rec: ModelRecord, settings: Settings) -> int:
+    """n_ctx as /props reports it before a load: CONTEXT_LENGTH capped by the model's config."""
+    config = read_json(Path(rec.path) / "config.json")
+    limit = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+    return min(settings.context_length, limit) if isinstance(limit, int) and limit > 0 else settings.context_length
+
+
+def llamacpp_settings(params: GenParams, body: LlamaSamplingBody | None, stream: bool, full: bool) -> dict[str, Any]:
+    """llama.cpp's slot params: every key the binary sends, with this server's values (samplers it
+    does not have are reported at their off values). `full` adds what /completion's reply carries."""
+    seed = params.seed if params.seed is not None else LLAMACPP_RANDOM_SEEDS[1]
+    n_predict = -1 if params.max_tokens is None else params.max_tokens
+    out: dict[str, Any] = {
+        "seed": seed, "temperature": params.temperature, "dynatemp_range": 0.0, "dynatemp_exponent": 1.0,
+        "top_k": params.top_k or 0, "top_p": 1.0 if params.top_p is None else params.top_p,
+        "min_p": params.min_p or 0.0, "top_n_sigma": -1.0, "xtc_probability": 0.0, "xtc_threshold": 0.1,
+        "typical_p": 1.0 if params.typical_p is None else params.typical_p, "repeat_last_n": params.repeat_last_n,
+        "repeat_penalty": params.repeat_penalty, "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty, "dry_multiplier": 0.0, "dry_base": 1.75,
+        "dry_allowed_length": 2, "dry_penalty_last_n": -1}
+    if full:
+        out["dry_sequence_breakers"] = []
+    out.update({"mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "adaptive_target": -1.0,
+                "adaptive_decay": 0.9})
+    if full:
+        out["stop"] = list(params.stop)
+    out.update({"max_tokens": n_predict, "n_predict": n_predict, "n_keep": body.n_keep if body else 0,
+                "n_discard": 0, "ignore_eos": params.ignore_eos, "stream": stream})
+    if full:
+        out["logit_bias"] = [{"bias": b, "token": t} for t, b in params.logit_bias.items()]
+    out.update({"n_probs": params.top_logprobs, "min_keep": 0})
+    if full:
+        out.update({"grammar": params.grammar or (json.dumps(params.format) if params.format else ""),
+                    "grammar_lazy": False, "grammar_triggers": [], "preserved_tokens": []})
+    out.update({"chat_format": "Content-only", "reasoning_format": "none", "reasoning_in_content": False,
+                "generation_prompt": "", "samplers": ["penalties", "temperature", "top_k", "top_p", "min_p", "typ_p"],
+                "speculative.types": "none", "timings_per_token": False,
+                "post_sampling_probs": bool(body and body.post_sampling_probs), "backend_sampling": False, "lora": []})
+    return out
+
+
+def llamacpp_probs(tokenizer: Any, logprobs: list[TokenLogprob], post_sampling: bool) -> list[dict[str, Any]]:
+    """completion_probabilities: llama.cpp's per-token entries (logprob, or prob with post_sampling_probs)."""
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token])
+        value = {"prob": math.exp(logprob)} if post_sampling else {"logprob": logprob}
+        return {"id": token, "token": text, "bytes": list(text.encode("utf-8")), **value}
+
+    key = "top_probs" if post_sampling else "top_logprobs"
+    return [{**entry(lp.id, lp.logprob), key: [entry(t, v) for t, v in lp.top]} for lp in logprobs]
+
+
+def pick_fields(paths: list[str] | None, obj: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's response_fields: only these ("a/b" reaches into objects), keyed by the path."""
+    if not paths:
+        return obj
+    out = {}
+    for path in paths:
+        value: Any = obj
+        for key in path.split("/"):
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            out[path] = value
+    return out
+
+
+class LlamaCompletion:
+    """One prompt of a /completion request: its run, and its replies in llama.cpp's shapes."""
+
+    def __init__(self, index: int, name: str, run: GenerationRun, body: LlamaSamplingBody):
+        self.index, self.name, self.run, self.body = index, name, run, body
+        self.predicted = 0  # tokens streamed so far
+        self.warmup = body.n_predict == 0  # the one generated token is not returned
+
+    def _tokenizer(self) -> Any:
+        model = self.run.cache.loaded.get(self.run.rec.name)
+        return model.loaded.tokenizer if model else None
+
+    def chunk(self, piece: Piece) -> dict[str, Any]:
+        self.predicted += len(piece.ids)
+        out = {"index": self.index, "content": "" if self.warmup else piece.text,
+               "tokens": [] if self.warmup else piece.ids, "stop": False, "id_slot": -1,
+               "tokens_predicted": self.predicted, "tokens_evaluated": len(self.run.prompt.ids) if self.run.prompt else 0}
+        if self.body.n_probs and piece.logprobs and (tok := self._tokenizer()) is not None:
+            out["completion_probabilities"] = llamacpp_probs(tok, piece.logprobs, self.body.post_sampling_probs)
+        return out
+
+    def final(self, fin: Finished, stream: bool) -> dict[str, Any]:
+        r, prompt = fin.result, fin.prompt
+        text, ids, predicted = (("", [], 0) if self.warmup else (r.text, r.output_ids, r.output_tokens))
+        prompt_n = max(r.prompt_tokens - r.cached_tokens, 0)
+        prompt_ms, predicted_ms = r.prompt_eval_ns / 1e6, r.eval_ns / 1e6
+        out = {"index": self.index, "content": "" if stream else text,
+               "tokens": ids if self.body.return_tokens and not stream else [], "id_slot": self.run.slot,
+               "stop": True, "model": self.name, "tokens_predicted": predicted, "tokens_evaluated": r.prompt_tokens,
+               "generation_settings": llamacpp_settings(self.run.params, self.body, stream, full=True),
+               "prompt": prompt.text, "has_new_line": "\n" in text, "truncated": prompt.truncated,
+               "stop_type": "limit" if self.warmup else r.stop_type, "stopping_word": r.stopping_word,
+               "tokens_cached": max(r.prompt_tokens + predicted - 1, 0),
+               "timings": {"cache_n": r.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+                           "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+                           "prompt_per_second": prompt_n / prompt_ms * 1e3 if prompt_ms else 0.0,
+                           "predicted_n": predicted, "predicted_ms": predicted_ms,
+                           "predicted_per_token_ms": predicted_ms / predicted if predicted else 0.0,
+                           "predicted_per_second": predicted / predicted_ms * 1e3 if predicted_ms else 0.0}}
+        if self.body.n_probs and not stream and r.logprobs is not None and (tok := self._tokenizer()) is not None:
+            out["completion_probabilities"] = [] if self.warmup else \
+                llamacpp_probs(tok, r.logprobs, self.body.post_sampling_probs)
+        return pick_fields(self.body.response_fields, out)
+
+
+def llamacpp_sse_error(exc: Exception) -> str:
+    status = exc.status if isinstance(exc, ServerError) else 500
+    message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+    return sse(llamacpp_error_body(status, message, **(exc.extra if isinstance(exc, ServerError) else {})))
+
+
+async def merged_events(completions: list[LlamaCompletion]):
+    """The events of several runs as they come: (completion, event) pairs; a failure ends them all."""
+    if len(completions) == 1:
+        async for event in completions[0].run.events(streaming=True):
+            yield completions[0], event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(c: LlamaCompletion) -> None:
+        try:
+            async for event in c.run.events(streaming=True):
+                await queue.put((c, event))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            await queue.put((c, exc))
+        finally:
+            await queue.put((c, done))
+
+    tasks = [asyncio.create_task(pump(c)) for c in completions]
+    try:
+        running = len(tasks)
+        while running:
+            c, event = await queue.get()
+            if event is done:
+                running -= 1
+            elif isinstance(event, BaseException):
+                raise event
+            else:
+                yield c, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        for c in completions:
+            c.run.cancel()
+
+
+async def llamacpp_generate(request: Request, body: LlamaSamplingBody, prompts: list[list[str | int]],
+                            builder: Callable[[list[str | int], GenParams], Callable]) -> Any:
+    """The shared path of /completion and /infill: one GenerationRun per prompt; one reply (or an
+    array), or one SSE stream whose chunks carry their prompt's `index`."""
+    state = state_of(request)
+    rec = llamacpp_model(state, body.model)
+    require_generative(rec, body.model or rec.name)
+    name = display_name(rec.name)
+    completions = []
+    for i, parts in enumerate(prompts):
+        params = llamacpp_params(body)
+        prefer = body.id_slot if body.id_slot >= 0 and len(prompts) == 1 else None
+        run = GenerationRun(state.models, rec, builder(parts, params), params, None, request, prefer)
+        completions.append(LlamaCompletion(i, name, run, body))
+    if not body.stream:
+        finals = await asyncio.gather(*(run_to_end(c.run) for c in completions))
+        replies = [c.final(fin, stream=False) for c, fin in zip(completions, finals)]
+        return replies[0] if len(prompts) == 1 else replies
+
+    async def lines():
+        async for c, event in merged_events(completions):
+            yield sse(c.final(event, stream=True) if isinstance(event, Finished) else c.chunk(event))
+
+    # No `data: [DONE]`: llama.cpp sends it on its OpenAI routes only, and LLM for Unity 2.x's parser
+    # breaks on it (it joins every data line into one JSON array).
+    return stream_response(await first_then_rest(lines()), "text/event-stream", llamacpp_sse_error)
+
+
+@llamacpp.post("/completion")
+@llamacpp.post("/completions", include_in_schema=False)
+async def completion(body: LlamaCompletionBody, request: Request) -> Any:
+    settings = state_of(request).settings
+    return await llamacpp_generate(request, body, split_prompts(body.prompt),
+                                   lambda parts, params: llamacpp_builder(parts, params, body, settings))
+
+
+@llamacpp.post("/infill")
+async def infill(body: LlamaInfillBody, request: Request) -> Any:
+    state = state_of(request)
+    rec = llamacpp_model(state, body.model)
+    if "insert" not in model_capabilities(rec.path):
+        missing = " ".join(f"{t} token is missing." for t in FIM_TOKENS)
+        raise ServerError(f"Infill is not supported by this model: {missing}", status=501, type="not_supported_error")
+    extra = "".join(f"<file_sep>{e.get('filename', '')}\n{e.get('text', '')}" for e in body.input_extra
+                    if isinstance(e, dict))
+    text = f"{extra}<fim_prefix>{body.input_prefix}<fim_suffix>{body.input_suffix}<fim_middle>{body.prompt}"
+    return await llamacpp_generate(request, body, [[text]],
+                                   lambda parts, params: llamacpp_builder(parts, params, body, state.settings))
+
+
+@llamacpp.post("/tokenize")
+async def tokenize(body: LlamaTokenizeBody, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    async with state.models.use(llamacpp_model(state, body.model)) as (model, _):
+        tok = model.loaded.tokenizer
+        ids = await asyncio.to_thread(tokenize_mixed, tok, [body.content], body.add_special, body.parse_special)
+        if not body.with_pieces:
+            return {"tokens": ids}
+        return {"tokens": [{"id": t, "piece": token_piece(tok, t)} for t in ids]}
+
+
+def token_piece(tokenizer: Any, token: int) -> str | list[int]:
+    """A token's text; its bytes when they are not valid UTF-8 alone (part of a character), as llama.cpp."""
+    text = tokenizer.decode([token])
+    if "\ufffd" not in text:
+        return text
+    raw = tokenizer.convert_ids_to_tokens(token)
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if isinstance(raw, str) and type(decoder).__name__ == "ByteLevel":  # GPT-2 bytes-as-characters
+        table = {c: b for b, c in gpt2_byte_table().items()}
+        if all(ch in table for ch in raw):
+            return [table[ch] for ch in raw]
+    return text
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_byte_table() -> dict[int, str]:
+    """Byte-level BPE's byte -> printable character table (GPT-2's bytes_to_unicode)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+@llamacpp.post("/detokenize")
+async def detokenize(body: LlamaDetokenizeBody, request: Request) -> dict[str, str]:
+    state = state_of(request)
+    async with state.models.use(llamacpp_model(state, body.model)) as (model, _):
+        tok = model.loaded.tokenizer
+        size = model.loaded.vocab_size or len(tok)
+        if (bad := next((t for t in body.tokens if t >= size), None)) is not None:
+            raise BadRequest(f"token id {bad} is outside this model's vocabulary (0..{size - 1})")
+        return {"content": await asyncio.to_thread(tok.decode, body.tokens)}
+
+
+@llamacpp.post("/apply-template")
+async def apply_template(body: LlamaTemplateBody, request: Request) -> dict[str, str]:
+    state = state_of(request)
+    rec = llamacpp_model(state, body.model)
+    require_generative(rec, body.model or rec.name)
+    messages, tools = openai_messages(body.messages), check_tools(body.tools)
+    async with state.models.use(rec) as (model, _):
+        prompt = await asyncio.to_thread(render_chat_prompt, model.loaded.tokenizer, messages, tools)
+    return {"prompt": prompt.text}
+
+
+def normalize_embedding(vector: list[float], norm: int) -> list[float]:
+    """llama.cpp's embd_normalize: -1 none, 0 max-abs (to int16 range), 1 taxicab, 2 euclidean, p>2 p-norm."""
+    if norm < 0:
+        return vector
+    if norm == 0:
+        scale = max((abs(x) for x in vector), default=0.0) / 32760.0
+    elif norm == 2:
+        scale = math.sqrt(sum(x * x for x in vector))
+    else:
+        scale = sum(abs(x) ** norm for x in vector) ** (1.0 / norm)
+    return [x / scale for x in vector] if scale > 0 else vector
+
+
+def unity_2x_client(request: Request) -> bool:
+    """LLM for Unity 2.x sends UnityWebRequest's User-Agent; its 3.x (native LlamaLib) client does not."""
+    agent = request.headers.get("user-agent", "")
+    return "UnityWebRequest" in agent or "UnityPlayer" in agent
+
+
+@llamacpp.post("/embedding")
+@llamacpp.post("/embeddings")
+async def embedding(body: LlamaEmbeddingBody, request: Request) -> Any:
+    """llama.cpp's shape: [{"index", "embedding": [[...]]}] (one pooled vector per input). LLM for
+    Unity 2.x parses one object, {"embedding": [...]}: its UnityWebRequest client gets that."""
+    state = state_of(request)
+    content = body.content if body.content is not None else body.input
+    texts = [content] if isinstance(content, str) else list(content or [])
+    if not texts or any(not t for t in texts):
+        raise BadRequest('"content" must be a non-empty string or a list of them')
+    rec = llamacpp_model(state, body.model, embedding=True)
+    async with state.models.use(rec) as (model, _):
+        vectors, _tokens = await run_in_daemon_thread(model.embed, texts, False, False)
+    vectors = [normalize_embedding(v, body.embd_normalize) for v in vectors]
+    if unity_2x_client(request) and len(vectors) == 1:
+        return {"embedding": vectors[0]}
+    return [{"index": i, "embedding": [v]} for i, v in enumerate(vectors)]
+
+
+def chat_template_caps(template: str) -> dict[str, bool]:
+    return {"supports_object_arguments": False, "supports_parallel_tool_calls": "tool_calls" in template,
+            "supports_preserve_reasoning": False, "supports_reasoning_effort": "reasoning_effort" in template,
+            "supports_string_content": True, "supports_system_role": "system" in template,
+            "supports_tool_calls": "tool_calls" in template, "supports_tools": "tools" in template,
+            "supports_typed_content": False}
+
+
+@llamacpp.api_route("/props", methods=["GET", "POST"])
+async def props(request: Request, model: str | None = None) -> dict[str, Any]:
+    """llama.cpp's /props (LLM for Unity 3.x POSTs it and reads default_generation_settings.n_ctx).
+    Properties cannot be changed here: a POST reads them, as GET does."""
+    state = state_of(request)
+    rec = llamacpp_model(state, model)
+    loaded = state.models.loaded.get(rec.name)
+    tokens = read_json(Path(rec.path) / "tokenizer_config.json")
+    template = read_chat_template(Path(rec.path)) or ""
+    return {"default_generation_settings": {"params": llamacpp_settings(llamacpp_params(LlamaSamplingBody()), None,
+                                                                        False, full=False),
+                                            "n_ctx": model_context_length(rec, state.settings)},
+            "total_slots": state.settings.num_parallel, "model_alias": display_name(rec.name),
+            "model_ftype": (loaded.loaded.dtype if loaded else rec.quantization).upper(), "model_path": rec.path,
+            "modalities": {"vision": False, "video": False, "audio": False}, "media_marker": "",
+            "endpoint_slots": True, "endpoint_props": False, "endpoint_metrics": True, "ui": False,
+            "ui_settings": {}, "chat_template": template, "chat_template_caps": chat_template_caps(template),
+            "bos_token": token_text(tokens.get("bos_token")), "eos_token": token_text(tokens.get("eos_token")),
+            "build_info": f"ai-server-{VERSION}", "is_sleeping": False, "cors_proxy_enabled": False}
+
+
+def token_text(value: Any) -> str:
+    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
+    return value.get("content", "") if isinstance(value, dict) else value or ""
+
+
+@llamacpp.get("/slots")
+async def slots(request: Request, model: str | None = None) -> list[dict[str, Any]]:
+    """One entry per slot of the model (its NUM_PARALLEL batch rows), as llama.cpp's /slots; a slot is
+    processing while any API's request holds it."""
+    state = state_of(request)
+    rec = llamacpp_model(state, model)
+    n_ctx = model_context_length(rec, state.settings)
+    holders = state.models.scheduler.holders.get(rec.name) or [None] * state.settings.num_parallel
+    defaults = llamacpp_params(LlamaSamplingBody())
+    out = []
+    for i, run in enumerate(holders):
+        busy = isinstance(run, GenerationRun)
+        prompt = run.prompt if busy else None
+        decoded = len(run.gen.stream.ids) if busy and run.gen else 0
+        out.append({"id": i, "n_ctx": n_ctx, "speculative": False, "is_processing": busy,
+                    "id_task": run.task_id if busy else -1, "n_prompt_tokens": len(prompt.ids) if prompt else 0,
+                    "n_prompt_tokens_processed": len(prompt.ids) if prompt else 0,
+                    "n_prompt_tokens_cache": run.gen.cached_tokens if busy and run.gen else 0,
+                    "params": llamacpp_settings(run.params if busy else defaults, None, False, full=False),
+                    "next_token": [{"has_next_token": busy, "has_new_line": bool(busy and run.gen and "\n" in
+                                                                                run.gen.stream.text),
+                                    "n_remain": -1, "n_decoded": decoded}]})
+    return out
+
+
+# LLM for Unity 2.x's own template names, and the marks of each family's chat template. Its client asks
+# POST /template and formats prompts itself with the template of that name.
+UNITY_TEMPLATE_NAMES = {  # a name inside the model's name (longest first wins, as the asset matches) -> name
+    "chatml": "chatml", "hermes": "chatml", "qwen": "chatml", "alpaca": "alpaca", "gemma": "gemma",
+    "mistral": "mistral chat", "llama-3": "llama3 chat", "llama v3": "llama3 chat", "llama-2": "llama chat",
+    "llama v2": "llama chat", "phi-4-mini": "phi-4-mini", "phi-4": "phi-4", "phi-3.5": "phi-3.5", "phi-3": "phi-3",
+    "phi-2": "phi", "deepseek-r1": "deepseek-r1", "deepseek-v2.5": "deepseek-v3", "deepseek-v3": "deepseek-v3",
+    "deepseek-v2": "deepseek-v2", "deepseek-llm": "deepseek-v2", "vicuna": "vicuna", "zephyr": "zephyr",
+    "qwen3": "qwen3", "bitnet": "bitnet"}
+UNITY_TEMPLATE_MARKS = (  # (all of these in the template, the family's names, its default)
+    (("<|start_header_id|>",), ("llama3 chat",), "llama3 chat"),
+    (("<start_of_turn>",), ("gemma",), "gemma"),
+    (("<|im_sep|>",), ("phi-4",), "phi-4"),
+    (("<|im_start|>", "<think>"), ("qwen3", "chatml"), "qwen3"),
+    (("<|im_start|>",), ("chatml", "qwen3"), "chatml"),
+    (("<｜User｜>",), ("deepseek-v3", "deepseek-r1"), "deepseek-v3"),
+    (("[INST]", "<<SYS>>"), ("llama chat",), "llama chat"),
+    (("[INST]",), ("mistral instruct", "mistral chat"), "mistral instruct"),
+    (("<|user|>", "<|end|>"), ("phi-3", "phi-3.5", "phi-4-mini"), "phi-3"),
+    (("<|user|>", "</s>"), ("zephyr",), "zephyr"),
+    (("User:", "Assistant:"), ("deepseek-v2",), "deepseek-v2"),
+    (("### Instruction",), ("alpaca",), "alpaca"),
+    (("USER:", "ASSISTANT:"), ("vicuna",), "vicuna"),
+    (("Instruct:", "Output:"), ("phi",), "phi"))
+
+
+def unity_template_name(model_name: str, template: str) -> str:
+    """The nearest of LLM for Unity's template names: the family the chat template's marks show
+    (a name match picks within it), else the asset's own name rule, else its default, chatml."""
+    lower = model_name.lower()
+    by_name = max(((k, v) for k, v in UNITY_TEMPLATE_NAMES.items() if k in lower), key=lambda kv: len(kv[0]),
+                  default=(None, None))[1]
+    for marks, family, default in UNITY_TEMPLATE_MARKS:
+        if all(m in template for m in marks):
+            return by_name if by_name in family else default
+    return by_name or "chatml"
+
+
+@llamacpp.api_route("/template", methods=["GET", "POST"])
+async def template(request: Request, model: str | None = None) -> dict[str, str]:
+    """LLM for Unity 2.x's POST /template {} -> {"template": NAME} (its server's route, not llama.cpp's)."""
+    state = state_of(request)
+    rec = llamacpp_model(state, model)
+    return {"template": unity_template_name(rec.repo_id or rec.name, read_chat_template(Path(rec.path)) or "")}
+
+
+# ============================================================================
+# 20. App
 # ============================================================================
 DEFAULT_ORIGINS = ("http://localhost", "https://localhost", "http://localhost:*", "https://localhost:*",
                    "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
@@ -4120,9 +4950,7 @@ class AccessControl:
         self.origins = re.compile(origins_regex(settings.origins))
 
     def refuse(self, scope: dict, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-        if scope["path"].startswith("/v1/"):
-            return openai_error_response(status, message, headers)
-        return error_response(status, message, headers)
+        return api_error_response(scope["path"], status, message, headers)
 
     def authorized(self, scope: dict) -> bool:
         value = dict(scope["headers"]).get(b"authorization", b"")
@@ -4181,8 +5009,9 @@ class HttpMetrics:
         from starlette.routing import Match
 
         for route in self.routes():
-            if route.matches(scope)[0] == Match.FULL:
-                return route.path
+            match, child = route.matches(scope)
+            if match == Match.FULL:  # an included router's match names the inner route in its child scope
+                return getattr(child.get("route", route), "path", None) or "unmatched"
         return "unmatched"
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -4240,11 +5069,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_ollama_model_routes(app)
     add_openai_chat_route(app)
     add_openai_other_routes(app)
+    app.include_router(llamacpp)
     return app
 
 
 # ============================================================================
-# 20. Main
+# 21. Main
 # ============================================================================
 class JsonLogFormatter(logging.Formatter):
     """LOG_FORMAT=json: one JSON object per line. Ten lines here rather than a dependency."""

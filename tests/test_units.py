@@ -141,7 +141,10 @@ def generate(backend, loaded, prompt, params):
     """Runs a backend the way the server does; the streamed pieces must add up to the text."""
     pieces = []
     result = backend.generate(loaded, prompt, params, app.Generation(loaded.tokenizer, params, pieces.append))
-    assert "".join(pieces) == result.text
+    assert "".join(p.text for p in pieces) == result.text
+    # each piece carries the tokens it came from (tokens of a half character at the end go out with none)
+    streamed_ids = [i for p in pieces for i in p.ids]
+    assert streamed_ids == result.output_ids[:len(streamed_ids)] and (streamed_ids or not pieces)
     return result
 
 
@@ -286,12 +289,12 @@ def test_scheduler_admits_num_parallel_plus_max_queue_then_503s_in_fifo_order():
 
         async def request(i: int) -> int:
             try:
-                await scheduler.enter("m", asyncio.Event())
+                number = await scheduler.enter("m", asyncio.Event())
             except app.Busy:
                 return 503
             order.append(i)
             await asyncio.sleep(0)  # runs a while: the burst arrives meanwhile
-            scheduler.leave("m")
+            scheduler.leave("m", number)
             return 200
 
         first = await asyncio.gather(*(request(i) for i in range(10)))
@@ -300,15 +303,30 @@ def test_scheduler_admits_num_parallel_plus_max_queue_then_503s_in_fifo_order():
         assert scheduler.waiting["m"] == scheduler.running["m"] == 0
 
         gone, waiting = asyncio.Event(), asyncio.Event()
-        await scheduler.enter("m", waiting)  # holds the only slot
+        number = await scheduler.enter("m", waiting)  # holds the only slot
         queued = asyncio.ensure_future(scheduler.enter("m", gone))
         await asyncio.sleep(0)
         assert scheduler.waiting["m"] == 1
         gone.set()  # its client left while it waited: it never runs and frees its place
         with pytest.raises(app.ClientGone):
             await queued
-        scheduler.leave("m")
+        scheduler.leave("m", number)
         assert scheduler.waiting["m"] == scheduler.running["m"] == 0
         assert not scheduler._slots["m"].locked()
 
     asyncio.run(burst())
+
+
+def test_scheduler_numbers_slots_and_gives_the_preferred_one_when_free():
+    async def run():
+        scheduler = app.Scheduler(num_parallel=3, max_queue=2, metrics=app.Metrics())
+        a = await scheduler.enter("m", asyncio.Event(), "a", prefer=2)
+        b = await scheduler.enter("m", asyncio.Event(), "b", prefer=2)  # taken: the first free one
+        c = await scheduler.enter("m", asyncio.Event(), "c")
+        assert (a, b, c) == (2, 0, 1) and scheduler.holders["m"] == ["b", "c", "a"]
+        queued = asyncio.ensure_future(scheduler.enter("m", asyncio.Event(), "d", prefer=2))
+        await asyncio.sleep(0)
+        scheduler.leave("m", b)  # the waiter gets the slot that came free, not the one it preferred
+        assert await queued == 0 and scheduler.holders["m"] == ["d", "c", "a"]
+
+    asyncio.run(run())
