@@ -4637,7 +4637,12 @@ async def llamacpp_generate(request: Request, body: LlamaSamplingBody, prompts: 
 
     async def lines():
         async for c, event in merged_events(completions):
-            yield sse(c.final(event, stream=True) if isinstance(event, Finished) else c.chunk(event))
+            if isinstance(event, Finished):
+                if (rest := event.result.output_ids[c.predicted:]) and not c.warmup:
+                    yield sse(c.chunk(Piece("", rest)))  # tokens with no text (the end token), as llama.cpp sends them
+                yield sse(c.final(event, stream=True))
+            else:
+                yield sse(c.chunk(event))
 
     # No `data: [DONE]`: llama.cpp sends it on its OpenAI routes only, and LLM for Unity 2.x's parser
     # breaks on it (it joins every data line into one JSON array).
@@ -5005,13 +5010,13 @@ class HttpMetrics:
     def __init__(self, app: Any, metrics: Metrics, routes: Callable[[], list[Any]]):
         self.app, self.metrics, self.routes = app, metrics, routes
 
-    def route_of(self, scope: dict) -> str:
+    def route_of(self, scope: dict, routes: list[Any] | None = None) -> str:
         from starlette.routing import Match
 
-        for route in self.routes():
-            match, child = route.matches(scope)
-            if match == Match.FULL:  # an included router's match names the inner route in its child scope
-                return getattr(child.get("route", route), "path", None) or "unmatched"
+        for route in self.routes() if routes is None else routes:
+            if route.matches(scope)[0] == Match.FULL:
+                inner = getattr(route, "original_router", None)  # an included APIRouter (no prefix here)
+                return self.route_of(scope, inner.routes) if inner is not None else route.path
         return "unmatched"
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
