@@ -3,6 +3,7 @@
 # into a cache folder outside the repo that later runs reuse. Prints the binary's path on its last line.
 #   scripts/build-llama-server.sh            build (or reuse) the CPU binary: ~15-20 min on 2 cores
 #   LLAMA_CUDA=1 scripts/build-llama-server.sh   build with CUDA (needs nvcc and a GPU; much longer)
+#   scripts/build-llama-server.sh --path     print where the binary is (or would be), build nothing
 # Where: $LLAMA_BUILD_DIR, default ~/.cache/ai-server/llama-server-<pin>[-cuda]. Point LLAMA_SERVER at the
 # binary (app.py and the tests also look in the default folder on their own).
 set -euo pipefail
@@ -16,6 +17,7 @@ suffix=""; [ "$cuda" = 1 ] && suffix="-cuda"
 RECIPE=2   # bump when the flags below change: a cached build of another recipe is not reused
 dest=${LLAMA_BUILD_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ai-server/llama-server-$PIN-r$RECIPE$suffix}
 bin="$dest/bin/llama-server"
+if [ "${1:-}" = "--path" ]; then echo "$bin"; exit 0; fi
 
 if [ -x "$bin" ] && "$bin" --version >/dev/null 2>&1; then
   echo "llama-server: reusing $bin"; echo "$bin"; exit 0

@@ -3,10 +3,15 @@
 #   scripts/setup.sh          .venv with the runtime, plus the embedded default model imported once
 #   scripts/setup.sh --dev    .venv with the runtime and the test dependencies
 #   scripts/setup.sh --vllm   .venv-vllm: the optional vLLM CPU backend (its own venv: it needs transformers<5.20)
+#   scripts/setup.sh --llama  llama.cpp's llama-server, built once into ~/.cache/ai-server (scripts/build-llama-server.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mode=${1:-}
+
+if [ "$mode" = "--llama" ]; then
+  exec scripts/build-llama-server.sh
+fi
 
 if [ "$mode" = "--vllm" ]; then
   [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm

