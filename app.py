@@ -2592,6 +2592,7 @@ class GenerationRun:
         self.slot = -1  # the scheduler slot it holds, once admitted
         self.task_id = next(TASK_IDS)  # llama.cpp's id_task (/slots)
         self.prompt: Prompt | None = None  # once built
+        self.tokenizer: Any = None  # the model's, once it is held
         self.gen: Generation | None = None
         self.finished = False
         self.aborted: ServerError | None = None  # why the server ended it (shutdown), if it did
@@ -2639,6 +2640,7 @@ class GenerationRun:
     async def _generate(self):
         start = time.perf_counter_ns()
         model, load_ns = await self.cache.acquire(self.rec)
+        self.tokenizer = model.loaded.tokenizer
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         self.gen = gen = Generation(model.loaded.tokenizer, self.params,
@@ -4537,17 +4539,14 @@ class LlamaCompletion:
         self.predicted = 0  # tokens streamed so far
         self.warmup = body.n_predict == 0  # the one generated token is not returned
 
-    def _tokenizer(self) -> Any:
-        model = self.run.cache.loaded.get(self.run.rec.name)
-        return model.loaded.tokenizer if model else None
-
     def chunk(self, piece: Piece) -> dict[str, Any]:
         self.predicted += len(piece.ids)
         out = {"index": self.index, "content": "" if self.warmup else piece.text,
                "tokens": [] if self.warmup else piece.ids, "stop": False, "id_slot": -1,
                "tokens_predicted": self.predicted, "tokens_evaluated": len(self.run.prompt.ids) if self.run.prompt else 0}
-        if self.body.n_probs and piece.logprobs and (tok := self._tokenizer()) is not None:
-            out["completion_probabilities"] = llamacpp_probs(tok, piece.logprobs, self.body.post_sampling_probs)
+        if self.body.n_probs and piece.logprobs:
+            out["completion_probabilities"] = llamacpp_probs(self.run.tokenizer, piece.logprobs,
+                                                             self.body.post_sampling_probs)
         return out
 
     def final(self, fin: Finished, stream: bool) -> dict[str, Any]:
@@ -4568,9 +4567,9 @@ class LlamaCompletion:
                            "predicted_n": predicted, "predicted_ms": predicted_ms,
                            "predicted_per_token_ms": predicted_ms / predicted if predicted else 0.0,
                            "predicted_per_second": predicted / predicted_ms * 1e3 if predicted_ms else 0.0}}
-        if self.body.n_probs and not stream and r.logprobs is not None and (tok := self._tokenizer()) is not None:
+        if self.body.n_probs and not stream and r.logprobs is not None:
             out["completion_probabilities"] = [] if self.warmup else \
-                llamacpp_probs(tok, r.logprobs, self.body.post_sampling_probs)
+                llamacpp_probs(self.run.tokenizer, r.logprobs, self.body.post_sampling_probs)
         return pick_fields(self.body.response_fields, out)
 
 
