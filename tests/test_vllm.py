@@ -49,6 +49,20 @@ def test_vllm_backend_loads_smollm2_and_answers(start_server, smollm2_home, tmp_
         lines = [json.loads(line) for line in r.iter_lines()]
     assert lines[-1]["done"] is True and lines[-1]["eval_count"] == len(lines[-1]["context"]) - lines[-1][
         "prompt_eval_count"]
+    # llama.cpp's API on the vLLM backend: logprobs from vLLM, a GBNF grammar through its structured outputs.
+    probs = server.client.post("/completion", json={"model": "smollm2:135m", "prompt": "Once upon a", "n_predict": 3,
+                                                    "temperature": 0, "n_probs": 2}).json()
+    entries = probs["completion_probabilities"]
+    assert len(entries) == probs["tokens_predicted"] == 3
+    assert all(len(e["top_logprobs"]) == 2 and e["id"] == e["top_logprobs"][0]["id"] for e in entries)
+    answer = server.client.post("/completion", json={"model": "smollm2:135m", "prompt": "Is the sky blue? Answer:",
+                                                     "n_predict": 4,
+                                                     "grammar": 'root ::= " yes" | " no"'}).json()
+    assert answer["content"] in (" yes", " no")
+    endless = server.client.post("/completion", json={"model": "smollm2:135m", "prompt": "Hi", "n_predict": 12,
+                                                      "ignore_eos": True,
+                                                      "temperature": 0}).json()
+    assert (endless["tokens_predicted"], endless["stop_type"]) == (12, "limit")
 
 
 def test_vllm_streams_token_by_token_batches_and_shuts_down_on_eviction(start_server, smollm2_home, tmp_path):
