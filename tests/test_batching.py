@@ -11,7 +11,6 @@ import asyncio
 import json
 import threading
 
-import httpx
 import ollama
 import pytest
 
