@@ -4394,7 +4394,7 @@ def tokenize_mixed(tokenizer: Any, parts: list[str | int], add_special: bool, pa
     return ids
 
 
-def llamacpp_params(body: LlamaSamplingBody, n_ctx_room: bool = True) -> GenParams:
+def llamacpp_params(body: LlamaSamplingBody) -> GenParams:
     if body.mirostat:
         raise BadRequest("mirostat sampling is not supported by ai-server: send mirostat 0 (top_k, top_p, min_p "
                          "and temperature are)")
