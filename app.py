@@ -10,7 +10,8 @@ llama.cpp clients), all on the same models.
 Models are pulled explicitly (POST /pull, through huggingface_hub.snapshot_download) and
 loaded only from local files, by the first backend that works: vLLM when importable (its async
 engine), else transformers (continuous batching with prefix reuse; bitsandbytes 4/8-bit when
-chosen), else a transformers pipeline.
+chosen), else a transformers pipeline. GGUF files (pulled by quant: org/repo:Q4_K_M) run on
+llama.cpp's own llama-server, one process per model, or dequantized by transformers without it.
 
 Environment (one place for each default: `Settings` below; only these names configure it):
 | name                       | default                    | meaning                                   |
@@ -23,7 +24,10 @@ Environment (one place for each default: `Settings` below; only these names conf
 | HF_TOKEN                   | unset                      | token for gated/private repos             |
 | MAX_CONCURRENT_PULLS       | 2                          | downloads running at once                 |
 | MODEL_Q4_THRESHOLD_BYTES   | 14e9                       | quantize=auto picks q4 at/above this size |
-| AI_SERVER_BACKENDS         | vllm,transformers,pipeline | backend chain, in order                   |
+| AI_SERVER_BACKENDS         | vllm,llamacpp,transformers,| backend chain, in order (each model uses  |
+|                            | pipeline                   | those that load its format: hf or gguf)   |
+| LLAMA_SERVER               | PATH, then the build folder| llama-server binary (llamacpp backend)    |
+| LLAMA_GPU_LAYERS           | auto                       | llama-server -ngl: all on CUDA, 0 on CPU  |
 | AI_SERVER_DEVICE           | auto                       | auto, cpu or cuda                         |
 | DTYPE                      | auto                       | auto: bf16 on CPUs with native bf16, else |
 |                            |                            | fp32; the checkpoint's on GPUs            |
@@ -1562,7 +1566,7 @@ class Loaded:
     vocab_size: int | None = None  # token ids a prompt may hold: 0 .. vocab_size - 1
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-model helpers (grammar compiler)
     engine: Any = None  # what runs concurrent requests (BatchEngine, vLLM's AsyncLLM); None: one at a time
-    note: str | None = None  # how the weights were turned into what runs (a GGUF dequantized), for /api/ps
+    note: str | None = None  # how the weights were turned into what runs (a GGUF dequantized), for /status
 
 
 def bnb_config(quantization: str) -> Any:
@@ -2428,11 +2432,15 @@ class LlamaServer:
         return None
 
     def stop(self) -> None:
+        """SIGTERM now; the wait (and SIGKILL after LLAMA_SERVER_STOP_S) on a thread of its own, since
+        unloading runs on the event loop."""
         with self.lock:
             self.closed = True
             proc, self.proc = self.proc, None
-        if proc is not None:
-            stop_process(proc, self.name)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            threading.Thread(target=stop_process, args=(proc, self.name), name=f"llama-stop-{proc.pid}",
+                             daemon=True).start()
 
     def public(self) -> dict[str, Any]:
         proc = self.proc

