@@ -2492,7 +2492,10 @@ def llama_logprobs(probs: list[dict[str, Any]] | None) -> list[TokenLogprob] | N
 def llama_completion_body(ids: list[int], params: GenParams) -> dict[str, Any]:
     """GenParams as llama-server's /completion fields; every sampler set, so its own defaults (top_k 40,
     min_p 0.05, ...) never apply where ours mean "off"."""
-    body = {"prompt": ids, "stream": True, "return_tokens": True, "cache_prompt": params.cache_prompt,
+    # A seeded request re-reads its whole prompt: llama.cpp's logits for a cached prefix differ with the
+    # batch size they were computed in, so with prompt reuse the same seed gave another reply.
+    cache_prompt = params.cache_prompt and params.seed is None
+    body = {"prompt": ids, "stream": True, "return_tokens": True, "cache_prompt": cache_prompt,
             "n_predict": -1 if params.max_tokens is None else params.max_tokens, "temperature": params.temperature,
             "top_k": params.top_k or 0, "top_p": 1.0 if params.top_p is None else params.top_p,
             "min_p": params.min_p or 0.0, "typical_p": 1.0 if params.typical_p is None else params.typical_p,

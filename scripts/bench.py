@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -119,8 +120,9 @@ async def run_level(target: Target, concurrency: int, requests: int, prompt: str
             queue.pop()
             try:
                 samples.append(await one_request(client, target, prompt, max_tokens))
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
                 errors += 1
+                print(f"{target.label} C={concurrency}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     async def watch_rss() -> None:
         if target.pid is None:

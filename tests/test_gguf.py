@@ -165,8 +165,8 @@ def test_every_api_on_the_llamacpp_backend(gguf_server, gguf_repo):
     assert "," not in gen.response  # our stop strings
     same_seed = [api.generate(model=name, prompt="Tell me a word:", options={"temperature": 1.0, "seed": 7,
                                                                            "num_predict": 10}).response
-                 for _ in range(2)]
-    assert same_seed[0] == same_seed[1]
+                 for _ in range(3)]
+    assert same_seed[0] == same_seed[1] == same_seed[2]  # the prompt cached after the first
 
     schema = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}
     shaped = api.chat(model=name, messages=[{"role": "user", "content": "A colour as JSON."}], format=schema,
@@ -189,6 +189,10 @@ def test_every_api_on_the_llamacpp_backend(gguf_server, gguf_repo):
     body = completion.json()
     assert completion.status_code == 200 and body["tokens_predicted"] == 6
     assert len(body["completion_probabilities"]) == 6 and len(body["completion_probabilities"][0]["top_logprobs"]) == 2
+
+    s.pull_ok(gguf_repo)  # no tag: the split Q4_0, both shards; llama-server loads it from its first shard
+    split = api.chat(model=gguf_repo, messages=[{"role": "user", "content": "Name a colour."}], options=options)
+    assert split.message.content and engine(s, gguf_repo)["batching"]["engine"] == "llama-server"
 
 
 @needs_binary
