@@ -743,11 +743,21 @@ class GgufModel:
     size_bytes: int
 
 
+def gguf_stem(path: str) -> str:
+    """'x/Llama-3.2-1B-Instruct-Q4_K_M-00001-of-00002.gguf' -> 'Llama-3.2-1B-Instruct-Q4_K_M'."""
+    return GGUF_SPLIT_RE.sub("", path.rsplit("/", 1)[-1])[:-len(".gguf")]
+
+
 def gguf_quant_of(path: str) -> str:
     """'x/Llama-3.2-1B-Instruct-Q4_K_M-00001-of-00002.gguf' -> 'Q4_K_M'."""
-    stem = GGUF_SPLIT_RE.sub("", path.rsplit("/", 1)[-1])[:-len(".gguf")]
-    last = re.split(r"[-.]", stem)[-1]
+    last = re.split(r"[-.]", gguf_stem(path))[-1]
     return last.upper() if GGUF_QUANT_RE.match(last) else ""
+
+
+def gguf_bits(quant: str) -> int:
+    """Q4_K_M -> 4, IQ2_XXS -> 2, BF16 -> 16; 0 when the name shows none."""
+    match = re.search(r"\d+", quant)
+    return int(match.group()) if match else 0
 
 
 def gguf_models(files: list[tuple[str, int]]) -> list[GgufModel]:
@@ -767,13 +777,21 @@ def choose_gguf(repo_id: str, models: list[GgufModel], tag: str | None) -> GgufM
                          "without a tag for its transformers weights")
     if tag is None:
         ranked = [m for q in GGUF_PREFERENCE for m in models if m.quant == q]
-        return ranked[0] if ranked else min(models, key=lambda m: m.size_bytes)
+        if ranked:
+            return ranked[0]
+        # Else the smallest of at least 4 bits (a 1- or 2-bit file is rarely what one wants), else the largest.
+        wide = [m for m in models if gguf_bits(m.quant) >= 4]
+        return min(wide, key=lambda m: m.size_bytes) if wide else max(models, key=lambda m: m.size_bytes)
     wanted = tag.lower().removesuffix(".gguf")
-    for model in models:
-        names = {p.rsplit("/", 1)[-1].lower().removesuffix(".gguf") for p in model.paths}
-        if model.quant.lower() == wanted or wanted in names or GGUF_SPLIT_RE.sub("", model.paths[0]).rsplit(
-                "/", 1)[-1].lower().removesuffix(".gguf") == wanted:
+    for model in models:  # a whole file name (any shard's)
+        if wanted in {p.rsplit("/", 1)[-1].lower().removesuffix(".gguf") for p in model.paths}:
             return model
+    # A quant, or any '-'/'.'-delimited end of the file name ("UD-Q4_K_XL"); the shortest name wins,
+    # so "Q4_K_XL" means X-Q4_K_XL.gguf, not X-UD-Q4_K_XL.gguf.
+    matches = [m for m in models if (stem := gguf_stem(m.paths[0]).lower()) == wanted or (
+        m.quant and wanted.endswith(m.quant.lower()) and stem.endswith(("-" + wanted, "." + wanted)))]
+    if matches:
+        return min(matches, key=lambda m: len(gguf_stem(m.paths[0])))
     have = sorted({m.quant or m.paths[0].rsplit("/", 1)[-1] for m in models})
     raise UnknownQuant(f"repo '{repo_id}' has no GGUF file for tag '{tag}'; its quants: {', '.join(have)} "
                        f"(pull '{repo_id}:{have[0]}', for example)", quants=have)
@@ -786,10 +804,11 @@ def is_gguf_path(path: str) -> bool:
 def gguf_shards(path: str) -> list[Path]:
     """A GGUF model's files: the file itself, or every shard of the split it is the first shard of."""
     first = Path(path)
-    if not GGUF_SPLIT_RE.search(first.name):
+    match = re.search(r"-00001-of-(\d{5})\.gguf$", first.name, re.IGNORECASE)
+    if match is None:
         return [first]
-    pattern = GGUF_SPLIT_RE.sub("-*-of-*", first.name)
-    return sorted(p for p in first.parent.glob(pattern) if GGUF_SPLIT_RE.search(p.name))
+    stem, count = first.name[:match.start()], int(match.group(1))
+    return [first.with_name(f"{stem}-{k:05d}-of-{count:05d}.gguf") for k in range(1, count + 1)]
 
 
 FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
@@ -799,7 +818,16 @@ GGUF_SKIPPED_ARRAYS = 64  # longer arrays (the vocabulary, merges) are left out 
 @functools.lru_cache(maxsize=64)
 def gguf_metadata(path: str) -> dict[str, Any]:
     """A GGUF model's metadata (no weights are read): its key-values, file type and parameter count.
-    llama.cpp's gguf-py reads it; ~1.5 s for a 49k-token vocabulary, so it is cached per path."""
+    llama.cpp's gguf-py reads it; ~1.5 s for a 49k-token vocabulary, so it is cached per path (and read
+    on a thread: at registration and at start). A missing or unreadable file gives what is known: none."""
+    try:
+        return read_gguf_metadata(path)
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        log.warning("model file %s: unreadable GGUF metadata: %s: %s", path, type(exc).__name__, exc)
+        return {"general.parameter_count": 0, "file_type_name": "unknown", "fim": False}
+
+
+def read_gguf_metadata(path: str) -> dict[str, Any]:
     from gguf import GGUFReader, LlamaFileType
 
     info: dict[str, Any] = {}
@@ -823,6 +851,12 @@ def gguf_metadata(path: str) -> dict[str, Any]:
     info["general.parameter_count"] = count
     info["file_type_name"] = file_type
     return info
+
+
+def gguf_context_length(meta: dict[str, Any]) -> int | None:
+    """The context the model was trained for (`{arch}.context_length`)."""
+    limit = meta.get(f"{meta.get('general.architecture')}.context_length")
+    return limit if isinstance(limit, int) and limit > 0 else None
 
 
 @dataclasses.dataclass
@@ -870,9 +904,11 @@ def plan_snapshot(api: HfApi, name: str, revision: str) -> SnapshotPlan:
     chosen = choose_gguf(repo_id, models, tag) if tag is not None or (models and not hf_weights) else None
     if chosen is not None:
         files = [f for f in files if f.path in chosen.paths or f.path.endswith(GGUF_TEXT_SUFFIXES)]
+    elif models:  # transformers weights and GGUF quants side by side: the pull is the former only
+        files = [f for f in files if not f.path.lower().endswith(".gguf")]
     blobs = [f.lfs.sha256 if f.lfs else f.blob_id for f in files]
     return SnapshotPlan(repo_id, info.sha, blobs, sum(f.size for f in files), chosen,
-                        [f.path for f in files] if chosen is not None else None)
+                        [f.path for f in files] if chosen is not None or models else None)
 
 
 def downloaded_bytes(cache_dir: Path, plan: SnapshotPlan) -> int:
@@ -931,12 +967,14 @@ def check_disk_space(cache_dir: Path, free: int, needed_bytes: int, others_bytes
             "bigger disk")
 
 
-def remove_empty_partials(cache_dir: Path, repo_id: str | None = None) -> int:
+def remove_empty_partials(cache_dir: Path, repo_id: str | None = None, blobs: list[str] | None = None) -> int:
     """A killed or failed download leaves `<blob>.<random>.incomplete` files behind; empty ones hold
-    nothing to resume. Only call this when no download of that repo is running."""
+    nothing to resume. Only call this when no download of those blobs is running (`blobs`: only these)."""
     folder = repo_folder_name(repo_id=repo_id, repo_type="model") if repo_id else "models--*"
     removed = 0
     for partial in cache_dir.glob(f"{folder}/blobs/*.incomplete"):
+        if blobs is not None and partial.name.split(".", 1)[0] not in blobs:
+            continue
         with contextlib.suppress(OSError):
             if partial.stat().st_size == 0:
                 partial.unlink()
@@ -1146,20 +1184,25 @@ def choose_quantization(requested: str, size_bytes: int, threshold_bytes: int, b
     return "q4" if bnb_usable and size_bytes >= threshold_bytes else "no"
 
 
-def delete_model_files(rec: ModelRecord, settings: Settings) -> None:
-    """Remove a model's files, but only inside the folders this server owns or pulls into."""
+def delete_model_files(rec: ModelRecord, settings: Settings, repo_shared: bool = False) -> None:
+    """Remove a model's files, but only inside the folders this server owns or pulls into, and never
+    files another registered name of the same repo (`repo_shared`) may use."""
     path = Path(rec.path).resolve()
-    if rec.source == "hub" and is_gguf_path(rec.path):  # other quants of the repo may share its folder
+    repo = settings.hf_cache.resolve() / repo_folder_name(repo_id=rec.repo_id, repo_type="model")
+    if rec.source == "hub" and is_gguf_path(rec.path):  # other quants of the repo share its folder
+        links = [p for p in repo.glob("snapshots/*/**/*.gguf") if p.is_symlink()]
         for shard in gguf_shards(rec.path):
-            if not shard.is_relative_to(settings.hf_cache):
+            if not shard.resolve().is_relative_to(repo):
                 continue
             blob = shard.resolve()
             shard.unlink(missing_ok=True)
-            if blob.is_relative_to(settings.hf_cache.resolve()):
+            if not any(p.resolve() == blob for p in links if p != shard and p.exists()):
                 blob.unlink(missing_ok=True)
         return
-    if rec.source == "hub":
-        root = settings.hf_cache.resolve() / repo_folder_name(repo_id=rec.repo_id, repo_type="model")
+    if rec.source == "hub" and repo_shared:  # only this snapshot; the blobs may be another name's
+        root = Path(rec.path).resolve()
+    elif rec.source == "hub":
+        root = repo
     else:
         root = path.parent if is_gguf_path(rec.path) else path  # an embedded GGUF: its own folder
     owned = (settings.hf_cache.resolve(), (settings.home / "models").resolve())
@@ -2036,6 +2079,25 @@ class Backend:
         loaded.handle = None
 
 
+def available_memory_bytes(device: str) -> int | None:
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        return int(next(ln for ln in lines if ln.startswith("MemAvailable:")).split()[1]) * 1024
+    return None
+
+
+def check_dequantized_fits(plan: LoadPlan) -> None:
+    """A GGUF dequantized by transformers takes 16 or 32 bits a weight (4-8x its file): refuse what cannot
+    fit, saying so, rather than let the kernel kill the server."""
+    needed = gguf_metadata(plan.path)["general.parameter_count"] * (4 if plan.dtype == "fp32" else 2)
+    free = available_memory_bytes(plan.device)
+    if free is not None and needed > 0.9 * free:
+        raise MemoryError(f"dequantizing this GGUF needs ~{needed / 1e9:.1f} GB ({plan.dtype}) and {free / 1e9:.1f} GB "
+                          "are free; build llama-server (scripts/setup.sh --llama) to run it quantized")
+
+
 class TransformersBackend(Backend):
     """AutoModelForCausalLM; concurrent requests are batched by a BatchEngine when the model's
     cache allows it, else they take turns through generate()."""
@@ -2044,6 +2106,8 @@ class TransformersBackend(Backend):
     formats = ("hf", "gguf")
 
     def load(self, plan: LoadPlan) -> Loaded:
+        if is_gguf_path(plan.path):
+            check_dequantized_fits(plan)
         model, tokenizer = load_hf(plan)
         loaded = Loaded(model, tokenizer, **describe_hf_model(model))
         if is_gguf_path(plan.path):
@@ -2277,6 +2341,8 @@ class EmbeddingBackend(Backend):
 LLAMA_SERVER_BUILDS = ("llama-server-0.3.36-r2-cuda", "llama-server-0.3.36-r2")
 LLAMA_SERVER_START_S = 300.0  # a big model's load (mmap + warmup) on a slow disk
 LLAMA_SERVER_STOP_S = 10.0  # SIGTERM, then this long before SIGKILL
+LLAMA_SERVER_READ_S = 300.0  # silence on a request's stream (a long prefill included) that ends it
+LLAMA_SERVER_RETRY_S = 30.0  # after a failed start, requests fail fast this long before it is tried again
 # Popen from one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that forked exits, and
 # loads run on short-lived threads.
 LLAMA_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama-spawn")
@@ -2300,12 +2366,21 @@ def llama_server_version(binary: Path) -> str:
     raise RuntimeError(f"`{binary} --version` failed (exit {out.returncode}): {(out.stdout + out.stderr)[-300:]}")
 
 
-def die_with_parent() -> None:
-    """preexec_fn: the kernel kills llama-server when ai-server dies, even by SIGKILL (Linux only)."""
-    with contextlib.suppress(Exception):
+def libc_prctl() -> Any:
+    with contextlib.suppress(Exception):  # not Linux (or no libc): children then outlive a killed parent
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl
+    return None
+
+
+PRCTL = libc_prctl()  # looked up here: the forked child may only call it (no dlopen between fork and exec)
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the kernel kills llama-server when ai-server dies, even by SIGKILL (Linux only)."""
+    if PRCTL is not None:
+        PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def loopback_port() -> int:
@@ -2328,6 +2403,7 @@ class LlamaServer:
         self.port = 0
         self.restarts = 0
         self.closed = False
+        self.failed: tuple[float, str] | None = None  # (monotonic time to try again, why the start failed)
         self.tail: collections.deque[str] = collections.deque(maxlen=30)  # its last log lines, for errors
 
     def args(self, port: int) -> list[str]:
@@ -2341,18 +2417,28 @@ class LlamaServer:
             if self.closed:
                 raise ServerError(f"model '{self.name}' was unloaded; send the request again", status=503)
             if self.proc is None or self.proc.poll() is not None:
+                if self.failed is not None and time.monotonic() < self.failed[0]:
+                    retry = math.ceil(self.failed[0] - time.monotonic())
+                    raise Busy(f"llama-server for '{self.name}' failed to start ({self.failed[1]}); retry in {retry} s",
+                               headers={"Retry-After": str(retry)})
                 if self.proc is not None:
                     self.restarts += 1
                     log.warning("model %s: llama-server pid %d had exited (%s); starting it again", self.name,
                                 self.proc.pid, self.proc.returncode)
-                self._start()
+                try:
+                    self._start()
+                except (OSError, RuntimeError, concurrent.futures.TimeoutError) as exc:
+                    self.failed = (time.monotonic() + LLAMA_SERVER_RETRY_S, str(exc))
+                    raise Busy(f"llama-server for '{self.name}' failed to start: {exc}",
+                               headers={"Retry-After": str(int(LLAMA_SERVER_RETRY_S))}) from None
+                self.failed = None
             return self.port
 
     def _start(self) -> None:
         port = loopback_port()
         proc = LLAMA_SPAWNER.submit(subprocess.Popen, self.args(port), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                    preexec_fn=die_with_parent).result()
+                                    preexec_fn=die_with_parent).result(timeout=60)
         threading.Thread(target=self._pump_log, args=(proc,), name=f"llama-log-{proc.pid}", daemon=True).start()
         deadline = time.monotonic() + LLAMA_SERVER_START_S
         while not self._healthy(port):
@@ -2386,14 +2472,17 @@ class LlamaServer:
             level = logging.WARNING if re.search(r"\berror\b|failed|exception", line, re.I) else logging.DEBUG
             log.log(level, "model %s: llama-server[%d]: %s", self.name, proc.pid, line)
 
-    def complete(self, body: dict[str, Any], gen: Generation) -> dict[str, Any]:
+    def complete(self, body: dict[str, Any], gen: Generation, tokenizer: Any) -> dict[str, Any]:
         """Streams one /completion into `gen`; returns its last chunk ({} when gen stopped it). Closing
         the connection is how a request is cancelled: llama-server frees the slot when it sees it."""
         port = self.ensure_running()
         pid = self.proc.pid if self.proc else 0
-        conn = http.client.HTTPConnection("127.0.0.1", port)
+        if gen.should_stop():  # its client left while it waited (for a start, say)
+            return {}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=LLAMA_SERVER_READ_S)
         done = threading.Event()
         threading.Thread(target=close_when_cancelled, args=(gen, conn, done), daemon=True).start()
+        predicted = 0
         try:
             conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
             response = conn.getresponse()
@@ -2401,12 +2490,19 @@ class LlamaServer:
                 raise llama_server_error(response.status, response.read())
             for line in response:
                 if line.startswith(b"error:") or b'"error"' in line[:20]:
-                    raise llama_server_error(500, line.split(b":", 1)[1])
+                    raise llama_server_error(None, line.split(b":", 1)[1])
                 if not line.startswith(b"data: "):
                     continue
                 chunk = json.loads(line[6:])
-                if chunk.get("tokens"):
-                    gen.push(chunk["tokens"], llama_logprobs(chunk.get("completion_probabilities")))
+                ids = chunk.get("tokens") or []
+                count = chunk.get("tokens_predicted", predicted + len(ids))
+                if count > predicted + len(ids) and chunk.get("content"):
+                    # llama-server holds back tokens that end mid-character and then sends only the last
+                    # token's id with the whole text: the text is re-tokenized (exact for byte-level BPE).
+                    ids = tokenizer.encode(chunk["content"], add_special_tokens=False)
+                predicted = count
+                if ids:
+                    gen.push(ids, llama_logprobs(chunk.get("completion_probabilities")))
                 if chunk.get("stop"):
                     gen.cached_tokens = chunk.get("timings", {}).get("cache_n", 0)
                     return chunk
@@ -2465,18 +2561,21 @@ def stop_process(proc: subprocess.Popen, name: str) -> None:
 def close_when_cancelled(gen: Generation, conn: http.client.HTTPConnection, done: threading.Event) -> None:
     """Cancels a request that waits for its first token (a long prompt) as soon as its client leaves."""
     while not done.wait(0.1):
-        if gen.cancel.is_set():
-            with contextlib.suppress(OSError, AttributeError):
+        if gen.cancel.is_set() and conn.sock is not None:
+            with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
             return
 
 
-def llama_server_error(status: int, raw: bytes) -> ServerError:
-    """llama-server's error ({"error": {"code", "message", "type"}}) as ours: its 4xx are the request's fault."""
+def llama_server_error(status: int | None, raw: bytes) -> ServerError:
+    """llama-server's error ({"error": {"code", "message", "type"}}) as ours: its 4xx are the request's
+    fault. `status` None: an error inside a stream, whose body carries the code."""
     try:
-        message = json.loads(raw).get("error", {}).get("message") or raw.decode(errors="replace")
+        error = json.loads(raw).get("error", {})
+        message, code = error.get("message") or raw.decode(errors="replace"), error.get("code")
     except (ValueError, AttributeError):
-        message = raw.decode(errors="replace")
+        message, code = raw.decode(errors="replace"), None
+    status = status or (code if isinstance(code, int) else 500)
     if 400 <= status < 500:
         return BadRequest(f"llama-server refused the request: {message}")
     return ServerError(f"llama-server failed: {message}", status=502)
@@ -2502,7 +2601,8 @@ def llama_completion_body(ids: list[int], params: GenParams) -> dict[str, Any]:
             "repeat_penalty": params.repeat_penalty, "repeat_last_n": params.repeat_last_n,
             "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
             "seed": -1 if params.seed is None else params.seed, "ignore_eos": params.ignore_eos,
-            "n_probs": params.top_logprobs, "logit_bias": [[int(t), b] for t, b in params.logit_bias.items()]}
+            "n_probs": params.top_logprobs,  # a ban (-inf) is llama.cpp's `false`: JSON has no infinity
+            "logit_bias": [[int(t), False if b == -math.inf else b] for t, b in params.logit_bias.items()]}
     if params.grammar is not None:
         body["grammar"] = params.grammar
     elif params.format is not None:
@@ -2543,8 +2643,8 @@ class LlamaCppBackend(Backend):
         if self.binary is None:
             raise RuntimeError(self.probe() or "llama-server not probed")
         meta = gguf_metadata(plan.path)
-        trained = meta.get(f"{meta.get('general.architecture')}.context_length")
-        ctx = min(self.settings.context_length, trained) if isinstance(trained, int) else self.settings.context_length
+        trained = gguf_context_length(meta)
+        ctx = min(self.settings.context_length, trained) if trained else self.settings.context_length
         tokenizer = gguf_tokenizer(plan.path)  # ours: prompts are rendered and counted here, sent as token ids
         server = LlamaServer(plan.name, self.binary, plan.path, self.settings.num_parallel, ctx,
                              llama_gpu_layers(self.settings.llama_gpu_layers, plan.device),
@@ -2556,7 +2656,7 @@ class LlamaCppBackend(Backend):
                       note=f"GGUF {quant} served by llama-server {self.version}")
 
     def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
-        final = loaded.engine.complete(llama_completion_body(prompt.ids, params), gen)
+        final = loaded.engine.complete(llama_completion_body(prompt.ids, params), gen, loaded.tokenizer)
         result = gen.finish(len(prompt.ids), params.max_tokens, {loaded.tokenizer.eos_token_id})
         if result.stop_type != "word" and final.get("stop_type") in ("eos", "limit"):
             result.stop_type = final["stop_type"]
@@ -3363,7 +3463,7 @@ class PullManager:
                 endpoint=self.settings.hf_endpoint, token=self._token(),
                 tqdm_class=cancellable_progress(self._cancels[job.id]))
         except Exception:  # the download thread has ended: what it left empty is useless
-            await asyncio.to_thread(remove_empty_partials, cache, plan.repo_id)
+            await asyncio.to_thread(remove_empty_partials, cache, plan.repo_id, plan.blob_names)
             raise
         finally:
             watcher.cancel()
@@ -3371,6 +3471,8 @@ class PullManager:
         self._count_bytes(job, downloaded_bytes(self.settings.hf_cache, plan))
         if self._cancelled(job):
             raise PullCancelled("cancelled")
+        if plan.gguf is not None:  # read once on a thread: ~1.5 s, and _register runs on the event loop
+            await asyncio.to_thread(gguf_metadata, str(Path(path) / plan.gguf.paths[0]))
         return self._register(job, plan, Path(path))
 
     def _count_bytes(self, job: PullJob, now: int) -> None:
@@ -4015,6 +4117,8 @@ def open_state(settings: Settings, metrics: Metrics) -> AppState:
     bnb_error = bnb_probe()
     log.info("bitsandbytes: %s", "usable" if bnb_error is None else f"unusable ({bnb_error})")
     ensure_embedded_models(settings, registry)
+    gguf_paths = [r.path for r in registry.list_models() if is_gguf_path(r.path)]
+    threading.Thread(target=lambda: [gguf_metadata(p) for p in gguf_paths], name="gguf-metadata", daemon=True).start()
     return AppState(settings, registry, models,
                     PullManager(settings, registry, models, bnb_error is None, metrics), bnb_error)
 
@@ -4191,8 +4295,9 @@ def delete_model(state: AppState, rec: ModelRecord) -> None:
         raise Conflict(f"model '{rec.name}' is being pulled; wait for the job to end, then delete")
     state.models.evict(rec.name)
     state.registry.delete_model(rec.name)
-    if not any(r.path == rec.path for r in state.registry.list_models()):
-        delete_model_files(rec, state.settings)
+    others = state.registry.list_models()
+    if not any(r.path == rec.path for r in others):
+        delete_model_files(rec, state.settings, any(r.repo_id == rec.repo_id and r.source == "hub" for r in others))
     log.info("model %s: deleted", rec.name)
 
 
@@ -4978,6 +5083,9 @@ def llamacpp_builder(parts: list[str | int], params: GenParams, body: LlamaSampl
 
 def model_context_length(rec: ModelRecord, settings: Settings) -> int:
     """n_ctx as /props reports it before a load: CONTEXT_LENGTH capped by the model's config."""
+    if is_gguf_path(rec.path):
+        limit = gguf_context_length(gguf_metadata(rec.path))
+        return min(settings.context_length, limit) if limit else settings.context_length
     config = read_json(Path(rec.path) / "config.json")
     limit = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
     return min(settings.context_length, limit) if isinstance(limit, int) and limit > 0 else settings.context_length

@@ -65,7 +65,9 @@ peer() {  # peer LABEL: start it; TARGET = its bench.py --target
           local file=$GGUF port=8109; [ "$1" = llama-server-q8 ] && { file=$GGUF_Q8; port=8110; }
           start "$1" $port "$LLAMA_SERVER" -m "$file" --host 127.0.0.1 --port $port -np $NP -c $((NP * CTX)) -kvu \
             --jinja --no-webui --cache-ram 256 -ngl 0
-          until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do sleep 0.5; done  # 503 while it loads
+          until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do  # 503 while it loads
+            kill -0 "$PID" 2>/dev/null || { echo "$1 died:"; tail -20 "$OUT/logs/$1.log"; return 1; }; sleep 0.5
+          done
           TARGET="$1=http://127.0.0.1:$port,openai,smollm2,$PID" ;;
     ai-server-llamacpp) start ai-llamacpp 8111 ai 8111 AI_SERVER_BACKENDS=llamacpp DEFAULT_MODEL=smollm2:135m-q4_1
           curl -sf http://127.0.0.1:8111/api/generate -d '{"model":"smollm2:135m-q4_1"}' >/dev/null  # load it now

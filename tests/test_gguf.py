@@ -99,8 +99,15 @@ def test_quant_tags_files_and_the_default_choice():
     with pytest.raises(app.UnknownQuant) as bad:
         app.choose_gguf("a", models, "Q2_K")
     assert "F16, Q4_K_M, Q8_0" in bad.value.message
-    # No preferred quant: the smallest model.
-    assert app.choose_gguf("b", app.gguf_models([("x-BF16.gguf", 9), ("x-IQ2_XXS.gguf", 3)]), None).quant == "IQ2_XXS"
+    # No preferred quant: the smallest of at least 4 bits, not a 1- or 2-bit file.
+    other = app.gguf_models([("x-BF16.gguf", 9), ("x-IQ2_XXS.gguf", 3), ("x-Q5_K_XL.gguf", 5)])
+    assert app.choose_gguf("b", other, None).quant == "Q5_K_XL"
+    # Unsloth's dynamic quants: "UD-Q4_K_XL" names the UD file; "Q4_K_XL" the plain one.
+    ud = app.gguf_models([("Qwen3-8B-UD-Q4_K_XL.gguf", 5), ("Qwen3-8B-Q4_K_XL.gguf", 5), ("Qwen3-8B-UD-IQ1_S.gguf", 2)])
+    assert app.choose_gguf("u", ud, "ud-q4_k_xl").paths == ("Qwen3-8B-UD-Q4_K_XL.gguf",)
+    assert app.choose_gguf("u", ud, "Q4_K_XL").paths == ("Qwen3-8B-Q4_K_XL.gguf",)
+    assert app.gguf_shards("/m/x-Q4_K_M-00001-of-00002.gguf") == [Path("/m/x-Q4_K_M-00001-of-00002.gguf"),
+                                                                 Path("/m/x-Q4_K_M-00002-of-00002.gguf")]
     assert app.split_pull_name("hf.co/bartowski/X-GGUF:Q4_K_M") == ("bartowski/X-GGUF", "Q4_K_M")
     assert app.split_pull_name("https://huggingface.co/org/repo:latest") == ("org/repo", None)
     assert app.normalize_pull_name("hf.co/org/repo:iq4_xs") == "org/repo:iq4_xs"
@@ -137,6 +144,13 @@ def test_pulls_by_tag_fetch_only_that_quant_and_report_it(gguf_server, hub, gguf
     assert failed["status"] == "failed" and "its quants: Q4_0, Q4_1, Q8_0" in failed["error"]
     plain = s.client.post("/api/pull", json={"model": "hf.co/tiny/llama-a:Q4_K_M", "stream": False})
     assert plain.status_code == 400 and "has no GGUF files" in plain.json()["error"]
+
+    blobs = s.home / "hf-cache" / "models--test--SmolLM2-135M-Instruct-GGUF" / "blobs"
+    before = {p.name for p in blobs.iterdir()}
+    assert s.client.request("DELETE", "/api/delete", json={"model": f"{gguf_repo}:q8_0"}).status_code == 200
+    assert len(before - {p.name for p in blobs.iterdir()}) == 1  # the Q8_0 file's blob, nothing the others use
+    left = {m.model: m for m in api.list().models}
+    assert f"{gguf_repo}:q8_0" not in left and left[f"{gguf_repo}:Q4_1"].details.quantization_level == "Q4_1"
 
 
 # --- serving on llama-server ---------------------------------------------------------------------
@@ -189,6 +203,18 @@ def test_every_api_on_the_llamacpp_backend(gguf_server, gguf_repo):
     body = completion.json()
     assert completion.status_code == 200 and body["tokens_predicted"] == 6
     assert len(body["completion_probabilities"]) == 6 and len(body["completion_probabilities"][0]["top_logprobs"]) == 2
+
+    # Text that ends tokens mid-character (llama-server sends such tokens' ids late, with the text).
+    forced = 'root ::= "Emoji: \U0001F602\U0001F602 \u65E5\u672C\u8A9E"'
+    for stream in (False, True):
+        r = s.client.post("/completion", json={"model": name, "prompt": "Say it:", "grammar": forced, "stream": stream,
+                                               "n_predict": 30, "temperature": 0})
+        text = r.json()["content"] if not stream else "".join(
+            json.loads(ln[6:])["content"] for ln in r.text.splitlines() if ln.startswith("data: "))
+        assert text == "Emoji: \U0001F602\U0001F602 \u65E5\u672C\u8A9E", (stream, text)
+    banned = s.client.post("/completion", json={"model": name, "prompt": "Hi", "n_predict": 4,
+                                                "logit_bias": [[2, False]]})  # llama.cpp's ban: -inf here
+    assert banned.status_code == 200, banned.text
 
     s.pull_ok(gguf_repo)  # no tag: the split Q4_0, both shards; llama-server loads it from its first shard
     split = api.chat(model=gguf_repo, messages=[{"role": "user", "content": "Name a colour."}], options=options)
