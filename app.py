@@ -106,6 +106,7 @@ import http.client
 import importlib.metadata
 import importlib.util
 import inspect
+import io
 import ipaddress
 import itertools
 import json
@@ -262,6 +263,7 @@ class Settings(BaseSettings):
     origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                     validation_alias=AliasChoices("ORIGINS", "OLLAMA_ORIGINS"))
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, validation_alias="MAX_BODY_BYTES")
+    max_image_pixels: int = Field(2048 * 2048, ge=64 * 64, validation_alias="MAX_IMAGE_PIXELS")
     max_queue: int = Field(512, ge=0, validation_alias=AliasChoices("MAX_QUEUE", "OLLAMA_MAX_QUEUE"))
     num_parallel: int = Field(16, ge=1, validation_alias=AliasChoices("NUM_PARALLEL", "OLLAMA_NUM_PARALLEL"))
     batching: bool = Field(True, validation_alias="BATCHING")  # 0: one request at a time per model
@@ -566,6 +568,8 @@ class Metrics:
         self.load_failures = Counter("ai_server_model_load_failures", "Loads where every backend failed", ["model"],
                                      registry=r)
         self.rejected = Counter("ai_server_rejected_requests", "Requests refused: queue full", ["model"], registry=r)
+        self.images = Counter("ai_server_images_generated", "Images generated", ["model"], registry=r)
+        self.image_steps = Counter("ai_server_image_steps", "Denoising steps run", ["model"], registry=r)
         self.pull_bytes = Counter("ai_server_pull_bytes", "Bytes downloaded by pulls", registry=r)
         self.pull_jobs = Counter("ai_server_pull_jobs", "Pull jobs that ended", ["status"], registry=r)
 
@@ -1101,6 +1105,8 @@ def model_capabilities(path: str) -> tuple[str, ...]:
     folder = Path(path)
     if (folder / "modules.json").exists():  # a sentence-transformers folder
         return ("embedding",)
+    if (folder / "model_index.json").exists():  # a diffusers pipeline
+        return ("image",)
     caps = ["completion", "tools"]  # tools work on every model: see tool_system_prompt
     if is_gguf_path(path):
         fim = gguf_metadata(path).get("fim", False)
@@ -1125,7 +1131,8 @@ def parameter_count(path: str) -> int:
     if is_gguf_path(path):
         return gguf_metadata(path)["general.parameter_count"]
     total = 0
-    for file in Path(path).glob("*.safetensors"):
+    pattern = "*/*.safetensors" if (Path(path) / "model_index.json").exists() else "*.safetensors"  # per component
+    for file in Path(path).glob(pattern):
         try:
             with safe_open(file, "pt") as f:
                 total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
@@ -1144,6 +1151,12 @@ DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 def model_details(rec: "ModelRecord") -> dict[str, Any]:
+    index = read_json(Path(rec.path) / "model_index.json")
+    if index:  # diffusers: the family is the pipeline class (StableDiffusionPipeline)
+        family = str(index.get("_class_name", "diffusers"))
+        return {"parent_model": "", "format": "diffusers", "family": family, "families": [family],
+                "parameter_size": format_parameter_size(parameter_count(rec.path)),
+                "quantization_level": QUANT_LEVELS.get(rec.quantization, "")}
     if is_gguf_path(rec.path):
         meta = gguf_metadata(rec.path)
         family = str(meta.get("general.architecture", "unknown"))
@@ -2673,6 +2686,184 @@ class LlamaCppBackend(Backend):
         loaded.handle = loaded.engine = None
 
 
+# A1111's sampler names -> (diffusers scheduler class, its options). Names ending " Karras" (A1111 < 1.9) and
+# the separate `scheduler` field (A1111 >= 1.9: karras, exponential) choose the sigma schedule.
+A1111_SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ SDE": ("DPMSolverSinglestepScheduler", {}),
+    "DDIM": ("DDIMScheduler", {}),
+    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),  # as Stable Diffusion configures it
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "DEIS": ("DEISMultistepScheduler", {}),
+    "LCM": ("LCMScheduler", {}),
+}
+A1111_SIGMAS = {"automatic": {}, "karras": {"use_karras_sigmas": True},
+                "exponential": {"use_exponential_sigmas": True}}
+KARRAS_CAPABLE = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
+                  "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                  "UniPCMultistepScheduler", "DEISMultistepScheduler"}
+
+
+def resolve_sampler(sampler: str, scheduler: str | None = None) -> tuple[str, str, dict[str, Any]]:
+    """(A1111 name as given, diffusers class, its options); BadRequest lists the names that exist."""
+    name = sampler.strip()
+    sigmas = (scheduler or "automatic").strip().lower()
+    if name.lower().endswith(" karras"):
+        name, sigmas = name[:-len(" karras")], "karras"
+    found = next((k for k in A1111_SAMPLERS if k.lower() == name.lower()), None)
+    if found is None:
+        raise BadRequest(f"unknown sampler '{sampler}'; use one of: {', '.join(a1111_sampler_names())}")
+    if sigmas not in A1111_SIGMAS:
+        raise BadRequest(f"unknown scheduler '{scheduler}'; use one of: {', '.join(A1111_SIGMAS)}")
+    cls, options = A1111_SAMPLERS[found]
+    if sigmas != "automatic" and cls not in KARRAS_CAPABLE:
+        raise BadRequest(f"sampler '{found}' has no {sigmas} schedule; use it with scheduler 'automatic'")
+    return found, cls, {**options, **A1111_SIGMAS[sigmas]}
+
+
+def a1111_sampler_names() -> list[str]:
+    karras = [f"{k} Karras" for k, (cls, _) in A1111_SAMPLERS.items() if cls in KARRAS_CAPABLE]
+    return list(A1111_SAMPLERS) + karras
+
+
+MAX_IMAGE_SEED = 2**32 - 1
+
+
+@dataclasses.dataclass
+class ImageParams:
+    """One image request, whatever API it came from (A1111's fields)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "Euler a"
+    scheduler: str | None = None
+    seed: int = -1  # -1: random, reported back
+    batch_size: int = 1
+    n_iter: int = 1
+    init_images: list[Any] = dataclasses.field(default_factory=list)  # PIL images: img2img
+    denoising_strength: float = 0.75
+
+    def seeds(self) -> list[int]:
+        """A1111's: the first seed, then consecutive ones for every image of every batch."""
+        first = self.seed if self.seed >= 0 else int.from_bytes(os.urandom(4), "little") % MAX_IMAGE_SEED
+        return [(first + i) % (MAX_IMAGE_SEED + 1) for i in range(self.batch_size * self.n_iter)]
+
+
+@dataclasses.dataclass
+class ImageJob:
+    """A running image request's progress (A1111's /progress) and its stop switch."""
+
+    model: str
+    total_steps: int
+    step: int = 0
+    image_no: int = 0
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    interrupted: bool = False  # by /sdapi/v1/interrupt: the images so far are returned
+
+    def progress(self) -> float:
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+    def eta_s(self) -> float:
+        done = self.progress()
+        return (time.monotonic() - self.started) * (1 - done) / done if done else 0.0
+
+
+class DiffusersBackend(Backend):
+    """diffusers pipelines (a folder with model_index.json): text-to-image, and image-to-image through
+    the same weights (`from_pipe`). One request at a time per model; the sampler is set per request."""
+
+    name, module = "diffusers", "diffusers"
+    formats = ("diffusers",)
+    DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+    def load(self, plan: LoadPlan) -> Loaded:
+        from diffusers import AutoPipelineForText2Image
+
+        dtype = self.DTYPES.get(plan.dtype, torch.float16 if plan.device == "cuda" else torch.float32)
+        pipe = AutoPipelineForText2Image.from_pretrained(plan.path, local_files_only=True, torch_dtype=dtype,
+                                                         trust_remote_code=plan.trust_remote_code)
+        if plan.device == "cuda" and not self._fits(pipe):
+            pipe.enable_model_cpu_offload()  # components visit the GPU in turn
+            if hasattr(pipe, "vae") and hasattr(pipe.vae, "enable_tiling"):
+                pipe.vae.enable_tiling()
+        else:
+            pipe.to(plan.device)
+        pipe.set_progress_bar_config(disable=True)
+        modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+        memory = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+        loaded = Loaded(pipe, None, dtype=str(dtype).removeprefix("torch."), quantized=None, device=plan.device,
+                        memory_bytes=memory)
+        loaded.cache["scheduler_config"] = dict(pipe.scheduler.config)
+        return loaded
+
+    @staticmethod
+    def _fits(pipe: Any) -> bool:
+        needed = sum(p.numel() * p.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                     for p in m.parameters())
+        free = available_memory_bytes("cuda")
+        return free is None or needed < 0.8 * free
+
+    def generate_images(self, loaded: Loaded, params: ImageParams, job: ImageJob, metrics: Metrics) -> list[tuple[Any, int]]:
+        """(image, seed) pairs: n_iter batches of batch_size. Stops at the next step when `job.cancel` is set."""
+        import diffusers
+
+        pipe = loaded.handle
+        _, cls, options = resolve_sampler(params.sampler, params.scheduler)
+        pipe.scheduler = getattr(diffusers, cls).from_config(loaded.cache["scheduler_config"], **options)
+        if params.init_images:
+            if "img2img" not in loaded.cache:
+                from diffusers import AutoPipelineForImage2Image
+
+                loaded.cache["img2img"] = AutoPipelineForImage2Image.from_pipe(pipe)
+            pipe = loaded.cache["img2img"]
+            pipe.scheduler = getattr(diffusers, cls).from_config(loaded.cache["scheduler_config"], **options)
+        seeds, out = params.seeds(), []
+
+        def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            job.step += 1
+            metrics.image_steps.labels(job.model).inc()
+            if job.cancel.is_set():
+                p._interrupt = True  # diffusers checks it before every remaining step
+            return kwargs
+
+        for batch in range(params.n_iter):
+            if job.cancel.is_set():
+                break
+            batch_seeds = seeds[batch * params.batch_size:(batch + 1) * params.batch_size]
+            kwargs: dict[str, Any] = {
+                "prompt": [params.prompt] * len(batch_seeds), "negative_prompt": [params.negative_prompt] * len(batch_seeds),
+                "num_inference_steps": params.steps, "guidance_scale": params.cfg_scale,
+                # CPU generators: the same seed gives the same noise on every device (diffusers' advice).
+                "generator": [torch.Generator("cpu").manual_seed(s) for s in batch_seeds],
+                "callback_on_step_end": on_step}
+            if params.init_images:
+                kwargs.update(image=[params.init_images[i % len(params.init_images)] for i in range(len(batch_seeds))],
+                              strength=params.denoising_strength)
+            else:
+                kwargs.update(width=params.width, height=params.height)
+            images = pipe(**kwargs).images
+            job.image_no += len(images)
+            out += list(zip(images, batch_seeds))
+        metrics.images.labels(job.model).inc(len(out))
+        return out
+
+    def unload(self, loaded: Loaded) -> None:
+        loaded.handle = None
+        loaded.cache.clear()
+
+
 def build_backends(settings: Settings) -> list[Backend]:
     """The fallback chain, in the order AI_SERVER_BACKENDS gives; each model uses those of its format."""
     makers = {"vllm": lambda: VllmBackend(settings), "llamacpp": lambda: LlamaCppBackend(settings),
@@ -2730,6 +2921,10 @@ class LoadedModel:
             return self.backend.generate(self.loaded, prompt, params, gen)
         with self.lock:  # one generation at a time per model; the RNG seed is per request
             return in_fresh_thread(self.backend.generate, self.loaded, prompt, params, gen)
+
+    def images(self, params: ImageParams, job: ImageJob, metrics: Metrics) -> list[tuple[Any, int]]:
+        with self.lock:  # one image request at a time per model: its sampler is set on the shared pipeline
+            return self.backend.generate_images(self.loaded, params, job, metrics)
 
     def embed(self, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
         with self.lock:  # called on a fresh thread (run_in_daemon_thread)
@@ -2837,6 +3032,10 @@ def is_embedding_model(rec: ModelRecord) -> bool:
     return "embedding" in model_capabilities(rec.path)
 
 
+def is_image_model(rec: ModelRecord) -> bool:
+    return "image" in model_capabilities(rec.path)
+
+
 class ModelCache:
     """Loaded models: LRU-bounded, single-flight loads, cooldown after total failure,
     unloaded when idle past their keep_alive."""
@@ -2849,6 +3048,8 @@ class ModelCache:
         self.workers = concurrent.futures.ThreadPoolExecutor(
             settings.num_parallel * settings.max_cache_models + 4, thread_name_prefix="generate")
         self.embedding_backend = EmbeddingBackend(settings)
+        self.image_backend = DiffusersBackend(settings)
+        self.image_jobs: list[ImageJob] = []  # running and waiting image requests, oldest first (A1111's /progress)
         self.loaded: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
         self.cooldowns: dict[str, Cooldown] = {}
         self.load_counts: collections.Counter[str] = collections.Counter()
@@ -2868,7 +3069,7 @@ class ModelCache:
             run.abort(error)
 
     def probe_backends(self) -> None:
-        self.backend_errors = {b.name: b.probe() for b in self.backends}
+        self.backend_errors = {b.name: b.probe() for b in [*self.backends, self.image_backend]}
         for name, err in self.backend_errors.items():
             log.info("backend %s: %s", name, "available" if err is None else f"unavailable ({err})")
 
@@ -2928,8 +3129,9 @@ class ModelCache:
         device = pick_device(self.settings.device)
         plan = LoadPlan(rec.name, rec.path, rec.quantization, trust, device,
                         choose_dtype(rec.quantization, self.settings.dtype, device))
-        fmt = "gguf" if is_gguf_path(rec.path) else "hf"
-        backends = [self.embedding_backend] if is_embedding_model(rec) else [b for b in self.backends if fmt in b.formats]
+        fmt = "gguf" if is_gguf_path(rec.path) else "diffusers" if is_image_model(rec) else "hf"
+        backends = [self.embedding_backend] if is_embedding_model(rec) else [self.image_backend] if fmt == "diffusers" \
+            else [b for b in self.backends if fmt in b.formats]
         attempts: list[dict[str, str]] = [] if backends else [
             {"backend": "-", "error": f"no backend in AI_SERVER_BACKENDS loads {fmt} models "
                                       f"(llamacpp or transformers load GGUF files)"}]
@@ -3017,6 +3219,8 @@ class ModelCache:
                           "max_queue": self.scheduler.max_queue, "num_parallel": self.scheduler.num_parallel},
                 "cache": [{"name": n, **m.public()} for n, m in self.loaded.items()],  # LRU first
                 "loading": sorted(self._inflight),
+                "image_jobs": [{"model": j.model, "step": j.step, "total_steps": j.total_steps, "images": j.image_no}
+                               for j in self.image_jobs],
                 "cooldowns": {n: {"remaining_s": c.remaining_s(), "attempts": c.attempts}
                               for n, c in self.cooldowns.items() if c.remaining_s() > 0},
                 "loads_total": dict(self.load_counts)}
@@ -3303,6 +3507,75 @@ def ollama_stats(fin: Finished) -> dict[str, Any]:
     return {"done_reason": r.done_reason, "total_duration": fin.total_ns, "load_duration": fin.load_ns,
             "prompt_eval_count": r.prompt_tokens, "prompt_eval_duration": r.prompt_eval_ns,
             "eval_count": r.output_tokens, "eval_duration": r.eval_ns}
+
+
+@dataclasses.dataclass
+class ImageResult:
+    images: list[tuple[Any, int]]  # (PIL image, its seed)
+    load_ns: int
+    total_ns: int
+    interrupted: bool
+
+
+async def run_images(cache: ModelCache, rec: ModelRecord, params: ImageParams, keep_alive_s: float | None,
+                     request: Request | None, job: ImageJob | None = None) -> ImageResult:
+    """One image request: a slot of the model (bounded queue, FIFO; a waiting request whose client left
+    never runs), the model held, the pipeline run on a worker thread. A client that leaves stops it at
+    the next step; /sdapi/v1/interrupt ends it early with the images made so far."""
+    start = time.perf_counter_ns()
+    job = job or ImageJob(rec.name, params.n_iter * max(1, int(params.steps * (params.denoising_strength
+                                                                              if params.init_images else 1))))
+    cancelled = asyncio.Event()
+    watcher = asyncio.create_task(cancel_image_when_disconnected(request, job, cancelled)) if request else None
+    cache.image_jobs.append(job)
+    try:
+        slot = await cache.scheduler.enter(rec.name, cancelled)
+        try:
+            async with cache.use(rec, keep_alive_s) as (model, load_ns):
+                if not isinstance(model.backend, DiffusersBackend):
+                    raise BadRequest(f"'{rec.name}' is not an image model")
+                job.started = time.monotonic()
+                future = asyncio.get_running_loop().run_in_executor(cache.workers, model.images, params, job,
+                                                                    cache.metrics)
+                try:
+                    images = await asyncio.shield(future)
+                except asyncio.CancelledError:  # the model stays held until the pipeline has stopped
+                    job.cancel.set()
+                    await asyncio.wait({future})
+                    raise
+        finally:
+            cache.scheduler.leave(rec.name, slot)
+    finally:
+        cache.image_jobs.remove(job)
+        if watcher is not None:
+            watcher.cancel()
+    if job.cancel.is_set() and not job.interrupted:
+        raise ClientGone("request canceled")
+    log.info("model %s: %d image(s), %d steps in %.2f s", rec.name, len(images), job.step,
+             (time.perf_counter_ns() - start) / 1e9)
+    return ImageResult(images, load_ns, time.perf_counter_ns() - start, job.interrupted)
+
+
+async def cancel_image_when_disconnected(request: Request, job: ImageJob, cancelled: asyncio.Event,
+                                         every_s: float = 0.25) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    log.info("model %s: client went away; stopping the image run", job.model)
+    job.cancel.set()
+    cancelled.set()
+
+
+def png_base64(image: Any, infotext: str | None = None) -> str:
+    """A PNG (with A1111's `parameters` text chunk when given), base64, no data: prefix."""
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = None
+    if infotext:
+        meta = PngInfo()
+        meta.add_text("parameters", infotext)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=meta)
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def split_thinking(text: str) -> tuple[str, str | None]:
@@ -3781,6 +4054,9 @@ class OllamaChatBody(OllamaInferenceBody):
 
 class OllamaGenerateBody(OllamaInferenceBody):
     prompt: str | None = Field("", max_length=4_000_000)
+    width: int | None = Field(None, ge=8, le=4096)  # image models (Ollama's image generation fields)
+    height: int | None = Field(None, ge=8, le=4096)
+    steps: int | None = Field(None, ge=1, le=150)
     suffix: str | None = Field(None, max_length=4_000_000)
     system: str | None = None
     template: str | None = None
@@ -3981,6 +4257,79 @@ def openai_messages(messages: list[OpenAIMessage]) -> list[dict[str, Any]]:
     return out
 
 
+class A1111Body(WireModel):
+    """A1111's txt2img/img2img fields that mean something here; its others (hires fix, scripts, face
+    restoration, ...) are accepted and ignored, as clients such as webuiapi send them all."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+    prompt: str = Field("", max_length=100_000)
+    negative_prompt: str = Field("", max_length=100_000)
+    seed: int = Field(-1, ge=-1, le=MAX_IMAGE_SEED)
+    sampler_name: str | None = Field(None, max_length=100)
+    sampler_index: str | None = Field(None, max_length=100)  # A1111's old name for sampler_name
+    scheduler: str | None = Field(None, max_length=100)
+    batch_size: int = Field(1, ge=1, le=16)
+    n_iter: int = Field(1, ge=1, le=16)
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0, le=30)
+    width: int = Field(512, ge=8, le=8192)
+    height: int = Field(512, ge=8, le=8192)
+    denoising_strength: float | None = Field(None, ge=0, le=1)
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class A1111Img2ImgBody(A1111Body):
+    init_images: list[str] = Field(min_length=1, max_length=16)
+
+
+class UnityImageBody(WireModel):
+    """The Unity API's /generate-image (its SDGenerationRequest)."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+    prompt: str = Field(min_length=1, max_length=100_000)
+    negative_prompt: str = Field("", max_length=100_000)
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0, le=30)
+    width: int = Field(512, ge=8, le=8192)
+    height: int = Field(512, ge=8, le=8192)
+    sampler_name: str = Field("DPM++ 2M Karras", max_length=100)
+    seed: int = Field(-1, ge=-1, le=MAX_IMAGE_SEED)
+    batch_size: int = Field(1, ge=1, le=16)
+    n_iter: int = Field(1, ge=1, le=16)
+    model: ModelName | None = None
+
+
+class OpenAIImageBody(WireModel):
+    model: ModelName | None = None
+    prompt: str = Field(min_length=1, max_length=100_000)
+    n: int = Field(1, ge=1, le=10)
+    size: str = Field("512x512", max_length=20)
+    response_format: str | None = Field(None, max_length=20)
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+
+
+def check_image_size(width: int, height: int, settings: Settings) -> None:
+    if width % 8 or height % 8:
+        raise BadRequest(f"width and height must be multiples of 8 (got {width}x{height}): try "
+                         f"{width // 8 * 8 or 8}x{height // 8 * 8 or 8}")
+    if width * height > settings.max_image_pixels:
+        raise BadRequest(f"{width}x{height} is {width * height} pixels, above MAX_IMAGE_PIXELS "
+                         f"({settings.max_image_pixels}): ask for a smaller image")
+
+
+def decode_image(data: str) -> Any:
+    """A base64 image (a data: URL too) as an RGB PIL image; BadRequest when it is not one."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
+        return Image.open(io.BytesIO(raw)).convert("RGB")
+    except (ValueError, UnidentifiedImageError, OSError):
+        raise BadRequest("init_images must be base64-encoded PNG or JPEG images") from None
+
+
 # ============================================================================
 # 14. Responses: Ollama NDJSON and OpenAI SSE
 # ============================================================================
@@ -4061,6 +4410,7 @@ class AppState:
     bnb_error: str | None
     tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
     import_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # embedded imports, one at a time
+    image_model: str | None = None  # A1111's sd_model_checkpoint (POST /sdapi/v1/options): the default image model
 
     @property
     def metrics(self) -> Metrics:
@@ -4141,6 +4491,9 @@ def require_model(state: AppState, name: str, message: str | None = None) -> Mod
 def require_generative(rec: ModelRecord, name: str) -> None:
     if is_embedding_model(rec):
         raise BadRequest(f'"{name}" does not support generate')
+    if is_image_model(rec):
+        raise BadRequest(f'"{name}" is an image model: it does not support chat; use /api/generate, '
+                         "/v1/images/generations or /sdapi/v1/txt2img")
 
 
 def require_generative_model(state: AppState, name: str) -> ModelRecord:
@@ -4441,6 +4794,38 @@ async def ollama_chat_stream(run: GenerationRun, name: str, tools: list[dict] | 
     return stream_response(await first_then_rest(lines()), "application/x-ndjson", ndjson_error)
 
 
+async def ollama_image(state: AppState, rec: ModelRecord, body: OllamaGenerateBody, keep_alive: float | None,
+                       request: Request) -> Any:
+    """Ollama's image generation (as it shipped in 2026): progress lines {completed, total}, then
+    {"image": base64 PNG, "done": true}."""
+    options = body.options or {}
+    seed = options.get("seed") if isinstance(options, dict) else getattr(options, "seed", None)
+    params = ImageParams(body.prompt or "", width=body.width or 512, height=body.height or 512,
+                         steps=body.steps or 20, seed=seed if isinstance(seed, int) and seed >= 0 else -1)
+    check_image_size(params.width, params.height, state.settings)
+    resolve_sampler(params.sampler)
+    job = ImageJob(rec.name, params.steps)
+    task = asyncio.create_task(run_images(state.models, rec, params, keep_alive, request, job))
+
+    def final(result: ImageResult) -> dict[str, Any]:
+        return ollama_chunk(body.model, True, image=png_base64(result.images[0][0]), done_reason="stop",
+                            total_duration=result.total_ns, load_duration=result.load_ns)
+
+    if not body.stream:
+        return ndjson_one(final(await task))
+
+    async def lines():
+        sent = -1
+        while not task.done():
+            if job.step != sent:
+                sent = job.step
+                yield compact_json(ollama_chunk(body.model, False, completed=job.step, total=job.total_steps)) + "\n"
+            await asyncio.wait({task}, timeout=0.25)
+        yield compact_json(final(task.result())) + "\n"
+
+    return stream_response(lines(), "application/x-ndjson", ndjson_error)
+
+
 def ndjson_one(obj: dict[str, Any]) -> Response:
     return Response(compact_json(obj) + "\n", media_type="application/json; charset=utf-8")
 
@@ -4550,6 +4935,8 @@ def add_ollama_inference_routes(app: FastAPI) -> None:
         if not body.prompt and not body.suffix:
             reason = await load_or_unload(state, rec, keep_alive)
             return ndjson_one(ollama_chunk(body.model, True, response="", done_reason=reason))
+        if is_image_model(rec):
+            return await ollama_image(state, rec, body, keep_alive, request)
         require_generative(rec, body.model)
         check_think(rec, body.model, body.think)
         build = generate_builder(body, rec, body.model, state.settings)
@@ -5495,7 +5882,190 @@ async def template(request: Request, model: str | None = None) -> dict[str, str]
 
 
 # ============================================================================
-# 20. App
+# 20. Routes: images (A1111's /sdapi/v1/*, the Unity API's /generate-image, OpenAI's /v1/images/*; `grep @images`)
+# ============================================================================
+images = APIRouter()
+
+
+def image_models(state: AppState) -> list[ModelRecord]:
+    return [r for r in state.registry.list_models() if is_image_model(r)]
+
+
+def pick_image_model(state: AppState, name: str | None) -> ModelRecord:
+    """The named model, else the one chosen in /sdapi/v1/options, else the newest image model pulled."""
+    if name:
+        rec = require_model(state, name, f"image model '{name}' not found; pull it first (POST /pull)")
+        if not is_image_model(rec):
+            raise BadRequest(f"'{name}' is not an image model (no model_index.json); pick one from "
+                             "GET /sdapi/v1/sd-models")
+        return rec
+    if state.image_model and (rec := find_model(state, state.image_model)) is not None:
+        return rec
+    found = image_models(state)
+    if not found:
+        raise NotFound("no image model is pulled: pull a diffusers repo (one with model_index.json), "
+                       'e.g. POST /pull {"model": "stabilityai/sd-turbo"}')
+    return found[0]
+
+
+def a1111_params(body: A1111Body, settings: Settings, init_images: list[Any] | None = None) -> ImageParams:
+    check_image_size(body.width, body.height, settings)
+    sampler = body.sampler_name or body.sampler_index or "Euler a"
+    resolve_sampler(sampler, body.scheduler)  # a 400 before any queueing
+    return ImageParams(body.prompt, body.negative_prompt, body.width, body.height, body.steps, body.cfg_scale,
+                       sampler, body.scheduler, body.seed, body.batch_size, body.n_iter, init_images or [],
+                       0.75 if body.denoising_strength is None else body.denoising_strength)
+
+
+def a1111_infotext(params: ImageParams, seed: int, model: str) -> str:
+    """The text A1111 writes under an image (and into its PNG's `parameters` chunk)."""
+    sigmas = (params.scheduler or "automatic").capitalize()
+    text = params.prompt + (f"\nNegative prompt: {params.negative_prompt}" if params.negative_prompt else "")
+    extra = f", Denoising strength: {params.denoising_strength}" if params.init_images else ""
+    return (f"{text}\nSteps: {params.steps}, Sampler: {params.sampler}, Schedule type: {sigmas}, "
+            f"CFG scale: {params.cfg_scale:g}, Seed: {seed}, Size: {params.width}x{params.height}, "
+            f"Model: {model}{extra}, Version: ai-server {VERSION}")
+
+
+def a1111_reply(params: ImageParams, result: ImageResult, model: str, body: dict[str, Any]) -> dict[str, Any]:
+    seeds = [seed for _, seed in result.images]
+    infotexts = [a1111_infotext(params, seed, model) for seed in seeds]
+    count = len(seeds)
+    info = {"prompt": params.prompt, "all_prompts": [params.prompt] * count,
+            "negative_prompt": params.negative_prompt, "all_negative_prompts": [params.negative_prompt] * count,
+            "seed": seeds[0] if seeds else params.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * count,
+            "subseed_strength": 0, "width": params.width, "height": params.height, "sampler_name": params.sampler,
+            "cfg_scale": params.cfg_scale, "steps": params.steps, "batch_size": params.batch_size,
+            "restore_faces": False, "face_restoration_model": None, "sd_model_name": model, "sd_model_hash": None,
+            "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "denoising_strength": params.denoising_strength if params.init_images else None,
+            "extra_generation_params": {"Schedule type": (params.scheduler or "automatic").capitalize()},
+            "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "clip_skip": 1,
+            "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "is_using_inpainting_conditioning": False,
+            "version": f"ai-server {VERSION}", "interrupted": result.interrupted}
+    pngs = [png_base64(image, text) for (image, _), text in zip(result.images, infotexts)]
+    return {"images": pngs, "parameters": body, "info": json.dumps(info)}
+
+
+async def a1111_generate(request: Request, body: A1111Body, init_images: list[Any] | None = None) -> dict[str, Any]:
+    state = state_of(request)
+    rec = pick_image_model(state, body.override_settings.get("sd_model_checkpoint"))
+    params = a1111_params(body, state.settings, init_images)
+    result = await run_images(state.models, rec, params, None, request)
+    return a1111_reply(params, result, rec.name, body.model_dump())
+
+
+@images.post("/sdapi/v1/txt2img")
+async def a1111_txt2img(body: A1111Body, request: Request) -> dict[str, Any]:
+    return await a1111_generate(request, body)
+
+
+@images.post("/sdapi/v1/img2img")
+async def a1111_img2img(body: A1111Img2ImgBody, request: Request) -> dict[str, Any]:
+    pictures = [decode_image(data).resize((body.width, body.height)) for data in body.init_images]
+    reply = await a1111_generate(request, body, pictures)
+    reply["parameters"]["init_images"] = []  # A1111 does not echo the (large) inputs back either
+    return reply
+
+
+@images.get("/sdapi/v1/sd-models")
+async def a1111_models(request: Request) -> list[dict[str, Any]]:
+    return [{"title": r.name, "model_name": r.name, "hash": None, "sha256": None, "filename": r.path, "config": None}
+            for r in image_models(state_of(request))]
+
+
+@images.get("/sdapi/v1/options")
+async def a1111_options(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    current = state.image_model or next((r.name for r in image_models(state)), None)
+    return {"sd_model_checkpoint": current, "samples_format": "png"}
+
+
+@images.post("/sdapi/v1/options")
+async def a1111_set_options(request: Request) -> dict[str, Any]:
+    """Only `sd_model_checkpoint` means something here: the default image model."""
+    state = state_of(request)
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        raise BadRequest("the body must be a JSON object of options") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object of options")
+    if (name := body.get("sd_model_checkpoint")) is not None:
+        state.image_model = pick_image_model(state, str(name)).name
+    return {}
+
+
+@images.get("/sdapi/v1/samplers")
+async def a1111_samplers() -> list[dict[str, Any]]:
+    return [{"name": n, "aliases": [A1111_SAMPLERS[n.removesuffix(" Karras")][0]],
+             "options": {"scheduler": "karras"} if n.endswith(" Karras") else {}} for n in a1111_sampler_names()]
+
+
+@images.get("/sdapi/v1/schedulers")
+async def a1111_schedulers() -> list[dict[str, Any]]:
+    return [{"name": n, "label": n.capitalize()} for n in A1111_SIGMAS]
+
+
+@images.get("/sdapi/v1/progress")
+async def a1111_progress(request: Request) -> dict[str, Any]:
+    jobs = state_of(request).models.image_jobs
+    job = next((j for j in jobs if j.step), jobs[0] if jobs else None)
+    if job is None:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": {"skipped": False, "interrupted": False, "job": "",
+                "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0},
+                "current_image": None, "textinfo": None}
+    return {"progress": round(job.progress(), 4), "eta_relative": round(job.eta_s(), 2),
+            "state": {"skipped": False, "interrupted": job.interrupted, "job": job.model, "job_count": len(jobs),
+                      "job_timestamp": "0", "job_no": job.image_no, "sampling_step": job.step,
+                      "sampling_steps": job.total_steps},
+            "current_image": None, "textinfo": None}
+
+
+@images.post("/sdapi/v1/interrupt")
+async def a1111_interrupt(request: Request) -> dict[str, Any]:
+    """Ends the running image requests at their next step; they return the images made so far."""
+    for job in state_of(request).models.image_jobs:
+        if job.step:
+            job.interrupted = True
+            job.cancel.set()
+    return {}
+
+
+@images.post("/generate-image")
+async def unity_generate_image(body: UnityImageBody, request: Request) -> dict[str, Any]:
+    """The Unity API's route: the first image as base64 PNG, and A1111's info string."""
+    state = state_of(request)
+    rec = pick_image_model(state, body.model)
+    check_image_size(body.width, body.height, state.settings)
+    resolve_sampler(body.sampler_name)
+    params = ImageParams(body.prompt, body.negative_prompt, body.width, body.height, body.steps, body.cfg_scale,
+                         body.sampler_name, None, body.seed, body.batch_size, body.n_iter)
+    result = await run_images(state.models, rec, params, None, request)
+    reply = a1111_reply(params, result, rec.name, body.model_dump())
+    return {"image_base64": reply["images"][0], "images": reply["images"], "info": reply["info"]}
+
+
+@images.post("/v1/images/generations")
+async def openai_images(body: OpenAIImageBody, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    if body.response_format not in (None, "b64_json"):
+        raise BadRequest("response_format 'url' is not supported: ai-server keeps no image store to link to; "
+                         "use response_format 'b64_json'", param="response_format")
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", body.size)
+    if match is None:
+        raise BadRequest(f"size must be WIDTHxHEIGHT, e.g. 512x512 (got '{body.size}')", param="size")
+    width, height = int(match.group(1)), int(match.group(2))
+    check_image_size(width, height, state.settings)
+    rec = pick_image_model(state, body.model)
+    params = ImageParams(body.prompt, width=width, height=height, batch_size=body.n)
+    result = await run_images(state.models, rec, params, None, request)
+    return {"created": int(time.time()), "data": [{"b64_json": png_base64(image), "revised_prompt": body.prompt}
+                                                  for image, _ in result.images]}
+
+
+# ============================================================================
+# 21. App
 # ============================================================================
 DEFAULT_ORIGINS = ("http://localhost", "https://localhost", "http://localhost:*", "https://localhost:*",
                    "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
@@ -5695,11 +6265,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_openai_chat_route(app)
     add_openai_other_routes(app)
     app.include_router(llamacpp)
+    app.include_router(images)
     return app
 
 
 # ============================================================================
-# 21. Main
+# 22. Main
 # ============================================================================
 class JsonLogFormatter(logging.Formatter):
     """LOG_FORMAT=json: one JSON object per line. Ten lines here rather than a dependency."""

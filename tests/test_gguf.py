@@ -262,9 +262,10 @@ def test_a_client_that_leaves_frees_its_llama_server_slot(gguf_server, gguf_repo
     s.client.post("/api/generate", json={"model": name, "prompt": "hi", "stream": False,
                                          "options": {"num_predict": 1}}).raise_for_status()
     port = engine(s, name)["batching"]["port"]
-    with s.client.stream("POST", "/api/generate", json={"model": name, "prompt": "Write a long story.",
-                                                        "options": {"num_predict": 2000, "temperature": 1}}) as r:
-        for _, _ in zip(range(3), r.iter_lines()):
+    # ignore_eos (llama.cpp's /completion): the run cannot end on its own before the client leaves.
+    with s.client.stream("POST", "/completion", json={"model": name, "prompt": "Write a long story.", "stream": True,
+                                                      "n_predict": 2000, "ignore_eos": True}) as r:
+        for _, _ in zip(range(3), (line for line in r.iter_lines() if line)):
             pass
         busy = httpx.get(f"http://127.0.0.1:{port}/slots").json()
         assert any(slot["is_processing"] for slot in busy)

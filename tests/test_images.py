@@ -1,0 +1,210 @@
+"""Image models: a tiny random Stable Diffusion pipeline (diffusers' own test configs, built here) on the
+local hub, pulled through /pull, then generated through A1111's /sdapi/v1/* (with the real `webuiapi`
+client), the Unity API's /generate-image, OpenAI's /v1/images/generations (the real `openai` client) and
+Ollama's /api/generate; seeds, samplers, sizes, the LRU with text models, a client that leaves."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import webuiapi
+from conftest import ServerProcess
+from models import tiny_diffusion_files
+from PIL import Image
+
+SD = "tiny/sd"
+
+
+@pytest.fixture(scope="module")
+def image_server(hub, tmp_path_factory):
+    hub.add_repo(SD, tiny_diffusion_files())
+    tmp = tmp_path_factory.mktemp("images")
+    server = ServerProcess(tmp / "home", hub.url, tmp / "server.log", AI_SERVER_BACKENDS="transformers",
+                           MAX_CACHE_MODELS="2", MAX_IMAGE_PIXELS=str(256 * 256))
+    server.start()
+    server.pull_ok(SD)
+    yield server
+    server.stop()
+
+
+def png(data: str) -> Image.Image:
+    assert not data.startswith("data:")
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert image.format == "PNG"
+    return image
+
+
+def a1111(server: ServerProcess, route: str = "txt2img", **body) -> httpx.Response:
+    return server.client.post(f"/sdapi/v1/{route}", json={"prompt": "a red cube", "steps": 2, "width": 64,
+                                                          "height": 64, **body})
+
+
+def test_pulled_pipeline_is_listed_as_an_image_model(image_server):
+    tags = {m["name"]: m for m in image_server.client.get("/api/tags").json()["models"]}
+    entry = tags[f"{SD}:latest"]
+    assert entry["capabilities"] == ["image"]
+    assert entry["details"]["format"] == "diffusers" and entry["details"]["family"] == "StableDiffusionPipeline"
+    shown = image_server.client.post("/api/show", json={"model": SD}).json()
+    assert shown["capabilities"] == ["image"]
+    models = image_server.client.get("/sdapi/v1/sd-models").json()
+    assert [m["title"] for m in models] == [SD]
+    chat = image_server.client.post("/api/chat", json={"model": SD, "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 400 and "image model" in chat.json()["error"]
+
+
+def test_a1111_client_seeds_batches_and_info(image_server):
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=image_server.port, sampler="Euler a", steps=2)
+    first = api.txt2img(prompt="a red cube", seed=42, width=64, height=64, cfg_scale=5)
+    assert first.image.size == (64, 64)
+    assert first.info["seed"] == 42 and first.info["all_seeds"] == [42]
+    assert "Seed: 42" in first.info["infotexts"][0] and "Sampler: Euler a" in first.info["infotexts"][0]
+    again = api.txt2img(prompt="a red cube", seed=42, width=64, height=64, cfg_scale=5)
+    assert again.json["images"][0] == first.json["images"][0]  # same seed: the same bytes
+    other = api.txt2img(prompt="a red cube", seed=43, width=64, height=64, cfg_scale=5)
+    assert other.json["images"][0] != first.json["images"][0]
+    assert png(first.json["images"][0]).info["parameters"] == first.info["infotexts"][0]  # A1111's PNG text
+
+    batch = a1111(image_server, seed=7, batch_size=2, n_iter=2, width=32, height=48).json()
+    info = json.loads(batch["info"])  # a JSON string, as A1111 sends it
+    assert info["all_seeds"] == [7, 8, 9, 10] and len(batch["images"]) == 4
+    assert all(png(i).size == (32, 48) for i in batch["images"])
+    single = a1111(image_server, seed=9, width=32, height=48).json()
+    assert single["images"][0] == batch["images"][2]  # the third image is seed 9's, alone or in a batch
+    random_seed = json.loads(a1111(image_server).json()["info"])["seed"]
+    assert isinstance(random_seed, int) and random_seed >= 0  # -1: a random seed, reported back
+
+    init = first.json["images"][0]
+    edited = a1111(image_server, "img2img", init_images=[init], denoising_strength=0.5, seed=1).json()
+    assert png(edited["images"][0]).size == (64, 64) and edited["images"][0] != init
+    assert json.loads(edited["info"])["denoising_strength"] == 0.5
+
+
+def test_every_sampler_runs_and_bad_input_is_a_400(image_server):
+    samplers = image_server.client.get("/sdapi/v1/samplers").json()
+    names = [s["name"] for s in samplers]
+    assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE", "DDIM", "LMS", "Heun", "UniPC",
+            "LCM"} <= set(names)
+    for name in names:
+        r = a1111(image_server, sampler_name=name, seed=3, width=32, height=32)
+        assert r.status_code == 200, (name, r.text)
+    karras = a1111(image_server, sampler_name="DPM++ 2M", scheduler="karras", seed=3, width=32, height=32).json()
+    legacy = a1111(image_server, sampler_name="DPM++ 2M Karras", seed=3, width=32, height=32).json()
+    # A1111 1.9's scheduler field = the old " Karras" names: the same pixels (the PNGs' texts name them apart).
+    assert png(karras["images"][0]).tobytes() == png(legacy["images"][0]).tobytes()
+
+    bad = a1111(image_server, sampler_name="Euler z")
+    assert bad.status_code == 400 and "DPM++ 2M Karras" in bad.json()["error"]
+    assert a1111(image_server, sampler_name="DDIM", scheduler="karras").status_code == 400
+    odd = a1111(image_server, width=65)
+    assert odd.status_code == 400 and "multiples of 8" in odd.json()["error"]
+    huge = a1111(image_server, width=512, height=512)
+    assert huge.status_code == 400 and "MAX_IMAGE_PIXELS" in huge.json()["error"]
+    assert a1111(image_server, steps=0).status_code == 400
+    broken = a1111(image_server, "img2img", init_images=["not an image"])
+    assert broken.status_code == 400 and "base64" in broken.json()["error"]
+
+
+def test_unity_openai_and_ollama_routes(image_server):
+    unity = image_server.client.post("/generate-image", json={"prompt": "a tree", "width": 64, "height": 64,
+                                                              "steps": 2, "seed": 5}).json()
+    assert png(unity["image_base64"]).size == (64, 64) and json.loads(unity["info"])["seed"] == 5
+
+    client = openai.OpenAI(base_url=f"{image_server.url}/v1", api_key="unused")
+    result = client.images.generate(model=SD, prompt="a tree", n=2, size="64x64", response_format="b64_json")
+    assert len(result.data) == 2 and all(png(d.b64_json).size == (64, 64) for d in result.data)
+    with pytest.raises(openai.BadRequestError) as url:
+        client.images.generate(model=SD, prompt="a tree", size="64x64", response_format="url")
+    assert "b64_json" in str(url.value)
+
+    lines = [json.loads(ln) for ln in image_server.client.post("/api/generate", json={
+        "model": SD, "prompt": "a tree", "width": 64, "height": 64, "steps": 3, "options": {"seed": 5}}).text.splitlines()]
+    progress = [ln for ln in lines if not ln["done"]]
+    assert progress and all(ln["total"] == 3 for ln in progress) and progress[-1]["completed"] <= 3
+    final = lines[-1]
+    assert final["done"] and png(final["image"]).size == (64, 64)
+    whole = image_server.client.post("/api/generate", json={"model": SD, "prompt": "a tree", "width": 64, "height": 64,
+                                                            "steps": 3, "options": {"seed": 5}, "stream": False}).json()
+    assert whole["image"] == final["image"]  # the same seed through Ollama's route, streamed or not
+
+
+def test_options_progress_and_interrupt(image_server):
+    assert image_server.client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == SD
+    assert image_server.client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope/none"}).status_code == 404
+    assert image_server.client.post("/sdapi/v1/options", json={"sd_model_checkpoint": SD}).status_code == 200
+    idle = image_server.client.get("/sdapi/v1/progress").json()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+
+    replies: list[httpx.Response] = []
+    worker = threading.Thread(target=lambda: replies.append(a1111(image_server, steps=150, width=128, height=128)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while (now := image_server.client.get("/sdapi/v1/progress").json())["state"]["sampling_step"] < 2:
+        assert time.monotonic() < deadline, now
+        time.sleep(0.05)
+    assert 0 < now["progress"] < 1 and now["state"]["sampling_steps"] == 150
+    assert image_server.client.post("/sdapi/v1/interrupt").status_code == 200
+    worker.join(60)
+    reply = replies[0]
+    assert reply.status_code == 200 and json.loads(reply.json()["info"])["interrupted"] is True
+    assert png(reply.json()["images"][0]).size == (128, 128)  # what it had, as A1111 returns it
+
+
+def test_a_client_that_leaves_stops_the_run(image_server):
+    with pytest.raises(httpx.ReadTimeout):
+        image_server.client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 150, "width": 128, "height": 128},
+                                 timeout=2)
+    deadline = time.monotonic() + 30
+    while image_server.client.get("/status").json()["image_jobs"]:
+        assert time.monotonic() < deadline, "the image run went on for a client that left"
+        time.sleep(0.1)
+    assert "stopping the image run" in image_server.log()
+
+
+def test_image_and_text_models_share_the_lru(hub, start_server):
+    hub.add_repo("tiny/sd-lru", tiny_diffusion_files(1))
+    s = start_server(MAX_CACHE_MODELS="1")
+    s.pull_ok("tiny/sd-lru")
+    s.pull_ok("tiny/llama-a")
+    assert s.chat("tiny/llama-a", options={"num_predict": 2}).status_code == 200
+    r = s.client.post("/generate-image", json={"model": "tiny/sd-lru", "prompt": "x", "width": 32, "height": 32,
+                                               "steps": 1})
+    assert r.status_code == 200, r.text
+    cache = s.client.get("/status").json()["cache"]
+    assert [m["name"] for m in cache] == ["tiny/sd-lru"]  # the text model was evicted to make room
+    assert cache[0]["backend"] == "diffusers" and cache[0]["memory_bytes"] > 0
+    assert s.chat("tiny/llama-a", options={"num_predict": 2}).status_code == 200
+    assert [m["name"] for m in s.client.get("/status").json()["cache"]] == ["tiny/llama-a"]
+    metrics = s.client.get("/metrics").text
+    assert 'ai_server_images_generated_total{model="tiny/sd-lru"} 1.0' in metrics
+    assert 'ai_server_image_steps_total{model="tiny/sd-lru"} 1.0' in metrics
+
+
+def test_keys_browsers_and_a_full_queue(hub, start_server):
+    hub.add_repo("tiny/sd-queue", tiny_diffusion_files(2))
+    s = start_server(API_KEYS="sekrit", NUM_PARALLEL="1", MAX_QUEUE="0")
+    key = {"Authorization": "Bearer sekrit"}
+    s.client.headers.update(key)
+    s.pull_ok("tiny/sd-queue")
+    body = {"prompt": "x", "width": 32, "height": 32, "steps": 1}
+    assert httpx.post(f"{s.url}/sdapi/v1/txt2img", json=body).status_code == 401  # no key
+    browser = s.client.post("/sdapi/v1/txt2img", json=body, headers={"Origin": "https://evil.example"})
+    assert browser.status_code == 403 and not s.client.get("/status").json()["image_jobs"]
+    replies: list[httpx.Response] = []
+    long_run = threading.Thread(target=lambda: replies.append(s.client.post("/sdapi/v1/txt2img", json={
+        **body, "steps": 60, "width": 128, "height": 128})))
+    long_run.start()
+    deadline = time.monotonic() + 60
+    while not s.client.get("/status").json()["image_jobs"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    busy = s.client.post("/sdapi/v1/txt2img", json=body)
+    assert busy.status_code == 503 and busy.headers["Retry-After"]  # one running, no queue
+    long_run.join(120)
+    assert replies[0].status_code == 200
