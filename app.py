@@ -5,7 +5,8 @@ Run:   python app.py serve            (port 8005; imports the embedded models on
 
 APIs: native (/pull, /jobs, /models, /chat), Ollama's (/api/*, NDJSON streams), OpenAI's (/v1/*, SSE
 streams) and llama.cpp's server API (/completion, /tokenize, /props, ... for LLM for Unity and other
-llama.cpp clients), all on the same models.
+llama.cpp clients), all on the same models; images from diffusers pipelines through A1111's
+/sdapi/v1/*, the Unity API's /generate-image, OpenAI's /v1/images/* and Ollama's /api/generate.
 
 Models are pulled explicitly (POST /pull, through huggingface_hub.snapshot_download) and
 loaded only from local files, by the first backend that works: vLLM when importable (its async
@@ -60,6 +61,7 @@ Environment (one place for each default: `Settings` below; only these names conf
 | VLLM_GPU_MEMORY_UTILIZATION| 0.9                        | vLLM share of GPU memory                  |
 | VLLM_ENFORCE_EAGER         | eager on CPU, graphs on GPU| vLLM enforce_eager                        |
 | VLLM_TENSOR_PARALLEL_SIZE  | 1                          | vLLM tensor-parallel GPUs                 |
+| MAX_IMAGE_PIXELS           | 2048*2048                  | largest image (width x height) asked for  |
 | LOG_LEVEL                  | INFO                       | logging level                             |
 
 Sections, in order; each uses only those above it:
@@ -72,7 +74,8 @@ Sections, in order; each uses only those above it:
   7. Decoding (stops, grammars)  17. Routes: Ollama (/api/*)
   8. Backends                    18. Routes: OpenAI (/v1/*)
   9. Loader (LRU, keep_alive)    19. Routes: llama.cpp (/completion, /tokenize, /props, ...; `grep @llamacpp`)
- 10. Generation (thread bridge)  20. App, 21. Main   (20 also holds the middleware: keys, Host, CORS, ...)
+ 10. Generation (thread bridge)  20. Routes: images (A1111 /sdapi/v1/*, /generate-image, /v1/images/*; `grep @images`)
+                                 21. App, 22. Main   (21 also holds the middleware: keys, Host, CORS, ...)
 """
 
 # ============================================================================
@@ -863,6 +866,45 @@ def gguf_context_length(meta: dict[str, Any]) -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
+DIFFUSERS_VARIANT_RE = re.compile(r"\.(fp16|bf16|fp32|non_ema|ema)(?=[.-])")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx", ".onnx_data", ".msgpack", ".pb", ".xml")
+
+
+def diffusers_files(paths: list[str]) -> list[str]:
+    """What a diffusers pipeline loads from its repo: one weight variant for every component folder (plain
+    .safetensors when each has them, else the fp16 ones when each has those, else both), .bin only where a
+    folder has no .safetensors, and every small file; top-level single-file checkpoints and ONNX, OpenVINO
+    or Flax copies are left on the hub (a repo may hold several copies of the same model)."""
+    def weight(p: str) -> bool:
+        return p.lower().endswith(WEIGHT_SUFFIXES)
+
+    keep = [p for p in paths if not weight(p)]
+    folders: dict[str, list[str]] = {}
+    for p in paths:
+        if weight(p) and "/" in p:
+            folders.setdefault(p.rsplit("/", 1)[0], []).append(p)
+    def plain(p: str) -> bool:
+        return p.endswith(".safetensors") and not DIFFUSERS_VARIANT_RE.search(p)
+
+    def fp16(p: str) -> bool:
+        return p.endswith(".safetensors") and ".fp16" in p
+
+    with_safetensors = [f for f in folders.values() if any(p.endswith(".safetensors") for p in f)]
+    wanted = plain if all(any(map(plain, f)) for f in with_safetensors) else fp16 if all(
+        any(map(fp16, f)) for f in with_safetensors) else (lambda p: plain(p) or fp16(p))
+    for found in folders.values():
+        picked = [p for p in found if wanted(p)]
+        keep += picked or [p for p in found if p.endswith(".bin") and not DIFFUSERS_VARIANT_RE.search(p)]
+    return keep
+
+
+def diffusers_variant(folder: Path) -> str | None:
+    """"fp16" when the pulled components have only fp16 weight files (from_pretrained must be told)."""
+    files = [p.name for p in folder.glob("*/*.safetensors")]
+    plain = [n for n in files if not DIFFUSERS_VARIANT_RE.search(n)]
+    return "fp16" if files and not plain and any(".fp16" in n for n in files) else None
+
+
 @dataclasses.dataclass
 class SnapshotPlan:
     """What one pull will download: the files of one commit, and where their blobs land."""
@@ -910,9 +952,13 @@ def plan_snapshot(api: HfApi, name: str, revision: str) -> SnapshotPlan:
         files = [f for f in files if f.path in chosen.paths or f.path.endswith(GGUF_TEXT_SUFFIXES)]
     elif models:  # transformers weights and GGUF quants side by side: the pull is the former only
         files = [f for f in files if not f.path.lower().endswith(".gguf")]
+    pipeline = chosen is None and any(f.path == "model_index.json" for f in files)
+    if pipeline:  # a diffusers repo: one weight variant per component, no single-file or other-runtime copies
+        keep = set(diffusers_files([f.path for f in files]))
+        files = [f for f in files if f.path in keep]
     blobs = [f.lfs.sha256 if f.lfs else f.blob_id for f in files]
     return SnapshotPlan(repo_id, info.sha, blobs, sum(f.size for f in files), chosen,
-                        [f.path for f in files] if chosen is not None or models else None)
+                        [f.path for f in files] if chosen is not None or models or pipeline else None)
 
 
 def downloaded_bytes(cache_dir: Path, plan: SnapshotPlan) -> int:
@@ -2744,15 +2790,19 @@ class ImageParams:
     negative_prompt: str = ""
     width: int = 512
     height: int = 512
-    steps: int = 20
-    cfg_scale: float = 7.0
-    sampler: str = "Euler a"
+    steps: int | None = None  # None: the pipeline's default (APIs that carry no such field)
+    cfg_scale: float | None = None  # None: the pipeline's default
+    sampler: str | None = None  # None: the scheduler the model ships with (flow-matching, turbo, LCM models)
     scheduler: str | None = None
     seed: int = -1  # -1: random, reported back
     batch_size: int = 1
     n_iter: int = 1
     init_images: list[Any] = dataclasses.field(default_factory=list)  # PIL images: img2img
     denoising_strength: float = 0.75
+
+    def denoising_steps(self, default: int) -> int:
+        steps = self.steps or default
+        return max(1, int(steps * self.denoising_strength)) if self.init_images else steps
 
     def seeds(self) -> list[int]:
         """A1111's: the first seed, then consecutive ones for every image of every batch."""
@@ -2771,6 +2821,16 @@ class ImageJob:
     started: float = dataclasses.field(default_factory=time.monotonic)
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     interrupted: bool = False  # by /sdapi/v1/interrupt: the images so far are returned
+
+    def on_step(self, pipe: Any, n_iter: int, metrics: Metrics) -> None:
+        """Called by the pipeline after each step: counts it, learns the run's real length (Heun-type
+        schedulers take 2n-1 steps), and stops the run at this step when cancelled."""
+        if self.step == 0 and getattr(pipe, "num_timesteps", None):
+            self.total_steps = pipe.num_timesteps * n_iter
+        self.step += 1
+        metrics.image_steps.labels(self.model).inc()
+        if self.cancel.is_set():
+            pipe._interrupt = True  # diffusers checks it before every remaining step
 
     def progress(self) -> float:
         return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
@@ -2793,7 +2853,8 @@ class DiffusersBackend(Backend):
 
         dtype = self.DTYPES.get(plan.dtype, torch.float16 if plan.device == "cuda" else torch.float32)
         pipe = AutoPipelineForText2Image.from_pretrained(plan.path, local_files_only=True, torch_dtype=dtype,
-                                                         trust_remote_code=plan.trust_remote_code)
+                                                         trust_remote_code=plan.trust_remote_code,
+                                                         variant=diffusers_variant(Path(plan.path)))
         if plan.device == "cuda" and not self._fits(pipe):
             pipe.enable_model_cpu_offload()  # components visit the GPU in turn
             if hasattr(pipe, "vae") and hasattr(pipe.vae, "enable_tiling"):
@@ -2801,6 +2862,8 @@ class DiffusersBackend(Backend):
         else:
             pipe.to(plan.device)
         pipe.set_progress_bar_config(disable=True)
+        if hasattr(pipe, "vae") and hasattr(pipe.vae, "enable_slicing"):
+            pipe.vae.enable_slicing()  # a batch decodes image by image: its peak memory is one image's
         modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
         memory = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
         loaded = Loaded(pipe, None, dtype=str(dtype).removeprefix("torch."), quantized=None, device=plan.device,
@@ -2815,27 +2878,43 @@ class DiffusersBackend(Backend):
         free = available_memory_bytes("cuda")
         return free is None or needed < 0.8 * free
 
-    def generate_images(self, loaded: Loaded, params: ImageParams, job: ImageJob, metrics: Metrics) -> list[tuple[Any, int]]:
-        """(image, seed) pairs: n_iter batches of batch_size. Stops at the next step when `job.cancel` is set."""
+    @staticmethod
+    def pipeline_for(loaded: Loaded, params: ImageParams) -> Any:
+        """The text-to-image pipeline, or its image-to-image sibling (same weights) for init images, with
+        the request's sampler; BadRequest when the model cannot do what is asked."""
         import diffusers
 
         pipe = loaded.handle
-        _, cls, options = resolve_sampler(params.sampler, params.scheduler)
-        pipe.scheduler = getattr(diffusers, cls).from_config(loaded.cache["scheduler_config"], **options)
         if params.init_images:
             if "img2img" not in loaded.cache:
-                from diffusers import AutoPipelineForImage2Image
-
-                loaded.cache["img2img"] = AutoPipelineForImage2Image.from_pipe(pipe)
+                try:
+                    loaded.cache["img2img"] = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
+                except ValueError:
+                    raise BadRequest(f"{type(pipe).__name__} has no image-to-image pipeline in diffusers; "
+                                     "use txt2img with this model") from None
             pipe = loaded.cache["img2img"]
-            pipe.scheduler = getattr(diffusers, cls).from_config(loaded.cache["scheduler_config"], **options)
+        own = getattr(diffusers, loaded.cache["scheduler_config"]["_class_name"], None)
+        if params.sampler is None:
+            pipe.scheduler = own.from_config(loaded.cache["scheduler_config"]) if own else pipe.scheduler
+            return pipe
+        name, cls, options = resolve_sampler(params.sampler, params.scheduler)
+        compatible = {c.__name__ for c in own.from_config(loaded.cache["scheduler_config"]).compatibles} | {
+            own.__name__} if own else set(A1111_SAMPLERS)
+        if cls not in compatible:
+            raise BadRequest(f"sampler '{name}' does not fit this model ({type(pipe).__name__} uses "
+                             f"{loaded.cache['scheduler_config']['_class_name']}); leave sampler_name out, or use "
+                             f"one of: {', '.join(n for n in a1111_sampler_names() if resolve_sampler(n)[1] in compatible)}")
+        pipe.scheduler = getattr(diffusers, cls).from_config(loaded.cache["scheduler_config"], **options)
+        return pipe
+
+    def generate_images(self, loaded: Loaded, params: ImageParams, job: ImageJob, metrics: Metrics) -> list[tuple[Any, int]]:
+        """(image, seed) pairs: n_iter batches of batch_size. Stops at the next step when `job.cancel` is set."""
+        pipe = self.pipeline_for(loaded, params)
+        accepts = set(inspect.signature(pipe.__call__).parameters)
         seeds, out = params.seeds(), []
 
         def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            job.step += 1
-            metrics.image_steps.labels(job.model).inc()
-            if job.cancel.is_set():
-                p._interrupt = True  # diffusers checks it before every remaining step
+            job.on_step(p, params.n_iter, metrics)
             return kwargs
 
         for batch in range(params.n_iter):
@@ -2843,17 +2922,22 @@ class DiffusersBackend(Backend):
                 break
             batch_seeds = seeds[batch * params.batch_size:(batch + 1) * params.batch_size]
             kwargs: dict[str, Any] = {
-                "prompt": [params.prompt] * len(batch_seeds), "negative_prompt": [params.negative_prompt] * len(batch_seeds),
-                "num_inference_steps": params.steps, "guidance_scale": params.cfg_scale,
+                "prompt": [params.prompt] * len(batch_seeds),
                 # CPU generators: the same seed gives the same noise on every device (diffusers' advice).
                 "generator": [torch.Generator("cpu").manual_seed(s) for s in batch_seeds],
                 "callback_on_step_end": on_step}
+            optional = {"negative_prompt": [params.negative_prompt] * len(batch_seeds) if params.negative_prompt
+                        else None, "num_inference_steps": params.steps, "guidance_scale": params.cfg_scale}
+            kwargs |= {k: v for k, v in optional.items() if v is not None and k in accepts}
             if params.init_images:
                 kwargs.update(image=[params.init_images[i % len(params.init_images)] for i in range(len(batch_seeds))],
                               strength=params.denoising_strength)
             else:
                 kwargs.update(width=params.width, height=params.height)
-            images = pipe(**kwargs).images
+            try:
+                images = pipe(**kwargs).images
+            except ValueError as exc:  # diffusers checks its arguments (steps for LCM, sizes, ...) with ValueError
+                raise BadRequest(f"the pipeline refused the request: {exc}") from None
             job.image_no += len(images)
             out += list(zip(images, batch_seeds))
         metrics.images.labels(job.model).inc(len(out))
@@ -2923,8 +3007,8 @@ class LoadedModel:
             return in_fresh_thread(self.backend.generate, self.loaded, prompt, params, gen)
 
     def images(self, params: ImageParams, job: ImageJob, metrics: Metrics) -> list[tuple[Any, int]]:
-        with self.lock:  # one image request at a time per model: its sampler is set on the shared pipeline
-            return self.backend.generate_images(self.loaded, params, job, metrics)
+        with self.lock:  # its sampler is set on the shared pipeline; a fresh thread: see in_fresh_thread
+            return in_fresh_thread(self.backend.generate_images, self.loaded, params, job, metrics)
 
     def embed(self, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
         with self.lock:  # called on a fresh thread (run_in_daemon_thread)
@@ -3049,6 +3133,8 @@ class ModelCache:
             settings.num_parallel * settings.max_cache_models + 4, thread_name_prefix="generate")
         self.embedding_backend = EmbeddingBackend(settings)
         self.image_backend = DiffusersBackend(settings)
+        # Image requests take turns per model (the sampler is set on the shared pipeline): a queue of their own.
+        self.image_scheduler = Scheduler(1, settings.max_queue, metrics)
         self.image_jobs: list[ImageJob] = []  # running and waiting image requests, oldest first (A1111's /progress)
         self.loaded: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
         self.cooldowns: dict[str, Cooldown] = {}
@@ -3067,6 +3153,8 @@ class ModelCache:
             log.warning("shutdown: ending %d running generation(s): %s", len(self.runs), error.message)
         for run in list(self.runs):
             run.abort(error)
+        for job in self.image_jobs:  # they stop at their next step
+            job.cancel.set()
 
     def probe_backends(self) -> None:
         self.backend_errors = {b.name: b.probe() for b in [*self.backends, self.image_backend]}
@@ -3205,8 +3293,10 @@ class ModelCache:
             self.evict(name)
 
     def gauges(self) -> list[tuple[str, str, dict[str, float]]]:
-        return [("ai_server_queue_depth", "Requests waiting for a slot", dict(self.scheduler.waiting)),
-                ("ai_server_running_requests", "Requests generating", dict(self.scheduler.running)),
+        waiting, running = self.scheduler.waiting + self.image_scheduler.waiting, \
+            self.scheduler.running + self.image_scheduler.running
+        return [("ai_server_queue_depth", "Requests waiting for a slot", dict(waiting)),
+                ("ai_server_running_requests", "Requests generating", dict(running)),
                 ("ai_server_model_loaded", "1 for each loaded model", {n: 1.0 for n in self.loaded}),
                 ("ai_server_model_memory_bytes", "Memory a loaded model takes",
                  {n: float(m.loaded.memory_bytes or 0) for n, m in self.loaded.items()}),
@@ -3214,12 +3304,15 @@ class ModelCache:
                  {n: m.throughput.per_s() for n, m in self.loaded.items()})]
 
     def status(self) -> dict[str, Any]:
-        return {"queue": {"waiting": {n: c for n, c in self.scheduler.waiting.items() if c},
-                          "running": {n: c for n, c in self.scheduler.running.items() if c},
+        waiting, running = self.scheduler.waiting + self.image_scheduler.waiting, \
+            self.scheduler.running + self.image_scheduler.running
+        return {"queue": {"waiting": {n: c for n, c in waiting.items() if c},
+                          "running": {n: c for n, c in running.items() if c},
                           "max_queue": self.scheduler.max_queue, "num_parallel": self.scheduler.num_parallel},
                 "cache": [{"name": n, **m.public()} for n, m in self.loaded.items()],  # LRU first
                 "loading": sorted(self._inflight),
-                "image_jobs": [{"model": j.model, "step": j.step, "total_steps": j.total_steps, "images": j.image_no}
+                "image_jobs": [{"model": j.model, "step": j.step, "total_steps": j.total_steps, "images": j.image_no,
+                                "steps_per_s": round(j.step / max(time.monotonic() - j.started, 1e-3), 2)}
                                for j in self.image_jobs],
                 "cooldowns": {n: {"remaining_s": c.remaining_s(), "attempts": c.attempts}
                               for n, c in self.cooldowns.items() if c.remaining_s() > 0},
@@ -3523,13 +3616,12 @@ async def run_images(cache: ModelCache, rec: ModelRecord, params: ImageParams, k
     never runs), the model held, the pipeline run on a worker thread. A client that leaves stops it at
     the next step; /sdapi/v1/interrupt ends it early with the images made so far."""
     start = time.perf_counter_ns()
-    job = job or ImageJob(rec.name, params.n_iter * max(1, int(params.steps * (params.denoising_strength
-                                                                              if params.init_images else 1))))
+    job = job or ImageJob(rec.name, params.n_iter * params.denoising_steps(20))
     cancelled = asyncio.Event()
     watcher = asyncio.create_task(cancel_image_when_disconnected(request, job, cancelled)) if request else None
     cache.image_jobs.append(job)
     try:
-        slot = await cache.scheduler.enter(rec.name, cancelled)
+        slot = await cache.image_scheduler.enter(rec.name, cancelled)
         try:
             async with cache.use(rec, keep_alive_s) as (model, load_ns):
                 if not isinstance(model.backend, DiffusersBackend):
@@ -3537,14 +3629,9 @@ async def run_images(cache: ModelCache, rec: ModelRecord, params: ImageParams, k
                 job.started = time.monotonic()
                 future = asyncio.get_running_loop().run_in_executor(cache.workers, model.images, params, job,
                                                                     cache.metrics)
-                try:
-                    images = await asyncio.shield(future)
-                except asyncio.CancelledError:  # the model stays held until the pipeline has stopped
-                    job.cancel.set()
-                    await asyncio.wait({future})
-                    raise
+                images = await finish_despite_cancel(future, job)
         finally:
-            cache.scheduler.leave(rec.name, slot)
+            cache.image_scheduler.leave(rec.name, slot)
     finally:
         cache.image_jobs.remove(job)
         if watcher is not None:
@@ -3554,6 +3641,24 @@ async def run_images(cache: ModelCache, rec: ModelRecord, params: ImageParams, k
     log.info("model %s: %d image(s), %d steps in %.2f s", rec.name, len(images), job.step,
              (time.perf_counter_ns() - start) / 1e9)
     return ImageResult(images, load_ns, time.perf_counter_ns() - start, job.interrupted)
+
+
+async def finish_despite_cancel(future: asyncio.Future, job: ImageJob) -> Any:
+    """The worker's result. A cancelled caller stops the run at its next step but still waits for the
+    thread to end (however often it is cancelled): the model and slot stay held while the pipeline runs."""
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(future)
+            break
+        except asyncio.CancelledError:
+            cancelled = True
+            job.cancel.set()
+            if future.done():
+                break
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 async def cancel_image_when_disconnected(request: Request, job: ImageJob, cancelled: asyncio.Event,
@@ -4310,24 +4415,36 @@ class OpenAIImageBody(WireModel):
     user: str | None = None
 
 
-def check_image_size(width: int, height: int, settings: Settings) -> None:
+def check_image_size(width: int, height: int, settings: Settings, count: int = 1) -> None:
+    if width < 8 or height < 8:
+        raise BadRequest(f"width and height must be at least 8 (got {width}x{height})")
     if width % 8 or height % 8:
         raise BadRequest(f"width and height must be multiples of 8 (got {width}x{height}): try "
                          f"{width // 8 * 8 or 8}x{height // 8 * 8 or 8}")
     if width * height > settings.max_image_pixels:
         raise BadRequest(f"{width}x{height} is {width * height} pixels, above MAX_IMAGE_PIXELS "
                          f"({settings.max_image_pixels}): ask for a smaller image")
+    if count * width * height > 16 * settings.max_image_pixels:
+        raise BadRequest(f"{count} images of {width}x{height} are more than 16 x MAX_IMAGE_PIXELS in one request: "
+                         "ask for fewer (batch_size x n_iter) or smaller images")
 
 
-def decode_image(data: str) -> Any:
-    """A base64 image (a data: URL too) as an RGB PIL image; BadRequest when it is not one."""
+def decode_image(data: str | bytes, max_pixels: int) -> Any:
+    """A base64 image (a data: URL too; line breaks allowed) or raw bytes as an RGB PIL image, its size
+    checked before it is decoded; BadRequest when it is not one. Run it off the event loop."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
-        return Image.open(io.BytesIO(raw)).convert("RGB")
-    except (ValueError, UnidentifiedImageError, OSError):
-        raise BadRequest("init_images must be base64-encoded PNG or JPEG images") from None
+        if isinstance(data, str):
+            text = data.split(",", 1)[1] if data.startswith("data:") else data
+            data = base64.b64decode("".join(text.split()), validate=True)
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > 4 * max_pixels:
+            raise BadRequest(f"an input image of {image.width}x{image.height} is too large: at most "
+                             f"{4 * max_pixels} pixels (4 x MAX_IMAGE_PIXELS)")
+        return image.convert("RGB")
+    except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise BadRequest("input images must be base64-encoded PNG or JPEG images") from None
 
 
 # ============================================================================
@@ -4800,28 +4917,37 @@ async def ollama_image(state: AppState, rec: ModelRecord, body: OllamaGenerateBo
     {"image": base64 PNG, "done": true}."""
     options = body.options or {}
     seed = options.get("seed") if isinstance(options, dict) else getattr(options, "seed", None)
-    params = ImageParams(body.prompt or "", width=body.width or 512, height=body.height or 512,
-                         steps=body.steps or 20, seed=seed if isinstance(seed, int) and seed >= 0 else -1)
+    params = ImageParams(body.prompt or "", width=body.width or 512, height=body.height or 512, steps=body.steps,
+                         seed=seed if isinstance(seed, int) and seed >= 0 else -1)
     check_image_size(params.width, params.height, state.settings)
-    resolve_sampler(params.sampler)
-    job = ImageJob(rec.name, params.steps)
+    job = ImageJob(rec.name, params.steps or 0)
     task = asyncio.create_task(run_images(state.models, rec, params, keep_alive, request, job))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: a left client's 499 is no news
 
-    def final(result: ImageResult) -> dict[str, Any]:
-        return ollama_chunk(body.model, True, image=png_base64(result.images[0][0]), done_reason="stop",
-                            total_duration=result.total_ns, load_duration=result.load_ns)
+    async def final() -> dict[str, Any]:
+        result = await task
+        image = await asyncio.to_thread(png_base64, result.images[0][0])
+        return ollama_chunk(body.model, True, image=image, done_reason="stop", total_duration=result.total_ns,
+                            load_duration=result.load_ns)
 
     if not body.stream:
-        return ndjson_one(final(await task))
+        return ndjson_one(await final())
+    while job.step == 0 and not task.done():  # queue, load and the first step: their errors are HTTP errors
+        await asyncio.wait({task}, timeout=0.1)
+    if task.done() and task.exception() is not None:
+        raise task.exception()
 
     async def lines():
         sent = -1
-        while not task.done():
-            if job.step != sent:
-                sent = job.step
-                yield compact_json(ollama_chunk(body.model, False, completed=job.step, total=job.total_steps)) + "\n"
-            await asyncio.wait({task}, timeout=0.25)
-        yield compact_json(final(task.result())) + "\n"
+        try:
+            while not task.done():
+                if job.step != sent:
+                    sent = job.step
+                    yield compact_json(ollama_chunk(body.model, False, completed=job.step, total=job.total_steps)) + "\n"
+                await asyncio.wait({task}, timeout=0.25)
+            yield compact_json(await final()) + "\n"
+        finally:
+            job.cancel.set()  # the client left (or the run ended): nothing more to make
 
     return stream_response(lines(), "application/x-ndjson", ndjson_error)
 
@@ -5360,6 +5486,8 @@ def llamacpp_model(state: AppState, requested: str | None, embedding: bool = Fal
     rec = find_model(state, name)
     if rec is None:
         raise model_not_found(name)
+    if is_image_model(rec):
+        raise BadRequest(f"'{name}' is an image model: the llama.cpp routes serve text models; use /sdapi/v1/txt2img")
     return rec
 
 
@@ -5893,6 +6021,8 @@ def image_models(state: AppState) -> list[ModelRecord]:
 
 def pick_image_model(state: AppState, name: str | None) -> ModelRecord:
     """The named model, else the one chosen in /sdapi/v1/options, else the newest image model pulled."""
+    if name is not None and not isinstance(name, str):
+        raise BadRequest("sd_model_checkpoint must be a model name (a string); GET /sdapi/v1/sd-models lists them")
     if name:
         rec = require_model(state, name, f"image model '{name}' not found; pull it first (POST /pull)")
         if not is_image_model(rec):
@@ -5909,21 +6039,26 @@ def pick_image_model(state: AppState, name: str | None) -> ModelRecord:
 
 
 def a1111_params(body: A1111Body, settings: Settings, init_images: list[Any] | None = None) -> ImageParams:
-    check_image_size(body.width, body.height, settings)
-    sampler = body.sampler_name or body.sampler_index or "Euler a"
-    resolve_sampler(sampler, body.scheduler)  # a 400 before any queueing
+    """A1111's fields as ImageParams; no sampler named: the model's own scheduler."""
+    check_image_size(body.width, body.height, settings, body.batch_size * body.n_iter)
+    sampler = body.sampler_name or body.sampler_index or None
+    if sampler is not None:
+        resolve_sampler(sampler, body.scheduler)  # a 400 before any queueing
+    strength = 0.75 if body.denoising_strength is None else body.denoising_strength
+    if init_images and int(body.steps * strength) < 1:
+        raise BadRequest(f"img2img runs steps x denoising_strength steps ({body.steps} x {strength} < 1): raise one")
     return ImageParams(body.prompt, body.negative_prompt, body.width, body.height, body.steps, body.cfg_scale,
-                       sampler, body.scheduler, body.seed, body.batch_size, body.n_iter, init_images or [],
-                       0.75 if body.denoising_strength is None else body.denoising_strength)
+                       sampler, body.scheduler, body.seed, body.batch_size, body.n_iter, init_images or [], strength)
 
 
 def a1111_infotext(params: ImageParams, seed: int, model: str) -> str:
     """The text A1111 writes under an image (and into its PNG's `parameters` chunk)."""
     sigmas = (params.scheduler or "automatic").capitalize()
+    sampler = params.sampler or "Default"  # the model's own scheduler
     text = params.prompt + (f"\nNegative prompt: {params.negative_prompt}" if params.negative_prompt else "")
     extra = f", Denoising strength: {params.denoising_strength}" if params.init_images else ""
-    return (f"{text}\nSteps: {params.steps}, Sampler: {params.sampler}, Schedule type: {sigmas}, "
-            f"CFG scale: {params.cfg_scale:g}, Seed: {seed}, Size: {params.width}x{params.height}, "
+    return (f"{text}\nSteps: {params.steps}, Sampler: {sampler}, Schedule type: {sigmas}, "
+            f"CFG scale: {params.cfg_scale or 0:g}, Seed: {seed}, Size: {params.width}x{params.height}, "
             f"Model: {model}{extra}, Version: ai-server {VERSION}")
 
 
@@ -5952,7 +6087,7 @@ async def a1111_generate(request: Request, body: A1111Body, init_images: list[An
     rec = pick_image_model(state, body.override_settings.get("sd_model_checkpoint"))
     params = a1111_params(body, state.settings, init_images)
     result = await run_images(state.models, rec, params, None, request)
-    return a1111_reply(params, result, rec.name, body.model_dump())
+    return await asyncio.to_thread(a1111_reply, params, result, rec.name, body.model_dump())  # PNGs: off the loop
 
 
 @images.post("/sdapi/v1/txt2img")
@@ -5962,7 +6097,10 @@ async def a1111_txt2img(body: A1111Body, request: Request) -> dict[str, Any]:
 
 @images.post("/sdapi/v1/img2img")
 async def a1111_img2img(body: A1111Img2ImgBody, request: Request) -> dict[str, Any]:
-    pictures = [decode_image(data).resize((body.width, body.height)) for data in body.init_images]
+    check_image_size(body.width, body.height, state_of(request).settings)  # before decoding anything
+    limit = state_of(request).settings.max_image_pixels
+    pictures = await asyncio.to_thread(lambda: [decode_image(d, limit).resize((body.width, body.height))
+                                                for d in body.init_images])
     reply = await a1111_generate(request, body, pictures)
     reply["parameters"]["init_images"] = []  # A1111 does not echo the (large) inputs back either
     return reply
@@ -5998,8 +6136,8 @@ async def a1111_set_options(request: Request) -> dict[str, Any]:
 
 @images.get("/sdapi/v1/samplers")
 async def a1111_samplers() -> list[dict[str, Any]]:
-    return [{"name": n, "aliases": [A1111_SAMPLERS[n.removesuffix(" Karras")][0]],
-             "options": {"scheduler": "karras"} if n.endswith(" Karras") else {}} for n in a1111_sampler_names()]
+    return [{"name": n, "aliases": [], "options": {"scheduler": "karras"} if n.endswith(" Karras") else {}}
+            for n in a1111_sampler_names()]
 
 
 @images.get("/sdapi/v1/schedulers")
@@ -6037,12 +6175,12 @@ async def unity_generate_image(body: UnityImageBody, request: Request) -> dict[s
     """The Unity API's route: the first image as base64 PNG, and A1111's info string."""
     state = state_of(request)
     rec = pick_image_model(state, body.model)
-    check_image_size(body.width, body.height, state.settings)
+    check_image_size(body.width, body.height, state.settings, body.batch_size * body.n_iter)
     resolve_sampler(body.sampler_name)
     params = ImageParams(body.prompt, body.negative_prompt, body.width, body.height, body.steps, body.cfg_scale,
                          body.sampler_name, None, body.seed, body.batch_size, body.n_iter)
     result = await run_images(state.models, rec, params, None, request)
-    reply = a1111_reply(params, result, rec.name, body.model_dump())
+    reply = await asyncio.to_thread(a1111_reply, params, result, rec.name, body.model_dump())
     return {"image_base64": reply["images"][0], "images": reply["images"], "info": reply["info"]}
 
 
@@ -6052,16 +6190,64 @@ async def openai_images(body: OpenAIImageBody, request: Request) -> dict[str, An
     if body.response_format not in (None, "b64_json"):
         raise BadRequest("response_format 'url' is not supported: ai-server keeps no image store to link to; "
                          "use response_format 'b64_json'", param="response_format")
-    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", body.size)
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", "512x512" if body.size == "auto" else body.size)
     if match is None:
-        raise BadRequest(f"size must be WIDTHxHEIGHT, e.g. 512x512 (got '{body.size}')", param="size")
+        raise BadRequest(f"size must be WIDTHxHEIGHT, e.g. 512x512, or auto (got '{body.size}')", param="size")
     width, height = int(match.group(1)), int(match.group(2))
-    check_image_size(width, height, state.settings)
+    check_image_size(width, height, state.settings, body.n)
     rec = pick_image_model(state, body.model)
     params = ImageParams(body.prompt, width=width, height=height, batch_size=body.n)
     result = await run_images(state.models, rec, params, None, request)
-    return {"created": int(time.time()), "data": [{"b64_json": png_base64(image), "revised_prompt": body.prompt}
+    return await asyncio.to_thread(openai_images_reply, result, body.prompt)
+
+
+def openai_images_reply(result: ImageResult, prompt: str) -> dict[str, Any]:
+    return {"created": int(time.time()), "data": [{"b64_json": png_base64(image), "revised_prompt": prompt}
                                                   for image, _ in result.images]}
+
+
+@images.post("/v1/images/edits")
+async def openai_image_edits(request: Request) -> dict[str, Any]:
+    """OpenAI's edits (multipart: image[], prompt, n, size), run as img2img at strength 0.75; masks
+    (inpainting) are refused."""
+    state = state_of(request)
+    try:
+        form = await request.form(max_files=16, max_fields=32)
+    except Exception as exc:  # python-multipart's and Starlette's parse errors have no common base
+        raise BadRequest(f"send the edit as multipart/form-data with image and prompt fields ({exc})") from None
+    uploads = [f for f in [*form.getlist("image"), *form.getlist("image[]")] if hasattr(f, "read")]
+    prompt = str(form.get("prompt") or "")
+    if not uploads or not prompt:
+        raise BadRequest("an edit needs at least one image file and a prompt", param="image" if prompt else "prompt")
+    if form.get("mask") is not None:
+        raise BadRequest("masks (inpainting) are not supported; send the image and a prompt only", param="mask")
+    if str(form.get("response_format") or "b64_json") != "b64_json":
+        raise BadRequest("response_format 'url' is not supported: use response_format 'b64_json'",
+                         param="response_format")
+    limit = state.settings.max_image_pixels
+    raw = [await f.read() for f in uploads]
+    pictures = await asyncio.to_thread(lambda: [decode_image(data, limit) for data in raw])
+    size = str(form.get("size") or "")
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size) if size and size != "auto" else None
+    if size and size != "auto" and match is None:
+        raise BadRequest(f"size must be WIDTHxHEIGHT, e.g. 512x512 (got '{size}')", param="size")
+    if match:
+        width, height = int(match.group(1)), int(match.group(2))
+    else:  # the upload's own size, scaled down to MAX_IMAGE_PIXELS, in multiples of 8
+        scale = min(1.0, math.sqrt(limit / (pictures[0].width * pictures[0].height)))
+        width, height = max(8, int(pictures[0].width * scale) // 8 * 8), max(8, int(pictures[0].height * scale) // 8 * 8)
+    try:
+        n = int(form.get("n") or 1)
+    except ValueError:
+        raise BadRequest("n must be a whole number from 1 to 10", param="n") from None
+    if not 1 <= n <= 10:
+        raise BadRequest("n must be a whole number from 1 to 10", param="n")
+    check_image_size(width, height, state.settings, n)
+    rec = pick_image_model(state, str(form.get("model") or "") or None)
+    params = ImageParams(prompt, width=width, height=height, batch_size=n,
+                         init_images=[p.resize((width, height)) for p in pictures])
+    result = await run_images(state.models, rec, params, None, request)
+    return await asyncio.to_thread(openai_images_reply, result, prompt)
 
 
 # ============================================================================
@@ -6083,6 +6269,9 @@ def origins_regex(extra: list[str]) -> str:
     return "^(" + "|".join(patterns) + ")$"
 
 
+MULTIPART_PATHS = {"/v1/images/edits"}  # OpenAI uploads images as multipart/form-data here (nowhere else)
+
+
 class JsonBodyDefault:
     """ASGI middleware: every body is read as JSON, whatever its Content-Type, as Ollama reads it:
     `curl -d` sends form-urlencoded, LiteLLM's async Ollama client application/octet-stream, others
@@ -6096,7 +6285,8 @@ class JsonBodyDefault:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
             ctype = dict(scope["headers"]).get(b"content-type", b"").lower()
-            if not ctype.startswith(b"application/json"):
+            upload = scope["path"] in MULTIPART_PATHS and ctype.startswith(b"multipart/form-data")
+            if not ctype.startswith(b"application/json") and not upload:
                 # In place: outer middleware read the route from this same scope dict afterwards.
                 scope["headers"] = [h for h in scope["headers"] if h[0] != b"content-type"] + [self.JSON]
         await self.app(scope, receive, send)

@@ -46,6 +46,22 @@ def a1111(server: ServerProcess, route: str = "txt2img", **body) -> httpx.Respon
                                                           "height": 64, **body})
 
 
+def test_a_diffusers_pull_takes_one_weight_variant():
+    import app
+
+    files = ["model_index.json", "v1-5-pruned.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_flax_model.msgpack",
+             "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+             "text_encoder/model.safetensors", "text_encoder/pytorch_model.bin", "onnx/unet/model.onnx"]
+    assert sorted(app.diffusers_files(files)) == ["model_index.json", "text_encoder/model.safetensors", "unet/config.json",
+                                                  "unet/diffusion_pytorch_model.safetensors",
+                                                  "vae/diffusion_pytorch_model.safetensors"]
+    fp16_only = ["model_index.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+                 "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.bin"]
+    assert sorted(app.diffusers_files(fp16_only)) == ["model_index.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+                                                      "vae/diffusion_pytorch_model.fp16.safetensors"]
+
+
 def test_pulled_pipeline_is_listed_as_an_image_model(image_server):
     tags = {m["name"]: m for m in image_server.client.get("/api/tags").json()["models"]}
     entry = tags[f"{SD}:latest"]
@@ -91,9 +107,17 @@ def test_every_sampler_runs_and_bad_input_is_a_400(image_server):
     names = [s["name"] for s in samplers]
     assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE", "DDIM", "LMS", "Heun", "UniPC",
             "LCM"} <= set(names)
-    for name in names:
+    ran = set()
+    for name in names:  # each runs, or is refused because the model's scheduler family does not include it
         r = a1111(image_server, sampler_name=name, seed=3, width=32, height=32)
-        assert r.status_code == 200, (name, r.text)
+        assert r.status_code == 200 or (r.status_code == 400 and "does not fit this model" in r.json()["error"]), r.text
+        ran |= {name} if r.status_code == 200 else set()
+    assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE", "DDIM", "LMS", "Heun", "UniPC",
+            "PLMS", "DPM2", "DEIS"} <= ran  # the tiny pipeline ships DDIM: its family (not LCM's)
+    assert "LCM" not in ran
+    own = a1111(image_server, seed=3, width=32, height=32).json()  # no sampler: the model's own (DDIM)
+    ddim = a1111(image_server, seed=3, width=32, height=32, sampler_name="DDIM").json()
+    assert png(own["images"][0]).tobytes() == png(ddim["images"][0]).tobytes()
     karras = a1111(image_server, sampler_name="DPM++ 2M", scheduler="karras", seed=3, width=32, height=32).json()
     legacy = a1111(image_server, sampler_name="DPM++ 2M Karras", seed=3, width=32, height=32).json()
     # A1111 1.9's scheduler field = the old " Karras" names: the same pixels (the PNGs' texts name them apart).
@@ -109,6 +133,18 @@ def test_every_sampler_runs_and_bad_input_is_a_400(image_server):
     assert a1111(image_server, steps=0).status_code == 400
     broken = a1111(image_server, "img2img", init_images=["not an image"])
     assert broken.status_code == 400 and "base64" in broken.json()["error"]
+    picture = a1111(image_server, seed=1).json()["images"][0]
+    wrapped = "\n".join(picture[i:i + 76] for i in range(0, len(picture), 76))  # as GNU base64 writes it
+    assert a1111(image_server, "img2img", init_images=[wrapped], steps=2, denoising_strength=0.5).status_code == 200
+    none = a1111(image_server, "img2img", init_images=[picture], steps=2, denoising_strength=0.2)
+    assert none.status_code == 400 and "denoising_strength" in none.json()["error"]
+    assert a1111(image_server, override_settings={"sd_model_checkpoint": 5}).status_code == 400
+    tiny = image_server.client.post("/v1/images/generations", json={"prompt": "x", "size": "0x64"})
+    assert tiny.status_code == 400 and "at least 8" in tiny.json()["error"]["message"]
+    many = a1111(image_server, batch_size=16, n_iter=16, width=256, height=256)
+    assert many.status_code == 400 and "fewer" in many.json()["error"]
+    text_route = image_server.client.post("/tokenize", json={"model": SD, "content": "hi"})
+    assert text_route.status_code == 400 and "image model" in text_route.json()["error"]["message"]
 
 
 def test_unity_openai_and_ollama_routes(image_server):
@@ -122,6 +158,14 @@ def test_unity_openai_and_ollama_routes(image_server):
     with pytest.raises(openai.BadRequestError) as url:
         client.images.generate(model=SD, prompt="a tree", size="64x64", response_format="url")
     assert "b64_json" in str(url.value)
+    source = base64.b64decode(result.data[0].b64_json)
+    edited = client.images.edit(model=SD, image=("in.png", source, "image/png"), prompt="a blue tree", n=1,
+                                size="64x64", response_format="b64_json")  # multipart/form-data
+    assert png(edited.data[0].b64_json).size == (64, 64) and edited.data[0].b64_json != result.data[0].b64_json
+    with pytest.raises(openai.BadRequestError) as masked:
+        client.images.edit(model=SD, image=("in.png", source, "image/png"), mask=("m.png", source, "image/png"),
+                           prompt="a blue tree", size="64x64", response_format="b64_json")
+    assert "inpainting" in str(masked.value)
 
     lines = [json.loads(ln) for ln in image_server.client.post("/api/generate", json={
         "model": SD, "prompt": "a tree", "width": 64, "height": 64, "steps": 3, "options": {"seed": 5}}).text.splitlines()]
@@ -138,6 +182,10 @@ def test_options_progress_and_interrupt(image_server):
     assert image_server.client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == SD
     assert image_server.client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope/none"}).status_code == 404
     assert image_server.client.post("/sdapi/v1/options", json={"sd_model_checkpoint": SD}).status_code == 200
+    picked = a1111(image_server, override_settings={"sd_model_checkpoint": SD}, width=32, height=32)
+    assert json.loads(picked.json()["info"])["sd_model_name"] == SD
+    missing = a1111(image_server, override_settings={"sd_model_checkpoint": "nope/none"})
+    assert missing.status_code == 404 and "pull it first" in missing.json()["error"]
     idle = image_server.client.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
 
