@@ -4810,7 +4810,8 @@ def add_native_routes(app: FastAPI) -> None:
         """{"status": "ok"}, as llama.cpp's (LLM for Unity 3.x POSTs it); a 503 carries llama.cpp's error
         too: no backend can load models, or the llama.cpp routes' model is loading."""
         state = state_of(request)
-        if not any(err is None for err in state.models.backend_errors.values()):
+        chain = [state.models.backend_errors.get(b.name) for b in state.models.backends]  # the text backends
+        if not any(err is None for err in chain):
             reason = "no backend available"
         elif state.models.loading(state.settings.llamacpp_model or state.settings.default_model):
             reason = "Loading model"
@@ -4940,10 +4941,12 @@ async def ollama_image(state: AppState, rec: ModelRecord, body: OllamaGenerateBo
     async def lines():
         sent = -1
         try:
-            while not task.done():
+            while True:  # the step reached so far, then every new one, then the image
                 if job.step != sent:
                     sent = job.step
                     yield compact_json(ollama_chunk(body.model, False, completed=job.step, total=job.total_steps)) + "\n"
+                if task.done():
+                    break
                 await asyncio.wait({task}, timeout=0.25)
             yield compact_json(await final()) + "\n"
         finally:
