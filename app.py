@@ -2840,6 +2840,12 @@ class ImageJob:
         return (time.monotonic() - self.started) * (1 - done) / done if done else 0.0
 
 
+def module_bytes(pipe: Any) -> int:
+    """Bytes of a pipeline's weights (every torch module among its components)."""
+    return sum(p.numel() * p.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+               for p in m.parameters())
+
+
 class DiffusersBackend(Backend):
     """diffusers pipelines (a folder with model_index.json): text-to-image, and image-to-image through
     the same weights (`from_pipe`). One request at a time per model; the sampler is set per request."""
@@ -2855,7 +2861,9 @@ class DiffusersBackend(Backend):
         pipe = AutoPipelineForText2Image.from_pretrained(plan.path, local_files_only=True, torch_dtype=dtype,
                                                          trust_remote_code=plan.trust_remote_code,
                                                          variant=diffusers_variant(Path(plan.path)))
-        if plan.device == "cuda" and not self._fits(pipe):
+        memory = module_bytes(pipe)
+        free = available_memory_bytes("cuda") if plan.device == "cuda" else None
+        if free is not None and memory > 0.8 * free:
             pipe.enable_model_cpu_offload()  # components visit the GPU in turn
             if hasattr(pipe, "vae") and hasattr(pipe.vae, "enable_tiling"):
                 pipe.vae.enable_tiling()
@@ -2864,19 +2872,10 @@ class DiffusersBackend(Backend):
         pipe.set_progress_bar_config(disable=True)
         if hasattr(pipe, "vae") and hasattr(pipe.vae, "enable_slicing"):
             pipe.vae.enable_slicing()  # a batch decodes image by image: its peak memory is one image's
-        modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-        memory = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
         loaded = Loaded(pipe, None, dtype=str(dtype).removeprefix("torch."), quantized=None, device=plan.device,
                         memory_bytes=memory)
         loaded.cache["scheduler_config"] = dict(pipe.scheduler.config)
         return loaded
-
-    @staticmethod
-    def _fits(pipe: Any) -> bool:
-        needed = sum(p.numel() * p.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
-                     for p in m.parameters())
-        free = available_memory_bytes("cuda")
-        return free is None or needed < 0.8 * free
 
     @staticmethod
     def pipeline_for(loaded: Loaded, params: ImageParams) -> Any:
@@ -3292,9 +3291,13 @@ class ModelCache:
         for name in list(self.loaded):
             self.evict(name)
 
+    def queue_counts(self) -> tuple[collections.Counter[str], collections.Counter[str]]:
+        """(waiting, running) per model, text and image requests together."""
+        return (self.scheduler.waiting + self.image_scheduler.waiting,
+                self.scheduler.running + self.image_scheduler.running)
+
     def gauges(self) -> list[tuple[str, str, dict[str, float]]]:
-        waiting, running = self.scheduler.waiting + self.image_scheduler.waiting, \
-            self.scheduler.running + self.image_scheduler.running
+        waiting, running = self.queue_counts()
         return [("ai_server_queue_depth", "Requests waiting for a slot", dict(waiting)),
                 ("ai_server_running_requests", "Requests generating", dict(running)),
                 ("ai_server_model_loaded", "1 for each loaded model", {n: 1.0 for n in self.loaded}),
@@ -3304,8 +3307,7 @@ class ModelCache:
                  {n: m.throughput.per_s() for n, m in self.loaded.items()})]
 
     def status(self) -> dict[str, Any]:
-        waiting, running = self.scheduler.waiting + self.image_scheduler.waiting, \
-            self.scheduler.running + self.image_scheduler.running
+        waiting, running = self.queue_counts()
         return {"queue": {"waiting": {n: c for n, c in waiting.items() if c},
                           "running": {n: c for n, c in running.items() if c},
                           "max_queue": self.scheduler.max_queue, "num_parallel": self.scheduler.num_parallel},
@@ -6187,16 +6189,29 @@ async def unity_generate_image(body: UnityImageBody, request: Request) -> dict[s
     return {"image_base64": reply["images"][0], "images": reply["images"], "info": reply["info"]}
 
 
+def parse_image_size(size: str) -> tuple[int, int] | None:
+    """OpenAI's `size`: "WIDTHxHEIGHT", or "auto"/empty (None: the route's default)."""
+    if size in ("", "auto"):
+        return None
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size)
+    if match is None:
+        raise BadRequest(f"size must be WIDTHxHEIGHT, e.g. 512x512, or auto (got '{size}')", param="size")
+    return int(match.group(1)), int(match.group(2))
+
+
+def fit_pixels(size: tuple[int, int], limit: int) -> tuple[int, int]:
+    """A size scaled down (aspect kept) to at most `limit` pixels, in multiples of 8."""
+    scale = min(1.0, math.sqrt(limit / (size[0] * size[1])))
+    return max(8, int(size[0] * scale) // 8 * 8), max(8, int(size[1] * scale) // 8 * 8)
+
+
 @images.post("/v1/images/generations")
 async def openai_images(body: OpenAIImageBody, request: Request) -> dict[str, Any]:
     state = state_of(request)
     if body.response_format not in (None, "b64_json"):
         raise BadRequest("response_format 'url' is not supported: ai-server keeps no image store to link to; "
                          "use response_format 'b64_json'", param="response_format")
-    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", "512x512" if body.size == "auto" else body.size)
-    if match is None:
-        raise BadRequest(f"size must be WIDTHxHEIGHT, e.g. 512x512, or auto (got '{body.size}')", param="size")
-    width, height = int(match.group(1)), int(match.group(2))
+    width, height = parse_image_size(body.size) or (512, 512)
     check_image_size(width, height, state.settings, body.n)
     rec = pick_image_model(state, body.model)
     params = ImageParams(body.prompt, width=width, height=height, batch_size=body.n)
@@ -6230,15 +6245,7 @@ async def openai_image_edits(request: Request) -> dict[str, Any]:
     limit = state.settings.max_image_pixels
     raw = [await f.read() for f in uploads]
     pictures = await asyncio.to_thread(lambda: [decode_image(data, limit) for data in raw])
-    size = str(form.get("size") or "")
-    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size) if size and size != "auto" else None
-    if size and size != "auto" and match is None:
-        raise BadRequest(f"size must be WIDTHxHEIGHT, e.g. 512x512 (got '{size}')", param="size")
-    if match:
-        width, height = int(match.group(1)), int(match.group(2))
-    else:  # the upload's own size, scaled down to MAX_IMAGE_PIXELS, in multiples of 8
-        scale = min(1.0, math.sqrt(limit / (pictures[0].width * pictures[0].height)))
-        width, height = max(8, int(pictures[0].width * scale) // 8 * 8), max(8, int(pictures[0].height * scale) // 8 * 8)
+    width, height = parse_image_size(str(form.get("size") or "")) or fit_pixels(pictures[0].size, limit)
     try:
         n = int(form.get("n") or 1)
     except ValueError:

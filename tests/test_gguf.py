@@ -83,6 +83,15 @@ def engine(server: ServerProcess, name: str) -> dict:
     return next(m for m in cache if m["name"] == name)
 
 
+def loaded_q8(server: ServerProcess, repo: str) -> tuple[str, dict]:
+    """The Q8_0 model pulled and loaded (one token generated): its name and its llama-server's facts."""
+    name = f"{repo}:Q8_0"
+    server.pull_ok(name)
+    server.client.post("/api/generate", json={"model": name, "prompt": "hi", "stream": False,
+                                              "options": {"num_predict": 1}}).raise_for_status()
+    return name, engine(server, name)["batching"]
+
+
 # --- choosing the file: pure functions ---------------------------------------------------------
 def test_quant_tags_files_and_the_default_choice():
     files = [("a/Llama-3.2-1B-Instruct-Q8_0.gguf", 1300), ("a/Llama-3.2-1B-Instruct-Q4_K_M.gguf", 800),
@@ -224,11 +233,8 @@ def test_every_api_on_the_llamacpp_backend(gguf_server, gguf_repo):
 @needs_binary
 def test_unload_stops_the_process_and_kill_9_is_a_clean_error(gguf_server, gguf_repo):
     s = gguf_server
-    name = f"{gguf_repo}:Q8_0"
-    s.pull_ok(name)
-    s.client.post("/api/generate", json={"model": name, "prompt": "hi", "stream": False,
-                                         "options": {"num_predict": 1}}).raise_for_status()
-    pid = engine(s, name)["batching"]["pid"]
+    name, llama = loaded_q8(s, gguf_repo)
+    pid = llama["pid"]
     assert alive(pid)
 
     lines: list[dict] = []
@@ -257,11 +263,8 @@ def test_unload_stops_the_process_and_kill_9_is_a_clean_error(gguf_server, gguf_
 @needs_binary
 def test_a_client_that_leaves_frees_its_llama_server_slot(gguf_server, gguf_repo):
     s = gguf_server
-    name = f"{gguf_repo}:Q8_0"
-    s.pull_ok(name)
-    s.client.post("/api/generate", json={"model": name, "prompt": "hi", "stream": False,
-                                         "options": {"num_predict": 1}}).raise_for_status()
-    port = engine(s, name)["batching"]["port"]
+    name, llama = loaded_q8(s, gguf_repo)
+    port = llama["port"]
     # ignore_eos (llama.cpp's /completion): the run cannot end on its own before the client leaves.
     with s.client.stream("POST", "/completion", json={"model": name, "prompt": "Write a long story.", "stream": True,
                                                       "n_predict": 2000, "ignore_eos": True}) as r:
