@@ -129,7 +129,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -188,6 +188,7 @@ def bounded_duration_s(seconds: float) -> float:
                          "or a negative value to keep the model loaded forever")
     return seconds
 
+HOSTNAME = socket.gethostname().lower()  # once: is_local_host runs on every request; a worker's default name
 KNOWN_BACKENDS = ("vllm", "llamacpp", "transformers", "pipeline")
 URL_CREDENTIALS_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
 
@@ -257,6 +258,10 @@ class Settings(BaseSettings):
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, validation_alias="VLLM_GPU_MEMORY_UTILIZATION")
     vllm_enforce_eager: bool | None = Field(None, validation_alias="VLLM_ENFORCE_EAGER")  # None: eager on CPU
     vllm_tensor_parallel_size: int = Field(1, ge=1, validation_alias="VLLM_TENSOR_PARALLEL_SIZE")
+    # One model bigger than one machine: vLLM's pipeline stages across nodes of a Ray cluster.
+    vllm_pipeline_parallel_size: int = Field(1, ge=1, validation_alias="VLLM_PIPELINE_PARALLEL_SIZE")
+    vllm_distributed_executor_backend: Literal["", "mp", "ray"] = Field(
+        "", validation_alias="VLLM_DISTRIBUTED_EXECUTOR_BACKEND")  # "": vLLM's choice
     max_jobs_listed: int = Field(100, ge=1, validation_alias="MAX_JOBS_LISTED")
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
     log_format: Literal["text", "json"] = Field("text", validation_alias="LOG_FORMAT")
@@ -276,6 +281,14 @@ class Settings(BaseSettings):
     pull_min_free_bytes: int = Field(1_000_000_000, ge=0, validation_alias="PULL_MIN_FREE_BYTES")
     graceful_shutdown_s: float = Field(30.0, ge=0, validation_alias="GRACEFUL_SHUTDOWN_S")
     hub_timeout_s: float = Field(10.0, gt=0, le=600, validation_alias="HUB_TIMEOUT_S")  # per hub call, per read
+    # Scale-out (section 21): one gateway, many workers, jobs on Redis Streams.
+    role: Literal["all", "gateway", "worker"] = Field("all", validation_alias="AI_SERVER_ROLE")
+    redis_url: SecretStr | None = Field(None, validation_alias="REDIS_URL")  # redis:// or rediss://, may hold a password
+    redis_prefix: str = Field("ai", pattern=r"^[A-Za-z0-9_.-]+$", validation_alias="REDIS_PREFIX")
+    worker_name: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$", validation_alias="WORKER_NAME")  # "": host-port
+    worker_slots: int = Field(0, ge=0, validation_alias="WORKER_SLOTS")  # jobs a worker takes at once; 0: NUM_PARALLEL
+    worker_heartbeat_s: float = Field(2.0, gt=0, le=60, validation_alias="WORKER_HEARTBEAT_S")
+    job_wait_s: float = Field(30.0, gt=0, validation_alias="JOB_WAIT_S")  # no live worker can take a job: 503 after
 
     @field_validator("api_keys", "origins", "remote_code_models", mode="before")
     @classmethod
@@ -283,6 +296,15 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip() and not value.replace(",", "").strip():
             raise ValueError(f"{value!r} lists nothing: give comma-separated values, or unset it")
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+
+    @model_validator(mode="after")
+    def _roles_need_redis(self) -> "Settings":
+        if self.role != "all" and self.redis_url is None:
+            raise ValueError(f"the {self.role} role needs REDIS_URL (redis://[:password@]host:6379/0 or rediss://...)")
+        return self
+
+    def worker_id(self) -> str:
+        return self.worker_name or f"{HOSTNAME}-{self.port}"
 
     @model_validator(mode="after")
     def _keys_are_real(self) -> "Settings":
@@ -332,7 +354,8 @@ class Settings(BaseSettings):
 
     def public(self) -> dict[str, Any]:
         """Settings for /status: everything but secrets (credentials in URLs included)."""
-        data = self.model_dump(mode="json", exclude={"hf_token", "api_keys"})
+        data = self.model_dump(mode="json", exclude={"hf_token", "api_keys", "redis_url"})
+        data["redis_url_set"] = self.redis_url is not None
         data["hf_endpoint"] = redact_credentials(self.hf_endpoint)
         data["hf_token_set"] = self.hf_token is not None
         data["api_keys_set"] = bool(self.api_keys or self.api_keys_file)
@@ -575,6 +598,13 @@ class Metrics:
         self.image_steps = Counter("ai_server_image_steps", "Denoising steps run", ["model"], registry=r)
         self.pull_bytes = Counter("ai_server_pull_bytes", "Bytes downloaded by pulls", registry=r)
         self.pull_jobs = Counter("ai_server_pull_jobs", "Pull jobs that ended", ["status"], registry=r)
+        # The gateway role: jobs it sent to workers over Redis, each counted once by how it ended.
+        self.gateway_jobs = Counter("ai_server_gateway_jobs", "Gateway: jobs by model (or @worker queue) and outcome",
+                                    ["model", "outcome"], registry=r)
+        self.gateway_job_seconds = Histogram("ai_server_gateway_job_seconds", "Gateway: from queueing a job to its "
+                                             "last byte", ["model"], buckets=latency, registry=r)
+        self.worker_jobs = Counter("ai_server_worker_jobs", "Worker: jobs taken from Redis, by how they ended",
+                                   ["outcome"], registry=r)
 
     def add_gauges(self, read: Callable[[], list[tuple[str, str, dict[str, float]]]]) -> None:
         """Gauges computed at scrape time from live state: (name, help, {model: value})."""
@@ -2327,7 +2357,10 @@ class VllmBackend(Backend):
             raise ValueError("vLLM has no bitsandbytes 8-bit mode; the next backend can load q8")
         quant = {"quantization": "bitsandbytes"} if plan.quantization == "q4" else {}
         s, eager = self.settings, self.settings.vllm_enforce_eager
+        if s.vllm_distributed_executor_backend:  # "ray": the stages and shards span a Ray cluster's nodes
+            quant = {**quant, "distributed_executor_backend": s.vllm_distributed_executor_backend}
         return AsyncEngineArgs(
+            pipeline_parallel_size=s.vllm_pipeline_parallel_size,
             model=plan.path, tokenizer=plan.path, trust_remote_code=plan.trust_remote_code,
             dtype=self.DTYPES.get(plan.dtype, "auto"), max_model_len=s.vllm_max_model_len,
             gpu_memory_utilization=s.vllm_gpu_memory_utilization, tensor_parallel_size=s.vllm_tensor_parallel_size,
@@ -4535,6 +4568,9 @@ class AppState:
     def metrics(self) -> Metrics:
         return self.models.metrics
 
+    def abort_all(self, error: ServerError) -> None:
+        self.models.abort_all(error)
+
 
 def bnb_probe() -> str | None:
     """bitsandbytes must import *and* quantize: a CPU-only install older than 0.45 imports fine but
@@ -6261,7 +6297,912 @@ async def openai_image_edits(request: Request) -> dict[str, Any]:
 
 
 # ============================================================================
-# 21. App
+# 21. Scale-out: one gateway, many workers, over Redis Streams (`python app.py serve --role gateway`, `worker`)
+# ============================================================================
+# The hop is one seam for every route: the gateway queues the HTTP request itself as a job; a worker
+# runs it through its own app (the very routes the all-in-one server runs) and streams the ASGI response
+# events back (start, body pieces, end; or an error). Keys, all under REDIS_PREFIX:
+#   {p}:q:{model}    a model's job stream (consumer group "workers"); {p}:q:@any for requests naming none
+#   {p}:w:{name}:q   one worker's own stream: control-plane requests (tags, ps, pulls, deletes)
+#   {p}:w:{name}     its heartbeat: a JSON report (models pulled, loaded, free slots), expiring
+#   {p}:r:{job}      a job's reply stream (trimmed, expiring); {p}:c:{job} its cancel mark
+MULTIPART_PATHS = {"/v1/images/edits"}  # OpenAI uploads images as multipart/form-data here (nowhere else)
+DRAIN_MARGIN_S = 2.0  # after the generations' grace ends, for their last lines to go out
+GROUP = "workers"
+REPLY_MAXLEN = 20_000  # reply events kept (about one per token): far above what a reader lags behind
+REPLY_TTL_S = 600  # a reply stream or cancel mark nobody reads any more expires
+QUEUE_MAXLEN = 100_000  # a model stream's length cap (queued and pending jobs; acknowledged ones are deleted)
+HOP_HEADERS = frozenset({b"authorization", b"origin", b"cookie", b"host", b"content-length", b"connection",
+                         b"transfer-encoding", b"keep-alive", b"upgrade"})
+GATEWAY_LOCAL_PATHS = frozenset({"/", "/health", "/metrics", "/api/version", "/docs", "/redoc", "/openapi.json",
+                                 "/docs/oauth2-redirect"})
+# GET routes answered by merging every live worker's answer: path -> (list key, id key); "" = a bare list.
+MERGED_ROUTES = {"/api/tags": ("models", "name"), "/models": ("models", "name"), "/v1/models": ("data", "id"),
+                 "/api/ps": ("models", "name"), "/jobs": ("jobs", "id"), "/sdapi/v1/sd-models": ("", "model_name")}
+# Requests that change per-worker state: sent to every live worker; the first success answers.
+BROADCAST_ROUTES = frozenset({("POST", "/sdapi/v1/options"), ("POST", "/sdapi/v1/interrupt"),
+                              ("DELETE", "/api/delete"), ("POST", "/api/copy")})
+HOLDER_PATHS = ("/api/show", "/v1/models/")
+# Queues a job unless MAX_QUEUE jobs already wait (entries not yet taken: XLEN less pending), atomically:
+# a burst of requests checking and adding one by one would all see room.
+ADMIT_LUA = """
+local waiting = redis.call('XLEN', KEYS[1]) - redis.call('XPENDING', KEYS[1], ARGV[1])[1]
+if waiting >= tonumber(ARGV[2]) then return false end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+"""  # metadata: to a worker that holds the model, never queued behind work
+
+
+class WorkerLost(ServerError):
+    status = 502
+
+
+def redis_client(settings: Settings) -> Any:
+    """redis-py's asyncio client (rediss:// for TLS, passwords in the URL). Timeouts are short: a
+    Redis that cannot be reached is a 503 on the gateway and a retry on workers, never a hang."""
+    import redis.asyncio as aioredis
+
+    # health_check_interval=1: a pooled connection idle for a second is PINGed (and remade) before use, so
+    # a Redis restart costs no command; commands are not retried blindly (an XADD twice is text twice).
+    return aioredis.from_url(settings.redis_url.get_secret_value(), socket_connect_timeout=3, socket_timeout=15,
+                             health_check_interval=1)
+
+
+def redis_where(settings: Settings) -> str:
+    """host:port of REDIS_URL, for the log: never the URL (it may carry a password)."""
+    parts = urllib.parse.urlsplit(settings.redis_url.get_secret_value())
+    return f"{parts.scheme}://{parts.hostname or '?'}:{parts.port or 6379}"
+
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+
+    return RedisConnectionError, RedisTimeoutError, OSError
+
+
+class Keys:
+    def __init__(self, prefix: str):
+        self.p = prefix
+        self.any = self.queue("@any")
+        self.workers = f"{prefix}:workers"
+        self.cancel_channel = f"{prefix}:cancel"
+        self.reclaimed = f"{prefix}:stats:reclaimed"
+
+    def queue(self, model: str) -> str:
+        return f"{self.p}:q:{model}"
+
+    def worker_queue(self, worker: str) -> str:
+        return f"{self.p}:w:{worker}:q"
+
+    def worker(self, worker: str) -> str:
+        return f"{self.p}:w:{worker}"
+
+    def reply(self, job_id: str) -> str:
+        return f"{self.p}:r:{job_id}"
+
+    def cancel(self, job_id: str) -> str:
+        return f"{self.p}:c:{job_id}"
+
+
+@dataclasses.dataclass
+class HttpJob:
+    """One HTTP request as a job: what the gateway received, less the hop's own headers."""
+
+    id: str
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    model: str  # the queue it went to ("@any", "@w:name")
+
+    def fields(self) -> dict[str, Any]:
+        headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self.headers]
+        return {"id": self.id, "method": self.method, "path": self.path, "query": self.query,
+                "headers": json.dumps(headers), "body": self.body, "model": self.model, "t": str(time.time())}
+
+    @classmethod
+    def of(cls, fields: dict[bytes, bytes]) -> "HttpJob":
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in json.loads(fields[b"headers"])]
+        return cls(fields[b"id"].decode(), fields[b"method"].decode(), fields[b"path"].decode(), fields[b"query"],
+                   headers, fields[b"body"], fields[b"model"].decode())
+
+    def scope(self) -> dict[str, Any]:
+        return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                "method": self.method, "scheme": "http", "path": self.path, "raw_path": self.path.encode(),
+                "query_string": self.query, "root_path": "", "headers": self.headers, "client": ("redis-job", 0),
+                "server": ("worker", 0), "extensions": {}, "state": {}, "ai_job": self.id}
+
+
+def decode_fields(fields: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items() if k != b"d"}
+
+
+async def ensure_group(r: Any, stream: str, known: set[str]) -> None:
+    """The consumer group from the stream's first entry (id 0: jobs queued before any worker came
+    are taken too); MKSTREAM so a worker can wait on a model's stream before its first job."""
+    from redis.exceptions import ResponseError
+
+    if stream in known:
+        return
+    try:
+        await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+    known.add(stream)
+
+
+async def retrying(what: str, step: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+    """Runs `step` until `stop`, through Redis outages: a warning on the first failure, backoff
+    from 0.5 s to 10 s, an info line when it works again. Nothing here lets the process crash."""
+    delay, failing = 0.5, False
+    while not stop.is_set():
+        try:
+            await step()
+            if failing:
+                log.info("redis: %s works again", what)
+            delay, failing = 0.5, False
+        except asyncio.CancelledError:
+            raise
+        except redis_errors() as exc:
+            if not failing:
+                log.warning("redis: %s failed (%s); retrying with backoff", what, type(exc).__name__)
+            failing = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        except Exception:
+            log.exception("redis: %s failed unexpectedly; retrying", what)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+@dataclasses.dataclass
+class WorkerJob:
+    job: HttpJob
+    stream: str
+    entry: bytes
+    counted: bool  # takes one of the worker's slots (model queues do; its own queue does not)
+    cancel: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    started: bool = False  # the response began: from here on it cannot run anywhere else
+    handing_back: bool = False  # the worker stops: a job not started is left for another worker
+
+
+class Worker:
+    """The worker role: takes jobs from the streams of the models it holds (loaded ones first, a
+    pulled one when no live worker has it loaded), runs each through this process's own app, streams
+    the response events back, acknowledges it when done. Heartbeats renew its report and the lease on
+    its jobs (XCLAIM JUSTID resets their idle time); XAUTOCLAIM takes over the jobs of a worker whose
+    lease ran out (it died): run again if nothing was sent yet, else ended with an error event."""
+
+    def __init__(self, app: Any, state: "AppState", settings: Settings):
+        self.app, self.state, self.settings = app, state, settings
+        self.r, self.keys, self.name = redis_client(settings), Keys(settings.redis_prefix), settings.worker_id()
+        self.slots = settings.worker_slots or settings.num_parallel
+        self.hb_s = settings.worker_heartbeat_s
+        self.jobs: dict[str, WorkerJob] = {}
+        self.groups: set[str] = set()
+        self.freed = asyncio.Event()
+        self.stop_event = asyncio.Event()
+        self.tasks: list[asyncio.Task] = []
+        self.models: list[str] = []
+
+    def start(self) -> None:
+        log.info("worker %s: taking jobs from %s (prefix %s, %d slots)", self.name, redis_where(self.settings),
+                 self.keys.p, self.slots)
+        for what, step in (("heartbeat", self.heartbeat), ("job intake", self.intake), ("own queue", self.own_queue),
+                           ("cancel listener", self.listen_cancels), ("reclaim", self.reclaim)):
+            self.tasks.append(asyncio.create_task(retrying(f"worker {self.name} {what}", step, self.stop_event)))
+
+    def busy(self) -> int:
+        return sum(1 for j in self.jobs.values() if j.counted)
+
+    async def report(self) -> dict[str, Any]:
+        records = await asyncio.to_thread(self.state.registry.list_models)
+        self.models = [r.name for r in records]
+        return {"name": self.name, "version": VERSION, "models": self.models,
+                "loaded": list(self.state.models.loaded), "slots": self.slots,
+                "free": max(self.slots - self.busy(), 0), "time": time.time()}
+
+    async def publish_report(self, pipe: Any = None) -> None:
+        report = await self.report()
+        target = pipe if pipe is not None else self.r
+        await_or_queued = target.set(self.keys.worker(self.name), json.dumps(report),
+                                     px=int(max(3 * self.hb_s, 1.0) * 1000))
+        if pipe is None:
+            await await_or_queued
+
+    async def heartbeat(self) -> None:
+        jobs = list(self.jobs.values())
+        async with self.r.pipeline(transaction=False) as pipe:
+            await self.publish_report(pipe)
+            pipe.sadd(self.keys.workers, self.name)
+            for job in jobs:  # the lease: a job idle this long is taken for dead
+                pipe.xclaim(job.stream, GROUP, self.name, 0, [job.entry], justid=True)
+                pipe.exists(self.keys.cancel(job.job.id))
+            results = await pipe.execute()
+        for job, gone in zip(jobs, results[3::2]):
+            if gone:  # a cancel published while Redis was away
+                job.cancel.set()
+        await asyncio.sleep(self.hb_s)
+
+    async def live_reports(self) -> dict[str, dict[str, Any]]:
+        return await live_workers(self.r, self.keys)
+
+    async def intake_streams(self) -> list[str]:
+        """Loaded models first; a pulled one only while no other live worker has it loaded with a free slot."""
+        loaded = set(self.state.models.loaded)
+        others = {m for name, rep in (await self.live_reports()).items() if name != self.name and rep.get("free")
+                  for m in rep.get("loaded", [])}
+        names = sorted(loaded & set(self.models)) + sorted(m for m in self.models if m not in loaded and m not in others)
+        return [self.keys.queue(m) for m in names] + [self.keys.any]
+
+    async def intake(self) -> None:
+        free = self.slots - self.busy()
+        if free <= 0:
+            self.freed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.freed.wait(), self.hb_s)
+            return
+        if not self.models:
+            await self.report()
+        streams = await self.intake_streams()
+        for stream in streams:
+            await ensure_group(self.r, stream, self.groups)
+        got = await self.r.xreadgroup(GROUP, self.name, {s: ">" for s in streams}, count=free, block=1000)
+        for stream, entries in got or []:
+            for entry, fields in entries:
+                self.take(stream.decode(), entry, fields, counted=True, reclaimed=False)
+
+    async def own_queue(self) -> None:
+        stream = self.keys.worker_queue(self.name)
+        await ensure_group(self.r, stream, self.groups)
+        got = await self.r.xreadgroup(GROUP, self.name, {stream: ">"}, count=16, block=1000)
+        for _stream, entries in got or []:
+            for entry, fields in entries:
+                self.take(stream, entry, fields, counted=False, reclaimed=False)
+
+    async def reclaim(self) -> None:
+        """Jobs of dead workers (their lease ran out), and this worker's own from before a restart."""
+        await asyncio.sleep(self.hb_s)
+        idle_ms = int(4 * self.hb_s * 1000)
+        own = self.keys.worker_queue(self.name)
+        for stream in [own, *(await self.intake_streams())]:
+            free = max(self.slots - self.busy(), 0) if stream != own else 16
+            if not free or stream not in self.groups:
+                continue
+            _next, entries, *_deleted = await self.r.xautoclaim(stream, GROUP, self.name, idle_ms, "0-0", count=free)
+            for entry, fields in entries:
+                if entry and fields:  # jobs are only deleted once acknowledged; skip what is not a job
+                    self.take(stream, entry, fields, counted=stream != own, reclaimed=True)
+
+    async def listen_cancels(self) -> None:
+        pubsub = self.r.pubsub()
+        try:
+            await pubsub.subscribe(self.keys.cancel_channel)
+            async for message in pubsub.listen():
+                if message.get("type") == "message" and (job := self.jobs.get(message["data"].decode())):
+                    log.info("worker %s: job %s: its client left; cancelling", self.name, job.job.id)
+                    job.cancel.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    def take(self, stream: str, entry: bytes, fields: dict[bytes, bytes], counted: bool, reclaimed: bool) -> None:
+        try:
+            job = HttpJob.of(fields)
+        except (KeyError, ValueError) as exc:
+            log.warning("worker %s: dropping malformed entry %s in %s (%s)", self.name, entry, stream, exc)
+            asyncio.create_task(self.ack(stream, entry))
+            return
+        if job.id in self.jobs:
+            return
+        wj = self.jobs[job.id] = WorkerJob(job, stream, entry, counted)
+        asyncio.create_task(self.run(wj, reclaimed))
+
+    async def emit(self, job_id: str, fields: dict[str, Any]) -> None:
+        reply = self.keys.reply(job_id)
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.xadd(reply, fields, maxlen=REPLY_MAXLEN, approximate=True)
+            pipe.expire(reply, REPLY_TTL_S)
+            await pipe.execute()
+
+    async def ack(self, stream: str, entry: bytes) -> None:
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.xack(stream, GROUP, entry)
+            pipe.xdel(stream, entry)  # the stream then holds only queued and running jobs: XLEN - pending = queued
+            await pipe.execute()
+
+    async def run(self, wj: WorkerJob, reclaimed: bool) -> None:
+        job, outcome = wj.job, "ok"
+        try:
+            if await self.r.exists(self.keys.cancel(job.id)):
+                log.info("worker %s: job %s: its client left while it was queued; not run", self.name, job.id)
+                outcome = "skipped"
+                return
+            if reclaimed:
+                events = await self.r.xrange(self.keys.reply(job.id))
+                if any(f.get(b"t") in (b"start", b"end", b"error") for _id, f in events):
+                    # It had begun answering on a worker that died: never run twice, never duplicate text.
+                    outcome = "lost"
+                    await self.emit(job.id, {"t": "error", "status": 502, "message": "the worker running this "
+                                             "request stopped mid-answer; retry the request"})
+                    return
+                await self.r.incr(self.keys.reclaimed)
+                log.info("worker %s: job %s (%s %s): taken over from a worker that stopped", self.name, job.id,
+                         job.method, job.path)
+            await self.emit(job.id, {"t": "taken", "w": self.name})
+            outcome = await self.serve(wj)
+        except asyncio.CancelledError:
+            outcome = "aborted"
+            raise
+        except redis_errors() as exc:
+            outcome = "redis_error"
+            log.warning("worker %s: job %s: Redis failed mid-job (%s)", self.name, job.id, type(exc).__name__)
+        except Exception:
+            outcome = "error"
+            log.exception("worker %s: job %s failed", self.name, job.id)
+            with contextlib.suppress(Exception):
+                await self.emit(job.id, {"t": "error", "status": 500, "message": "the worker failed on this request"})
+        finally:
+            self.jobs.pop(job.id, None)
+            self.freed.set()
+            self.state.metrics.worker_jobs.labels(outcome).inc()
+            # Not acknowledged: a job handed back unstarted, or cut by a Redis failure: after the lease another
+            # worker (or this one) takes it over, runs it again if nothing was sent, else ends it with an error.
+            if not (wj.handing_back and not wj.started) and outcome != "redis_error":
+                with contextlib.suppress(*redis_errors()):
+                    await self.ack(wj.stream, wj.entry)
+
+    async def serve(self, wj: WorkerJob) -> str:
+        """The job through this process's app, as the all-in-one server would answer it; a cancel
+        mark is the client's disconnect (the routes stop generating within a token)."""
+        job, body_sent = wj.job, False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": job.body, "more_body": False}
+            await wj.cancel.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if wj.handing_back and not wj.started:
+                return
+            if message["type"] == "http.response.start":
+                wj.started = True
+                headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in message.get("headers", [])]
+                await self.emit(job.id, {"t": "start", "status": message["status"], "headers": json.dumps(headers)})
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    await self.emit(job.id, {"t": "body", "d": message["body"]})
+                if not message.get("more_body"):
+                    if not wj.counted:  # a pull or a delete: the gateway routes by the new report at once
+                        await self.publish_report()
+                    await self.emit(job.id, {"t": "end"})
+
+        await self.app(job.scope(), receive, send)
+        return "cancelled" if wj.cancel.is_set() else "ok"
+
+    async def stop(self, grace_s: float) -> None:
+        """Takes nothing more; jobs not started are handed back (another worker runs them); running
+        ones get `grace_s` to finish, then end with the shutdown error line."""
+        self.stop_event.set()
+        for task in self.tasks:
+            task.cancel()
+        for wj in self.jobs.values():
+            if not wj.started:
+                wj.handing_back = True
+                wj.cancel.set()
+        deadline = time.monotonic() + grace_s
+        while self.jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.jobs:
+            self.state.models.abort_all(ShuttingDown("the worker is shutting down: this generation was stopped; "
+                                                     "retry shortly", headers={"Retry-After": "5"}))
+            for _ in range(int(DRAIN_MARGIN_S * 10)):
+                if not self.jobs:
+                    break
+                await asyncio.sleep(0.1)
+        with contextlib.suppress(Exception):
+            await self.r.delete(self.keys.worker(self.name))
+            await self.r.srem(self.keys.workers, self.name)
+        with contextlib.suppress(Exception):
+            await self.r.aclose()
+        log.info("worker %s: stopped", self.name)
+
+
+async def live_workers(r: Any, keys: Keys) -> dict[str, dict[str, Any]]:
+    """name -> report, for workers whose heartbeat has not expired."""
+    names = sorted(n.decode() for n in await r.smembers(keys.workers))
+    if not names:
+        return {}
+    values = await r.mget([keys.worker(n) for n in names])
+    return {n: json.loads(v) for n, v in zip(names, values) if v}
+
+
+class WorkerOnly:
+    """ASGI middleware of the worker role: its HTTP port serves /health and /metrics only; the API
+    is the gateway's, and jobs come in through Redis (scope["ai_job"])."""
+
+    def __init__(self, app: Any, settings: Settings):
+        self.app, self.on = app, settings.role == "worker"
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.on and scope["type"] == "http" and "ai_job" not in scope and scope["path"] not in ("/health",
+                                                                                                 "/metrics"):
+            response = api_error_response(scope["path"], 404, "this is an ai-server worker: it serves /health and "
+                                          "/metrics only; send API requests to the gateway")
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+@dataclasses.dataclass
+class Captured:
+    """A response relayed into memory (fan-out: merged lists, broadcasts)."""
+
+    status: int = 502
+    headers: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
+    body: bytearray = dataclasses.field(default_factory=bytearray)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status, self.headers = message["status"], list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            self.body += message.get("body", b"")
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body or b"null")
+        except ValueError:
+            return None
+
+
+class GatewayState:
+    """The gateway role's state: Redis, the metrics, and the requests it is relaying."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.r, self.keys = redis_client(settings), Keys(settings.redis_prefix)
+        self.groups: set[str] = set()
+        self.admit = self.r.register_script(ADMIT_LUA)
+        self.aborting: ServerError | None = None
+        self.relays = 0
+        from prometheus_client import Gauge
+
+        reg = metrics.registry
+        self.g_workers = Gauge("ai_server_gateway_workers_up", "Workers whose heartbeat is live", registry=reg)
+        self.g_queued = Gauge("ai_server_gateway_queued_jobs", "Jobs queued, not yet taken", ["model"], registry=reg)
+        self.g_pending = Gauge("ai_server_gateway_pending_jobs", "Jobs taken by a worker, not yet done", ["model"],
+                               registry=reg)
+        self.g_reclaimed = Gauge("ai_server_gateway_reclaimed_jobs", "Jobs taken over from dead workers (all time, "
+                                 "all workers)", registry=reg)
+
+    def abort_all(self, error: ServerError) -> None:
+        """The shutdown grace is over: relays still running end with `error`."""
+        self.aborting = error
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.r.aclose()
+
+    async def workers(self) -> dict[str, dict[str, Any]]:
+        return await live_workers(self.r, self.keys)
+
+    async def refresh_gauges(self) -> None:
+        workers = await self.workers()
+        self.g_workers.set(len(workers))
+        models = sorted({m for rep in workers.values() for m in rep.get("models", [])} | {"@any"})
+        async with self.r.pipeline(transaction=False) as pipe:
+            for m in models:
+                pipe.xlen(self.keys.queue(m))
+                pipe.xpending(self.keys.queue(m), GROUP)
+            pipe.get(self.keys.reclaimed)
+            results = await pipe.execute(raise_on_error=False)
+        for i, m in enumerate(models):
+            length, pending = results[2 * i], results[2 * i + 1]
+            taken = pending.get("pending", 0) if isinstance(pending, dict) else 0
+            self.g_queued.labels(m).set(max((length if isinstance(length, int) else 0) - taken, 0))
+            self.g_pending.labels(m).set(taken)
+        self.g_reclaimed.set(int(results[-1] or 0) if not isinstance(results[-1], Exception) else 0)
+
+
+def model_of(scope: dict, body: bytes) -> str | None:
+    """The model a request names: its JSON body's "model", else ?model= (llama.cpp's /props)."""
+    if body[:1] == b"{":
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("model"), str) and data["model"]:
+            return data["model"]
+    query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return (query.get("model") or [None])[0]
+
+
+async def multipart_model(scope: dict, body: bytes) -> str | None:
+    """OpenAI's image edits name the model in a form field."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(scope, replay).form()
+    except Exception:  # a malformed form: the worker's route answers it properly
+        return None
+    value = form.get("model")
+    return value if isinstance(value, str) and value else None
+
+
+def merge_lists(answers: dict[str, Any], key: str, ident: str) -> Any:
+    """One list from the workers' lists: an entry per id, with the workers that have it."""
+    merged: dict[Any, dict[str, Any]] = {}
+    for worker, data in answers.items():
+        items = data if key == "" else (data or {}).get(key, [])
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict):
+                entry = merged.setdefault(item.get(ident), {**item, "workers": []})
+                entry["workers"].append(worker)
+    items = list(merged.values())
+    if key == "":
+        return items
+    base = next((d for d in answers.values() if isinstance(d, dict)), {})
+    return {**base, key: items}
+
+
+class GatewayDispatch:
+    """ASGI middleware of the gateway role, inside the access checks: requests go to workers as
+    jobs. A model's request to that model's stream (workers holding it take it); control-plane
+    GETs to every live worker, merged; pulls to a named worker (`worker` in the body, or ?worker=)
+    or to all. The response is relayed as the worker streams it; a client that leaves sets the
+    job's cancel mark."""
+
+    def __init__(self, app: Any, settings: Settings):
+        self.app, self.on, self.settings = app, settings.role == "gateway", settings
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if not self.on or scope["type"] != "http" or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        gw: GatewayState = scope["app"].state.ai
+        if scope["path"] == "/health":
+            return await self.health(gw, scope, receive, send)
+        if scope["path"] in GATEWAY_LOCAL_PATHS:
+            if scope["path"] == "/metrics":
+                with contextlib.suppress(*redis_errors()):
+                    await gw.refresh_gauges()
+            return await self.app(scope, receive, send)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            await self.route(gw, scope, bytes(body), receive, send)
+        except redis_errors():
+            log.warning("gateway: Redis cannot be reached; %s %s answered 503", scope["method"], scope["path"])
+            await api_error_response(scope["path"], 503, "the job queue (Redis) cannot be reached; retry shortly",
+                                     {"Retry-After": "2"})(scope, receive, send)
+        except ServerError as exc:
+            await api_error_response(scope["path"], exc.status, exc.message, exc.headers)(scope, receive, send)
+
+    async def health(self, gw: GatewayState, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            workers = await gw.workers()
+        except redis_errors():
+            body, status = {"status": "error", "error": "the job queue (Redis) cannot be reached"}, 503
+        else:
+            body = {"status": "ok" if workers else "no workers", "workers": len(workers)}
+            status = 200 if workers else 503
+        await JSONResponse(body, status_code=status)(scope, receive, send)
+
+    async def route(self, gw: GatewayState, scope: dict, body: bytes, receive: Any, send: Any) -> None:
+        method, path = scope["method"], scope["path"]
+        if method == "GET" and (path in MERGED_ROUTES or path in ("/status", "/sdapi/v1/progress")):
+            return await self.merged(gw, scope, body, receive, send)
+        if path in ("/pull", "/api/pull"):
+            return await self.pull(gw, scope, body, receive, send)
+        if path.startswith("/jobs/") or (method, path) in BROADCAST_ROUTES or \
+                (method == "DELETE" and path.startswith("/models/")):
+            return await self.first_success(gw, scope, body, receive, send)
+        name = model_of(scope, body)
+        if name is None and path in MULTIPART_PATHS:
+            name = await multipart_model(scope, body)
+        if path.startswith("/v1/models/"):
+            name = urllib.parse.unquote(path.removeprefix("/v1/models/"))
+        workers = await gw.workers()
+        if not workers:
+            raise Busy("no worker is up: start one with `python app.py worker` (REDIS_URL set)",
+                       headers={"Retry-After": "5"})
+        if name is None:
+            return await self.relay(gw, scope, body, gw.keys.any, receive, send, lambda ws: bool(ws))
+        canonical = next((c for c in name_candidates(name) for rep in workers.values() if c in rep["models"]), None)
+        if canonical is None:
+            raise model_not_found(name)
+        if path.startswith(HOLDER_PATHS):
+            holder = min((w for w, rep in workers.items() if canonical in rep["models"]),
+                         key=lambda w: canonical not in workers[w].get("loaded", []))
+            return await self.relay(gw, scope, body, gw.keys.worker_queue(holder), receive, send,
+                                    lambda ws: holder in ws)
+        return await self.relay(gw, scope, body, gw.keys.queue(canonical), receive, send,
+                                lambda ws: any(canonical in rep["models"] for rep in ws.values()))
+
+    async def relay(self, gw: GatewayState, scope: dict, body: bytes, stream: str, receive: Any, send: Any,
+                    capable: Callable[[dict[str, dict[str, Any]]], bool], watch_client: bool = True) -> None:
+        """Queues the request on `stream` and relays the worker's response to `send`. Waits while a
+        live worker can take it; JOB_WAIT_S without one is a 503. A worker that dies before answering:
+        its job is taken over (the wait goes on); after answering began: the stream ends with an error."""
+        own_queue = stream.startswith(f"{gw.keys.p}:w:")
+        label = "@w:" + stream.removeprefix(f"{gw.keys.p}:w:").removesuffix(":q") if own_queue \
+            else stream.removeprefix(f"{gw.keys.p}:q:")
+        headers = [(k, v) for k, v in scope["headers"] if k not in HOP_HEADERS]
+        job = HttpJob(new_id(), scope["method"], scope["path"], scope.get("query_string", b""),
+                      headers + [(b"content-length", str(len(body)).encode())], body, label)
+        await ensure_group(gw.r, stream, gw.groups)
+        limit = QUEUE_MAXLEN if own_queue else self.settings.max_queue
+        entry = await gw.admit(keys=[stream], args=[GROUP, limit, QUEUE_MAXLEN,
+                                                     *itertools.chain.from_iterable(job.fields().items())])
+        if entry is None:
+            gw.metrics.gateway_jobs.labels(label, "rejected").inc()
+            gw.metrics.rejected.labels(label).inc()
+            raise Busy(Scheduler.MESSAGE, headers={"Retry-After": "1"})
+        start, outcome = time.perf_counter(), "error"
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(watch_disconnect(receive, gone)) if watch_client else None
+        gw.relays += 1
+        try:
+            outcome = await self.pump(gw, job, stream, entry, send, gone, capable)
+        except redis_errors():
+            outcome = "redis"
+            raise
+        except ServerError as exc:
+            outcome = "no_worker" if isinstance(exc, Busy) else "aborted" if exc is gw.aborting else "error"
+            raise
+        finally:
+            gw.relays -= 1
+            if watcher:
+                watcher.cancel()
+            if outcome in ("cancelled", "no_worker", "lost", "redis", "aborted"):
+                await cancel_job(gw, job.id, stream, entry)
+            gw.metrics.gateway_jobs.labels(label, outcome).inc()
+            gw.metrics.gateway_job_seconds.labels(label).observe(time.perf_counter() - start)
+
+    async def pump(self, gw: GatewayState, job: HttpJob, stream: str, entry: bytes, send: Any, gone: asyncio.Event,
+                   capable: Callable[[dict[str, dict[str, Any]]], bool]) -> str:
+        reply, last = gw.keys.reply(job.id), "0-0"
+        taken_by, started, media = None, False, ""
+        unserved_since = None
+        while True:
+            if gone.is_set():
+                log.info("gateway: job %s (%s): client left; cancel mark set", job.id, job.model)
+                return "cancelled"
+            if gw.aborting is not None:
+                if started:
+                    await send_error_tail(send, media, gw.aborting)
+                    return "aborted"
+                raise gw.aborting
+            try:
+                got = await gw.r.xread({reply: last}, count=256, block=500)
+            except redis_errors():
+                if not started:
+                    raise  # a 503 with Retry-After
+                log.warning("gateway: job %s (%s): Redis went away mid-answer; ending the stream", job.id, job.model)
+                await send_error_tail(send, media, Busy("the job queue (Redis) went away mid-answer; retry shortly"))
+                return "redis"
+            for _stream, events in got or []:
+                for event_id, fields in events:
+                    last = event_id
+                    kind = fields.get(b"t")
+                    if kind == b"taken":
+                        taken_by = fields[b"w"].decode()
+                    elif kind == b"start":
+                        started = True
+                        headers = [(k.encode("latin-1"), v.encode("latin-1"))
+                                   for k, v in json.loads(fields[b"headers"])]
+                        media = dict(headers).get(b"content-type", b"").decode("latin-1")
+                        headers.append((b"x-ai-worker", (taken_by or "").encode()))  # which worker answered
+                        if not await safe_send(send, {"type": "http.response.start", "status": int(fields[b"status"]),
+                                                      "headers": headers}):
+                            return "cancelled"
+                    elif kind == b"body":
+                        if not await safe_send(send, {"type": "http.response.body", "body": fields[b"d"],
+                                                      "more_body": True}):
+                            return "cancelled"
+                    elif kind == b"end":
+                        await safe_send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+                        return "ok"
+                    elif kind == b"error":
+                        error = WorkerLost(fields[b"message"].decode())
+                        error.status = int(fields.get(b"status", b"502"))
+                        if started:
+                            await send_error_tail(send, media, error)
+                            return "lost"
+                        raise error
+            if got:
+                continue
+            workers = await gw.workers()
+            if taken_by is not None and taken_by not in workers:
+                log.warning("gateway: job %s (%s): worker %s stopped %s", job.id, job.model, taken_by,
+                            "mid-answer; ending the stream with an error" if started else
+                            "before answering; another worker takes it over")
+                if started:
+                    await send_error_tail(send, media, WorkerLost(
+                        f"the worker running this request ({taken_by}) stopped mid-answer; retry the request"))
+                    return "lost"
+                taken_by = None
+            if taken_by is None:
+                if capable(workers):
+                    unserved_since = None
+                elif unserved_since is None:
+                    unserved_since = time.monotonic()
+                elif time.monotonic() - unserved_since > self.settings.job_wait_s:
+                    log.warning("gateway: job %s (%s): no live worker could take it in %.0f s; 503", job.id,
+                                job.model, self.settings.job_wait_s)
+                    if started:
+                        await send_error_tail(send, media, Busy("no worker could finish this request"))
+                        return "no_worker"
+                    raise Busy(f"no live worker can take this request for '{job.model}' (JOB_WAIT_S "
+                               f"{self.settings.job_wait_s:.0f} s): start or fix a worker, then retry",
+                               headers={"Retry-After": "5"})
+
+    async def fan_out(self, gw: GatewayState, scope: dict, body: bytes, workers: list[str]) -> dict[str, Captured]:
+        async def one(worker: str) -> Captured:
+            captured = Captured()
+            try:
+                await self.relay(gw, scope, body, gw.keys.worker_queue(worker), None, captured.send,
+                                 lambda ws: worker in ws, watch_client=False)
+            except ServerError as exc:
+                captured.status, captured.body = exc.status, bytearray(compact_json({"error": exc.message}).encode())
+            return captured
+
+        answers = await asyncio.gather(*(one(w) for w in workers))
+        return dict(zip(workers, answers))
+
+    async def merged(self, gw: GatewayState, scope: dict, body: bytes, receive: Any, send: Any) -> None:
+        workers = await gw.workers()
+        answers = await self.fan_out(gw, scope, body, sorted(workers))
+        ok = {w: c.json() for w, c in answers.items() if c.status == 200}
+        path = scope["path"]
+        if path == "/status":
+            data: Any = {"version": VERSION, "role": "gateway", "redis": redis_where(self.settings),
+                         "relaying": gw.relays, "workers": {w: {"report": workers[w], "status": ok.get(w)}
+                                                            for w in sorted(workers)},
+                         "config": self.settings.public()}
+        elif path == "/sdapi/v1/progress":
+            data = max(ok.values(), key=lambda d: (d or {}).get("progress", 0), default=None)
+            if data is None:
+                raise Busy("no worker answered; retry shortly", headers={"Retry-After": "2"})
+        else:
+            key, ident = MERGED_ROUTES[path]
+            data = merge_lists(ok, key, ident) if ok or not key else {key: []}
+        await JSONResponse(data)(scope, receive, send)
+
+    async def first_success(self, gw: GatewayState, scope: dict, body: bytes, receive: Any, send: Any) -> None:
+        answers = await self.fan_out(gw, scope, body, sorted(await gw.workers()))
+        if not answers:
+            raise Busy("no worker is up: start one with `python app.py worker`", headers={"Retry-After": "5"})
+        best = next((c for c in answers.values() if 200 <= c.status < 300), None) or next(iter(answers.values()))
+        await Response(bytes(best.body), status_code=best.status,
+                       media_type=dict(best.headers).get(b"content-type", b"application/json").decode())(
+            scope, receive, send)
+
+    async def pull(self, gw: GatewayState, scope: dict, body: bytes, receive: Any, send: Any) -> None:
+        """A pull goes to one worker (`"worker": name`) or to every live one; their progress lines are
+        relayed as they come, and one final "success" once all have finished."""
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            data = None
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        target = (data.pop("worker", None) if isinstance(data, dict) else None) or (query.get("worker") or [None])[0]
+        body = json.dumps(data).encode() if isinstance(data, dict) else body
+        workers = sorted(await gw.workers())
+        if target is not None and target not in workers:
+            raise NotFound(f"worker '{target}' is not up; live workers: {', '.join(workers) or 'none'}")
+        targets = [target] if target else workers
+        if not targets:
+            raise Busy("no worker is up: start one with `python app.py worker`", headers={"Retry-After": "5"})
+        if len(targets) == 1:
+            return await self.relay(gw, scope, body, gw.keys.worker_queue(targets[0]), receive, send,
+                                    lambda ws: targets[0] in ws)
+        streamed = scope["path"] == "/api/pull" and not (isinstance(data, dict) and data.get("stream") is False)
+        if not streamed:
+            answers = await self.fan_out(gw, scope, body, targets)
+            failed = [(w, c) for w, c in answers.items() if not 200 <= c.status < 300]
+            if failed:
+                worker, c = failed[0]
+                return await Response(bytes(c.body), status_code=c.status, media_type="application/json")(
+                    scope, receive, send)
+            if scope["path"] == "/api/pull":
+                return await JSONResponse({"status": "success"})(scope, receive, send)
+            jobs = [{"worker": w, **(c.json() or {})} for w, c in answers.items()]
+            return await JSONResponse({**jobs[0], "jobs": jobs}, status_code=202)(scope, receive, send)
+        await self.pull_all_streamed(gw, scope, body, targets, receive, send)
+
+    async def pull_all_streamed(self, gw: GatewayState, scope: dict, body: bytes, targets: list[str], receive: Any,
+                                send: Any) -> None:
+        lines: asyncio.Queue = asyncio.Queue()
+
+        class Lines(Captured):
+            async def send(self, message: dict[str, Any]) -> None:
+                await super().send(message)
+                if message["type"] == "http.response.body" and message.get("body"):
+                    lines.put_nowait(message["body"])
+
+        async def one(worker: str) -> tuple[str, Captured]:
+            c = Lines()
+            try:
+                await self.relay(gw, scope, body, gw.keys.worker_queue(worker), None, c.send, lambda ws: worker in ws,
+                                 watch_client=False)
+            except ServerError as exc:
+                c.status, c.body = exc.status, bytearray(compact_json({"error": exc.message}).encode())
+            return worker, c
+
+        tasks = [asyncio.create_task(one(w)) for w in targets]
+        done = asyncio.gather(*tasks)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/x-ndjson")]})
+        failed: list[str] = []
+        buffer = b""
+        while not (done.done() and lines.empty()):
+            try:
+                chunk = await asyncio.wait_for(lines.get(), 0.2)
+            except asyncio.TimeoutError:
+                continue
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for line in complete:
+                if line.strip() and b'"success"' not in line:
+                    await safe_send(send, {"type": "http.response.body", "body": line + b"\n", "more_body": True})
+        for worker, c in await done:
+            text = c.body.decode("utf-8", "replace")
+            if c.status != 200 or '"error"' in text:
+                failed.append(f"{worker}: {(c.json() or {}).get('error') if c.status != 200 else text.strip()}")
+        tail = compact_json({"error": "; ".join(failed)} if failed else {"status": "success"}) + "\n"
+        await safe_send(send, {"type": "http.response.body", "body": tail.encode(), "more_body": False})
+
+
+async def watch_disconnect(receive: Any, gone: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
+async def safe_send(send: Any, message: dict[str, Any]) -> bool:
+    """False when the client has gone (the server refuses the write)."""
+    try:
+        await send(message)
+        return True
+    except OSError:
+        return False
+
+
+async def send_error_tail(send: Any, media: str, error: ServerError) -> None:
+    """Ends a response that already began with an error line in its stream's shape."""
+    line = sse_error(error) if media.startswith("text/event-stream") else ndjson_error(error) \
+        if "ndjson" in media else ""
+    await safe_send(send, {"type": "http.response.body", "body": line.encode(), "more_body": False})
+
+
+async def cancel_job(gw: GatewayState, job_id: str, stream: str, entry: bytes) -> None:
+    """The job's client is gone: a queued job is skipped when taken (never runs), a running one sees
+    the mark within a token. (Not XDEL: a deleted entry still pending cannot be reclaimed by id on 6.2.)"""
+    with contextlib.suppress(*redis_errors()):
+        async with gw.r.pipeline(transaction=False) as pipe:
+            pipe.set(gw.keys.cancel(job_id), "1", ex=REPLY_TTL_S)
+            pipe.publish(gw.keys.cancel_channel, job_id)
+            await pipe.execute()
+
+
+# ============================================================================
+# 22. App
 # ============================================================================
 DEFAULT_ORIGINS = ("http://localhost", "https://localhost", "http://localhost:*", "https://localhost:*",
                    "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
@@ -6277,9 +7218,6 @@ def origins_regex(extra: list[str]) -> str:
     """Ollama's default origins plus ORIGINS, '*' as a wildcard (chrome-extension://*)."""
     patterns = [re.escape(o).replace(r"\*", ".*") for o in (*DEFAULT_ORIGINS, *extra)]
     return "^(" + "|".join(patterns) + ")$"
-
-
-MULTIPART_PATHS = {"/v1/images/edits"}  # OpenAI uploads images as multipart/form-data here (nowhere else)
 
 
 class JsonBodyDefault:
@@ -6304,8 +7242,6 @@ class JsonBodyDefault:
 
 PUBLIC_PATHS = {"/", "/health", "/api/version"}
 
-
-HOSTNAME = socket.gethostname().lower()  # once: is_local_host runs on every request
 
 
 def is_local_host(host_header: str) -> bool:
@@ -6355,7 +7291,7 @@ class AccessControl:
         return scheme.lower() == b"bearer" and any(hits)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or "ai_job" in scope:  # a worker's job: the gateway checked it
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         origin = headers.get(b"origin", b"").decode("latin-1")
@@ -6427,6 +7363,24 @@ class HttpMetrics:
             self.metrics.request_seconds.labels(route).observe(time.perf_counter() - start)
 
 
+@contextlib.asynccontextmanager
+async def gateway_lifespan(app: FastAPI, settings: Settings, metrics: Metrics):
+    """The gateway holds no models: its state is Redis and the metrics."""
+    gw = app.state.ai = GatewayState(settings, metrics)
+    try:
+        workers = await gw.workers()
+        log.info("ai-server %s: gateway on %s:%d, jobs through %s (prefix %s), %d worker(s) up", VERSION,
+                 settings.host, settings.port, redis_where(settings), gw.keys.p, len(workers))
+    except redis_errors() as exc:
+        log.warning("gateway: Redis at %s cannot be reached yet (%s): requests get 503 until it can",
+                    redis_where(settings), type(exc).__name__)
+    try:
+        yield
+    finally:
+        await gw.close()
+        log.info("ai-server: gateway stopped")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app for these settings; state is opened in the lifespan, not at import."""
     settings = settings or Settings()
@@ -6434,13 +7388,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.role == "gateway":
+            async with gateway_lifespan(app, settings, metrics):
+                yield
+            return
         state = await run_in_daemon_thread(open_state, settings, metrics)
         app.state.ai = state
         state.tasks.append(asyncio.create_task(state.models.reap_forever()))
         log.info("ai-server %s: serving on %s:%d, home %s", VERSION, settings.host, settings.port, settings.home)
+        worker = Worker(app, state, settings) if settings.role == "worker" else None
+        if worker:
+            worker.start()
         try:
             yield
         finally:
+            if worker:
+                await worker.stop(settings.graceful_shutdown_s)
             for task in state.tasks:
                 task.cancel()
             await state.pulls.shutdown()
@@ -6450,11 +7413,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="ai-server", version=VERSION, lifespan=lifespan)
     # add_middleware wraps: the last added is the outermost (CORS answers preflights first).
+    app.add_middleware(GatewayDispatch, settings=settings)
     app.add_middleware(JsonBodyDefault)
     app.add_middleware(AccessControl, settings=settings)
     app.add_middleware(HttpMetrics, metrics=metrics, routes=lambda: app.routes)
     app.add_middleware(CORSMiddleware, allow_origin_regex=origins_regex(settings.origins), allow_methods=["*"],
                        allow_headers=list(CORS_HEADERS))
+    app.add_middleware(WorkerOnly, settings=settings)
     install_error_handlers(app)
     fastapi_openapi = app.openapi
     app.openapi = lambda: app.openapi_schema or document_errors(fastapi_openapi())
@@ -6470,7 +7435,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 # ============================================================================
-# 22. Main
+# 23. Main
 # ============================================================================
 class JsonLogFormatter(logging.Formatter):
     """LOG_FORMAT=json: one JSON object per line. Ten lines here rather than a dependency."""
@@ -6502,9 +7467,6 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-DRAIN_MARGIN_S = 2.0  # after the generations' grace ends, for their last lines to go out
-
-
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, which on SIGTERM stops accepting and waits GRACEFUL_SHUTDOWN_S for running
     requests, then cuts them. Generations still running when the grace ends are ended here first,
@@ -6523,14 +7485,15 @@ class DrainingServer(uvicorn.Server):
             log.info("shutdown: signal %d; running generations have %.0f s to finish", sig, self.grace_s)
             error = ShuttingDown("the server is shutting down: this generation was stopped; retry shortly",
                                  headers={"Retry-After": "5"})
-            loop.call_soon_threadsafe(loop.call_later, self.grace_s, state.models.abort_all, error)
+            loop.call_soon_threadsafe(loop.call_later, self.grace_s, state.abort_all, error)
 
 
 def serve(settings: Settings) -> int:
     # SIGTERM: uvicorn stops accepting, lets running requests finish within the grace period,
     # then the lifespan marks unfinished pulls failed and unloads models.
     try:
-        open_registry(settings).close()  # a registry that cannot be used is said here, not as a traceback
+        if settings.role != "gateway":  # the gateway keeps no registry: workers do
+            open_registry(settings).close()  # a registry that cannot be used is said here, not as a traceback
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 2
@@ -6542,12 +7505,32 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+CLI_HELP = """commands:
+  serve            serve every API (Ollama, OpenAI, llama.cpp, A1111, native) on AI_SERVER_HOST:AI_SERVER_PORT
+                   (default 127.0.0.1:8005). --role all (default): one process, local models.
+                   --role gateway: the APIs, with jobs sent to workers over Redis (REDIS_URL); no local models.
+  worker           a GPU worker: dials out to REDIS_URL, runs the gateway's jobs on its own models, disk and
+                   registry; its HTTP port (AI_SERVER_PORT) serves /health and /metrics only
+  import-default   import the embedded default models once (run by scripts/setup.sh)
+
+Everything else is configured by environment variables: see the Configuration table in README.md."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="app.py", description="ai-server")
-    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "import-default"))
+    parser = argparse.ArgumentParser(prog="app.py", description="ai-server: one server for local Hugging Face "
+                                     "models", epilog=CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "worker", "import-default"))
+    parser.add_argument("--role", choices=("all", "gateway"), help="serve: all (default) or gateway (AI_SERVER_ROLE)")
+    parser.add_argument("--host", help="bind address (AI_SERVER_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (AI_SERVER_PORT, default 8005)")
     args = parser.parse_args(argv)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if args.command == "worker":
+        overrides["role"] = "worker"
+    elif args.role:
+        overrides["role"] = args.role
     try:
-        settings = Settings()
+        settings = Settings(**overrides)
     except ValueError as exc:  # pydantic's ValidationError: one line per bad variable, no traceback
         print(f"ai-server: invalid configuration:\n{exc}", file=sys.stderr)
         return 2

@@ -38,8 +38,8 @@ def free_port() -> int:
 class ServerProcess:
     """ai-server in its own process; `restart()` keeps the same home, cache and port."""
 
-    def __init__(self, home: Path, hub_url: str, log_path: Path, **env: str):
-        self.home, self.log_path = home, log_path
+    def __init__(self, home: Path, hub_url: str, log_path: Path, args: tuple[str, ...] = ("serve",), **env: str):
+        self.home, self.log_path, self.args = home, log_path, list(args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "AI_SERVER_HOME": str(home), "HF_HUB_CACHE": str(home / "hf-cache"),
@@ -50,7 +50,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "serve"], cwd=ROOT, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *self.args], cwd=ROOT, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
