@@ -2,7 +2,8 @@
 # ai-server against its peers on the same SmolLM2-135M weights (../shared/notes/benchmark.md):
 # the seed design, `transformers serve` (with and without continuous batching),
 # llama-cpp-python's server, llama.cpp's own llama-server (the engine Ollama runs) against ai-server on its
-# llamacpp backend, and, with .venv-vllm, ai-server on vLLM and `vllm serve`.
+# llamacpp backend, with .venv-vllm, ai-server on vLLM and `vllm serve`, and (phase scaleout) the gateway
+# with one and with two workers over Redis against the all-in-one server.
 #
 #   scripts/bench_peers.sh                  full run (~40 min on 2 cores): results in bench-results/
 #   ROUNDS=1 LEVELS=1,4 MAX_TOKENS=32 PHASES=throughput scripts/bench_peers.sh     a quick look
@@ -17,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}; ROUNDS=${ROUNDS:-2}; LEVELS=${LEVELS:-1,4,16}; MAX_TOKENS=${MAX_TOKENS:-128}
-PHASES=${PHASES:-throughput,llamacpp,chat,bare,vllm}; LLAMA_VENV=${LLAMA_VENV:-}
+PHASES=${PHASES:-throughput,llamacpp,chat,bare,vllm,scaleout}; LLAMA_VENV=${LLAMA_VENV:-}
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=2
 mkdir -p "$OUT/logs"
 HOME_DIR=$(realpath "$OUT")/home
@@ -28,8 +29,11 @@ BAN=0,2  # <|endoftext|>, <|im_end|>
 LLAMA_SERVER=${LLAMA_SERVER:-$(scripts/build-llama-server.sh --path)}
 NP=16; CTX=4096  # what ai-server gives its llama-server by default: NUM_PARALLEL slots of CONTEXT_LENGTH
 
-PID=""
-stop() { [ -n "$PID" ] && { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; }; PID=""; }
+PID=""; EXTRA_PIDS=()
+stop() {
+  for p in "$PID" "${EXTRA_PIDS[@]}"; do [ -n "$p" ] && { kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; }; done
+  PID=""; EXTRA_PIDS=()
+}
 trap stop EXIT
 start() {  # start NAME PORT CMD...: runs it in the background, waits until it answers HTTP
   local name=$1 port=$2; shift 2
@@ -47,6 +51,25 @@ ai() {  # ai PORT [ENV=VALUE...]: ai-server with the embedded model only
   exec env AI_SERVER_HOME="$HOME_DIR" AI_SERVER_PORT="$port" EMBED_MODEL="" KEEP_ALIVE=-1 "$@" .venv/bin/python app.py serve
 }
 bench() { .venv/bin/python scripts/bench.py --ban-tokens $BAN "$@"; }
+REDIS_PORT=8120; REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
+workers() {  # workers N: N worker processes, homes copied from the embedded-model home (separate "machines")
+  for i in $(seq "$1"); do
+    [ -d "$OUT/home-w$i" ] || cp -r "$HOME_DIR" "$OUT/home-w$i"
+    start "worker$i" $((8121 + i)) env AI_SERVER_HOME="$OUT/home-w$i" AI_SERVER_PORT=$((8121 + i)) EMBED_MODEL="" \
+      KEEP_ALIVE=-1 AI_SERVER_BACKENDS=transformers REDIS_URL=$REDIS_URL WORKER_NAME="w$i" .venv/bin/python app.py worker
+    EXTRA_PIDS+=("$PID")
+  done
+  start gateway 8121 env AI_SERVER_PORT=8121 REDIS_URL=$REDIS_URL .venv/bin/python app.py serve --role gateway
+  until [ "$(curl -s http://127.0.0.1:8121/health | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin).get("workers"))')" = "$1" ]; do
+    sleep 0.5
+  done
+}
+warm() {  # warm URL: 8 concurrent short requests, so every worker has loaded the model before timing
+  for _ in $(seq 8); do
+    curl -s "$1/api/generate" -d '{"model":"smollm2:135m","prompt":"hi","options":{"num_predict":4}}' >/dev/null &
+  done
+  wait
+}
 peer() {  # peer LABEL: start it; TARGET = its bench.py --target
   case $1 in
     seed) start seed 8104 .venv/bin/python scripts/seed_server.py "$MODEL_DIR" --port 8104
@@ -76,6 +99,12 @@ peer() {  # peer LABEL: start it; TARGET = its bench.py --target
             AI_SERVER_BACKENDS=vllm VLLM_MAX_MODEL_LEN=4096 .venv-vllm/bin/python app.py serve
           curl -sf http://127.0.0.1:8103/api/generate -d '{"model":"smollm2:135m"}' >/dev/null  # load it now
           TARGET="ai-server-vllm=http://127.0.0.1:8103,openai,smollm2:135m,$PID" ;;
+    all-in-one) start ai 8101 ai 8101 AI_SERVER_BACKENDS=transformers; warm http://127.0.0.1:8101
+          TARGET="all-in-one=http://127.0.0.1:8101,openai,smollm2:135m" ;;
+    gateway-1-worker) workers 1; warm http://127.0.0.1:8121
+          TARGET="gateway-1-worker=http://127.0.0.1:8121,openai,smollm2:135m" ;;
+    gateway-2-workers) workers 2; warm http://127.0.0.1:8121
+          TARGET="gateway-2-workers=http://127.0.0.1:8121,openai,smollm2:135m" ;;
     vllm-serve) # `vllm serve` itself asks importlib for a "vllm" distribution, which vllm-cpu is not
           start vllm-serve 8108 .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" \
             --port 8108 --host 127.0.0.1 --enforce-eager --max-model-len 4096 --max-num-seqs 16 --served-model-name smollm2
@@ -134,5 +163,13 @@ fi
 # 4. vLLM: ai-server on its vLLM backend against vLLM's own server, same engine settings.
 if has vllm && [ -x .venv-vllm/bin/python ]; then
   rounds "$OUT/vllm" ai-server-vllm vllm-serve
+fi
+# 5. Scale-out: the same load through the gateway (one worker, then two, over a real Redis) and on the
+# all-in-one server. On 2 cores two workers share the same cores: expect no gain, and say so.
+if has scaleout; then
+  .venv/bin/redis-server --port $REDIS_PORT --bind 127.0.0.1 --save "" --appendonly no >"$OUT/logs/redis.log" 2>&1 &
+  REDIS_PID=$!
+  rounds "$OUT/scaleout" all-in-one gateway-1-worker gateway-2-workers
+  kill $REDIS_PID
 fi
 uptime
