@@ -1,7 +1,10 @@
 """ai-server: an Ollama-compatible inference server for Hugging Face models, in one file.
 
-Run:   python app.py serve            (port 8005; imports the embedded models once)
+Run:   python app.py serve            (port 8005; imports the embedded models once; --host, --port)
+       python app.py serve --role gateway   (the APIs; jobs go to workers over Redis Streams, REDIS_URL)
+       python app.py worker           (runs the gateway's jobs on its own models; /health, /metrics only)
        python app.py import-default   (the one-time imports, without serving)
+       python app.py --help
 
 APIs: native (/pull, /jobs, /models, /chat), Ollama's (/api/*, NDJSON streams), OpenAI's (/v1/*, SSE
 streams) and llama.cpp's server API (/completion, /tokenize, /props, ... for LLM for Unity and other
@@ -61,8 +64,18 @@ Environment (one place for each default: `Settings` below; only these names conf
 | VLLM_GPU_MEMORY_UTILIZATION| 0.9                        | vLLM share of GPU memory                  |
 | VLLM_ENFORCE_EAGER         | eager on CPU, graphs on GPU| vLLM enforce_eager                        |
 | VLLM_TENSOR_PARALLEL_SIZE  | 1                          | vLLM tensor-parallel GPUs                 |
+| VLLM_PIPELINE_PARALLEL_SIZE| 1                          | vLLM pipeline stages (nodes, with Ray)    |
+| VLLM_DISTRIBUTED_EXECUTOR_BACKEND | vLLM's choice       | ray (a Ray cluster's nodes) or mp         |
 | MAX_IMAGE_PIXELS           | 2048*2048                  | largest image (width x height) asked for  |
 | LOG_LEVEL                  | INFO                       | logging level                             |
+| AI_SERVER_ROLE             | all                        | all, gateway or worker (section 21)       |
+| REDIS_URL                  | unset                      | redis:// or rediss://, may hold a password|
+|                            |                            | (never logged)                            |
+| REDIS_PREFIX               | ai                         | key prefix in Redis                       |
+| WORKER_NAME                | host-port                  | the worker's name                         |
+| WORKER_SLOTS               | NUM_PARALLEL               | jobs a worker takes from Redis at once    |
+| WORKER_HEARTBEAT_S         | 2 (s)                      | report + job lease; dead after 3x         |
+| JOB_WAIT_S                 | 30 (s)                     | no live worker can take a job: 503 after  |
 
 Sections, in order; each uses only those above it:
   1. Pre-import environment      11. Jobs (background pulls)
@@ -75,7 +88,8 @@ Sections, in order; each uses only those above it:
   8. Backends                    18. Routes: OpenAI (/v1/*)
   9. Loader (LRU, keep_alive)    19. Routes: llama.cpp (/completion, /tokenize, /props, ...; `grep @llamacpp`)
  10. Generation (thread bridge)  20. Routes: images (A1111 /sdapi/v1/*, /generate-image, /v1/images/*; `grep @images`)
-                                 21. App, 22. Main   (21 also holds the middleware: keys, Host, CORS, ...)
+                                 21. Scale-out: gateway and workers over Redis Streams
+                                 22. App (middleware: keys, Host, CORS, ...), 23. Main (CLI)
 """
 
 # ============================================================================
@@ -6310,7 +6324,8 @@ MULTIPART_PATHS = {"/v1/images/edits"}  # OpenAI uploads images as multipart/for
 DRAIN_MARGIN_S = 2.0  # after the generations' grace ends, for their last lines to go out
 GROUP = "workers"
 REPLY_MAXLEN = 20_000  # reply events kept (about one per token): far above what a reader lags behind
-REPLY_TTL_S = 600  # a reply stream or cancel mark nobody reads any more expires
+REPLY_TTL_S = 600  # a reply stream nobody reads any more expires
+CANCEL_TTL_S = 86_400  # a cancel mark outlives any queue wait
 QUEUE_MAXLEN = 100_000  # a model stream's length cap (queued and pending jobs; acknowledged ones are deleted)
 HOP_HEADERS = frozenset({b"authorization", b"origin", b"cookie", b"host", b"content-length", b"connection",
                          b"transfer-encoding", b"keep-alive", b"upgrade"})
@@ -6323,12 +6338,43 @@ MERGED_ROUTES = {"/api/tags": ("models", "name"), "/models": ("models", "name"),
 BROADCAST_ROUTES = frozenset({("POST", "/sdapi/v1/options"), ("POST", "/sdapi/v1/interrupt"),
                               ("DELETE", "/api/delete"), ("POST", "/api/copy")})
 HOLDER_PATHS = ("/api/show", "/v1/models/")
-# Queues a job unless MAX_QUEUE jobs already wait (entries not yet taken: XLEN less pending), atomically:
-# a burst of requests checking and adding one by one would all see room.
+# Lua, because each of these must be one step. Admission: queues a job unless MAX_QUEUE jobs already wait
+# (XLEN less pending), so a burst cannot all see room; the group is made if missing (a Redis that lost its
+# data); the job id is a guard key, so a retried call cannot queue the job twice. KEYS: stream, guard.
 ADMIT_LUA = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[4]) then return 'dup' end
+pcall(redis.call, 'XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 local waiting = redis.call('XLEN', KEYS[1]) - redis.call('XPENDING', KEYS[1], ARGV[1])[1]
-if waiting >= tonumber(ARGV[2]) then return false end
-return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+if waiting >= tonumber(ARGV[2]) then redis.call('DEL', KEYS[2]) return false end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 5))
+"""
+# A job's owner is whoever has its entry pending: a worker acts for a job only while it still owns it (a
+# worker that lost its lease, e.g. through a Redis outage, must not renew it back nor answer a job that
+# another worker now runs). Renew: XCLAIM JUSTID resets the idle time. KEYS: stream; ARGV: group, id, me.
+OWNED_LUA = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+return #p > 0 and p[1][2] == ARGV[3]
+"""
+RENEW_LUA = OWNED_LUA.replace("return #p > 0 and p[1][2] == ARGV[3]", """if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
+return 1""")
+# The first reply event that shows the answer began ("start"), only while this worker owns the job.
+# KEYS: stream, reply; ARGV: group, id, me, event id, ttl, maxlen, fields...
+START_LUA = OWNED_LUA.replace("return #p > 0 and p[1][2] == ARGV[3]", """if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], ARGV[4], unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return 1""")
+# A client left: the mark (a running job stops, a taken one is skipped), a PUBLISH for running jobs, and a
+# job nobody has taken yet is deleted (XDEL only when not pending: 6.2 cannot reclaim a deleted pending
+# entry by id). KEYS: stream, mark; ARGV: group, id ("" unknown), ttl, channel, job id.
+CANCEL_LUA = """
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+if ARGV[2] ~= '' then
+  local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+  if ok and #p == 0 then redis.call('XDEL', KEYS[1], ARGV[2]) end
+end
+return 1
 """  # metadata: to a worker that holds the model, never queued behind work
 
 
@@ -6341,10 +6387,15 @@ def redis_client(settings: Settings) -> Any:
     Redis that cannot be reached is a 503 on the gateway and a retry on workers, never a hang."""
     import redis.asyncio as aioredis
 
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
     # health_check_interval=1: a pooled connection idle for a second is PINGed (and remade) before use, so
-    # a Redis restart costs no command; commands are not retried blindly (an XADD twice is text twice).
+    # a Redis restart costs no command. One retry, no backoff (redis-py's default is 10 with backoff: a
+    # Redis that is down would hold each request ~40 s); what a retry could double is guarded: admission
+    # by the job id, reply events by their explicit ids (a second XADD of one id is refused).
     return aioredis.from_url(settings.redis_url.get_secret_value(), socket_connect_timeout=3, socket_timeout=15,
-                             health_check_interval=1)
+                             health_check_interval=1, retry=Retry(NoBackoff(), 1))
 
 
 def redis_where(settings: Settings) -> str:
@@ -6354,9 +6405,10 @@ def redis_where(settings: Settings) -> str:
 
 
 def redis_errors() -> tuple[type[BaseException], ...]:
-    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+    """Redis down, slow, or refusing (OOM, READONLY, a lost group): never a 500, never a dead loop."""
+    from redis.exceptions import RedisError
 
-    return RedisConnectionError, RedisTimeoutError, OSError
+    return RedisError, OSError
 
 
 class Keys:
@@ -6381,6 +6433,9 @@ class Keys:
 
     def cancel(self, job_id: str) -> str:
         return f"{self.p}:c:{job_id}"
+
+    def guard(self, job_id: str) -> str:
+        return f"{self.p}:g:{job_id}"
 
 
 @dataclasses.dataclass
@@ -6432,7 +6487,8 @@ async def ensure_group(r: Any, stream: str, known: set[str]) -> None:
     known.add(stream)
 
 
-async def retrying(what: str, step: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+async def retrying(what: str, step: Callable[[], Awaitable[None]], stop: asyncio.Event,
+                   on_error: Callable[[BaseException], None] = lambda _exc: None) -> None:
     """Runs `step` until `stop`, through Redis outages: a warning on the first failure, backoff
     from 0.5 s to 10 s, an info line when it works again. Nothing here lets the process crash."""
     delay, failing = 0.5, False
@@ -6445,6 +6501,7 @@ async def retrying(what: str, step: Callable[[], Awaitable[None]], stop: asyncio
         except asyncio.CancelledError:
             raise
         except redis_errors() as exc:
+            on_error(exc)
             if not failing:
                 log.warning("redis: %s failed (%s); retrying with backoff", what, type(exc).__name__)
             failing = True
@@ -6463,65 +6520,91 @@ class WorkerJob:
     entry: bytes
     counted: bool  # takes one of the worker's slots (model queues do; its own queue does not)
     cancel: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    seq: int = 0  # its reply events' ids: 0-1, 0-2, ... (a retried XADD of one id is refused, not doubled)
     started: bool = False  # the response began: from here on it cannot run anywhere else
     handing_back: bool = False  # the worker stops: a job not started is left for another worker
+    fenced: bool = False  # another worker owns it now (this one lost its lease): say nothing more
+
+    @property
+    def silent(self) -> bool:
+        return self.fenced or (self.handing_back and not self.started)
+
+
+def is_duplicate_id(exc: BaseException) -> bool:
+    return "equal or smaller than the target stream top item" in str(exc)
 
 
 class Worker:
     """The worker role: takes jobs from the streams of the models it holds (loaded ones first, a
-    pulled one when no live worker has it loaded), runs each through this process's own app, streams
-    the response events back, acknowledges it when done. Heartbeats renew its report and the lease on
-    its jobs (XCLAIM JUSTID resets their idle time); XAUTOCLAIM takes over the jobs of a worker whose
-    lease ran out (it died): run again if nothing was sent yet, else ended with an error event."""
+    pulled one when no live worker has it loaded with a free slot), runs each through this process's
+    own app, streams the response events back, acknowledges it when done. Heartbeats renew its report
+    and the lease on the jobs it still owns (XCLAIM JUSTID resets their idle time); XAUTOCLAIM takes
+    over the jobs of a worker whose lease ran out (it died): run again if nothing was sent yet, else
+    ended with an error event."""
 
     def __init__(self, app: Any, state: "AppState", settings: Settings):
         self.app, self.state, self.settings = app, state, settings
         self.r, self.keys, self.name = redis_client(settings), Keys(settings.redis_prefix), settings.worker_id()
+        self.renew, self.start_event = self.r.register_script(RENEW_LUA), self.r.register_script(START_LUA)
         self.slots = settings.worker_slots or settings.num_parallel
         self.hb_s = settings.worker_heartbeat_s
         self.jobs: dict[str, WorkerJob] = {}
         self.groups: set[str] = set()
         self.freed = asyncio.Event()
         self.stop_event = asyncio.Event()
+        self.draining = False
+        self.intake_tasks: list[asyncio.Task] = []
         self.tasks: list[asyncio.Task] = []
+        self.runs: set[asyncio.Task] = set()
         self.models: list[str] = []
 
     def start(self) -> None:
         log.info("worker %s: taking jobs from %s (prefix %s, %d slots)", self.name, redis_where(self.settings),
                  self.keys.p, self.slots)
-        for what, step in (("heartbeat", self.heartbeat), ("job intake", self.intake), ("own queue", self.own_queue),
-                           ("cancel listener", self.listen_cancels), ("reclaim", self.reclaim)):
-            self.tasks.append(asyncio.create_task(retrying(f"worker {self.name} {what}", step, self.stop_event)))
+
+        def forget_groups(exc: BaseException) -> None:
+            if "NOGROUP" in str(exc):  # Redis lost its data (restarted without persistence, flushed)
+                self.groups.clear()
+
+        for what, step, intake in (("heartbeat", self.heartbeat, False), ("cancel listener", self.listen_cancels, False),
+                                   ("job intake", self.intake, True), ("own queue", self.own_queue, True),
+                                   ("reclaim", self.reclaim, True)):
+            task = asyncio.create_task(retrying(f"worker {self.name} {what}", step, self.stop_event, forget_groups))
+            (self.intake_tasks if intake else self.tasks).append(task)
 
     def busy(self) -> int:
         return sum(1 for j in self.jobs.values() if j.counted)
 
     async def report(self) -> dict[str, Any]:
-        records = await asyncio.to_thread(self.state.registry.list_models)
+        records = await run_in_daemon_thread(self.state.registry.list_models)
         self.models = [r.name for r in records]
+        free = 0 if self.draining else max(self.slots - self.busy(), 0)
         return {"name": self.name, "version": VERSION, "models": self.models,
-                "loaded": list(self.state.models.loaded), "slots": self.slots,
-                "free": max(self.slots - self.busy(), 0), "time": time.time()}
+                "loaded": list(self.state.models.loaded), "slots": self.slots, "free": free, "time": time.time()}
 
     async def publish_report(self, pipe: Any = None) -> None:
         report = await self.report()
         target = pipe if pipe is not None else self.r
-        await_or_queued = target.set(self.keys.worker(self.name), json.dumps(report),
-                                     px=int(max(3 * self.hb_s, 1.0) * 1000))
+        queued = target.set(self.keys.worker(self.name), json.dumps(report), px=int(max(4 * self.hb_s, 1.0) * 1000))
         if pipe is None:
-            await await_or_queued
+            await queued
 
     async def heartbeat(self) -> None:
         jobs = list(self.jobs.values())
         async with self.r.pipeline(transaction=False) as pipe:
             await self.publish_report(pipe)
             pipe.sadd(self.keys.workers, self.name)
-            for job in jobs:  # the lease: a job idle this long is taken for dead
-                pipe.xclaim(job.stream, GROUP, self.name, 0, [job.entry], justid=True)
+            for job in jobs:  # the lease, on the jobs this worker still owns; and cancels missed while away
+                await self.renew(keys=[job.stream], args=[GROUP, job.entry, self.name], client=pipe)
                 pipe.exists(self.keys.cancel(job.job.id))
             results = await pipe.execute()
-        for job, gone in zip(jobs, results[3::2]):
-            if gone:  # a cancel published while Redis was away
+        for job, owned, gone in zip(jobs, results[2::2], results[3::2]):
+            if gone:
+                job.cancel.set()
+            if not owned and not job.fenced:
+                log.warning("worker %s: job %s: another worker took it over (this one lost its lease); stopping it "
+                            "here", self.name, job.job.id)
+                job.fenced = True
                 job.cancel.set()
         await asyncio.sleep(self.hb_s)
 
@@ -6537,6 +6620,8 @@ class Worker:
         return [self.keys.queue(m) for m in names] + [self.keys.any]
 
     async def intake(self) -> None:
+        """At most `slots` jobs: each stream is asked in turn for what is still free (XREADGROUP's COUNT is
+        per stream); when none had any, one blocking read over all of them for a single job."""
         free = self.slots - self.busy()
         if free <= 0:
             self.freed.clear()
@@ -6548,32 +6633,41 @@ class Worker:
         streams = await self.intake_streams()
         for stream in streams:
             await ensure_group(self.r, stream, self.groups)
-        got = await self.r.xreadgroup(GROUP, self.name, {s: ">" for s in streams}, count=free, block=1000)
+        took = 0
+        for stream in streams:
+            if took >= free:
+                return
+            got = await self.r.xreadgroup(GROUP, self.name, {stream: ">"}, count=free - took)
+            took += self.take_all(got, counted=True)
+        if not took:
+            self.take_all(await self.r.xreadgroup(GROUP, self.name, {s: ">" for s in streams}, count=1, block=1000),
+                          counted=True)
+
+    def take_all(self, got: Any, counted: bool, reclaimed: bool = False) -> int:
+        n = 0
         for stream, entries in got or []:
             for entry, fields in entries:
-                self.take(stream.decode(), entry, fields, counted=True, reclaimed=False)
+                if entry and fields:
+                    n += self.take(stream.decode() if isinstance(stream, bytes) else stream, entry, fields, counted,
+                                   reclaimed)
+        return n
 
     async def own_queue(self) -> None:
         stream = self.keys.worker_queue(self.name)
         await ensure_group(self.r, stream, self.groups)
-        got = await self.r.xreadgroup(GROUP, self.name, {stream: ">"}, count=16, block=1000)
-        for _stream, entries in got or []:
-            for entry, fields in entries:
-                self.take(stream, entry, fields, counted=False, reclaimed=False)
+        self.take_all(await self.r.xreadgroup(GROUP, self.name, {stream: ">"}, count=16, block=1000), counted=False)
 
     async def reclaim(self) -> None:
         """Jobs of dead workers (their lease ran out), and this worker's own from before a restart."""
         await asyncio.sleep(self.hb_s)
-        idle_ms = int(4 * self.hb_s * 1000)
+        idle_ms = int(5 * self.hb_s * 1000)  # the lease's 4 heartbeats, and one of margin
         own = self.keys.worker_queue(self.name)
         for stream in [own, *(await self.intake_streams())]:
             free = max(self.slots - self.busy(), 0) if stream != own else 16
             if not free or stream not in self.groups:
                 continue
             _next, entries, *_deleted = await self.r.xautoclaim(stream, GROUP, self.name, idle_ms, "0-0", count=free)
-            for entry, fields in entries:
-                if entry and fields:  # jobs are only deleted once acknowledged; skip what is not a job
-                    self.take(stream, entry, fields, counted=stream != own, reclaimed=True)
+            self.take_all([(stream, entries)], counted=stream != own, reclaimed=True)
 
     async def listen_cancels(self) -> None:
         pubsub = self.r.pubsub()
@@ -6587,24 +6681,50 @@ class Worker:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
 
-    def take(self, stream: str, entry: bytes, fields: dict[bytes, bytes], counted: bool, reclaimed: bool) -> None:
+    def take(self, stream: str, entry: bytes, fields: dict[bytes, bytes], counted: bool, reclaimed: bool) -> int:
         try:
             job = HttpJob.of(fields)
         except (KeyError, ValueError) as exc:
             log.warning("worker %s: dropping malformed entry %s in %s (%s)", self.name, entry, stream, exc)
-            asyncio.create_task(self.ack(stream, entry))
-            return
+            self.spawn(self.ack(stream, entry))
+            return 0
         if job.id in self.jobs:
-            return
+            return 0
         wj = self.jobs[job.id] = WorkerJob(job, stream, entry, counted)
-        asyncio.create_task(self.run(wj, reclaimed))
+        self.spawn(self.run(wj, reclaimed))
+        return 1
 
-    async def emit(self, job_id: str, fields: dict[str, Any]) -> None:
-        reply = self.keys.reply(job_id)
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.runs.add(task)
+        task.add_done_callback(self.runs.discard)
+
+    async def emit(self, wj: WorkerJob, fields: dict[str, Any]) -> None:
+        """One reply event, with the job's next explicit id."""
+        reply = self.keys.reply(wj.job.id)
+        wj.seq += 1
         async with self.r.pipeline(transaction=False) as pipe:
-            pipe.xadd(reply, fields, maxlen=REPLY_MAXLEN, approximate=True)
+            pipe.xadd(reply, fields, id=f"0-{wj.seq}", maxlen=REPLY_MAXLEN, approximate=True)
             pipe.expire(reply, REPLY_TTL_S)
-            await pipe.execute()
+            results = await pipe.execute(raise_on_error=False)
+        if isinstance(results[0], Exception) and not is_duplicate_id(results[0]):
+            raise results[0]
+
+    async def emit_start(self, wj: WorkerJob, fields: dict[str, Any]) -> bool:
+        """The "start" event, only if this worker still owns the job (else it is fenced)."""
+        wj.seq += 1
+        args = [GROUP, wj.entry, self.name, f"0-{wj.seq}", REPLY_TTL_S, REPLY_MAXLEN,
+                *itertools.chain.from_iterable(fields.items())]
+        try:
+            owned = await self.start_event(keys=[wj.stream, self.keys.reply(wj.job.id)], args=args)
+        except redis_errors() as exc:
+            if not is_duplicate_id(exc):
+                raise
+            owned = 1
+        if not owned:
+            wj.fenced = True
+            wj.cancel.set()
+        return bool(owned)
 
     async def ack(self, stream: str, entry: bytes) -> None:
         async with self.r.pipeline(transaction=False) as pipe:
@@ -6619,18 +6739,20 @@ class Worker:
                 log.info("worker %s: job %s: its client left while it was queued; not run", self.name, job.id)
                 outcome = "skipped"
                 return
+            last = await self.r.xrevrange(self.keys.reply(job.id), count=1)
+            if last:
+                wj.seq = int(last[0][0].split(b"-")[1])
             if reclaimed:
-                events = await self.r.xrange(self.keys.reply(job.id))
-                if any(f.get(b"t") in (b"start", b"end", b"error") for _id, f in events):
+                if last and last[0][1].get(b"t") != b"taken":
                     # It had begun answering on a worker that died: never run twice, never duplicate text.
                     outcome = "lost"
-                    await self.emit(job.id, {"t": "error", "status": 502, "message": "the worker running this "
-                                             "request stopped mid-answer; retry the request"})
+                    await self.emit(wj, {"t": "error", "status": 502, "message": "the worker running this request "
+                                         "stopped mid-answer; retry the request"})
                     return
                 await self.r.incr(self.keys.reclaimed)
                 log.info("worker %s: job %s (%s %s): taken over from a worker that stopped", self.name, job.id,
                          job.method, job.path)
-            await self.emit(job.id, {"t": "taken", "w": self.name})
+            await self.emit(wj, {"t": "taken", "w": self.name})
             outcome = await self.serve(wj)
         except asyncio.CancelledError:
             outcome = "aborted"
@@ -6642,14 +6764,17 @@ class Worker:
             outcome = "error"
             log.exception("worker %s: job %s failed", self.name, job.id)
             with contextlib.suppress(Exception):
-                await self.emit(job.id, {"t": "error", "status": 500, "message": "the worker failed on this request"})
+                if not wj.silent:
+                    await self.emit(wj, {"t": "error", "status": 500, "message": "the worker failed on this request"})
         finally:
             self.jobs.pop(job.id, None)
             self.freed.set()
+            outcome = "fenced" if wj.fenced else outcome
             self.state.metrics.worker_jobs.labels(outcome).inc()
-            # Not acknowledged: a job handed back unstarted, or cut by a Redis failure: after the lease another
-            # worker (or this one) takes it over, runs it again if nothing was sent, else ends it with an error.
-            if not (wj.handing_back and not wj.started) and outcome != "redis_error":
+            # Not acknowledged: a job handed back unstarted, one another worker owns now, or one cut by a Redis
+            # failure: after the lease another worker (or this one) takes it over, runs it again if nothing
+            # was sent, else ends it with an error event.
+            if not wj.silent and outcome != "redis_error":
                 with contextlib.suppress(*redis_errors()):
                     await self.ack(wj.stream, wj.entry)
 
@@ -6667,28 +6792,29 @@ class Worker:
             return {"type": "http.disconnect"}
 
         async def send(message: dict[str, Any]) -> None:
-            if wj.handing_back and not wj.started:
+            if wj.silent:
                 return
             if message["type"] == "http.response.start":
-                wj.started = True
                 headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in message.get("headers", [])]
-                await self.emit(job.id, {"t": "start", "status": message["status"], "headers": json.dumps(headers)})
+                wj.started = await self.emit_start(wj, {"t": "start", "status": message["status"],
+                                                        "headers": json.dumps(headers)})
             elif message["type"] == "http.response.body":
                 if message.get("body"):
-                    await self.emit(job.id, {"t": "body", "d": message["body"]})
+                    await self.emit(wj, {"t": "body", "d": message["body"]})
                 if not message.get("more_body"):
                     if not wj.counted:  # a pull or a delete: the gateway routes by the new report at once
                         await self.publish_report()
-                    await self.emit(job.id, {"t": "end"})
+                    await self.emit(wj, {"t": "end"})
 
         await self.app(job.scope(), receive, send)
         return "cancelled" if wj.cancel.is_set() else "ok"
 
     async def stop(self, grace_s: float) -> None:
-        """Takes nothing more; jobs not started are handed back (another worker runs them); running
-        ones get `grace_s` to finish, then end with the shutdown error line."""
-        self.stop_event.set()
-        for task in self.tasks:
+        """Takes nothing more (its report says no free slot); jobs not started are handed back (another
+        worker runs them); running ones get `grace_s` to finish, still heartbeating and cancellable,
+        then end with the shutdown error line."""
+        self.draining = True
+        for task in self.intake_tasks:
             task.cancel()
         for wj in self.jobs.values():
             if not wj.started:
@@ -6704,20 +6830,29 @@ class Worker:
                 if not self.jobs:
                     break
                 await asyncio.sleep(0.1)
+        self.stop_event.set()
+        for task in [*self.tasks, *self.runs]:
+            task.cancel()
+        await asyncio.gather(*self.tasks, *self.runs, *self.intake_tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await self.r.delete(self.keys.worker(self.name))
-            await self.r.srem(self.keys.workers, self.name)
+            async with self.r.pipeline(transaction=False) as pipe:
+                pipe.delete(self.keys.worker(self.name))
+                pipe.srem(self.keys.workers, self.name)
+                await pipe.execute()
         with contextlib.suppress(Exception):
             await self.r.aclose()
         log.info("worker %s: stopped", self.name)
 
 
 async def live_workers(r: Any, keys: Keys) -> dict[str, dict[str, Any]]:
-    """name -> report, for workers whose heartbeat has not expired."""
+    """name -> report, for workers whose heartbeat has not expired (the others leave the set)."""
     names = sorted(n.decode() for n in await r.smembers(keys.workers))
     if not names:
         return {}
     values = await r.mget([keys.worker(n) for n in names])
+    gone = [n for n, v in zip(names, values) if not v]
+    if gone:
+        await r.srem(keys.workers, *gone)
     return {n: json.loads(v) for n, v in zip(names, values) if v}
 
 
@@ -6764,8 +6899,7 @@ class GatewayState:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
         self.r, self.keys = redis_client(settings), Keys(settings.redis_prefix)
-        self.groups: set[str] = set()
-        self.admit = self.r.register_script(ADMIT_LUA)
+        self.admit, self.cancel = self.r.register_script(ADMIT_LUA), self.r.register_script(CANCEL_LUA)
         self.aborting: ServerError | None = None
         self.relays = 0
         from prometheus_client import Gauge
@@ -6812,7 +6946,7 @@ def model_of(scope: dict, body: bytes) -> str | None:
     if body[:1] == b"{":
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # the worker's route answers it with its 400
             data = None
         if isinstance(data, dict) and isinstance(data.get("model"), str) and data["model"]:
             return data["model"]
@@ -6836,6 +6970,7 @@ async def multipart_model(scope: dict, body: bytes) -> str | None:
     except Exception:  # a malformed form: the worker's route answers it properly
         return None
     value = form.get("model")
+    await form.close()  # uploads over 1 MB are spooled to temporary files
     return value if isinstance(value, str) and value else None
 
 
@@ -6879,15 +7014,17 @@ class GatewayDispatch:
         body = bytearray()
         while True:
             message = await receive()
-            if message["type"] == "http.disconnect":
-                return
+            if message["type"] == "http.disconnect":  # gone, or cut at MAX_BODY_BYTES (AccessControl)
+                return await api_error_response(scope["path"], 413, "request body over the MAX_BODY_BYTES limit "
+                                                f"({self.settings.max_body_bytes} bytes)")(scope, receive, send)
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
         try:
             await self.route(gw, scope, bytes(body), receive, send)
-        except redis_errors():
-            log.warning("gateway: Redis cannot be reached; %s %s answered 503", scope["method"], scope["path"])
+        except redis_errors() as exc:
+            log.warning("gateway: Redis failed (%s); %s %s answered 503", type(exc).__name__, scope["method"],
+                        scope["path"])
             await api_error_response(scope["path"], 503, "the job queue (Redis) cannot be reached; retry shortly",
                                      {"Retry-After": "2"})(scope, receive, send)
         except ServerError as exc:
@@ -6945,10 +7082,11 @@ class GatewayDispatch:
         headers = [(k, v) for k, v in scope["headers"] if k not in HOP_HEADERS]
         job = HttpJob(new_id(), scope["method"], scope["path"], scope.get("query_string", b""),
                       headers + [(b"content-length", str(len(body)).encode())], body, label)
-        await ensure_group(gw.r, stream, gw.groups)
         limit = QUEUE_MAXLEN if own_queue else self.settings.max_queue
-        entry = await gw.admit(keys=[stream], args=[GROUP, limit, QUEUE_MAXLEN,
-                                                     *itertools.chain.from_iterable(job.fields().items())])
+        entry = await gw.admit(keys=[stream, gw.keys.guard(job.id)],
+                               args=[GROUP, limit, QUEUE_MAXLEN, CANCEL_TTL_S,
+                                     *itertools.chain.from_iterable(job.fields().items())])
+        entry = b"" if entry == b"dup" else entry  # queued by a first try whose answer was lost
         if entry is None:
             gw.metrics.gateway_jobs.labels(label, "rejected").inc()
             gw.metrics.rejected.labels(label).inc()
@@ -7027,7 +7165,13 @@ class GatewayDispatch:
                         raise error
             if got:
                 continue
-            workers = await gw.workers()
+            try:
+                workers = await gw.workers()
+            except redis_errors():
+                if not started:
+                    raise
+                await send_error_tail(send, media, Busy("the job queue (Redis) went away mid-answer; retry shortly"))
+                return "redis"
             if taken_by is not None and taken_by not in workers:
                 log.warning("gateway: job %s (%s): worker %s stopped %s", job.id, job.model, taken_by,
                             "mid-answer; ending the stream with an error" if started else
@@ -7060,6 +7204,8 @@ class GatewayDispatch:
                                  lambda ws: worker in ws, watch_client=False)
             except ServerError as exc:
                 captured.status, captured.body = exc.status, bytearray(compact_json({"error": exc.message}).encode())
+            except redis_errors():
+                captured.status, captured.body = 503, bytearray(b'{"error":"the job queue (Redis) failed"}')
             return captured
 
         answers = await asyncio.gather(*(one(w) for w in workers))
@@ -7098,7 +7244,7 @@ class GatewayDispatch:
         relayed as they come, and one final "success" once all have finished."""
         try:
             data = json.loads(body or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
         target = (data.pop("worker", None) if isinstance(data, dict) else None) or (query.get("worker") or [None])[0]
@@ -7143,12 +7289,14 @@ class GatewayDispatch:
                                  watch_client=False)
             except ServerError as exc:
                 c.status, c.body = exc.status, bytearray(compact_json({"error": exc.message}).encode())
+            except redis_errors():
+                c.status, c.body = 503, bytearray(b'{"error":"the job queue (Redis) failed"}')
             return worker, c
 
         tasks = [asyncio.create_task(one(w)) for w in targets]
         done = asyncio.gather(*tasks)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/x-ndjson")]})
+        await safe_send(send, {"type": "http.response.start", "status": 200,
+                               "headers": [(b"content-type", b"application/x-ndjson")]})
         failed: list[str] = []
         buffer = b""
         while not (done.done() and lines.empty()):
@@ -7192,13 +7340,11 @@ async def send_error_tail(send: Any, media: str, error: ServerError) -> None:
 
 
 async def cancel_job(gw: GatewayState, job_id: str, stream: str, entry: bytes) -> None:
-    """The job's client is gone: a queued job is skipped when taken (never runs), a running one sees
-    the mark within a token. (Not XDEL: a deleted entry still pending cannot be reclaimed by id on 6.2.)"""
+    """The job's client is gone: a queued job is deleted, a taken one skipped (never runs), a running
+    one sees the mark within a token."""
     with contextlib.suppress(*redis_errors()):
-        async with gw.r.pipeline(transaction=False) as pipe:
-            pipe.set(gw.keys.cancel(job_id), "1", ex=REPLY_TTL_S)
-            pipe.publish(gw.keys.cancel_channel, job_id)
-            await pipe.execute()
+        await gw.cancel(keys=[stream, gw.keys.cancel(job_id)],
+                        args=[GROUP, entry or b"", CANCEL_TTL_S, gw.keys.cancel_channel, job_id])
 
 
 # ============================================================================
