@@ -6942,7 +6942,8 @@ class GatewayState:
 
 
 def model_of(scope: dict, body: bytes) -> str | None:
-    """The model a request names: its JSON body's "model", else ?model= (llama.cpp's /props)."""
+    """The model a request names: its JSON body's "model" (A1111: override_settings.sd_model_checkpoint),
+    else ?model= (llama.cpp's /props)."""
     if body[:1] == b"{":
         try:
             data = json.loads(body)
@@ -6950,6 +6951,9 @@ def model_of(scope: dict, body: bytes) -> str | None:
             data = None
         if isinstance(data, dict) and isinstance(data.get("model"), str) and data["model"]:
             return data["model"]
+        checkpoint = (data.get("override_settings") or {}) if isinstance(data, dict) else {}
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("sd_model_checkpoint"), str):
+            return checkpoint["sd_model_checkpoint"]  # A1111's way to name the model of one request
     query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
     return (query.get("model") or [None])[0]
 

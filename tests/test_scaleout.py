@@ -28,6 +28,7 @@ import openai
 import pytest
 
 from conftest import ServerProcess, free_port
+from models import tiny_diffusion_files
 
 MODEL = "tiny/llama-a"
 PASSWORD = "s3cret-redis-pw"
@@ -72,12 +73,14 @@ class RedisProcess:
 
 
 class Cluster:
-    def __init__(self, hub, tmp: Path, redis_url: str, prefix: str, **gateway_env: str):
+    def __init__(self, hub, tmp: Path, redis_url: str, prefix: str, worker_env: dict | None = None,
+                 **gateway_env: str):
         self.hub, self.tmp, self.redis_url, self.prefix = hub, tmp, redis_url, prefix
         common = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "WORKER_HEARTBEAT_S": HB,
                   "AI_SERVER_BACKENDS": "transformers,pipeline"}
         self.workers = {name: ServerProcess(tmp / name, hub.url, tmp / f"{name}.log", ("worker",), WORKER_NAME=name,
-                                            NUM_PARALLEL="2", WORKER_SLOTS="3", **common)
+                                            NUM_PARALLEL="2", WORKER_SLOTS="3",
+                                            **{**common, **(worker_env or {}).get(name, {})})
                         for name in ("wa", "wb")}
         self.gateway = ServerProcess(tmp / "gateway", hub.url, tmp / "gateway.log", ("serve", "--role", "gateway"),
                                      API_KEYS=KEY, JOB_WAIT_S="5", **{**common, **gateway_env})
@@ -132,7 +135,9 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(hub, redis_server, tmp_path_factory):
-    c = Cluster(hub, tmp_path_factory.mktemp("cluster"), redis_server.url, "t1", MAX_QUEUE="12").start()
+    # wa also holds the embedded embedding model (imported at its start): a model only one worker has.
+    c = Cluster(hub, tmp_path_factory.mktemp("cluster"), redis_server.url, "t1",
+                worker_env={"wa": {"EMBED_MODEL": "all-minilm"}}, MAX_QUEUE="12").start()
     # Pulls are jobs too: one /api/pull through the gateway reaches every worker.
     lines = [json.loads(x) for x in c.gateway.client.post("/api/pull", json={"model": MODEL}).text.splitlines()]
     assert lines[-1] == {"status": "success"}, (lines[-3:], c.logs())
@@ -201,6 +206,30 @@ def test_clients_through_the_gateway(cluster):
     assert metric(metrics, "ai_server_gateway_jobs_total", model=MODEL, outcome="ok") >= 8
     # The Redis password never reaches a log.
     assert PASSWORD not in cluster.logs()
+
+
+def test_embeddings_and_images_through_the_gateway(cluster, hub):
+    """A model only one worker holds is routed there (embeddings on wa); an image model pulled onto wb
+    alone (a pull to a named worker) makes images through OpenAI's and A1111's routes."""
+    gw = cluster.gateway
+    tags = {m["name"]: m["workers"] for m in gw.client.get("/api/tags").json()["models"]}
+    assert tags["all-minilm:latest"] == ["wa"], tags
+    oc = ollama.Client(host=gw.url, headers={"Authorization": f"Bearer {KEY}"})
+    out = oc.embed(model="all-minilm", input=["a cat", "a kitten"])
+    assert len(out.embeddings) == 2 and len(out.embeddings[0]) == 384
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEY)
+    assert len(client.embeddings.create(model="all-minilm", input=["a cat"]).data[0].embedding) == 384
+    hub.add_repo("tiny/sd-gw", tiny_diffusion_files())
+    r = gw.client.post("/api/pull", json={"model": "tiny/sd-gw", "worker": "wb", "stream": False})
+    assert r.status_code == 200 and r.json() == {"status": "success"}, r.text
+    images = client.images.generate(model="tiny/sd-gw", prompt="a tree", n=2, size="64x64",
+                                    response_format="b64_json")
+    assert len(images.data) == 2 and images.data[0].b64_json != images.data[1].b64_json
+    r = gw.client.post("/sdapi/v1/txt2img", json={"prompt": "a red cube", "steps": 2, "width": 64, "height": 64,
+                                                   "override_settings": {"sd_model_checkpoint": "tiny/sd-gw"}})
+    assert r.status_code == 200 and len(r.json()["images"]) == 1 and r.headers["x-ai-worker"] == "wb", r.text
+    r = gw.client.post("/api/chat", json={**chat_body(), "model": "tiny/sd-gw"})
+    assert r.status_code == 400 and "image model" in r.json()["error"]
 
 
 def stream_lines(url: str, body: dict, leave_after: int | None = None, timeout: float = 120) -> dict:
