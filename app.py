@@ -6348,22 +6348,30 @@ local waiting = redis.call('XLEN', KEYS[1]) - redis.call('XPENDING', KEYS[1], AR
 if waiting >= tonumber(ARGV[2]) then redis.call('DEL', KEYS[2]) return false end
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 5))
 """
-# A job's owner is whoever has its entry pending: a worker acts for a job only while it still owns it (a
-# worker that lost its lease, e.g. through a Redis outage, must not renew it back nor answer a job that
-# another worker now runs). Renew: XCLAIM JUSTID resets the idle time. KEYS: stream; ARGV: group, id, me.
-OWNED_LUA = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-return #p > 0 and p[1][2] == ARGV[3]
+# A job's owner is whoever has its entry pending. A worker acts for a job only while it still owns it: one
+# that lost its lease (a Redis outage, a stall) must not renew it back nor answer a job another worker now
+# runs. Each returns 1 (done), 0 (another worker owns it) or -1 (no longer pending at all: Redis lost it).
+# KEYS: stream, ...; ARGV: group, id, me, ...
+OWNER_CHECK = """
+local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if not ok or #p == 0 then return -1 end
+if p[1][2] ~= ARGV[3] then return 0 end
 """
-RENEW_LUA = OWNED_LUA.replace("return #p > 0 and p[1][2] == ARGV[3]", """if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+RENEW_LUA = OWNER_CHECK + """
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
-return 1""")
-# The first reply event that shows the answer began ("start"), only while this worker owns the job.
-# KEYS: stream, reply; ARGV: group, id, me, event id, ttl, maxlen, fields...
-START_LUA = OWNED_LUA.replace("return #p > 0 and p[1][2] == ARGV[3]", """if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+return 1
+"""
+# A job handed back: its idle time set past the takeover threshold, so the next XAUTOCLAIM takes it. ARGV[4]: ms.
+RELEASE_LUA = OWNER_CHECK + """
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'IDLE', ARGV[4], 'JUSTID')
+return 1
+"""
+# The "start" reply event. KEYS: stream, reply; ARGV: group, id, me, event id, ttl, maxlen, fields...
+START_LUA = OWNER_CHECK + """
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], ARGV[4], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-return 1""")
+return 1
+"""
 # A client left: the mark (a running job stops, a taken one is skipped), a PUBLISH for running jobs, and a
 # job nobody has taken yet is deleted (XDEL only when not pending: 6.2 cannot reclaim a deleted pending
 # entry by id). KEYS: stream, mark; ARGV: group, id ("" unknown), ttl, channel, job id.
@@ -6488,7 +6496,7 @@ async def ensure_group(r: Any, stream: str, known: set[str]) -> None:
 
 
 async def retrying(what: str, step: Callable[[], Awaitable[None]], stop: asyncio.Event,
-                   on_error: Callable[[BaseException], None] = lambda _exc: None) -> None:
+                   on_error: Callable[[BaseException], None] = lambda _exc: None, max_delay_s: float = 10.0) -> None:
     """Runs `step` until `stop`, through Redis outages: a warning on the first failure, backoff
     from 0.5 s to 10 s, an info line when it works again. Nothing here lets the process crash."""
     delay, failing = 0.5, False
@@ -6505,12 +6513,12 @@ async def retrying(what: str, step: Callable[[], Awaitable[None]], stop: asyncio
             if not failing:
                 log.warning("redis: %s failed (%s); retrying with backoff", what, type(exc).__name__)
             failing = True
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            await asyncio.sleep(min(delay, max_delay_s))
+            delay = min(delay * 2, max_delay_s)
         except Exception:
             log.exception("redis: %s failed unexpectedly; retrying", what)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            await asyncio.sleep(min(delay, max_delay_s))
+            delay = min(delay * 2, max_delay_s)
 
 
 @dataclasses.dataclass
@@ -6520,7 +6528,10 @@ class WorkerJob:
     entry: bytes
     counted: bool  # takes one of the worker's slots (model queues do; its own queue does not)
     cancel: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-    seq: int = 0  # its reply events' ids: 0-1, 0-2, ... (a retried XADD of one id is refused, not doubled)
+    # Its reply events' ids: EPOCH-1, EPOCH-2, ...: a retried XADD of one id is refused, not doubled; a worker
+    # taking the job over writes under the next epoch, so anything the old owner still writes is refused.
+    epoch: int = 1
+    seq: int = 0
     started: bool = False  # the response began: from here on it cannot run anywhere else
     handing_back: bool = False  # the worker stops: a job not started is left for another worker
     fenced: bool = False  # another worker owns it now (this one lost its lease): say nothing more
@@ -6546,12 +6557,14 @@ class Worker:
         self.app, self.state, self.settings = app, state, settings
         self.r, self.keys, self.name = redis_client(settings), Keys(settings.redis_prefix), settings.worker_id()
         self.renew, self.start_event = self.r.register_script(RENEW_LUA), self.r.register_script(START_LUA)
+        self.release_script = self.r.register_script(RELEASE_LUA)
         self.slots = settings.worker_slots or settings.num_parallel
         self.hb_s = settings.worker_heartbeat_s
         self.jobs: dict[str, WorkerJob] = {}
         self.groups: set[str] = set()
         self.freed = asyncio.Event()
         self.stop_event = asyncio.Event()
+        self.intake_stop = asyncio.Event()  # draining: the intake loops end after their current read
         self.draining = False
         self.intake_tasks: list[asyncio.Task] = []
         self.tasks: list[asyncio.Task] = []
@@ -6569,7 +6582,10 @@ class Worker:
         for what, step, intake in (("heartbeat", self.heartbeat, False), ("cancel listener", self.listen_cancels, False),
                                    ("job intake", self.intake, True), ("own queue", self.own_queue, True),
                                    ("reclaim", self.reclaim, True)):
-            task = asyncio.create_task(retrying(f"worker {self.name} {what}", step, self.stop_event, forget_groups))
+            # The heartbeat retries well within its key's TTL (the backoff would otherwise reach 10 s).
+            task = asyncio.create_task(retrying(f"worker {self.name} {what}", step,
+                                                self.intake_stop if intake else self.stop_event, forget_groups,
+                                                max_delay_s=self.hb_s / 2 if step == self.heartbeat else 10.0))
             (self.intake_tasks if intake else self.tasks).append(task)
 
     def busy(self) -> int:
@@ -6590,23 +6606,37 @@ class Worker:
             await queued
 
     async def heartbeat(self) -> None:
-        jobs = list(self.jobs.values())
+        jobs = [j for j in self.jobs.values() if not (j.handing_back or j.fenced)]
         async with self.r.pipeline(transaction=False) as pipe:
             await self.publish_report(pipe)
             pipe.sadd(self.keys.workers, self.name)
             for job in jobs:  # the lease, on the jobs this worker still owns; and cancels missed while away
                 await self.renew(keys=[job.stream], args=[GROUP, job.entry, self.name], client=pipe)
                 pipe.exists(self.keys.cancel(job.job.id))
-            results = await pipe.execute()
+            results = await pipe.execute(raise_on_error=False)
+        for result in results[:2]:
+            if isinstance(result, Exception):
+                raise result
         for job, owned, gone in zip(jobs, results[2::2], results[3::2]):
-            if gone:
+            if gone is True or gone == 1:
                 job.cancel.set()
-            if not owned and not job.fenced:
-                log.warning("worker %s: job %s: another worker took it over (this one lost its lease); stopping it "
-                            "here", self.name, job.job.id)
-                job.fenced = True
-                job.cancel.set()
+            if owned in (0, -1):
+                await self.lost_lease(job, owned)
         await asyncio.sleep(self.hb_s)
+
+    async def lost_lease(self, job: WorkerJob, owned: int) -> None:
+        """0: another worker took the job over (it answers): go silent. -1: Redis no longer has the job at
+        all (its data was lost): nobody will answer, so say so, then go silent."""
+        if job.fenced:
+            return
+        log.warning("worker %s: job %s: %s; stopping it here", self.name, job.job.id,
+                    "another worker took it over" if owned == 0 else "Redis lost the job (its data was lost)")
+        if owned == -1:
+            with contextlib.suppress(*redis_errors()):
+                await self.emit(job, {"t": "error", "status": 502 if job.started else 503,
+                                      "message": "the job queue lost this request; retry it"})
+        job.fenced = True
+        job.cancel.set()
 
     async def live_reports(self) -> dict[str, dict[str, Any]]:
         return await live_workers(self.r, self.keys)
@@ -6635,27 +6665,37 @@ class Worker:
             await ensure_group(self.r, stream, self.groups)
         took = 0
         for stream in streams:
-            if took >= free:
+            free = self.slots - self.busy()  # the reclaim loop may have taken some meanwhile
+            if free <= 0:
                 return
-            got = await self.r.xreadgroup(GROUP, self.name, {stream: ">"}, count=free - took)
-            took += self.take_all(got, counted=True)
+            got = await self.r.xreadgroup(GROUP, self.name, {stream: ">"}, count=free)
+            took += await self.take_all(got, counted=True)
         if not took:
-            self.take_all(await self.r.xreadgroup(GROUP, self.name, {s: ">" for s in streams}, count=1, block=1000),
-                          counted=True)
+            got = await self.r.xreadgroup(GROUP, self.name, {s: ">" for s in streams}, count=1, block=1000)
+            await self.take_all(got, counted=True)  # one per stream that had one: the surplus is handed back
 
-    def take_all(self, got: Any, counted: bool, reclaimed: bool = False) -> int:
+    async def take_all(self, got: Any, counted: bool, reclaimed: bool = False) -> int:
         n = 0
         for stream, entries in got or []:
+            stream = stream.decode() if isinstance(stream, bytes) else stream
             for entry, fields in entries:
-                if entry and fields:
-                    n += self.take(stream.decode() if isinstance(stream, bytes) else stream, entry, fields, counted,
-                                   reclaimed)
+                if not (entry and fields):
+                    continue
+                if (counted and self.busy() >= self.slots) or self.draining:
+                    await self.release(stream, entry)
+                else:
+                    n += self.take(stream, entry, fields, counted, reclaimed)
         return n
+
+    async def release(self, stream: str, entry: bytes) -> None:
+        """Hands a job back unstarted: the next XAUTOCLAIM (any worker's) takes it."""
+        await self.release_script(keys=[stream], args=[GROUP, entry, self.name, int(10 * self.hb_s * 1000)])
 
     async def own_queue(self) -> None:
         stream = self.keys.worker_queue(self.name)
         await ensure_group(self.r, stream, self.groups)
-        self.take_all(await self.r.xreadgroup(GROUP, self.name, {stream: ">"}, count=16, block=1000), counted=False)
+        await self.take_all(await self.r.xreadgroup(GROUP, self.name, {stream: ">"}, count=16, block=1000),
+                            counted=False)
 
     async def reclaim(self) -> None:
         """Jobs of dead workers (their lease ran out), and this worker's own from before a restart."""
@@ -6667,7 +6707,7 @@ class Worker:
             if not free or stream not in self.groups:
                 continue
             _next, entries, *_deleted = await self.r.xautoclaim(stream, GROUP, self.name, idle_ms, "0-0", count=free)
-            self.take_all([(stream, entries)], counted=stream != own, reclaimed=True)
+            await self.take_all([(stream, entries)], counted=stream != own, reclaimed=True)
 
     async def listen_cancels(self) -> None:
         pubsub = self.r.pubsub()
@@ -6704,7 +6744,7 @@ class Worker:
         reply = self.keys.reply(wj.job.id)
         wj.seq += 1
         async with self.r.pipeline(transaction=False) as pipe:
-            pipe.xadd(reply, fields, id=f"0-{wj.seq}", maxlen=REPLY_MAXLEN, approximate=True)
+            pipe.xadd(reply, fields, id=f"{wj.epoch}-{wj.seq}", maxlen=REPLY_MAXLEN, approximate=True)
             pipe.expire(reply, REPLY_TTL_S)
             results = await pipe.execute(raise_on_error=False)
         if isinstance(results[0], Exception) and not is_duplicate_id(results[0]):
@@ -6713,7 +6753,7 @@ class Worker:
     async def emit_start(self, wj: WorkerJob, fields: dict[str, Any]) -> bool:
         """The "start" event, only if this worker still owns the job (else it is fenced)."""
         wj.seq += 1
-        args = [GROUP, wj.entry, self.name, f"0-{wj.seq}", REPLY_TTL_S, REPLY_MAXLEN,
+        args = [GROUP, wj.entry, self.name, f"{wj.epoch}-{wj.seq}", REPLY_TTL_S, REPLY_MAXLEN,
                 *itertools.chain.from_iterable(fields.items())]
         try:
             owned = await self.start_event(keys=[wj.stream, self.keys.reply(wj.job.id)], args=args)
@@ -6721,10 +6761,9 @@ class Worker:
             if not is_duplicate_id(exc):
                 raise
             owned = 1
-        if not owned:
-            wj.fenced = True
-            wj.cancel.set()
-        return bool(owned)
+        if owned != 1:
+            await self.lost_lease(wj, owned)
+        return owned == 1
 
     async def ack(self, stream: str, entry: bytes) -> None:
         async with self.r.pipeline(transaction=False) as pipe:
@@ -6740,8 +6779,8 @@ class Worker:
                 outcome = "skipped"
                 return
             last = await self.r.xrevrange(self.keys.reply(job.id), count=1)
-            if last:
-                wj.seq = int(last[0][0].split(b"-")[1])
+            if last:  # taken over: write after everything the old owner wrote, under the next epoch
+                wj.epoch = int(last[0][0].split(b"-")[0]) + 1
             if reclaimed:
                 if last and last[0][1].get(b"t") != b"taken":
                     # It had begun answering on a worker that died: never run twice, never duplicate text.
@@ -6814,12 +6853,15 @@ class Worker:
         worker runs them); running ones get `grace_s` to finish, still heartbeating and cancellable,
         then end with the shutdown error line."""
         self.draining = True
-        for task in self.intake_tasks:
-            task.cancel()
-        for wj in self.jobs.values():
+        self.intake_stop.set()  # the intake loops end after their current read (at most ~1 s)
+        if self.intake_tasks:
+            await asyncio.wait(self.intake_tasks, timeout=5)
+        for wj in list(self.jobs.values()):
             if not wj.started:
                 wj.handing_back = True
                 wj.cancel.set()
+                with contextlib.suppress(*redis_errors()):
+                    await self.release(wj.stream, wj.entry)
         deadline = time.monotonic() + grace_s
         while self.jobs and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -6831,7 +6873,7 @@ class Worker:
                     break
                 await asyncio.sleep(0.1)
         self.stop_event.set()
-        for task in [*self.tasks, *self.runs]:
+        for task in [*self.tasks, *self.runs, *self.intake_tasks]:
             task.cancel()
         await asyncio.gather(*self.tasks, *self.runs, *self.intake_tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
@@ -7111,7 +7153,7 @@ class GatewayDispatch:
             gw.relays -= 1
             if watcher:
                 watcher.cancel()
-            if outcome in ("cancelled", "no_worker", "lost", "redis", "aborted"):
+            if outcome != "ok":  # whatever ended the relay (a cancelled task too), the job must not run on
                 await cancel_job(gw, job.id, stream, entry)
             gw.metrics.gateway_jobs.labels(label, outcome).inc()
             gw.metrics.gateway_job_seconds.labels(label).observe(time.perf_counter() - start)

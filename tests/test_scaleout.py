@@ -381,6 +381,26 @@ def test_redis_stopped_and_started_under_load(cluster, redis_server):
     wait_for(lambda: "works again" in cluster.workers["wa"].log_path.read_text(), 20)  # said once, not per call
 
 
+def test_redis_losing_its_data(cluster, redis_server):
+    """FLUSHALL under load (a Redis restarted without persistence, or evicting): running requests end
+    with an error line instead of waiting for ever, and the queues and groups come back by themselves."""
+    import redis
+
+    gw, url = cluster.gateway, cluster.gateway.url
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(stream_lines, url, chat_body(n=400, stream=True), None, 60) for _ in range(2)]
+        wait_for(lambda: gw.client.get("/status").json()["relaying"] >= 2, 60, every_s=0.05)
+        redis.Redis.from_url(redis_server.url).flushall()
+        results = [f.result(timeout=60) for f in futures]
+    for r in results:
+        last = r["lines"][-1] if r["lines"] else {}
+        assert r["status"] == 200 and (last.get("done") or "error" in last), r
+    wait_for(lambda: gw.client.get("/health").json().get("workers") == 2, 20)
+    r = wait_for(lambda: (x := gw.client.post("/api/chat", json=chat_body(stream=False))).status_code == 200 and x,
+                 30)
+    assert r.json()["done"]
+
+
 def test_gateway_restart_loses_no_queued_job(cluster):
     """A pull queued through the gateway outlives the gateway's kill -9; a SIGTERM drains the
     requests the gateway is relaying before it exits."""
