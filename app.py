@@ -74,7 +74,7 @@ Environment (one place for each default: `Settings` below; only these names conf
 | REDIS_PREFIX               | ai                         | key prefix in Redis                       |
 | WORKER_NAME                | host-port                  | the worker's name                         |
 | WORKER_SLOTS               | NUM_PARALLEL               | jobs a worker takes from Redis at once    |
-| WORKER_HEARTBEAT_S         | 2 (s)                      | report + job lease; dead after 3x         |
+| WORKER_HEARTBEAT_S         | 2 (s)                      | report + job lease; dead after 4x         |
 | JOB_WAIT_S                 | 30 (s)                     | no live worker can take a job: 503 after  |
 
 Sections, in order; each uses only those above it:
