@@ -7203,8 +7203,9 @@ class GatewayDispatch:
                         await safe_send(send, {"type": "http.response.body", "body": b"", "more_body": False})
                         return "ok"
                     elif kind == b"error":
-                        error = WorkerLost(fields[b"message"].decode())
-                        error.status = int(fields.get(b"status", b"502"))
+                        status = int(fields.get(b"status", b"502"))
+                        error = WorkerLost(fields[b"message"].decode(), status=status,
+                                           headers={"Retry-After": "1"} if status == 503 else None)
                         if started:
                             await send_error_tail(send, media, error)
                             return "lost"
