@@ -1,14 +1,15 @@
 """ai-server: an Ollama-compatible inference server for Hugging Face models, in one file.
 
 Run:   python app.py serve            (port 8005; imports the embedded models once; --host, --port)
+       python -m uvicorn app:app      (the same app, built from the environment on first access)
        python app.py serve --role gateway   (the APIs; jobs go to workers over Redis Streams, REDIS_URL)
        python app.py worker           (runs the gateway's jobs on its own models; /health, /metrics only)
        python app.py import-default   (the one-time imports, without serving)
        python app.py --help
 
 APIs: native (/pull, /jobs, /models, /chat), Ollama's (/api/*, NDJSON streams), OpenAI's (/v1/*, SSE
-streams) and llama.cpp's server API (/completion, /tokenize, /props, ... for LLM for Unity and other
-llama.cpp clients), all on the same models; images from diffusers pipelines through A1111's
+streams), Anthropic's Messages API (/v1/messages) and llama.cpp's server API (/completion, /tokenize,
+/props, /rerank, ... for LLM for Unity and other llama.cpp clients), all on the same models; images from diffusers pipelines through A1111's
 /sdapi/v1/*, the Unity API's /generate-image, OpenAI's /v1/images/* and Ollama's /api/generate.
 
 Models are pulled explicitly (POST /pull, through huggingface_hub.snapshot_download) and
@@ -76,6 +77,8 @@ Environment (one place for each default: `Settings` below; only these names conf
 | WORKER_SLOTS               | NUM_PARALLEL               | jobs a worker takes from Redis at once    |
 | WORKER_HEARTBEAT_S         | 2 (s)                      | report + job lease; dead after 4x         |
 | JOB_WAIT_S                 | 30 (s)                     | no live worker can take a job: 503 after  |
+| AI_SERVER_URL (OLLAMA_HOST)| http://HOST:PORT above     | the server the CLI commands talk to       |
+| AI_SERVER_API_KEY          | the first of API_KEYS      | the key the CLI commands send             |
 
 Sections, in order; each uses only those above it:
   1. Pre-import environment      11. Jobs (background pulls)
@@ -85,8 +88,8 @@ Sections, in order; each uses only those above it:
   5. Errors, 5b. Metrics         15. App state and shared route helpers
   6. Registry and Hub pulls      16. Routes: native (/pull, /jobs, /models, /chat, ...)
   7. Decoding (stops, grammars)  17. Routes: Ollama (/api/*)
-  8. Backends                    18. Routes: OpenAI (/v1/*)
-  9. Loader (LRU, keep_alive)    19. Routes: llama.cpp (/completion, /tokenize, /props, ...; `grep @llamacpp`)
+  8. Backends                    18. Routes: OpenAI (/v1/*); 18b. Anthropic (/v1/messages; `grep @anthropic`)
+  9. Loader (LRU, keep_alive)    19. Routes: llama.cpp (/completion, /tokenize, /props, /rerank; `grep @llamacpp`)
  10. Generation (thread bridge)  20. Routes: images (A1111 /sdapi/v1/*, /generate-image, /v1/images/*; `grep @images`)
                                  21. Scale-out: gateway and workers over Redis Streams
                                  22. App (middleware: keys, Host, CORS, ...), 23. Main (CLI)
@@ -141,7 +144,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
@@ -297,6 +302,9 @@ class Settings(BaseSettings):
     hub_timeout_s: float = Field(10.0, gt=0, le=600, validation_alias="HUB_TIMEOUT_S")  # per hub call, per read
     # Scale-out (section 21): one gateway, many workers, jobs on Redis Streams.
     role: Literal["all", "gateway", "worker"] = Field("all", validation_alias="AI_SERVER_ROLE")
+    # The command line's client side (pull, list, run, ...): which server it talks to, with which key.
+    server_url: str = Field("", validation_alias=AliasChoices("AI_SERVER_URL", "OLLAMA_HOST"))
+    client_api_key: SecretStr | None = Field(None, validation_alias="AI_SERVER_API_KEY")
     redis_url: SecretStr | None = Field(None, validation_alias="REDIS_URL")  # redis:// or rediss://, may hold a password
     redis_prefix: str = Field("ai", pattern=r"^[A-Za-z0-9_.-]+$", validation_alias="REDIS_PREFIX")
     worker_name: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$", validation_alias="WORKER_NAME")  # "": host-port
@@ -1197,6 +1205,9 @@ def model_capabilities(path: str) -> tuple[str, ...]:
         return ("embedding",)
     if (folder / "model_index.json").exists():  # a diffusers pipeline
         return ("image",)
+    architectures = read_json(folder / "config.json").get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):  # a cross-encoder
+        return ("rerank",)
     caps = ["completion", "tools"]  # tools work on every model: see tool_system_prompt
     if is_gguf_path(path):
         fim = gguf_metadata(path).get("fim", False)
@@ -1277,7 +1288,21 @@ def model_info(rec: "ModelRecord") -> dict[str, Any]:
 
 
 def model_digest(rec: "ModelRecord") -> str:
-    return hashlib.sha256(f"{rec.sha}:{rec.path}".encode()).hexdigest()
+    return content_digest(rec.path, rec.sha)
+
+
+@functools.lru_cache(maxsize=1024)
+def content_digest(path: str, sha: str) -> str:
+    """What a model's files hold, not when they came: a pulled snapshot's files are links to blobs
+    named by their content hash (LFS sha256 or git blob id), so the same files give the same digest
+    on every pull and every machine. Files that are not links (imported models) count by name and
+    size, with the source's revision."""
+    root, parts = Path(path), [sha]
+    if root.is_dir():
+        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+            name = file.relative_to(root).as_posix()
+            parts.append(f"{name}:{file.resolve().name}" if file.is_symlink() else f"{name}:{file.stat().st_size}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def choose_quantization(requested: str, size_bytes: int, threshold_bytes: int, bnb_usable: bool) -> str:
@@ -1358,6 +1383,7 @@ class Prompt:
     text: str
     ids: list[int]
     truncated: bool = False  # tokens or messages were dropped to fit the context
+    trimmed: str = ""  # what was dropped to leave the reply room, for the log (never the text)
 
 
 @dataclasses.dataclass
@@ -2178,6 +2204,9 @@ class Backend:
     def embed(self, loaded: Loaded, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
         raise BadRequest("this model does not support embeddings")
 
+    def rerank(self, loaded: Loaded, query: str, documents: list[str]) -> tuple[list[float], int]:
+        raise BadRequest("this model does not support rerank")
+
     def unload(self, loaded: Loaded) -> None:
         loaded.handle = None
 
@@ -2441,6 +2470,31 @@ class EmbeddingBackend(Backend):
             raise BadRequest("the input length exceeds the context length")
         vectors = model.encode(texts, normalize_embeddings=normalize, convert_to_numpy=True)
         return vectors.tolist(), sum(min(n, model.max_seq_length) for n in lengths)
+
+
+class RerankBackend(Backend):
+    """Cross-encoders (a *ForSequenceClassification folder) through sentence-transformers' CrossEncoder:
+    one relevance score per (query, document) pair, with the model's own activation (a sigmoid for
+    one label), as vLLM and llama.cpp serve them on /rerank."""
+
+    name, module = "cross-encoder", "sentence_transformers"
+
+    def load(self, plan: LoadPlan) -> Loaded:
+        from sentence_transformers import CrossEncoder
+
+        model = CrossEncoder(plan.path, device=plan.device, local_files_only=True,
+                             trust_remote_code=plan.trust_remote_code)
+        weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
+        return Loaded(model, model.tokenizer, dtype=str(model.model.dtype).removeprefix("torch."), quantized=None,
+                      device=str(model.device), memory_bytes=weights, max_positions=model.max_length)
+
+    def rerank(self, loaded: Loaded, query: str, documents: list[str]) -> tuple[list[float], int]:
+        model = loaded.handle
+        pairs = [(query, d) for d in documents]
+        tokens = sum(len(ids) for ids in model.tokenizer([p[0] for p in pairs], [p[1] for p in pairs],
+                                                         truncation=True)["input_ids"])
+        scores = model.predict(pairs, convert_to_numpy=True, show_progress_bar=False)
+        return [float(x) for x in scores.reshape(-1)], tokens
 
 
 # Where scripts/build-llama-server.sh builds (keep in step with its PIN and RECIPE), CUDA build first.
@@ -3045,6 +3099,7 @@ class LoadedModel:
     idle_since: float = dataclasses.field(default_factory=time.monotonic)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     throughput: Throughput = dataclasses.field(default_factory=Throughput)
+    num_ctx: int = 0  # the context of its latest generation (/api/ps), 0 before the first
 
     def generate(self, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
         if self.loaded.engine is not None:  # it schedules concurrent requests itself
@@ -3059,6 +3114,10 @@ class LoadedModel:
     def embed(self, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
         with self.lock:  # called on a fresh thread (run_in_daemon_thread)
             return self.backend.embed(self.loaded, texts, normalize, truncate)
+
+    def rerank(self, query: str, documents: list[str]) -> tuple[list[float], int]:
+        with self.lock:  # called on a fresh thread (run_in_daemon_thread)
+            return self.backend.rerank(self.loaded, query, documents)
 
     def expires_in_s(self) -> float:
         if self.keep_alive_s < 0:
@@ -3166,6 +3225,10 @@ def is_image_model(rec: ModelRecord) -> bool:
     return "image" in model_capabilities(rec.path)
 
 
+def is_rerank_model(rec: ModelRecord) -> bool:
+    return "rerank" in model_capabilities(rec.path)
+
+
 class ModelCache:
     """Loaded models: LRU-bounded, single-flight loads, cooldown after total failure,
     unloaded when idle past their keep_alive."""
@@ -3178,6 +3241,7 @@ class ModelCache:
         self.workers = concurrent.futures.ThreadPoolExecutor(
             settings.num_parallel * settings.max_cache_models + 4, thread_name_prefix="generate")
         self.embedding_backend = EmbeddingBackend(settings)
+        self.rerank_backend = RerankBackend(settings)
         self.image_backend = DiffusersBackend(settings)
         # Image requests take turns per model (the sampler is set on the shared pipeline): a queue of their own.
         self.image_scheduler = Scheduler(1, settings.max_queue, metrics)
@@ -3265,7 +3329,7 @@ class ModelCache:
                         choose_dtype(rec.quantization, self.settings.dtype, device))
         fmt = "gguf" if is_gguf_path(rec.path) else "diffusers" if is_image_model(rec) else "hf"
         backends = [self.embedding_backend] if is_embedding_model(rec) else [self.image_backend] if fmt == "diffusers" \
-            else [b for b in self.backends if fmt in b.formats]
+            else [self.rerank_backend] if is_rerank_model(rec) else [b for b in self.backends if fmt in b.formats]
         attempts: list[dict[str, str]] = [] if backends else [
             {"backend": "-", "error": f"no backend in AI_SERVER_BACKENDS loads {fmt} models "
                                       f"(llamacpp or transformers load GGUF files)"}]
@@ -3381,14 +3445,18 @@ def tool_system_prompt(tools: list[dict[str, Any]]) -> str:
     """For chat templates that know nothing of tools: describe them in a system message."""
     return ("You can call these tools. To call one, reply with only "
             "<tool_call>{\"name\": <tool name>, \"arguments\": <arguments object>}</tool_call>.\n"
-            f"Tools: {json.dumps(tools)}")
+            f"Tools: {json.dumps(tools, separators=(',', ':'))}")
+
+
+def template_takes_tools(tokenizer: Any) -> bool:
+    return "tools" in (getattr(tokenizer, "chat_template", None) or "")
 
 
 def render_chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                        think: bool | None = None) -> Prompt:
     """The chat template when the model has one (it adds its own special tokens), else plain text."""
     template = getattr(tokenizer, "chat_template", None)
-    if tools and "tools" not in (template or ""):
+    if tools and not template_takes_tools(tokenizer):
         messages = [{"role": "system", "content": tool_system_prompt(tools)}, *messages]
         tools = None
     if template:
@@ -3398,6 +3466,18 @@ def render_chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: li
         return Prompt(text, tokenizer(text, add_special_tokens=False)["input_ids"])
     text = plain_chat_prompt(messages)
     return Prompt(text, tokenizer(text)["input_ids"])
+
+
+def compact_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tools cut to what a model needs to pick one: name, the description's first sentence, and
+    the parameter names. Open WebUI's 36 built-in tools went from ~26 KB to a few."""
+    out = []
+    for tool in tools:
+        fn = tool.get("function") or {}
+        description = re.split(r"(?<=[.!?])\s", (fn.get("description") or "").strip(), maxsplit=1)[0][:160]
+        params = list(((fn.get("parameters") or {}).get("properties") or {}).keys())
+        out.append({"name": fn.get("name"), "description": description, "parameters": params})
+    return out
 
 
 def context_size(loaded: Loaded, params: GenParams, settings: Settings) -> int:
@@ -3415,17 +3495,55 @@ def check_cancel(cancel: threading.Event | None) -> None:
         raise ClientGone("request canceled")
 
 
-def fit_chat(render: Callable[[list[dict[str, Any]]], Prompt], messages: list[dict[str, Any]], num_ctx: int,
-             truncate: bool, cancel: threading.Event | None = None) -> Prompt:
-    """Drops the oldest non-system messages (never the last) until the prompt fits, as Ollama does;
-    without truncation, a prompt that does not fit is a 400. How many to drop is found by bisection:
-    O(log n) renders, not one per dropped message (3 200 messages took 65 s that way), and `cancel`
-    is checked before each render, so a client that leaves frees its slot."""
-    prompt = render(messages)
-    if len(prompt.ids) < num_ctx:
+def reply_reserve(params: GenParams, num_ctx: int) -> int:
+    """The share of the context kept for the reply when a prompt must be trimmed: the reply's own
+    limit, at most a quarter of the context. A prompt filling the context left Open WebUI one token."""
+    quarter = max(num_ctx // 4, 1)
+    return min(params.max_tokens, quarter) if params.max_tokens and params.max_tokens > 0 else quarter
+
+
+def fit_chat(render: Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], Prompt],
+             messages: list[dict[str, Any]], num_ctx: int, truncate: bool, cancel: threading.Event | None = None,
+             tools: list[dict[str, Any]] | None = None, native_tools: bool = True, reserve: int = 0) -> Prompt:
+    """The prompt, trimmed when it leaves less than `reserve` tokens of `num_ctx` for the reply.
+    What matters least goes first: tool descriptions the template cannot use (shortened, then
+    dropped), then the oldest non-system turns (never the last), as Ollama drops them, then the
+    start of the longest message. Tools a template takes natively go only if the last turns alone
+    do not fit. Without truncation, a prompt longer than the context is a 400. `trimmed` says
+    what went, for the log."""
+    prompt = render(messages, tools)
+    budget = max(num_ctx - reserve, 1)
+    if len(prompt.ids) < budget or (not truncate and len(prompt.ids) < num_ctx):
         return prompt
     if not truncate:
         raise too_long(len(prompt.ids), num_ctx)
+    said: list[str] = []
+    if tools and not native_tools:
+        for variant, what in ((compact_tools(tools), "tool descriptions shortened"), (None, "tools left out")):
+            check_cancel(cancel)
+            prompt = render(messages, variant)
+            if len(prompt.ids) < budget:
+                return dataclasses.replace(prompt, truncated=True, trimmed=f"{what} ({len(tools)} tools)")
+        said.append(f"tools left out ({len(tools)} tools)")
+        tools = None
+    prompt, dropped = drop_oldest_turns(lambda ms: render(ms, tools), messages, budget, cancel)
+    if dropped >= 0:
+        said.append(f"{dropped} oldest messages dropped")
+        return dataclasses.replace(prompt, truncated=True, trimmed=", ".join(said))
+    kept = [m for i, m in enumerate(messages) if m["role"] == "system" or i == len(messages) - 1]
+    said.append(f"{len(messages) - len(kept)} oldest messages dropped")
+    if tools:
+        said.append(f"tools left out ({len(tools)} tools)")
+    prompt = cut_longest_message(lambda ms: render(ms, None), kept, budget, cancel)
+    return dataclasses.replace(prompt, trimmed=", ".join([*said, "the longest message cut at its start"]))
+
+
+def drop_oldest_turns(render: Callable[[list[dict[str, Any]]], Prompt], messages: list[dict[str, Any]],
+                      budget: int, cancel: threading.Event | None) -> tuple[Prompt, int]:
+    """The prompt less the fewest oldest non-system messages (never the last) that fits `budget`,
+    and how many went; -1 when dropping them all is not enough. Bisection: O(log n) renders, not one
+    per dropped message (3 200 messages took 65 s that way), and `cancel` is checked before each
+    render, so a client that leaves frees its slot."""
     droppable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
 
     def without(n: int) -> list[dict[str, Any]]:  # messages less the n oldest droppable ones
@@ -3437,15 +3555,27 @@ def fit_chat(render: Callable[[list[dict[str, Any]]], Prompt], messages: list[di
     def fits(n: int) -> bool:
         check_cancel(cancel)
         fitted[n] = render(without(n))
-        return len(fitted[n].ids) < num_ctx
+        return len(fitted[n].ids) < budget
 
-    if not fits(len(droppable)):
-        return cut_longest_message(render, without(len(droppable)), num_ctx, cancel)
-    short, enough = 0, len(droppable)  # dropping `short` is too little, `enough` fits
+    if not droppable or not fits(len(droppable)):
+        return Prompt("", []), -1
+    short, enough = 0, len(droppable)  # dropping `short` is too little (the caller tried), `enough` fits
     while enough - short > 1:
         middle = (short + enough) // 2
         short, enough = (short, middle) if fits(middle) else (middle, enough)
-    return dataclasses.replace(fitted[enough], truncated=True)
+    return fitted[enough], enough
+
+
+def chat_builder(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, params: GenParams,
+                 settings: Settings, think: bool | None = None) -> Callable[[Any, threading.Event], Prompt]:
+    """The prompt builder of every chat route: template, tools, and the fit to the context."""
+    def build(model: Any, cancel: threading.Event) -> Prompt:
+        tok = model.loaded.tokenizer
+        num_ctx = context_size(model.loaded, params, settings)
+        return fit_chat(lambda ms, ts: render_chat_prompt(tok, ms, ts, think), messages, num_ctx, params.truncate,
+                        cancel, tools=tools, native_tools=template_takes_tools(tok),
+                        reserve=reply_reserve(params, num_ctx))
+    return build
 
 
 def cut_longest_message(render: Callable[[list[dict[str, Any]]], Prompt], messages: list[dict[str, Any]],
@@ -3528,6 +3658,7 @@ class GenerationRun:
         self.finished = False
         self.aborted: ServerError | None = None  # why the server ended it (shutdown), if it did
         self._cancelled = asyncio.Event()
+        self._watcher: asyncio.Task | None = None  # watches the client while the run lasts
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -3543,20 +3674,19 @@ class GenerationRun:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    async def events(self, streaming: bool = False):
+    async def events(self):
         """Waits for a slot, holds the model, yields pieces, then Finished. The client is watched
-        while nothing has been sent. A stream stops watching at its first event: from then on
-        Starlette's StreamingResponse listens for the disconnect itself, and ASGI allows only
-        one reader of receive() (two readers made Starlette see false disconnects)."""
-        watcher = asyncio.create_task(cancel_when_disconnected(self.request, self)) if self.request else None
+        for as long as the run lasts, by this run alone: its stream is a `stream_response(...,
+        watched=True)`, in which Starlette does not read receive() too (ASGI allows one reader; with
+        two, a stream was cancelled after its first token while its client still read). Watching
+        only up to the first event, as before, missed a stream with tools (it sends nothing until
+        the reply is whole) whose client left."""
+        self._watcher = asyncio.create_task(cancel_when_disconnected(self.request, self)) if self.request else None
         self.cache.runs.add(self)
         try:
             self.slot = await self.cache.scheduler.enter(self.rec.name, self._cancelled, self, self.prefer_slot)
             try:
                 async for event in self._generate():
-                    if streaming and watcher is not None:
-                        watcher.cancel()
-                        watcher = None
                     yield event
             finally:
                 if self.gen is None:  # failed before the worker started; else its done-callback leaves
@@ -3565,8 +3695,8 @@ class GenerationRun:
             raise self.aborted or ClientGone("request canceled") from None
         finally:
             self.cache.runs.discard(self)
-            if watcher:
-                watcher.cancel()
+            if self._watcher is not None:
+                self._watcher.cancel()
 
     async def _generate(self):
         start = time.perf_counter_ns()
@@ -3584,8 +3714,11 @@ class GenerationRun:
 
         def work() -> tuple[Prompt, GenResult]:
             prompt = self.prompt = check_prompt(self.build(model, gen.cancel), model.loaded.vocab_size)
-            params = dataclasses.replace(self.params, max_tokens=token_budget(
-                prompt, self.params, context_size(model.loaded, self.params, self.cache.settings)))
+            num_ctx = model.num_ctx = context_size(model.loaded, self.params, self.cache.settings)
+            if prompt.trimmed:
+                log.warning("model %s: task %d: prompt trimmed to %d tokens of num_ctx %d to leave the reply "
+                            "room: %s", self.rec.name, self.task_id, len(prompt.ids), num_ctx, prompt.trimmed)
+            params = dataclasses.replace(self.params, max_tokens=token_budget(prompt, self.params, num_ctx))
             return prompt, model.generate(prompt, params, gen)
 
         future = loop.run_in_executor(self.cache.workers, work)
@@ -4199,6 +4332,12 @@ class OllamaInferenceBody(WireModel):
     keep_alive: float | str | None = None
     think: bool | Literal["low", "medium", "high", "max"] | None = None
     truncate: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)
+
+    def logprobs_top(self) -> int | None:
+        """None: no logprobs asked; else how many alternatives each token lists."""
+        return self.top_logprobs if self.logprobs or self.top_logprobs else None
 
 
 class OllamaChatBody(OllamaInferenceBody):
@@ -4338,17 +4477,28 @@ class OpenAIChatBody(OpenAISamplingBody):
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprobs_top(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class OpenAICompletionBody(OpenAISamplingBody):
     prompt: str | list[str] = Field(...)
     suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=5, description="this many alternatives per token, with its logprob")
+    echo: bool = False
 
 
 class OpenAIEmbeddingBody(WireModel):
     model_config = ConfigDict(extra="ignore")
     model: ModelName
-    input: str | list[str]
+    # Text, or token ids in the model's own vocabulary (as vLLM and llama.cpp read them; OpenAI's are its own).
+    input: str | list[str] | list[TokenId] | list[Annotated[list[TokenId], Field(min_length=1)]] = Field(
+        max_length=100_000)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, le=1_000_000)
 
@@ -4504,7 +4654,7 @@ def compact_json(obj: Any) -> str:
 
 
 async def first_then_rest(events):
-    """Awaits the first event before a response starts, so errors raised up to and including
+    """Awaits the first line before a response starts, so errors raised up to and including
     the first token (unknown model, bad format, load failure) become real HTTP errors."""
     iterator = events.__aiter__()
     first = await iterator.__anext__()
@@ -4517,10 +4667,24 @@ async def first_then_rest(events):
     return rest()
 
 
-def stream_response(lines, media_type: str, on_error: Callable[[ServerError | Exception], str]) -> StreamingResponse:
+class WatchedStreamingResponse(StreamingResponse):
+    """A stream whose client something else watches (a GenerationRun, for as long as it runs): Starlette
+    gets a receive() that never returns, so the run's watcher is the only reader of the real one."""
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        async def never() -> dict:
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        await super().__call__(scope, never, send)
+
+
+def stream_response(lines, media_type: str, on_error: Callable[[ServerError | Exception], str],
+                    watched: bool = False) -> StreamingResponse:
     """One streaming path for NDJSON and SSE. Plain StreamingResponse rather than sse-starlette:
-    the framing is one line each, and Starlette already cancels the iterator when the client
-    disconnects, which stops the generation. An error after the first byte becomes one last line."""
+    the framing is one line each. Starlette cancels the iterator when the client disconnects, unless
+    `watched` (generations: their run watches the client and ends the stream by stopping within a
+    token). An error after the first byte becomes one last line."""
     async def body():
         try:
             async for line in lines:
@@ -4531,7 +4695,7 @@ def stream_response(lines, media_type: str, on_error: Callable[[ServerError | Ex
             log.exception("stream: %s after the response started", type(exc).__name__)
             yield on_error(exc)
 
-    return StreamingResponse(body(), media_type=media_type)
+    return (WatchedStreamingResponse if watched else StreamingResponse)(body(), media_type=media_type)
 
 
 def ndjson_error(exc: Exception) -> str:
@@ -4541,6 +4705,24 @@ def ndjson_error(exc: Exception) -> str:
 
 def sse(obj: Any) -> str:
     return f"data: {compact_json(obj)}\n\n"
+
+
+def asking_logprobs(params: GenParams, top: int | None) -> GenParams:
+    """Engines record logprobs when top_logprobs > 0: at least the chosen token's."""
+    params.top_logprobs = max(top, 1) if top is not None else 0
+    return params
+
+
+def logprob_entries(tokenizer: Any, logprobs: list[TokenLogprob] | None, top: int) -> list[dict[str, Any]]:
+    """Ollama's and OpenAI chat's shape: {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]},
+    the model's log-softmax before sampling filters."""
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    special = set(getattr(tokenizer, "all_special_ids", ()))  # the end token has no text: not listed, as the peers
+    return [{**entry(lp.id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top[:top]]}
+            for lp in logprobs or () if lp.id not in special]
 
 
 def sse_error(exc: Exception) -> str:
@@ -4657,17 +4839,18 @@ def require_model(state: AppState, name: str, message: str | None = None) -> Mod
     return rec
 
 
-def require_generative(rec: ModelRecord, name: str) -> None:
-    if is_embedding_model(rec):
-        raise BadRequest(f'"{name}" does not support generate')
+def require_generative(rec: ModelRecord, name: str, verb: str = "generate") -> None:
+    """A text model, or Ollama's 400: '"all-minilm" does not support chat' (or generate)."""
+    if is_embedding_model(rec) or is_rerank_model(rec):
+        raise BadRequest(f'"{name}" does not support {verb}')
     if is_image_model(rec):
         raise BadRequest(f'"{name}" is an image model: it does not support chat; use /api/generate, '
                          "/v1/images/generations or /sdapi/v1/txt2img")
 
 
-def require_generative_model(state: AppState, name: str) -> ModelRecord:
+def require_generative_model(state: AppState, name: str, verb: str = "generate") -> ModelRecord:
     rec = require_model(state, name)
-    require_generative(rec, name)
+    require_generative(rec, name, verb)
     return rec
 
 
@@ -4695,7 +4878,7 @@ def openai_error_response(status: int, message: str, headers: dict[str, str] | N
 
 # llama.cpp's routes (section 19) answer errors in its shape: {"error": {"code", "message", "type"}}.
 LLAMACPP_PATHS = frozenset({"/completion", "/completions", "/infill", "/tokenize", "/detokenize", "/apply-template",
-                            "/embedding", "/embeddings", "/props", "/slots", "/template"})
+                            "/embedding", "/embeddings", "/props", "/slots", "/template", "/rerank"})
 LLAMACPP_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                         501: "not_supported_error", 503: "unavailable_error"}
 
@@ -4706,8 +4889,20 @@ def llamacpp_error_body(status: int, message: str, **extra: Any) -> dict[str, An
     return {"error": {"code": status, "message": message, "type": kind, **extra}}
 
 
+# Anthropic's Messages API (section 18b) answers {"type": "error", "error": {"type", "message"}}.
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
 def api_of(path: str) -> str:
     """Which API's error shape a path answers in."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
     return "openai" if path.startswith("/v1/") else "llamacpp" if path in LLAMACPP_PATHS else "ollama"
 
 
@@ -4716,6 +4911,8 @@ def api_error_response(path: str, status: int, message: str, headers: dict[str, 
     api = api_of(path)
     if api == "openai":
         return openai_error_response(status, message, headers)
+    if api == "anthropic":
+        return JSONResponse(anthropic_error_body(status, message), status_code=status, headers=headers)
     if api == "llamacpp":
         return JSONResponse(llamacpp_error_body(status, message, **extra), status_code=status, headers=headers)
     extra.pop("type", None)  # a llama.cpp error kind; Ollama's shape has none
@@ -4896,10 +5093,11 @@ def add_native_routes(app: FastAPI) -> None:
         rec = state.registry.get_model(body.model)
         if rec is None:
             raise model_not_found(body.model)
-        require_generative(rec, body.model)
+        require_generative(rec, body.model, "chat")
         messages = [m.model_dump() for m in body.messages]
-        build = lambda m, _cancel: render_chat_prompt(m.loaded.tokenizer, messages)  # noqa: E731
-        run = GenerationRun(state.models, rec, build, body.params(), keep_alive_of(body.keep_alive), request)
+        params = body.params()
+        build = chat_builder(messages, None, params, state.settings)
+        run = GenerationRun(state.models, rec, build, params, keep_alive_of(body.keep_alive), request)
         if body.stream:
             return await ollama_chat_stream(run, body.model, tools=None)
         fin = await run_to_end(run)
@@ -4934,6 +5132,10 @@ def ollama_chunk(name: str, done: bool, **fields: Any) -> dict[str, Any]:
     return {"model": name, "created_at": utc_now_iso(), **fields, "done": done}
 
 
+def ollama_logprobs(run: GenerationRun, logprobs: list[TokenLogprob] | None, top: int | None) -> dict[str, Any]:
+    return {"logprobs": logprob_entries(run.tokenizer, logprobs, top)} if top is not None else {}
+
+
 def ollama_chat_final(name: str, fin: Finished, tools: list[dict] | None, think: bool) -> dict[str, Any]:
     text, thinking = split_thinking(fin.result.text) if think else (fin.result.text, None)
     message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -4947,21 +5149,23 @@ def ollama_chat_final(name: str, fin: Finished, tools: list[dict] | None, think:
 
 
 async def ollama_chat_stream(run: GenerationRun, name: str, tools: list[dict] | None,
-                             think: bool = False) -> StreamingResponse:
+                             think: bool = False, top: int | None = None) -> StreamingResponse:
     """NDJSON chunks; with tools the reply is held back and parsed whole (a tool call is JSON)."""
     async def lines():
-        async for event in run.events(streaming=True):
+        async for event in run.events():
             if isinstance(event, Finished):
                 final = ollama_chat_final(name, event, tools, think)
                 message = final.pop("message")
                 if tools:  # the whole reply, tool calls parsed, in one chunk before the final one
-                    yield compact_json(ollama_chunk(name, False, message=message)) + "\n"
+                    yield compact_json(ollama_chunk(name, False, message=message,
+                                                    **ollama_logprobs(run, event.result.logprobs, top))) + "\n"
                 final["message"] = {"role": "assistant", "content": ""}
                 yield compact_json(final) + "\n"
             elif not tools:
-                yield compact_json(ollama_chunk(name, False, message={"role": "assistant", "content": event.text})) + "\n"
+                yield compact_json(ollama_chunk(name, False, message={"role": "assistant", "content": event.text},
+                                                **ollama_logprobs(run, event.logprobs, top))) + "\n"
 
-    return stream_response(await first_then_rest(lines()), "application/x-ndjson", ndjson_error)
+    return stream_response(await first_then_rest(lines()), "application/x-ndjson", ndjson_error, watched=True)
 
 
 async def ollama_image(state: AppState, rec: ModelRecord, body: OllamaGenerateBody, keep_alive: float | None,
@@ -5090,23 +5294,21 @@ def add_ollama_inference_routes(app: FastAPI) -> None:
             reason = await load_or_unload(state, rec, keep_alive)
             return ndjson_one(ollama_chunk(body.model, True, message={"role": "assistant", "content": ""},
                                            done_reason=reason))
-        require_generative(rec, body.model)
+        require_generative(rec, body.model, "chat")
         if any(m.images for m in body.messages):
             raise BadRequest(f'"{body.model}" does not support images (a text-only model)')
         think = check_think(rec, body.model, body.think)
         tools = check_tools(body.tools)
-        params = ollama_params(body.options, body.format, body.truncate)
+        params = asking_logprobs(ollama_params(body.options, body.format, body.truncate), body.logprobs_top())
         messages = [m.for_template() for m in body.messages]
 
-        def build(model: LoadedModel, cancel: threading.Event) -> Prompt:
-            render = lambda ms: render_chat_prompt(model.loaded.tokenizer, ms, tools, think if think else None)  # noqa: E731
-            return fit_chat(render, messages, context_size(model.loaded, params, state.settings), params.truncate,
-                            cancel)
-
+        build = chat_builder(messages, tools, params, state.settings, think if think else None)
         run = GenerationRun(state.models, rec, build, params, keep_alive, request)
         if body.stream:
-            return await ollama_chat_stream(run, body.model, tools, think)
-        return ndjson_one(ollama_chat_final(body.model, await run_to_end(run), tools, think))
+            return await ollama_chat_stream(run, body.model, tools, think, body.logprobs_top())
+        fin = await run_to_end(run)
+        return ndjson_one({**ollama_chat_final(body.model, fin, tools, think),
+                           **ollama_logprobs(run, fin.result.logprobs, body.logprobs_top())})
 
     @app.post("/api/generate")
     async def api_generate(body: OllamaGenerateBody, request: Request) -> Any:
@@ -5121,8 +5323,9 @@ def add_ollama_inference_routes(app: FastAPI) -> None:
         require_generative(rec, body.model)
         check_think(rec, body.model, body.think)
         build = generate_builder(body, rec, body.model, state.settings)
-        run = GenerationRun(state.models, rec, build, ollama_params(body.options, body.format, body.truncate),
-                            keep_alive, request)
+        top = body.logprobs_top()
+        params = asking_logprobs(ollama_params(body.options, body.format, body.truncate), top)
+        run = GenerationRun(state.models, rec, build, params, keep_alive, request)
 
         def final(fin: Finished) -> dict[str, Any]:
             extra = {} if body.raw else {"context": fin.prompt.ids + fin.result.output_ids}
@@ -5130,15 +5333,16 @@ def add_ollama_inference_routes(app: FastAPI) -> None:
 
         if not body.stream:
             fin = await run_to_end(run)
-            return ndjson_one({**final(fin), "response": fin.result.text})
+            return ndjson_one({**final(fin), "response": fin.result.text,
+                               **ollama_logprobs(run, fin.result.logprobs, top)})
 
         async def lines():
-            async for event in run.events(streaming=True):
-                chunk = final(event) if isinstance(event, Finished) else ollama_chunk(body.model, False,
-                                                                                      response=event.text)
+            async for event in run.events():
+                chunk = final(event) if isinstance(event, Finished) else ollama_chunk(
+                    body.model, False, response=event.text, **ollama_logprobs(run, event.logprobs, top))
                 yield compact_json(chunk) + "\n"
 
-        return stream_response(await first_then_rest(lines()), "application/x-ndjson", ndjson_error)
+        return stream_response(await first_then_rest(lines()), "application/x-ndjson", ndjson_error, watched=True)
 
 
 
@@ -5158,7 +5362,7 @@ def add_ollama_model_routes(app: FastAPI) -> None:
     async def ps(request: Request) -> dict[str, Any]:
         state = state_of(request)
         running = [(state.registry.get_model(n), m) for n, m in state.models.loaded.items()]
-        entries = [ps_entry(rec, m) for rec, m in running if rec is not None]
+        entries = [ps_entry(rec, m, state.settings) for rec, m in running if rec is not None]
         return {"models": sorted(entries, key=lambda e: e["expires_at"], reverse=True)}
 
     @app.delete("/api/delete")
@@ -5215,23 +5419,37 @@ def show_entry(rec: ModelRecord) -> dict[str, Any]:
             "capabilities": list(model_capabilities(rec.path)), "modified_at": rec.created_at}
 
 
-def ps_entry(rec: ModelRecord, model: LoadedModel) -> dict[str, Any]:
+def ps_entry(rec: ModelRecord, model: LoadedModel, settings: Settings) -> dict[str, Any]:
+    """Ollama's /api/ps entry; context_length is the context in use (the latest request's num_ctx,
+    else CONTEXT_LENGTH within the model's maximum), as Ollama reports its runner's."""
     expires = datetime.now(timezone.utc) + timedelta(seconds=model.expires_in_s())
     size = model.loaded.memory_bytes or rec.size_bytes
     return {"name": display_name(rec.name), "model": display_name(rec.name), "size": size,
             "digest": model_digest(rec), "details": model_details(rec),
             "expires_at": expires.isoformat(timespec="microseconds").replace("+00:00", "Z"),
             "size_vram": size if model.loaded.device.startswith("cuda") else 0,
-            "context_length": model.loaded.max_positions}
+            "context_length": model.num_ctx or context_size(model.loaded, GenParams(), settings)}
 
 
-async def embed(state: AppState, name: str, texts: list[str], normalize: bool, truncate: bool,
+def detokenized(tokenizer: Any, inputs: list[str | list[int]]) -> list[str]:
+    """Inputs given as token ids, as text again (the model tokenizes what it embeds itself)."""
+    vocab = len(tokenizer)
+    for ids in inputs:
+        if not isinstance(ids, str) and (bad := next((t for t in ids if t >= vocab), None)) is not None:
+            raise BadRequest(f"token id {bad} is outside this model's vocabulary (0..{vocab - 1}): send text, or "
+                             "ids from this model's own tokenizer")
+    return [x if isinstance(x, str) else tokenizer.decode(x, skip_special_tokens=True) for x in inputs]
+
+
+async def embed(state: AppState, name: str, texts: list[str | list[int]], normalize: bool, truncate: bool,
                 dimensions: int | None, keep_alive_s: float | None) -> dict[str, Any]:
     rec = require_model(state, name, f'model "{name}" not found, try pulling it first')
     if not is_embedding_model(rec):
         raise BadRequest(f'"{name}" does not support embeddings; use an embedding model such as all-minilm')
     start = time.perf_counter_ns()
     async with state.models.use(rec, keep_alive_s) as (model, load_ns):
+        if any(not isinstance(t, str) for t in texts):
+            texts = detokenized(model.loaded.tokenizer, texts)
         vectors, tokens = await run_in_daemon_thread(model.embed, texts, normalize, truncate) if texts else ([], 0)
     if dimensions:
         vectors = [renormalize(v[:dimensions]) for v in vectors]
@@ -5283,7 +5501,7 @@ async def aiter_of(*items: str):
 async def pull_progress(state: AppState, job: PullJob):
     """Ollama's progress lines for one job: one 'layer' for the whole snapshot."""
     yield compact_json({"status": "pulling manifest"}) + "\n"
-    digest = hashlib.sha256(job.id.encode()).hexdigest()
+    digest = hashlib.sha256(f"{job.model}@{job.revision}".encode()).hexdigest()  # the same on every pull of it
     waiter = asyncio.create_task(state.pulls.wait(job.id))
     while True:
         current = state.pulls.live(job.id) or state.registry.get_job(job.id)
@@ -5309,7 +5527,7 @@ async def pull_progress(state: AppState, job: PullJob):
 def openai_chat_request(body: OpenAIChatBody, settings: Settings):
     """(prompt builder, parameters, tools) for one chat completion."""
     tools = check_tools(body.tools) if body.tool_choice != "none" else None
-    params = openai_params(body, body.max_completion_tokens or body.max_tokens)
+    params = asking_logprobs(openai_params(body, body.max_completion_tokens or body.max_tokens), body.logprobs_top())
     params.format = response_format_to_format(body.response_format)
     if tools and (body.tool_choice == "required" or isinstance(body.tool_choice, NamedToolChoice)):
         # A forced call is enforced by a grammar: the reply must be {"name", "arguments"} JSON.
@@ -5317,26 +5535,25 @@ def openai_chat_request(body: OpenAIChatBody, settings: Settings):
         params.format = tool_choice_schema(tools, forced)
     messages = openai_messages(body.messages)
 
-    def build(model: LoadedModel, cancel: threading.Event) -> Prompt:
-        render = lambda ms: render_chat_prompt(model.loaded.tokenizer, ms, tools)  # noqa: E731
-        return fit_chat(render, messages, context_size(model.loaded, params, settings), params.truncate, cancel)
-
-    return build, params, tools
+    return chat_builder(messages, tools, params, settings), params, tools
 
 
 def add_openai_chat_route(app: FastAPI) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: OpenAIChatBody, request: Request) -> Any:
         state = state_of(request)
-        rec = require_generative_model(state, body.model)
+        rec = require_generative_model(state, body.model, "chat")
         build, params, tools = openai_chat_request(body, state.settings)
         run = GenerationRun(state.models, rec, build, params, None, request)
-        ident, created = f"chatcmpl-{new_id()}", int(time.time())
+        ident, created, top = f"chatcmpl-{new_id()}", int(time.time()), body.logprobs_top()
 
-        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        def logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any]:
+            return {"logprobs": {"content": logprob_entries(run.tokenizer, lps, top)}} if top is not None else {}
+
+        def chunk(delta: dict[str, Any], finish: str | None, lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
             return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
                     "system_fingerprint": "fp_ai_server",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **logprobs(lps)}]}
 
         def reply(fin: Finished) -> tuple[str, list[dict[str, Any]]]:
             if not tools:
@@ -5352,19 +5569,20 @@ def add_openai_chat_route(app: FastAPI) -> None:
                 message["tool_calls"] = calls
             return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
                     "system_fingerprint": "fp_ai_server",
-                    "choices": [{"index": 0, "message": message, "finish_reason": openai_finish_reason(fin, calls)}],
+                    "choices": [{"index": 0, "message": message, "finish_reason": openai_finish_reason(fin, calls),
+                                 **logprobs(fin.result.logprobs)}],
                     "usage": openai_usage(fin)}
 
         async def lines():
             first = True
-            async for event in run.events(streaming=True):
+            async for event in run.events():
                 if isinstance(event, Finished):
                     text, calls = reply(event)
                     if tools:  # held back and parsed whole, like the Ollama stream
                         delta = {"role": "assistant", "content": text or None} if first else {"content": text}
                         if calls:
                             delta["tool_calls"] = calls
-                        yield sse(chunk(delta, None))
+                        yield sse(chunk(delta, None, event.result.logprobs))
                     elif first:
                         yield sse(chunk({"role": "assistant", "content": ""}, None))
                     yield sse(chunk({}, openai_finish_reason(event, calls)))
@@ -5373,10 +5591,10 @@ def add_openai_chat_route(app: FastAPI) -> None:
                     yield "data: [DONE]\n\n"
                 elif not tools:
                     delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
-                    yield sse(chunk(delta, None))
+                    yield sse(chunk(delta, None, event.logprobs))
                     first = False
 
-        return stream_response(await first_then_rest(lines()), "text/event-stream", sse_error)
+        return stream_response(await first_then_rest(lines()), "text/event-stream", sse_error, watched=True)
 
 
 
@@ -5386,31 +5604,51 @@ def add_openai_other_routes(app: FastAPI) -> None:
         state = state_of(request)
         rec = require_generative_model(state, body.model)
         prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt[:1])
+        if body.echo and body.logprobs is not None:
+            raise BadRequest("echo with logprobs (the prompt's own logprobs) is not supported; send echo or "
+                             "logprobs, not both")
         native = OllamaGenerateBody(model=body.model, prompt=prompt, suffix=body.suffix, raw=True)
-        params = openai_params(body, body.max_tokens)
+        params = asking_logprobs(openai_params(body, body.max_tokens), body.logprobs)
         build = generate_builder(native, rec, body.model, state.settings)
         run = GenerationRun(state.models, rec, build, params, None, request)
         ident, created = f"cmpl-{new_id()}", int(time.time())
+        offset = len(prompt) if body.echo else 0  # where the next token's text starts (text_offset)
 
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+        def logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+            nonlocal offset
+            if body.logprobs is None:
+                return None
+            entries = logprob_entries(run.tokenizer, lps, body.logprobs)
+            offsets = list(itertools.accumulate((len(e["token"]) for e in entries), initial=offset))
+            offset = offsets.pop()
+            return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                    "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                    "text_offset": offsets}
+
+        def chunk(text: str, finish: str | None, lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
             return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": None}]}
+                    "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": logprobs(lps)}]}
 
         if not body.stream:
             fin = await run_to_end(run)
-            return {**chunk(fin.result.text, fin.result.done_reason), "usage": openai_usage(fin)}
+            text = (prompt if body.echo else "") + fin.result.text
+            return {**chunk(text, fin.result.done_reason, fin.result.logprobs), "usage": openai_usage(fin)}
 
         async def lines():
-            async for event in run.events(streaming=True):
+            echo = body.echo  # sent with the first event, so errors before it are still HTTP errors
+            async for event in run.events():
+                if echo:
+                    echo = False
+                    yield sse(chunk(prompt, None, []))
                 if isinstance(event, Finished):
-                    yield sse(chunk("", event.result.done_reason))
+                    yield sse(chunk("", event.result.done_reason, []))
                     if body.stream_options and body.stream_options.include_usage:
                         yield sse({**chunk("", None), "choices": [], "usage": openai_usage(event)})
                     yield "data: [DONE]\n\n"
                 else:
-                    yield sse(chunk(event.text, None))
+                    yield sse(chunk(event.text, None, event.logprobs))
 
-        return stream_response(await first_then_rest(lines()), "text/event-stream", sse_error)
+        return stream_response(await first_then_rest(lines()), "text/event-stream", sse_error, watched=True)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -5423,8 +5661,10 @@ def add_openai_other_routes(app: FastAPI) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(body: OpenAIEmbeddingBody, request: Request) -> dict[str, Any]:
         texts = [body.input] if isinstance(body.input, str) else body.input
+        if texts and isinstance(texts[0], int):  # one input as token ids
+            texts = [texts]
         if not texts:
-            raise BadRequest("invalid input: give a string or a non-empty list of strings")
+            raise BadRequest("invalid input: give a string, a non-empty list of strings, or token ids")
         fin = await embed(state_of(request), body.model, texts, True, True, body.dimensions, None)
         encode = (lambda v: base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()) \
             if body.encoding_format == "base64" else (lambda v: v)
@@ -5438,6 +5678,231 @@ def openai_model(rec: ModelRecord) -> dict[str, Any]:
     created = int(datetime.fromisoformat(rec.created_at.replace("Z", "+00:00")).timestamp())
     owner = name.split("/", 1)[0] if "/" in name else "library"
     return {"id": name, "object": "model", "created": created, "owned_by": owner}
+
+
+# ============================================================================
+# 18b. Routes: Anthropic's Messages API (/v1/messages): Claude Code, the anthropic SDK
+# ============================================================================
+# A module-level router: `grep @anthropic` lists this API. Requests convert to the same chat messages,
+# GenParams and GenerationRun as the other chat routes; only the wire shapes are Anthropic's.
+anthropic = APIRouter(tags=["anthropic"])
+
+
+class AnthropicBlock(WireModel):
+    """One content block: text, image, tool_use (an assistant's call) or tool_result (its answer)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str = Field(max_length=64)
+    text: str | None = Field(None, max_length=1_000_000)
+    id: str | None = Field(None, max_length=200)
+    name: str | None = Field(None, max_length=200)
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = Field(None, max_length=200)
+    content: str | list[dict[str, Any]] | None = None
+    is_error: bool | None = None
+
+
+class AnthropicMessage(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["user", "assistant"]
+    content: str | list[AnthropicBlock] = Field(max_length=10_000)
+
+
+class AnthropicTool(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=200)
+    description: str | None = None
+    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    type: str | None = None  # "custom" or absent; Anthropic's server tools (web_search, ...) are refused
+
+
+class AnthropicToolChoice(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["auto", "any", "tool", "none"] = "auto"
+    name: str | None = None
+
+
+class AnthropicBody(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName
+    max_tokens: int = Field(ge=1, le=1_000_000)
+    messages: list[AnthropicMessage] = Field(min_length=1, max_length=10_000)
+    system: str | list[AnthropicBlock] | None = None
+    stop_sequences: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(None, max_length=16)
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    stream: bool = False
+    tools: list[AnthropicTool] | None = Field(None, max_length=512)
+    tool_choice: AnthropicToolChoice | None = None
+
+
+class AnthropicCountBody(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName
+    messages: list[AnthropicMessage] = Field(min_length=1, max_length=10_000)
+    system: str | list[AnthropicBlock] | None = None
+    tools: list[AnthropicTool] | None = Field(None, max_length=512)
+    tool_choice: AnthropicToolChoice | None = None
+
+
+def anthropic_text(content: str | list[AnthropicBlock] | list[dict[str, Any]] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    blocks = [b if isinstance(b, dict) else b.model_dump() for b in content]
+    if any(b.get("type") == "image" for b in blocks):
+        raise BadRequest("image content blocks are not supported: this server's chat models are text-only")
+    return "".join(b.get("text") or "" for b in blocks if b.get("type") == "text")
+
+
+def anthropic_messages(body: AnthropicBody) -> list[dict[str, Any]]:
+    """Anthropic's turns as chat-template dicts: system first; an assistant's tool_use blocks become
+    tool calls; a user's tool_result blocks become tool messages, named from the call they answer."""
+    out: list[dict[str, Any]] = []
+    if system := anthropic_text(body.system):
+        out.append({"role": "system", "content": system})
+    names: dict[str, str] = {}
+    for m in body.messages:
+        blocks = [AnthropicBlock(type="text", text=m.content)] if isinstance(m.content, str) else m.content
+        if m.role == "assistant":
+            calls = [{"type": "function", "function": {"name": b.name, "arguments": b.input or {}}}
+                     for b in blocks if b.type == "tool_use"]
+            names.update({b.id: b.name for b in blocks if b.type == "tool_use" and b.id and b.name})
+            msg: dict[str, Any] = {"role": "assistant", "content": anthropic_text([b for b in blocks
+                                                                                   if b.type != "tool_use"])}
+            if calls:
+                msg["tool_calls"] = calls
+            out.append(msg)
+            continue
+        for b in blocks:
+            if b.type == "tool_result":
+                out.append({"role": "tool", "name": names.get(b.tool_use_id or "", ""),
+                            "content": anthropic_text(b.content)})
+        if text := anthropic_text([b for b in blocks if b.type != "tool_result"]):
+            out.append({"role": "user", "content": text})
+    return out
+
+
+def anthropic_tools(body: AnthropicBody) -> list[dict[str, Any]] | None:
+    if not body.tools or (body.tool_choice and body.tool_choice.type == "none"):
+        return None
+    if server_tools := [t.name for t in body.tools if t.type not in (None, "custom")]:
+        raise BadRequest(f"server tools are not supported here: {server_tools}; send client tools (name, "
+                         "description, input_schema)")
+    return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                              "parameters": t.input_schema}} for t in body.tools]
+
+
+def anthropic_params(body: AnthropicBody, tools: list[dict[str, Any]] | None) -> GenParams:
+    """Anthropic's defaults: temperature 1, no top-p or top-k unless given. tool_choice any/tool is
+    enforced by a grammar, as OpenAI's required/named choices are."""
+    params = GenParams(max_tokens=body.max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                       top_p=body.top_p or 1.0, top_k=body.top_k or 0, stop=list(body.stop_sequences or []))
+    choice = body.tool_choice
+    if tools and choice and choice.type in ("any", "tool"):
+        params.format = tool_choice_schema(tools, choice.name if choice.type == "tool" else None)
+    return params
+
+
+def anthropic_content(fin: Finished, tools: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]], str, str | None]:
+    """(content blocks, stop_reason, stop_sequence) of a finished reply."""
+    text, calls = fin.result.text, []
+    if tools:
+        text, calls = parse_tool_calls(text, {t["function"]["name"] for t in tools})
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not calls else []
+    blocks += [{"type": "tool_use", "id": f"toolu_{new_id()[:24]}", "name": c["function"]["name"],
+                "input": c["function"]["arguments"]} for c in calls]
+    if calls:
+        return blocks, "tool_use", None
+    if fin.result.stop_type == "word":
+        return blocks, "stop_sequence", fin.result.stopping_word
+    return blocks, "max_tokens" if fin.result.done_reason == "length" else "end_turn", None
+
+
+def anthropic_usage(fin: Finished) -> dict[str, int]:
+    return {"input_tokens": fin.result.prompt_tokens, "output_tokens": fin.result.output_tokens,
+            "cache_read_input_tokens": fin.result.cached_tokens}
+
+
+def anthropic_sse(obj: dict[str, Any]) -> str:
+    return f"event: {obj['type']}\ndata: {compact_json(obj)}\n\n"
+
+
+def anthropic_sse_error(exc: Exception) -> str:
+    status = exc.status if isinstance(exc, ServerError) else 500
+    message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+    return anthropic_sse(anthropic_error_body(status, message))
+
+
+@anthropic.post("/v1/messages")
+async def anthropic_create_message(body: AnthropicBody, request: Request) -> Any:
+    state = state_of(request)
+    rec = require_generative_model(state, body.model, "chat")
+    tools = anthropic_tools(body)
+    params = anthropic_params(body, tools)
+    run = GenerationRun(state.models, rec, chat_builder(anthropic_messages(body), tools, params, state.settings),
+                        params, None, request)
+    ident = f"msg_{new_id()[:24]}"
+    head = {"id": ident, "type": "message", "role": "assistant", "model": body.model}
+    if not body.stream:
+        fin = await run_to_end(run)
+        content, reason, sequence = anthropic_content(fin, tools)
+        return {**head, "content": content, "stop_reason": reason, "stop_sequence": sequence,
+                "usage": anthropic_usage(fin)}
+    return stream_response(await first_then_rest(anthropic_events(run, head, tools)), "text/event-stream",
+                           anthropic_sse_error, watched=True)
+
+
+async def anthropic_events(run: GenerationRun, head: dict[str, Any], tools: list[dict[str, Any]] | None):
+    """Anthropic's stream: message_start, then per block content_block_start, its deltas (text_delta,
+    or one input_json_delta for a tool call, which is parsed whole), content_block_stop; then
+    message_delta (stop_reason, usage) and message_stop. Text streams as it comes without tools."""
+    started = False
+    async for event in run.events():
+        if not started:
+            started = True
+            prompt_tokens = len(run.prompt.ids) if run.prompt else 0
+            yield anthropic_sse({"type": "message_start", "message": {
+                **head, "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
+            if not tools:
+                yield anthropic_sse({"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}})
+        if isinstance(event, Finished):
+            content, reason, sequence = anthropic_content(event, tools)
+            if tools:
+                for i, block in enumerate(content):
+                    if block["type"] == "text":
+                        yield anthropic_sse({"type": "content_block_start", "index": i,
+                                             "content_block": {"type": "text", "text": ""}})
+                        yield anthropic_sse({"type": "content_block_delta", "index": i,
+                                             "delta": {"type": "text_delta", "text": block["text"]}})
+                    else:
+                        yield anthropic_sse({"type": "content_block_start", "index": i,
+                                             "content_block": {**block, "input": {}}})
+                        yield anthropic_sse({"type": "content_block_delta", "index": i, "delta": {
+                            "type": "input_json_delta", "partial_json": compact_json(block["input"])}})
+                    yield anthropic_sse({"type": "content_block_stop", "index": i})
+            else:
+                yield anthropic_sse({"type": "content_block_stop", "index": 0})
+            yield anthropic_sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                                 "usage": anthropic_usage(event)})
+            yield anthropic_sse({"type": "message_stop"})
+        elif not tools and event.text:
+            yield anthropic_sse({"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": event.text}})
+
+
+@anthropic.post("/v1/messages/count_tokens")
+async def anthropic_count_tokens(body: AnthropicCountBody, request: Request) -> dict[str, int]:
+    """The prompt's tokens under the model's chat template (Claude Code asks before long requests)."""
+    state = state_of(request)
+    rec = require_generative_model(state, body.model, "chat")
+    full = AnthropicBody(**body.model_dump(), max_tokens=1)
+    tools = anthropic_tools(full)
+    async with state.models.use(rec) as (model, _):
+        prompt = await asyncio.to_thread(render_chat_prompt, model.loaded.tokenizer, anthropic_messages(full), tools)
+    return {"input_tokens": len(prompt.ids)}
 
 
 # ============================================================================
@@ -5773,7 +6238,7 @@ def llamacpp_sse_error(exc: Exception) -> str:
 async def merged_events(completions: list[LlamaCompletion]):
     """The events of several runs as they come: (completion, event) pairs; a failure ends them all."""
     if len(completions) == 1:
-        async for event in completions[0].run.events(streaming=True):
+        async for event in completions[0].run.events():
             yield completions[0], event
         return
     queue: asyncio.Queue = asyncio.Queue()
@@ -5781,7 +6246,7 @@ async def merged_events(completions: list[LlamaCompletion]):
 
     async def pump(c: LlamaCompletion) -> None:
         try:
-            async for event in c.run.events(streaming=True):
+            async for event in c.run.events():
                 await queue.put((c, event))
         except BaseException as exc:  # handed to the consumer, which raises it
             await queue.put((c, exc))
@@ -5836,7 +6301,7 @@ async def llamacpp_generate(request: Request, body: LlamaSamplingBody, prompts: 
 
     # No `data: [DONE]`: llama.cpp sends it on its OpenAI routes only, and LLM for Unity 2.x's parser
     # breaks on it (it joins every data line into one JSON array).
-    return stream_response(await first_then_rest(lines()), "text/event-stream", llamacpp_sse_error)
+    return stream_response(await first_then_rest(lines()), "text/event-stream", llamacpp_sse_error, watched=True)
 
 
 @llamacpp.post("/completion")
@@ -5914,7 +6379,7 @@ async def detokenize(body: LlamaDetokenizeBody, request: Request) -> dict[str, s
 async def apply_template(body: LlamaTemplateBody, request: Request) -> dict[str, str]:
     state = state_of(request)
     rec = llamacpp_model(state, body.model)
-    require_generative(rec, body.model or rec.name)
+    require_generative(rec, body.model or rec.name, "chat")
     messages, tools = openai_messages(body.messages), check_tools(body.tools)
     async with state.models.use(rec) as (model, _):
         prompt = await asyncio.to_thread(render_chat_prompt, model.loaded.tokenizer, messages, tools)
@@ -5957,6 +6422,42 @@ async def embedding(body: LlamaEmbeddingBody, request: Request) -> Any:
     if unity_2x_client(request) and len(vectors) == 1:
         return {"embedding": vectors[0]}
     return [{"index": i, "embedding": [v]} for i, v in enumerate(vectors)]
+
+
+class RerankDocument(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    text: str = Field(max_length=1_000_000)
+
+
+class RerankBody(WireModel):
+    """vLLM's and llama.cpp's /rerank (Jina's and Cohere's shape): a query, documents, top_n."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName
+    query: str = Field(min_length=1, max_length=1_000_000)
+    documents: list[str | RerankDocument] = Field(min_length=1, max_length=10_000)
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = True
+
+
+@llamacpp.post("/rerank")
+@llamacpp.post("/v1/rerank")
+async def rerank(body: RerankBody, request: Request) -> dict[str, Any]:
+    """Documents ordered by relevance to the query, from a cross-encoder pulled from the Hub:
+    results of {index, relevance_score, document: {text}}, best first, top_n of them."""
+    state = state_of(request)
+    rec = require_model(state, body.model, f'model "{body.model}" not found, try pulling it first')
+    if not is_rerank_model(rec):
+        raise BadRequest(f'"{body.model}" does not support rerank; pull a cross-encoder (a sequence-classification '
+                         "model such as cross-encoder/ms-marco-MiniLM-L6-v2)")
+    texts = [d if isinstance(d, str) else d.text for d in body.documents]
+    async with state.models.use(rec) as (model, _):
+        scores, tokens = await run_in_daemon_thread(model.rerank, body.query, texts)
+    order = sorted(range(len(texts)), key=lambda i: scores[i], reverse=True)[:body.top_n]
+    results = [{"index": i, "relevance_score": scores[i], **({"document": {"text": texts[i]}}
+                                                             if body.return_documents else {})} for i in order]
+    return {"id": f"rerank-{new_id()}", "model": body.model, "results": results,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def chat_template_caps(template: str) -> dict[str, bool]:
@@ -6327,7 +6828,7 @@ REPLY_MAXLEN = 20_000  # reply events kept (about one per token): far above what
 REPLY_TTL_S = 600  # a reply stream nobody reads any more expires
 CANCEL_TTL_S = 86_400  # a cancel mark outlives any queue wait
 QUEUE_MAXLEN = 100_000  # a model stream's length cap (queued and pending jobs; acknowledged ones are deleted)
-HOP_HEADERS = frozenset({b"authorization", b"origin", b"cookie", b"host", b"content-length", b"connection",
+HOP_HEADERS = frozenset({b"authorization", b"x-api-key", b"origin", b"cookie", b"host", b"content-length", b"connection",
                          b"transfer-encoding", b"keep-alive", b"upgrade"})
 GATEWAY_LOCAL_PATHS = frozenset({"/", "/health", "/metrics", "/api/version", "/docs", "/redoc", "/openapi.json",
                                  "/docs/oauth2-redirect"})
@@ -7477,11 +7978,13 @@ class AccessControl:
         return api_error_response(scope["path"], status, message, headers)
 
     def authorized(self, scope: dict) -> bool:
-        value = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = value.partition(b" ")
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer":  # Anthropic's clients send the key as x-api-key
+            token = headers.get(b"x-api-key", b"")
         # compare_digest against every key: the time taken does not say which key came close.
         hits = [hmac.compare_digest(token.strip(), key) for key in self.keys]
-        return scheme.lower() == b"bearer" and any(hits)
+        return bool(token.strip()) and any(hits)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or "ai_job" in scope:  # a worker's job: the gateway checked it
@@ -7622,6 +8125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_ollama_model_routes(app)
     add_openai_chat_route(app)
     add_openai_other_routes(app)
+    app.include_router(anthropic)
     app.include_router(llamacpp)
     app.include_router(images)
     return app
@@ -7698,6 +8202,195 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+# --- The command line's client side: `ollama`-like commands against a running server, over HTTP ---------
+# urllib rather than an HTTP client package: a few calls, NDJSON read line by line, and a server-only
+# install (requirements.txt) has no client library it would otherwise need.
+CLI_COMMANDS = ("pull", "list", "ps", "show", "rm", "cp", "stop", "run")
+CLI_UNREACHABLE = 3  # exit codes: 0 done, 1 the server said no (its message on stderr), 2 usage, 3 no server
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def cli_base_url(settings: Settings) -> str:
+    """AI_SERVER_URL or OLLAMA_HOST ("host:port", "http://host:port", or a bare host on port 8005),
+    else this machine's AI_SERVER_HOST:AI_SERVER_PORT; a wildcard bind is reached on loopback."""
+    raw = settings.server_url.strip() or f"{settings.host}:{settings.port}"
+    parsed = urllib.parse.urlsplit(raw if "://" in raw else f"http://{raw}")
+    host = parsed.hostname or "127.0.0.1"
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    host = f"[{host}]" if ":" in host else host
+    return f"{parsed.scheme}://{host}:{parsed.port or settings.port}{parsed.path.rstrip('/')}"
+
+
+def cli_call(settings: Settings, method: str, path: str, body: dict[str, Any] | None = None):
+    """The server's answer: one JSON object, or for NDJSON an iterator of them (read as they come)."""
+    key = settings.client_api_key.get_secret_value() if settings.client_api_key else \
+        next(iter(settings.all_api_keys()), None)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(cli_base_url(settings) + path, data=data, method=method, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=600)
+    except urllib.error.HTTPError as exc:
+        raw = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError):
+            error = json.loads(raw).get("error", raw)
+            raw = error.get("message", raw) if isinstance(error, dict) else error
+        raise CliError(f"Error: {raw}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CliError(f"Error: could not connect to ai-server at {cli_base_url(settings)} ({reason}); start it "
+                       "with `python app.py serve`, or set AI_SERVER_URL", CLI_UNREACHABLE) from None
+    if "ndjson" in response.headers.get("Content-Type", ""):
+        return (json.loads(line) for line in response if line.strip())
+    return json.loads(response.read() or b"{}")
+
+
+def cli_lines(lines):
+    """NDJSON lines, an {"error"} line raised."""
+    for line in lines:
+        if "error" in line:
+            raise CliError(f"Error: {line['error']}")
+        yield line
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def cli_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("    ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def cli_pull(settings: Settings, name: str) -> None:
+    """Ollama's progress: status lines, and a bar per layer (here: per digest the server reports)."""
+    from tqdm import tqdm
+
+    bars: dict[str, Any] = {}
+    try:
+        for line in cli_lines(cli_call(settings, "POST", "/api/pull", {"model": name, "stream": True})):
+            if digest := line.get("digest"):
+                bar = bars.get(digest)
+                if bar is None:
+                    bar = bars[digest] = tqdm(total=line.get("total") or 0, unit="B", unit_scale=True,
+                                              desc=f"pulling {digest.removeprefix('sha256:')[:12]}", file=sys.stderr)
+                bar.update((line.get("completed") or 0) - bar.n)
+            else:
+                print(line.get("status", ""), file=sys.stderr)
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def cli_list(settings: Settings) -> None:
+    models = cli_call(settings, "GET", "/api/tags")["models"]
+    cli_table([[m["name"], m["digest"][:12], human_bytes(m["size"]), m["modified_at"][:19].replace("T", " ")]
+               for m in models], ["NAME", "ID", "SIZE", "MODIFIED"])
+
+
+def cli_ps(settings: Settings) -> None:
+    models = cli_call(settings, "GET", "/api/ps")["models"]
+    cli_table([[m["name"], m["digest"][:12], human_bytes(m["size"]), "100% GPU" if m.get("size_vram") else "100% CPU",
+                str(m.get("context_length", "")), m["expires_at"][:19].replace("T", " ")]
+               for m in models], ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"])
+
+
+def cli_show(settings: Settings, name: str) -> None:
+    info = cli_call(settings, "POST", "/api/show", {"model": name})
+    details, facts = info.get("details", {}), info.get("model_info", {})
+    arch = facts.get("general.architecture", details.get("family", ""))
+    rows = [["architecture", arch], ["parameters", details.get("parameter_size", "")],
+            ["context length", str(facts.get(f"{arch}.context_length", ""))],
+            ["quantization", details.get("quantization_level", "")]]
+    print("  Model")
+    for key, value in rows:
+        print(f"    {key:<16}{value}")
+    print("\n  Capabilities")
+    for cap in info.get("capabilities", []):
+        print(f"    {cap}")
+
+
+def cli_chat(settings: Settings, name: str, messages: list[dict[str, Any]]) -> str:
+    """One streamed answer, printed as it comes; the whole of it returned (for the next turn)."""
+    parts = []
+    for line in cli_lines(cli_call(settings, "POST", "/api/chat", {"model": name, "messages": messages})):
+        piece = (line.get("message") or {}).get("content", "")
+        parts.append(piece)
+        print(piece, end="", flush=True)
+    print()
+    return "".join(parts)
+
+
+def cli_run(settings: Settings, name: str, prompt: list[str]) -> None:
+    """With a prompt (or text on a non-terminal stdin): one answer. Without: a chat, `/bye` to end."""
+    if prompt or not sys.stdin.isatty():
+        text = " ".join(prompt) or sys.stdin.read()
+        cli_chat(settings, name, [{"role": "user", "content": text}])
+        return
+    cli_call(settings, "POST", "/api/generate", {"model": name, "stream": False})  # load it, or fail now
+    history: list[dict[str, Any]] = []
+    while True:
+        try:
+            text = input(">>> ")
+        except EOFError:
+            print()
+            return
+        if text.strip() in ("/bye", "/exit"):
+            return
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        history.append({"role": "assistant", "content": cli_chat(settings, name, history)})
+
+
+def run_cli(settings: Settings, command: str, args: list[str]) -> int:
+    arity = {"pull": (1, 1), "list": (0, 0), "ps": (0, 0), "show": (1, 1), "rm": (1, 100), "cp": (2, 2),
+             "stop": (1, 1), "run": (1, 10_000)}[command]
+    if not arity[0] <= len(args) <= arity[1]:
+        print(f"usage: python app.py {command} {CLI_USAGE[command]}", file=sys.stderr)
+        return 2
+    try:
+        if command == "pull":
+            cli_pull(settings, args[0])
+        elif command == "list":
+            cli_list(settings)
+        elif command == "ps":
+            cli_ps(settings)
+        elif command == "show":
+            cli_show(settings, args[0])
+        elif command == "rm":
+            for name in args:
+                cli_call(settings, "DELETE", "/api/delete", {"model": name})
+                print(f"deleted '{name}'")
+        elif command == "cp":
+            cli_call(settings, "POST", "/api/copy", {"source": args[0], "destination": args[1]})
+            print(f"copied '{args[0]}' to '{args[1]}'")
+        elif command == "stop":
+            cli_call(settings, "POST", "/api/generate", {"model": args[0], "keep_alive": 0, "stream": False})
+        else:
+            cli_run(settings, args[0], args[1:])
+    except CliError as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+CLI_USAGE = {"pull": "MODEL", "list": "", "ps": "", "show": "MODEL", "rm": "MODEL [MODEL...]", "cp": "SOURCE DEST",
+             "stop": "MODEL", "run": "MODEL [PROMPT...]"}
+
+
 CLI_HELP = """commands:
   serve            serve every API (Ollama, OpenAI, llama.cpp, A1111, native) on AI_SERVER_HOST:AI_SERVER_PORT
                    (default 127.0.0.1:8005). --role all (default): one process, local models.
@@ -7706,17 +8399,30 @@ CLI_HELP = """commands:
                    registry; its HTTP port (AI_SERVER_PORT) serves /health and /metrics only
   import-default   import the embedded default models once (run by scripts/setup.sh)
 
+client commands (like `ollama`'s), talking to a running server at AI_SERVER_URL or OLLAMA_HOST (default
+AI_SERVER_HOST:AI_SERVER_PORT); exit 0 done, 1 the server refused (its message on stderr), 2 usage,
+3 no server:
+  pull MODEL       pull from the Hub, with progress          list        the pulled models
+  ps               the loaded models                         show MODEL  what a model is and can do
+  rm MODEL...      delete (files go with the last name)      cp SRC DST  a second name for the same files
+  stop MODEL       unload it now                             run MODEL [PROMPT...]  answer a prompt, or chat
+                                                                         (no prompt; /bye ends it)
+
 Everything else is configured by environment variables: see the Configuration table in README.md."""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="app.py", description="ai-server: one server for local Hugging Face "
                                      "models", epilog=CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "worker", "import-default"))
+    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "worker", "import-default",
+                                                                       *CLI_COMMANDS))
+    parser.add_argument("args", nargs="*", help="the client command's model names or prompt")
     parser.add_argument("--role", choices=("all", "gateway"), help="serve: all (default) or gateway (AI_SERVER_ROLE)")
     parser.add_argument("--host", help="bind address (AI_SERVER_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (AI_SERVER_PORT, default 8005)")
     args = parser.parse_args(argv)
+    if args.args and args.command not in CLI_COMMANDS:
+        parser.error(f"{args.command} takes no arguments: {' '.join(args.args)}")
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if args.command == "worker":
         overrides["role"] = "worker"
@@ -7727,6 +8433,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # pydantic's ValidationError: one line per bad variable, no traceback
         print(f"ai-server: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
+    if args.command in CLI_COMMANDS:
+        return run_cli(settings, args.command, args.args)
     setup_logging(settings.log_level, settings.log_format)
     if args.command == "import-default":
         names = [n for n in (settings.default_model, settings.embed_model) if enabled(n)]
@@ -7743,6 +8451,37 @@ def main(argv: list[str] | None = None) -> int:
         registry.close()
         return 0
     return serve(settings)
+
+
+def uvicorn_cli_binding() -> dict[str, Any]:
+    """Under `python -m uvicorn app:app --host H --port P` the app must know where it is bound (the Host
+    check applies only to loopback binds; logs). uvicorn's own click command parses its argv: no guess."""
+    if "uvicorn" not in Path(sys.argv[0]).parts[-2:] and not sys.argv[0].endswith("uvicorn"):
+        return {}
+    try:
+        command = importlib.import_module("uvicorn.main").main
+        params = command.make_context("uvicorn", sys.argv[1:], resilient_parsing=True).params
+    except Exception:  # not uvicorn's CLI after all: the environment decides
+        return {}
+    return {k: params[k] for k in ("host", "port") if params.get(k) is not None}
+
+
+def __getattr__(name: str) -> Any:
+    """`app:app` for ASGI servers (`python -m uvicorn app:app`): built on first access from the
+    environment, not at import (tests and `python app.py` import this module without it); state
+    still opens in the lifespan. `python app.py serve` remains the way that drains on SIGTERM."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    settings = Settings(**uvicorn_cli_binding())
+    setup_logging(settings.log_level, settings.log_format)
+    if settings.role != "gateway":
+        try:
+            open_registry(settings).close()  # a registry that cannot be used is said now, in one line
+        except StartupError as exc:
+            log.error("cannot start: %s", exc)
+            raise SystemExit(2) from None
+    globals()["app"] = application = create_app(settings)
+    return application
 
 
 if __name__ == "__main__":

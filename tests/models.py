@@ -35,14 +35,15 @@ def make_tokenizer(chat_template: bool | str = True, fim: bool = False):
     return tok
 
 
-def make_tiny_model(out: Path, seed: int = 0, chat_template: bool | str = True, fim: bool = False) -> Path:
+def make_tiny_model(out: Path, seed: int = 0, chat_template: bool | str = True, fim: bool = False,
+                    max_positions: int = 512) -> Path:
     """A 2-layer Llama (~0.1 M params, 64 wide: bitsandbytes' block size) saved as an HF folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer(chat_template, fim)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     torch.manual_seed(seed)
@@ -51,9 +52,10 @@ def make_tiny_model(out: Path, seed: int = 0, chat_template: bool | str = True, 
     return out
 
 
-def tiny_model_files(seed: int = 0, chat_template: bool | str = True, fim: bool = False) -> dict[str, bytes]:
+def tiny_model_files(seed: int = 0, chat_template: bool | str = True, fim: bool = False,
+                     max_positions: int = 512) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_tiny_model(Path(tmp), seed, chat_template, fim)
+        folder = make_tiny_model(Path(tmp), seed, chat_template, fim, max_positions)
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
@@ -100,3 +102,31 @@ def tiny_diffusion_files(seed: int = 0) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         root = make_tiny_diffusion(Path(tmp) / "sd", seed)
         return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def tiny_cross_encoder_files(seed: int = 0) -> dict[str, bytes]:
+    """A 2-layer BertForSequenceClassification with one label (a cross-encoder, as
+    cross-encoder/ms-marco-* ship) and a WordPiece tokenizer trained here."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.train_from_iterator(CORPUS + ["paris is the capital of france. berlin is in germany. cats sleep a lot."] * 20,
+                           trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]",
+                                                                                      "[SEP]", "[MASK]"]))
+    cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                      special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=1)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        BertForSequenceClassification(cfg).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}

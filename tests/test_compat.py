@@ -143,7 +143,10 @@ def test_ollama_embed_and_legacy_embeddings(client):
     assert err.value.status_code == 400
     with pytest.raises(ollama.ResponseError) as err:
         client.chat(model="all-minilm", messages=[{"role": "user", "content": "hi"}])
-    assert err.value.status_code == 400 and "does not support generate" in err.value.error
+    assert err.value.status_code == 400 and err.value.error == '"all-minilm" does not support chat'
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="all-minilm", prompt="hi")
+    assert err.value.status_code == 400 and err.value.error == '"all-minilm" does not support generate'
 
 
 def cat_alone(client):
@@ -175,6 +178,11 @@ def test_ollama_ps_copy_delete(client, server):
     client.generate(model="tiny/llama-c", prompt="hi", options={"num_predict": 2})
     running = {m.model: m for m in client.ps().models}
     assert "tiny/llama-c:latest" in running and running["tiny/llama-c:latest"].expires_at is not None
+    # The context in use (CONTEXT_LENGTH 4096 within the model's 512), then the latest request's num_ctx;
+    # not the model's maximum.
+    assert running["tiny/llama-c:latest"].context_length == 512
+    client.generate(model="tiny/llama-c", prompt="hi", options={"num_predict": 2, "num_ctx": 256})
+    assert {m.model: m for m in client.ps().models}["tiny/llama-c:latest"].context_length == 256
     client.copy("tiny/llama-c", "mytiny:v1")
     assert "mytiny:v1" in {m.model for m in client.list().models}
     assert client.generate(model="mytiny:v1", prompt="hi", options={"num_predict": 2}).done
@@ -441,3 +449,88 @@ def test_sse_framing_bytes(server):
     objs = [json.loads(e[len("data: "):]) for e in events[:-2]]
     assert all(o["object"] == "chat.completion.chunk" for o in objs)
     assert [o["choices"][0]["finish_reason"] for o in objs][-1] == "stop"
+
+
+def test_digests_are_content_digests(client, server):
+    """The same files give the same digest on every pull (before: a new one per pull job), in the
+    pull's progress and in the list; another repo's files give another."""
+    def pulled():
+        digests = {line["digest"] for line in client.pull("tiny/llama-f", stream=True) if line.get("digest")}
+        listed = {m.model: m.digest for m in client.list().models}
+        return digests, listed["tiny/llama-f:latest"]
+
+    first = pulled()
+    client.delete("tiny/llama-f")
+    assert pulled() == first and len(first[0]) == 1
+    client.pull("tiny/llama-g")
+    assert {m.model: m.digest for m in client.list().models}["tiny/llama-g:latest"] != first[1]
+
+
+# --- logprobs (issue 13): Ollama's and OpenAI's shapes, the model's own numbers -----------------------
+def test_ollama_logprobs(client):
+    greedy = {"temperature": 0, "num_predict": 8}
+    r = client.chat(model="smollm2:135m", messages=[{"role": "user", "content": FRANCE}], logprobs=True,
+                    top_logprobs=3, options=greedy)
+    assert len(r.logprobs) == r.eval_count - (r.done_reason == "stop")  # the end token has no text: not listed
+    for lp in r.logprobs:
+        # Greedy: each chosen token is the most likely one, first among its alternatives.
+        assert len(lp.top_logprobs) == 3 and lp.top_logprobs[0].token == lp.token
+        assert lp.logprob == pytest.approx(lp.top_logprobs[0].logprob) and lp.logprob <= 0
+        assert lp.top_logprobs[0].logprob >= lp.top_logprobs[1].logprob >= lp.top_logprobs[2].logprob
+    assert "".join(lp.token for lp in r.logprobs) == r.message.content
+    chunks = list(client.generate(model="smollm2:135m", prompt="The capital of France is", logprobs=True,
+                                  options=greedy, stream=True))
+    streamed = [lp for c in chunks for lp in (c.logprobs or [])]
+    assert len(streamed) == 8 and all(lp.top_logprobs == [] for lp in streamed)
+    assert "".join(lp.token for lp in streamed) == "".join(c.response for c in chunks)
+    assert client.chat(model="smollm2:135m", messages=[{"role": "user", "content": "hi"}],
+                       options=greedy).logprobs is None  # only when asked
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="smollm2:135m", prompt="x", logprobs=True, top_logprobs=21)
+    assert err.value.status_code == 400 and "top_logprobs" in err.value.error
+
+
+def test_openai_logprobs_and_echo(oai):
+    chat = oai.chat.completions.create(model="smollm2:135m", messages=[{"role": "user", "content": FRANCE}],
+                                       temperature=0, max_tokens=8, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens - (chat.choices[0].finish_reason == "stop")
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    assert all(bytes(t.bytes).decode() == t.token for t in content)
+    assert all(t.top_logprobs[0].token == t.token and len(t.top_logprobs) == 2 for t in content)
+    stream = oai.chat.completions.create(model="smollm2:135m", messages=[{"role": "user", "content": FRANCE}],
+                                         temperature=0, max_tokens=8, logprobs=True, stream=True)
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-4)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        oai.chat.completions.create(model="smollm2:135m", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+    done = oai.completions.create(model="smollm2:135m", prompt="The capital of France is", temperature=0,
+                                  max_tokens=6, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert "".join(lp.tokens) == done.choices[0].text and len(lp.token_logprobs) == 6
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    assert all(max(alts.values()) == pytest.approx(v) for alts, v in zip(lp.top_logprobs, lp.token_logprobs))
+    echoed = oai.completions.create(model="smollm2:135m", prompt="The capital of France is", temperature=0,
+                                    max_tokens=6, echo=True)
+    assert echoed.choices[0].text == "The capital of France is" + done.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
+        oai.completions.create(model="smollm2:135m", prompt="x", echo=True, logprobs=1)
+
+
+def test_openai_embeddings_take_token_ids(oai, server):
+    """Token ids (one list, or a list of lists) are the served model's own, as vLLM and llama.cpp read
+    them: they embed as the text they spell. LangChain's OpenAIEmbeddings sends ids this way."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(server.home / "models" / "all-minilm")
+    texts = ["a cat sat on the mat", "stock prices fell"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    by_text = [d.embedding for d in oai.embeddings.create(model="all-minilm", input=texts).data]
+    by_ids = [d.embedding for d in oai.embeddings.create(model="all-minilm", input=ids).data]
+    one = oai.embeddings.create(model="all-minilm", input=ids[0]).data
+    assert len(one) == 1 and one[0].embedding == pytest.approx(by_text[0], abs=1e-5)
+    for a, b in zip(by_ids, by_text):
+        assert a == pytest.approx(b, abs=1e-5)
+    with pytest.raises(openai.BadRequestError, match="outside this model's vocabulary"):
+        oai.embeddings.create(model="all-minilm", input=[[10 ** 9]])

@@ -240,9 +240,9 @@ def test_concurrent_loads_leave_the_default_dtype_alone(start_server):
 def counting_render(tokenizer):
     calls = []
 
-    def render(messages):
+    def render(messages, tools=None):
         calls.append(len(messages))
-        return app.render_chat_prompt(tokenizer, messages)
+        return app.render_chat_prompt(tokenizer, messages, tools)
 
     return render, calls
 
@@ -275,6 +275,61 @@ def test_one_huge_message_is_cut_inside_its_template():
     sent = tokenizer.decode(prompt.ids)  # what the model sees
     assert len(prompt.ids) < 100 and sent == prompt.text
     assert sent.startswith("<|im_start|>user\n") and sent.endswith("the end<|im_end|>\n<|im_start|>assistant\n")
+
+
+def open_webui_tools(n: int = 36) -> list[dict]:
+    """The shape of Open WebUI's built-in tools as its browser chat sends them natively (36, ~26 KB)."""
+    return [{"type": "function", "function": {
+        "name": f"tool_{i}", "description": f"Tool number {i} does one thing for the user. " + "It has details. " * 30,
+        "parameters": {"type": "object", "properties": {f"arg_{j}": {"type": "string", "description": "an argument "
+                                                                      "that means something"} for j in range(3)},
+                       "required": ["arg_0"]}}} for i in range(n)]
+
+
+# Before: Open WebUI's 36 tools, described in a system message (SmolLM2's template has none), filled
+# the context; the prompt was cut to num_ctx - 1 and the answer got 1 token, done_reason "length".
+def test_tools_a_template_cannot_use_go_before_turns_and_the_reply_keeps_room():
+    tokenizer = make_tokenizer()  # a ChatML template that knows no tools
+    tools = open_webui_tools()
+    assert len(json.dumps(tools)) > 25_000
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": "an older question"}, {"role": "assistant", "content": "an answer"},
+                {"role": "user", "content": "the question now"}]
+    render, _ = counting_render(tokenizer)
+    assert len(render(messages, tools).ids) > 8192  # this test tokenizer spends a token on about each byte
+    prompt = app.fit_chat(render, messages, 8192, True, tools=tools, native_tools=False, reserve=2048)
+    assert len(prompt.ids) < 8192 - 2048 and prompt.truncated, len(prompt.ids)
+    assert prompt.trimmed == "tool descriptions shortened (36 tools)"
+    assert "tool_35" in prompt.text and "an older question" in prompt.text  # every turn stays
+    # A smaller context: the tools go entirely before any turn does.
+    prompt = app.fit_chat(render, messages, 256, True, tools=tools, native_tools=False, reserve=64)
+    assert len(prompt.ids) < 256 - 64 and "tool_0" not in prompt.text and "an older question" in prompt.text
+    assert prompt.trimmed == "tools left out (36 tools)"
+    # Smaller still: then the oldest turns, never the system message or the last one.
+    long_turns = [messages[0], *({"role": r, "content": f"turn {i} " + "words " * 20}
+                                 for i, r in enumerate(["user", "assistant"] * 4)), messages[-1]]
+    prompt = app.fit_chat(render, long_turns, 200, True, tools=tools, native_tools=False, reserve=50)
+    assert len(prompt.ids) < 150 and "be brief" in prompt.text and "the question now" in prompt.text
+    assert prompt.trimmed.startswith("tools left out (36 tools), ") and "oldest messages dropped" in prompt.trimmed
+    # A prompt that already leaves the reply room is left whole; without truncation, one that does
+    # not fit the context at all is a 400 that says what to do.
+    assert not app.fit_chat(render, messages, 4096, True, reserve=1024).truncated
+    with pytest.raises(app.BadRequest, match="exceeds the context length"):
+        app.fit_chat(render, messages, 4096, False, tools=tools, native_tools=False, reserve=1024)
+
+
+def test_the_reply_keeps_room_through_the_server(server):
+    """Open WebUI's case end to end (num_ctx 128 here): tools shortened or left out, the answer
+    gets its quarter of the context, and the log says what went (never the text)."""
+    eos = 2  # <|im_end|>, banned so that the reply runs to its budget
+    r = server.client.post("/v1/chat/completions", json={
+        "model": "tiny/llama-a", "tools": open_webui_tools(), "logit_bias": {str(eos): -100},
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] < 128 - 32 and usage["completion_tokens"] >= 32, usage
+    log = server.log_path.read_text()
+    assert "prompt trimmed to" in log and "(36 tools)" in log and "hello there" not in log
 
 
 def test_a_long_chat_is_fitted_through_the_server(server):
