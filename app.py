@@ -662,8 +662,10 @@ class ModelRecord:
     quantization: str  # what the loader will ask for: q4, q8, bf16, fp16, fp32 or no
     architecture: str | None
     trust_remote_code: bool
-    source: str  # "hub" or "embedded"
+    source: str  # "hub", "embedded" or "created" (POST /api/create from uploaded files)
     created_at: str
+    # POST /api/create's Modelfile settings, JSON: system, template, parameters, messages ("{}": none).
+    preset: str = "{}"
 
 
 JOB_TRANSITIONS = {"queued": {"running", "failed"}, "running": {"succeeded", "failed"}}
@@ -708,7 +710,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
     name TEXT PRIMARY KEY COLLATE NOCASE, repo_id TEXT NOT NULL, revision TEXT NOT NULL,
     sha TEXT NOT NULL, path TEXT NOT NULL, size_bytes INTEGER NOT NULL, quantization TEXT NOT NULL,
-    architecture TEXT, trust_remote_code INTEGER NOT NULL, source TEXT NOT NULL, created_at TEXT NOT NULL);
+    architecture TEXT, trust_remote_code INTEGER NOT NULL, source TEXT NOT NULL, created_at TEXT NOT NULL,
+    preset TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, model TEXT NOT NULL, revision TEXT NOT NULL, quantize TEXT NOT NULL,
     init INTEGER NOT NULL, trust_remote_code INTEGER NOT NULL, status TEXT NOT NULL,
@@ -728,6 +731,9 @@ class Registry:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(models)")}
+            if "preset" not in columns:  # a registry from before /api/create
+                self._db.execute("ALTER TABLE models ADD COLUMN preset TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         with self._lock:
@@ -1316,7 +1322,8 @@ def delete_model_files(rec: ModelRecord, settings: Settings, repo_shared: bool =
     """Remove a model's files, but only inside the folders this server owns or pulls into, and never
     files another registered name of the same repo (`repo_shared`) may use."""
     path = Path(rec.path).resolve()
-    repo = settings.hf_cache.resolve() / repo_folder_name(repo_id=rec.repo_id, repo_type="model")
+    repo = settings.hf_cache.resolve() / repo_folder_name(repo_id=rec.repo_id, repo_type="model") \
+        if rec.source == "hub" else path  # created and embedded models' names need not be repo ids
     if rec.source == "hub" and is_gguf_path(rec.path):  # other quants of the repo share its folder
         links = [p for p in repo.glob("snapshots/*/**/*.gguf") if p.is_symlink()]
         for shard in gguf_shards(rec.path):
@@ -3566,9 +3573,29 @@ def drop_oldest_turns(render: Callable[[list[dict[str, Any]]], Prompt], messages
     return fitted[enough], enough
 
 
+def model_preset(rec: ModelRecord) -> dict[str, Any]:
+    """A created model's Modelfile settings (POST /api/create): system, template, parameters, messages."""
+    with contextlib.suppress(ValueError, TypeError):
+        return json.loads(rec.preset or "{}")
+    return {}
+
+
+def with_preset(messages: list[dict[str, Any]], preset: dict[str, Any]) -> list[dict[str, Any]]:
+    """A created model's system message (unless the request starts with its own) and its MESSAGEs, before
+    the request's turns, as Ollama applies a Modelfile's SYSTEM and MESSAGE."""
+    own = bool(messages) and messages[0]["role"] == "system"
+    head = messages[:1] if own else [{"role": "system", "content": preset["system"]}] if preset.get("system") else []
+    return [*head, *(preset.get("messages") or []), *(messages[1:] if own else messages)]
+
+
 def chat_builder(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, params: GenParams,
-                 settings: Settings, think: bool | None = None) -> Callable[[Any, threading.Event], Prompt]:
-    """The prompt builder of every chat route: template, tools, and the fit to the context."""
+                 settings: Settings, think: bool | None = None,
+                 preset: dict[str, Any] | None = None) -> Callable[[Any, threading.Event], Prompt]:
+    """The prompt builder of every chat route: a created model's preset, template, tools, and the fit
+    to the context."""
+    if preset and (preset.get("system") or preset.get("messages")):
+        messages = with_preset(messages, preset)
+
     def build(model: Any, cancel: threading.Event) -> Prompt:
         tok = model.loaded.tokenizer
         num_ctx = context_size(model.loaded, params, settings)
@@ -4276,6 +4303,14 @@ OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalt
 Format = Literal["json", ""] | dict[str, Any] | None
 
 
+def preset_options(options: OllamaOptions | None, preset: dict[str, Any]) -> OllamaOptions | None:
+    """A created model's PARAMETERs under the request's own options (the request's win)."""
+    if not preset.get("parameters"):
+        return options
+    given = options.model_dump(exclude_none=True) if options else {}
+    return OllamaOptions.model_validate({**preset["parameters"], **given})
+
+
 def ollama_params(options: OllamaOptions | None, fmt: Format, truncate: bool | None) -> GenParams:
     o = options or OllamaOptions()
 
@@ -4356,6 +4391,26 @@ class OllamaGenerateBody(OllamaInferenceBody):
     context: list[TokenId] | None = Field(None, max_length=10_000_000)
     raw: bool = False
     images: list[str] | None = None
+
+
+class CreateBody(WireModel):
+    """Ollama's /api/create: a new name from an existing model (`from`) or from uploaded blobs (`files`),
+    with Modelfile settings."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model: ModelName | None = None
+    name: ModelName | None = None  # the legacy field
+    from_: str | None = Field(None, alias="from", max_length=400)
+    files: dict[Annotated[str, Field(max_length=400)], Annotated[str, Field(max_length=100)]] | None = Field(
+        None, max_length=10_000)
+    adapters: dict[str, str] | None = None
+    quantize: str | None = None
+    template: str | None = Field(None, max_length=1_000_000)
+    system: str | None = Field(None, max_length=1_000_000)
+    license: str | list[str] | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[OllamaMessage] | None = Field(None, max_length=10_000)
+    stream: bool = True
 
 
 class ModelNameBody(WireModel):
@@ -4759,6 +4814,8 @@ class AppState:
     tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
     import_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # embedded imports, one at a time
     image_model: str | None = None  # A1111's sd_model_checkpoint (POST /sdapi/v1/options): the default image model
+    # OpenAI Responses kept for previous_response_id and GET /v1/responses/{id}: the newest RESPONSES_KEPT, in memory.
+    responses: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
 
     @property
     def metrics(self) -> Metrics:
@@ -5096,7 +5153,7 @@ def add_native_routes(app: FastAPI) -> None:
         require_generative(rec, body.model, "chat")
         messages = [m.model_dump() for m in body.messages]
         params = body.params()
-        build = chat_builder(messages, None, params, state.settings)
+        build = chat_builder(messages, None, params, state.settings, preset=model_preset(rec))
         run = GenerationRun(state.models, rec, build, params, keep_alive_of(body.keep_alive), request)
         if body.stream:
             return await ollama_chat_stream(run, body.model, tools=None)
@@ -5299,10 +5356,12 @@ def add_ollama_inference_routes(app: FastAPI) -> None:
             raise BadRequest(f'"{body.model}" does not support images (a text-only model)')
         think = check_think(rec, body.model, body.think)
         tools = check_tools(body.tools)
-        params = asking_logprobs(ollama_params(body.options, body.format, body.truncate), body.logprobs_top())
+        preset = model_preset(rec)
+        params = asking_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate),
+                                 body.logprobs_top())
         messages = [m.for_template() for m in body.messages]
 
-        build = chat_builder(messages, tools, params, state.settings, think if think else None)
+        build = chat_builder(messages, tools, params, state.settings, think if think else None, preset)
         run = GenerationRun(state.models, rec, build, params, keep_alive, request)
         if body.stream:
             return await ollama_chat_stream(run, body.model, tools, think, body.logprobs_top())
@@ -5322,9 +5381,13 @@ def add_ollama_inference_routes(app: FastAPI) -> None:
             return await ollama_image(state, rec, body, keep_alive, request)
         require_generative(rec, body.model)
         check_think(rec, body.model, body.think)
+        preset = model_preset(rec)
+        if not body.raw and (preset.get("system") or preset.get("template")):
+            body = body.model_copy(update={"system": body.system or preset.get("system"),
+                                           "template": body.template or preset.get("template")})
         build = generate_builder(body, rec, body.model, state.settings)
         top = body.logprobs_top()
-        params = asking_logprobs(ollama_params(body.options, body.format, body.truncate), top)
+        params = asking_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate), top)
         run = GenerationRun(state.models, rec, build, params, keep_alive, request)
 
         def final(fin: Finished) -> dict[str, Any]:
@@ -5383,6 +5446,52 @@ def add_ollama_model_routes(app: FastAPI) -> None:
         log.info("model %s: copied to %s", rec.name, body.destination)
         return {"status": "success"}
 
+    @app.post("/api/create")
+    async def api_create(body: CreateBody, request: Request) -> Any:
+        statuses = await asyncio.to_thread(create_model, state_of(request), body)
+        if not body.stream:
+            return {"status": "success"}
+        return StreamingResponse(aiter_of(*(compact_json({"status": s}) + "\n" for s in [*statuses, "success"])),
+                                 media_type="application/x-ndjson")
+
+    @app.head("/api/blobs/{digest}")
+    async def blob_exists(digest: str, request: Request) -> Response:
+        if not blob_path(state_of(request).settings, digest).exists():
+            raise NotFound(f'blob "{digest}" not found')
+        return Response(status_code=200)
+
+    @app.post("/api/blobs/{digest}")
+    async def upload_blob(digest: str, request: Request) -> Response:
+        """The raw body is the file; its sha256 must be the digest. Streamed to disk, never held in
+        memory; a partial upload (mismatch, client gone) leaves nothing behind."""
+        state = state_of(request)
+        path = blob_path(state.settings, digest)
+        if path.exists():
+            return Response(status_code=200)
+        length = request.headers.get("content-length", "")
+        free = shutil.disk_usage(path.parent).free
+        if length.isdigit() and int(length) > free - state.settings.pull_min_free_bytes:
+            raise ServerError(f"not enough disk for a {int(length)}-byte blob ({free} bytes free, "
+                              f"PULL_MIN_FREE_BYTES {state.settings.pull_min_free_bytes} kept)", status=507)
+        partial, sha = path.with_name(f"{path.name}.{new_id()}.partial"), hashlib.sha256()
+        try:
+            with open(partial, "wb") as out:
+                async for chunk in request.stream():
+                    sha.update(chunk)
+                    await asyncio.to_thread(out.write, chunk)
+            if (got := f"sha256:{sha.hexdigest()}") != digest:
+                raise BadRequest(f'digest mismatch, expected "{digest}", got "{got}"')
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        log.info("blob %s: stored (%d bytes)", digest[:19], path.stat().st_size)
+        return Response(status_code=201)
+
+    @app.post("/api/push")
+    async def api_push() -> None:
+        raise ServerError("push is not supported: ai-server pulls from the Hugging Face Hub and publishes nowhere; "
+                          "upload a model with huggingface_hub (`hf upload`) instead", status=501)
+
     @app.post("/api/pull")
     async def api_pull(body: ModelNameBody, request: Request) -> Any:
         return await ollama_pull(state_of(request), body.target(), body.stream)
@@ -5410,11 +5519,97 @@ def tag_entry(rec: ModelRecord) -> dict[str, Any]:
             "capabilities": list(model_capabilities(rec.path))}
 
 
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def blob_path(settings: Settings, digest: str) -> Path:
+    """Where an uploaded blob lives: AI_SERVER_HOME/blobs/sha256-<hex> (Ollama's naming)."""
+    if not DIGEST_RE.match(digest):
+        raise BadRequest(f"invalid digest {digest!r}: expected sha256:<64 lowercase hex digits>")
+    folder = settings.home / "blobs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / digest.replace(":", "-")
+
+
+def preset_of(body: CreateBody, base: dict[str, Any]) -> dict[str, Any]:
+    """The Modelfile settings a create gives, on top of those of the model it starts from."""
+    if body.template is not None:
+        apply_generate_template(body.template, "", "")  # a template /api/generate cannot run is a 400 now
+    preset = dict(base)
+    for key in ("system", "template"):
+        if getattr(body, key) is not None:
+            preset[key] = getattr(body, key)
+    if body.parameters:
+        OllamaOptions.model_validate(body.parameters)  # bad values are a 400 here, not at every request
+        preset["parameters"] = {**base.get("parameters", {}), **body.parameters}
+    if body.messages is not None:
+        preset["messages"] = [m.for_template() for m in body.messages]
+    return preset
+
+
+def create_model(state: AppState, body: CreateBody) -> list[str]:
+    """A new name: from an existing model (its files shared, as /api/copy) or from uploaded blobs (linked
+    into a folder of their own), with its Modelfile settings. Returns the progress statuses."""
+    name = body.model or body.name
+    if not name:
+        raise BadRequest("invalid model name: give `model`")
+    if body.quantize or body.adapters:
+        raise BadRequest("quantize and adapters are not supported by /api/create here: pull with "
+                         '{"quantize": "q4"} (bitsandbytes) or a GGUF quant tag instead')
+    if (taken := find_model(state, name)) is not None and taken.source != "created" and taken.preset == "{}":
+        raise Conflict(f"model '{display_name(taken.name)}' already exists and was not made by /api/create: "
+                       "delete it first, or create another name")
+    if body.from_:
+        base = require_model(state, body.from_, f'model "{body.from_}" not found, try pulling it first')
+        rec = dataclasses.replace(base, name=name, created_at=utc_now_iso(),
+                                  preset=compact_json(preset_of(body, model_preset(base))))
+        state.registry.put_model(rec)
+        log.info("model %s: created from %s", name, base.name)
+        return [f"using existing model {display_name(base.name)}", "writing manifest"]
+    if not body.files:
+        raise BadRequest("give `from` (an existing model) or `files` (uploaded with POST /api/blobs/<digest>)")
+    statuses, blobs = [], {}
+    for filename, digest in body.files.items():
+        parts = Path(filename).parts
+        if not parts or filename.startswith("/") or ".." in parts:
+            raise BadRequest(f"invalid file name {filename!r}: a relative path inside the model folder")
+        if not (blob := blob_path(state.settings, digest)).exists():
+            raise BadRequest(f"blob {digest} not found: upload it first with POST /api/blobs/{digest}")
+        blobs[filename] = blob
+        statuses.append(f"using existing layer {digest}")
+    ggufs = [f for f in blobs if f.lower().endswith(".gguf")]
+    if not ggufs and "config.json" not in blobs:
+        raise BadRequest("files must be a GGUF file, or a safetensors model with its config.json and tokenizer files")
+    folder = state.settings.home / "models" / "created" / re.sub(r"[^A-Za-z0-9_.-]", "_", name) / new_id()
+    for filename, blob in blobs.items():
+        target = folder / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(blob, target)  # the blob's bytes, not a copy
+        except OSError:
+            shutil.copyfile(blob, target)
+    path = folder / ggufs[0] if ggufs else folder
+    digest = content_digest(str(folder), "")
+    arch = (read_json(folder / "config.json").get("architectures") or [None])[0] if not ggufs else "gguf"
+    rec = ModelRecord(name, name, "local", digest, str(path), sum(b.stat().st_size for b in blobs.values()), "no",
+                      arch, False, "created", utc_now_iso(), compact_json(preset_of(body, {})))
+    if taken is not None and taken.source == "created" and taken.path != rec.path:
+        delete_model(state, taken)  # the name's earlier files (created with it) go
+    state.registry.put_model(rec)
+    log.info("model %s: created from %d uploaded files", name, len(blobs))
+    return [*statuses, "writing manifest"]
+
+
 def show_entry(rec: ModelRecord) -> dict[str, Any]:
-    template = read_chat_template(Path(rec.path)) or ""
+    preset = model_preset(rec)
+    template = preset.get("template") or read_chat_template(Path(rec.path)) or ""
     eos = read_json(Path(rec.path) / "tokenizer_config.json").get("eos_token")
+    params = [f'stop "{eos}"'] if isinstance(eos, str) else []
+    params += [f"{k} {json.dumps(x) if isinstance(x, str) else x}" for k, v in (preset.get("parameters") or {}).items()
+               for x in (v if isinstance(v, list) else [v])]
     return {"license": "", "modelfile": f"# Modelfile generated by ai-server\nFROM {rec.path}\n",
-            "parameters": f'stop "{eos}"' if isinstance(eos, str) else "", "template": template, "system": "",
+            "parameters": "\n".join(params), "template": template, "system": preset.get("system", ""),
+            **({"messages": preset["messages"]} if preset.get("messages") else {}),
             "details": model_details(rec), "model_info": model_info(rec),
             "capabilities": list(model_capabilities(rec.path)), "modified_at": rec.created_at}
 
@@ -5524,7 +5719,7 @@ async def pull_progress(state: AppState, job: PullJob):
 # ============================================================================
 # 18. Routes: OpenAI-compatible (/v1/*)
 # ============================================================================
-def openai_chat_request(body: OpenAIChatBody, settings: Settings):
+def openai_chat_request(body: OpenAIChatBody, settings: Settings, rec: ModelRecord):
     """(prompt builder, parameters, tools) for one chat completion."""
     tools = check_tools(body.tools) if body.tool_choice != "none" else None
     params = asking_logprobs(openai_params(body, body.max_completion_tokens or body.max_tokens), body.logprobs_top())
@@ -5535,7 +5730,7 @@ def openai_chat_request(body: OpenAIChatBody, settings: Settings):
         params.format = tool_choice_schema(tools, forced)
     messages = openai_messages(body.messages)
 
-    return chat_builder(messages, tools, params, settings), params, tools
+    return chat_builder(messages, tools, params, settings, preset=model_preset(rec)), params, tools
 
 
 def add_openai_chat_route(app: FastAPI) -> None:
@@ -5543,7 +5738,7 @@ def add_openai_chat_route(app: FastAPI) -> None:
     async def chat_completions(body: OpenAIChatBody, request: Request) -> Any:
         state = state_of(request)
         rec = require_generative_model(state, body.model, "chat")
-        build, params, tools = openai_chat_request(body, state.settings)
+        build, params, tools = openai_chat_request(body, state.settings, rec)
         run = GenerationRun(state.models, rec, build, params, None, request)
         ident, created, top = f"chatcmpl-{new_id()}", int(time.time()), body.logprobs_top()
 
@@ -5840,8 +6035,8 @@ async def anthropic_create_message(body: AnthropicBody, request: Request) -> Any
     rec = require_generative_model(state, body.model, "chat")
     tools = anthropic_tools(body)
     params = anthropic_params(body, tools)
-    run = GenerationRun(state.models, rec, chat_builder(anthropic_messages(body), tools, params, state.settings),
-                        params, None, request)
+    build = chat_builder(anthropic_messages(body), tools, params, state.settings, preset=model_preset(rec))
+    run = GenerationRun(state.models, rec, build, params, None, request)
     ident = f"msg_{new_id()[:24]}"
     head = {"id": ident, "type": "message", "role": "assistant", "model": body.model}
     if not body.stream:
@@ -5903,6 +6098,271 @@ async def anthropic_count_tokens(body: AnthropicCountBody, request: Request) -> 
     async with state.models.use(rec) as (model, _):
         prompt = await asyncio.to_thread(render_chat_prompt, model.loaded.tokenizer, anthropic_messages(full), tools)
     return {"input_tokens": len(prompt.ids)}
+
+
+# ============================================================================
+# 18c. Routes: OpenAI's Responses API (/v1/responses): Codex CLI, client.responses.create
+# ============================================================================
+# A module-level router: `grep @responses_api` lists it. Input items convert to the same chat messages,
+# GenParams and GenerationRun as every chat route; only the wire shapes (items, typed stream events) differ.
+responses_api = APIRouter(tags=["openai-responses"])
+RESPONSES_KEPT = 1000  # responses remembered for previous_response_id (in memory: gone at a restart)
+
+
+class ResponsesFormat(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponsesText(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    format: ResponsesFormat | None = None
+
+
+class ResponsesBody(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName
+    input: str | list[dict[str, Any]] = Field(max_length=10_000)
+    instructions: str | None = Field(None, max_length=1_000_000)
+    tools: list[dict[str, Any]] | None = Field(None, max_length=512)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    text: ResponsesText | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stream: bool = False
+    previous_response_id: str | None = Field(None, max_length=200)
+    store: bool = True
+    metadata: dict[str, str] | None = None
+
+
+def responses_content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else []
+    if any(isinstance(p, dict) and p.get("type") in ("input_image", "input_file", "input_audio") for p in parts):
+        raise BadRequest("only text input is supported (input_text parts): this server's chat models are text-only")
+    return "".join(p.get("text") or "" for p in parts if isinstance(p, dict))
+
+
+def responses_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as chat-template dicts: messages (developer is system), function_call items as an
+    assistant's tool calls, function_call_output items as tool messages named from their call."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    out: list[dict[str, Any]] = []
+    names: dict[str, str] = {}
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "message" or (kind not in ("function_call", "function_call_output", "reasoning") and "role" in item):
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise BadRequest(f"input message role must be user, assistant, system or developer, not {role!r}")
+            out.append({"role": "system" if role == "developer" else role,
+                        "content": responses_content_text(item.get("content"))})
+        elif kind == "function_call":
+            try:
+                args = json.loads(item.get("arguments") or "{}")
+            except ValueError:
+                raise BadRequest("function_call.arguments must be a JSON string") from None
+            names[item.get("call_id", "")] = item.get("name", "")
+            out.append({"role": "assistant", "content": "",
+                        "tool_calls": [{"type": "function", "function": {"name": item.get("name", ""), "arguments": args}}]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            out.append({"role": "tool", "name": names.get(item.get("call_id", ""), ""),
+                        "content": output if isinstance(output, str) else responses_content_text(output)})
+        elif kind != "reasoning":  # reasoning items (a model's own notes) carry nothing a prompt needs
+            raise BadRequest(f"input items of type '{kind}' are not supported: send messages, function_call and "
+                             "function_call_output items")
+    return out
+
+
+def responses_tools(body: ResponsesBody) -> list[dict[str, Any]] | None:
+    if not body.tools or body.tool_choice == "none":
+        return None
+    if other := [t.get("type") for t in body.tools if t.get("type") != "function"]:
+        raise BadRequest(f"only function tools are supported here, not {other}")
+    if bad := [t for t in body.tools if not t.get("name")]:
+        raise BadRequest(f"a function tool needs a name: {bad[0]}")
+    return [{"type": "function", "function": {"name": t["name"], "description": t.get("description") or "",
+                                              "parameters": t.get("parameters") or {"type": "object"}}}
+            for t in body.tools]
+
+
+def responses_params(body: ResponsesBody, tools: list[dict[str, Any]] | None) -> GenParams:
+    params = GenParams(max_tokens=body.max_output_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                       top_p=body.top_p or 1.0, top_k=0, repeat_last_n=64)
+    fmt = body.text.format if body.text else None
+    if fmt is not None and fmt.type == "json_object":
+        params.format = "json"
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.schema_ is None:
+            raise BadRequest("text.format json_schema needs a schema (an object)")
+        params.format = fmt.schema_
+    choice = body.tool_choice
+    if tools and (choice == "required" or isinstance(choice, dict)):
+        params.format = tool_choice_schema(tools, choice.get("name") if isinstance(choice, dict) else None)
+    return params
+
+
+def responses_output(fin: Finished, tools: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]], list[dict]]:
+    """(output items, the assistant's chat messages for a later previous_response_id)."""
+    text, calls = fin.result.text, []
+    if tools:
+        text, calls = parse_tool_calls(text, {t["function"]["name"] for t in tools})
+    items: list[dict[str, Any]] = []
+    if text or not calls:
+        items.append({"type": "message", "id": f"msg_{new_id()}", "status": "completed", "role": "assistant",
+                      "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
+    items += [{"type": "function_call", "id": f"fc_{new_id()}", "call_id": f"call_{new_id()}",
+               "name": c["function"]["name"], "arguments": compact_json(c["function"]["arguments"]),
+               "status": "completed"} for c in calls]
+    said = [{"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}]
+    return items, said
+
+
+class ResponseDraft:
+    """One response object as it is built: its fields from the request, then output and usage."""
+
+    def __init__(self, body: ResponsesBody):
+        self.body, self.id, self.created = body, f"resp_{new_id()}", int(time.time())
+
+    def object(self, status: str, output: list[dict[str, Any]], fin: Finished | None = None) -> dict[str, Any]:
+        b = self.body
+        incomplete = status == "incomplete"
+        usage = None if fin is None else {
+            "input_tokens": fin.result.prompt_tokens, "output_tokens": fin.result.output_tokens,
+            "total_tokens": fin.result.prompt_tokens + fin.result.output_tokens,
+            "input_tokens_details": {"cached_tokens": fin.result.cached_tokens},
+            "output_tokens_details": {"reasoning_tokens": 0}}
+        fmt = b.text.format.model_dump(by_alias=True, exclude_none=True) if b.text and b.text.format else {"type": "text"}
+        return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "model": b.model,
+                "output": output, "instructions": b.instructions, "tools": b.tools or [],
+                "tool_choice": b.tool_choice or "auto", "text": {"format": fmt}, "temperature": b.temperature,
+                "top_p": b.top_p, "max_output_tokens": b.max_output_tokens,
+                "previous_response_id": b.previous_response_id, "parallel_tool_calls": True, "store": b.store,
+                "error": None, "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+                "metadata": b.metadata or {}, "usage": usage}
+
+
+def responses_status(fin: Finished, output: list[dict[str, Any]]) -> str:
+    called = any(item["type"] == "function_call" for item in output)
+    return "incomplete" if fin.result.done_reason == "length" and not called else "completed"
+
+
+def remember_response(state: AppState, draft: ResponseDraft, obj: dict[str, Any], history: list[dict]) -> None:
+    if not draft.body.store:
+        return
+    state.responses[draft.id] = (obj, history)
+    while len(state.responses) > RESPONSES_KEPT:
+        state.responses.popitem(last=False)
+
+
+@responses_api.post("/v1/responses")
+async def create_response(body: ResponsesBody, request: Request) -> Any:
+    state = state_of(request)
+    rec = require_generative_model(state, body.model, "chat")
+    earlier: list[dict[str, Any]] = []
+    if body.previous_response_id is not None:
+        kept = state.responses.get(body.previous_response_id)
+        if kept is None:
+            raise BadRequest(f"Previous response with id '{body.previous_response_id}' not found (this server keeps "
+                             f"the last {RESPONSES_KEPT} stored responses, in memory)")
+        earlier = kept[1]
+    turn = responses_messages(body.input)
+    system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    tools = responses_tools(body)
+    params = responses_params(body, tools)
+    build = chat_builder([*system, *earlier, *turn], tools, params, state.settings, preset=model_preset(rec))
+    run = GenerationRun(state.models, rec, build, params, None, request)
+    draft = ResponseDraft(body)
+    if not body.stream:
+        fin = await run_to_end(run)
+        output, said = responses_output(fin, tools)
+        obj = draft.object(responses_status(fin, output), output, fin)
+        remember_response(state, draft, obj, [*earlier, *turn, *said])
+        return obj
+    events = responses_events(run, draft, tools, lambda obj, said: remember_response(
+        state, draft, obj, [*earlier, *turn, *said]))
+    return stream_response(await first_then_rest(events), "text/event-stream", responses_sse_error, watched=True)
+
+
+@responses_api.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, request: Request) -> dict[str, Any]:
+    kept = state_of(request).responses.get(response_id)
+    if kept is None:
+        raise NotFound(f"No response found with id '{response_id}' (stored responses are kept in memory only)")
+    return kept[0]
+
+
+def responses_sse(obj: dict[str, Any]) -> str:
+    return f"event: {obj['type']}\ndata: {compact_json(obj)}\n\n"
+
+
+def responses_sse_error(exc: Exception) -> str:
+    message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+    return responses_sse({"type": "error", "code": None, "message": message, "param": None})
+
+
+async def responses_events(run: GenerationRun, draft: ResponseDraft, tools: list[dict[str, Any]] | None,
+                           remember: Callable[[dict[str, Any], list[dict]], None]):
+    """The typed events: response.created, response.in_progress; per output item output_item.added,
+    its parts and deltas (output_text.delta; function_call_arguments.delta, whole), the .done events;
+    then response.completed (or response.incomplete). Text streams as it comes when there are no tools."""
+    seq = itertools.count()
+
+    def event(kind: str, **fields: Any) -> str:
+        return responses_sse({"type": kind, "sequence_number": next(seq), **fields})
+
+    message_id, started = f"msg_{new_id()}", False
+    async for ev in run.events():
+        if not started:  # on the first event, so errors before it stay HTTP errors
+            started = True
+            for kind in ("response.created", "response.in_progress"):
+                yield event(kind, response=draft.object("in_progress", []))
+            if not tools:
+                yield event("response.output_item.added", output_index=0, item={
+                    "type": "message", "id": message_id, "status": "in_progress", "role": "assistant", "content": []})
+                yield event("response.content_part.added", item_id=message_id, output_index=0, content_index=0,
+                            part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        if not isinstance(ev, Finished):
+            if not tools and ev.text:
+                yield event("response.output_text.delta", item_id=message_id, output_index=0, content_index=0,
+                            delta=ev.text, logprobs=[])
+            continue
+        output, said = responses_output(ev, tools)
+        if not tools:
+            output[0]["id"] = message_id
+        for index, item in enumerate(output):
+            if tools:
+                yield event("response.output_item.added", output_index=index, item={
+                    **item, "status": "in_progress", **({"content": []} if item["type"] == "message" else
+                                                        {"arguments": ""})})
+            if item["type"] == "message":
+                part = item["content"][0]
+                if tools:
+                    yield event("response.content_part.added", item_id=item["id"], output_index=index,
+                                content_index=0, part={**part, "text": ""})
+                    yield event("response.output_text.delta", item_id=item["id"], output_index=index,
+                                content_index=0, delta=part["text"], logprobs=[])
+                yield event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                            text=part["text"], logprobs=[])
+                yield event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                            part=part)
+            else:
+                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                            delta=item["arguments"])
+                yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                            name=item["name"], arguments=item["arguments"])
+            yield event("response.output_item.done", output_index=index, item=item)
+        status = responses_status(ev, output)
+        obj = draft.object(status, output, ev)
+        remember(obj, said)
+        yield event("response.completed" if status == "completed" else "response.incomplete", response=obj)
 
 
 # ============================================================================
@@ -8005,6 +8465,8 @@ class AccessControl:
                 and not self.authorized(scope):
             return await self.refuse(scope, 401, "missing or invalid API key: send Authorization: Bearer <key>",
                                      {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        if scope["path"].startswith("/api/blobs/"):  # model files: streamed to disk, checked against free disk
+            return await self.app(scope, receive, send)
         length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.settings.max_body_bytes:
             return await self.refuse(scope, 413, f"request body of {int(length)} bytes is over the "
@@ -8126,6 +8588,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_openai_chat_route(app)
     add_openai_other_routes(app)
     app.include_router(anthropic)
+    app.include_router(responses_api)
     app.include_router(llamacpp)
     app.include_router(images)
     return app

@@ -534,3 +534,55 @@ def test_openai_embeddings_take_token_ids(oai, server):
         assert a == pytest.approx(b, abs=1e-5)
     with pytest.raises(openai.BadRequestError, match="outside this model's vocabulary"):
         oai.embeddings.create(model="all-minilm", input=[[10 ** 9]])
+
+
+# --- /api/create and /api/blobs (issue 13): the ollama client's create() end to end --------------------
+def test_create_from_a_model_with_a_modelfile(client, server):
+    r = client.create(model="geo", from_="smollm2:135m", system="You are a geography teacher. Answer in one word.",
+                      parameters={"temperature": 0, "num_predict": 12},
+                      messages=[{"role": "user", "content": "Capital of Italy?"}, {"role": "assistant", "content": "Rome"}])
+    assert r.status == "success"
+    assert "geo:latest" in {m.model for m in client.list().models}
+    shown = server.client.post("/api/show", json={"model": "geo"}).json()  # (the client's model has no `system`)
+    assert shown["system"] == "You are a geography teacher. Answer in one word." and "temperature 0" in shown["parameters"]
+    assert client.show("geo").parameters == shown["parameters"]
+    ask = [{"role": "user", "content": "Capital of France?"}]
+    first, again = client.chat(model="geo", messages=ask), client.chat(model="geo", messages=ask)
+    plain = client.chat(model="smollm2:135m", messages=ask, options={"temperature": 0, "num_predict": 12})
+    assert first.message.content == again.message.content and "Paris" in first.message.content  # temperature 0
+    assert first.eval_count <= 12 and first.prompt_eval_count > plain.prompt_eval_count + 10  # system + MESSAGEs
+    # The request's own system message and options win over the model's.
+    own = client.chat(model="geo", messages=[{"role": "system", "content": "Be brief."}, *ask],
+                      options={"num_predict": 2})
+    assert own.eval_count <= 2
+    client.delete("geo")
+    assert client.chat(model="smollm2:135m", messages=ask, options={"num_predict": 2}).done  # the files stay
+
+
+def test_create_from_uploaded_files(client, server, tmp_path):
+    from models import tiny_model_files
+
+    files = {}
+    for name, data in tiny_model_files(7).items():
+        (tmp_path / name).write_bytes(data)
+        files[name] = client.create_blob(tmp_path / name)
+    assert server.client.head(f"/api/blobs/{files['config.json']}").status_code == 200
+    progress = [p.status for p in client.create(model="uploaded:v1", files=files, stream=True)]
+    assert progress[0].startswith("using existing layer sha256:") and progress[-1] == "success"
+    r = client.generate(model="uploaded:v1", prompt="hello", options={"num_predict": 3})
+    assert r.done and r.eval_count == 3
+    listed = {m.model: m for m in client.list().models}
+    assert listed["uploaded:v1"].digest and listed["uploaded:v1"].details.family == "llama"
+    # Bad input: a digest that is not the body's, a blob never uploaded, a bad name; push is not offered.
+    bad = server.client.post(f"/api/blobs/sha256:{'0' * 64}", content=b"not this")
+    assert bad.status_code == 400 and "digest mismatch" in bad.json()["error"]
+    assert server.client.head(f"/api/blobs/sha256:{'0' * 64}").status_code == 404
+    with pytest.raises(ollama.ResponseError, match="upload it first"):
+        client.create(model="broken", files={"config.json": f"sha256:{'1' * 64}"})
+    with pytest.raises(ollama.ResponseError, match="relative path"):
+        client.create(model="broken", files={"../x.json": files["config.json"]})
+    with pytest.raises(ollama.ResponseError, match="already exists"):
+        client.create(model="smollm2:135m", files=files)
+    r = server.client.post("/api/push", json={"model": "uploaded:v1"})
+    assert r.status_code == 501 and "not supported" in r.json()["error"]
+    client.delete("uploaded:v1")
