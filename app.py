@@ -88,7 +88,8 @@ Sections, in order; each uses only those above it:
   5. Errors, 5b. Metrics         15. App state and shared route helpers
   6. Registry and Hub pulls      16. Routes: native (/pull, /jobs, /models, /chat, ...)
   7. Decoding (stops, grammars)  17. Routes: Ollama (/api/*)
-  8. Backends                    18. Routes: OpenAI (/v1/*); 18b. Anthropic (/v1/messages; `grep @anthropic`)
+  8. Backends                    18. Routes: OpenAI (/v1/*); 18b. Anthropic (/v1/messages; `grep @anthropic`);
+                                 18c. OpenAI Responses (/v1/responses; `grep @responses_api`)
   9. Loader (LRU, keep_alive)    19. Routes: llama.cpp (/completion, /tokenize, /props, /rerank; `grep @llamacpp`)
  10. Generation (thread bridge)  20. Routes: images (A1111 /sdapi/v1/*, /generate-image, /v1/images/*; `grep @images`)
                                  21. Scale-out: gateway and workers over Redis Streams

@@ -586,3 +586,23 @@ def test_create_from_uploaded_files(client, server, tmp_path):
     r = server.client.post("/api/push", json={"model": "uploaded:v1"})
     assert r.status_code == 501 and "not supported" in r.json()["error"]
     client.delete("uploaded:v1")
+
+
+# --- LangChain's OpenAI integration (issue 13) ----------------------------------------------------------
+def test_langchain_openai_chat_and_embeddings(server, oai):
+    """ChatOpenAI (invoke, stream) and OpenAIEmbeddings against /v1. OpenAIEmbeddings' default
+    tokenizes with tiktoken, whose BPE file is downloaded from the internet: unreachable here, so the
+    test sends text (check_embedding_ctx_length=False); token-id input is checked with the openai client."""
+    from langchain_openai import ChatOpenAI, OpenAIEmbeddings
+
+    chat = ChatOpenAI(model="smollm2:135m", base_url=f"{server.url}/v1", api_key="unused", temperature=0,
+                      max_tokens=20)
+    answer = chat.invoke(FRANCE)
+    assert "Paris" in answer.content and answer.usage_metadata["output_tokens"] > 0
+    assert "".join(c.content for c in chat.stream(FRANCE)) == answer.content
+    emb = OpenAIEmbeddings(model="all-minilm", base_url=f"{server.url}/v1", api_key="unused",
+                           check_embedding_ctx_length=False)
+    vectors = emb.embed_documents(["a cat", "a kitten"])
+    direct = [d.embedding for d in oai.embeddings.create(model="all-minilm", input=["a cat", "a kitten"]).data]
+    assert len(vectors) == 2 and vectors[0] == pytest.approx(direct[0], abs=1e-5)
+    assert emb.embed_query("a cat") == pytest.approx(direct[0], abs=1e-5)
