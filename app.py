@@ -3596,6 +3596,8 @@ def chat_builder(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | N
     to the context."""
     if preset and (preset.get("system") or preset.get("messages")):
         messages = with_preset(messages, preset)
+    if not messages:
+        raise BadRequest("the conversation is empty: send at least one message")
 
     def build(model: Any, cancel: threading.Event) -> Prompt:
         tok = model.loaded.tokenizer
@@ -5021,13 +5023,17 @@ OPENAI_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"
 LLAMACPP_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["code", "message", "type"],
     "properties": {"code": {"type": "integer"}, "message": {"type": "string"}, "type": {"type": "string"}}}}}
+ANTHROPIC_ERROR_SCHEMA = {"type": "object", "required": ["type", "error"], "properties": {
+    "type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"],
+                                          "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
 
 
 def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
     """The OpenAPI schema says what the server sends: a bad body is a 400 in the route's API error
     shape (FastAPI documents its own 422, which this server never sends)."""
     for path, operations in spec.get("paths", {}).items():
-        schema = {"openai": OPENAI_ERROR_SCHEMA, "llamacpp": LLAMACPP_ERROR_SCHEMA}.get(api_of(path), OLLAMA_ERROR_SCHEMA)
+        schema = {"openai": OPENAI_ERROR_SCHEMA, "llamacpp": LLAMACPP_ERROR_SCHEMA,
+                  "anthropic": ANTHROPIC_ERROR_SCHEMA}.get(api_of(path), OLLAMA_ERROR_SCHEMA)
         for operation in operations.values():
             if operation.get("responses", {}).pop("422", None) is not None:
                 operation["responses"]["400"] = {"description": "A field is missing, malformed or out of range",
@@ -5490,8 +5496,8 @@ def add_ollama_model_routes(app: FastAPI) -> None:
 
     @app.post("/api/push")
     async def api_push() -> None:
-        raise ServerError("push is not supported: ai-server pulls from the Hugging Face Hub and publishes nowhere; "
-                          "upload a model with huggingface_hub (`hf upload`) instead", status=501)
+        raise BadRequest("push is not supported: ai-server pulls from the Hugging Face Hub and publishes nowhere; "
+                         "upload a model with huggingface_hub (`hf upload`) instead")
 
     @app.post("/api/pull")
     async def api_pull(body: ModelNameBody, request: Request) -> Any:
@@ -5970,11 +5976,11 @@ def anthropic_messages(body: AnthropicBody) -> list[dict[str, Any]]:
                 msg["tool_calls"] = calls
             out.append(msg)
             continue
-        for b in blocks:
-            if b.type == "tool_result":
-                out.append({"role": "tool", "name": names.get(b.tool_use_id or "", ""),
-                            "content": anthropic_text(b.content)})
-        if text := anthropic_text([b for b in blocks if b.type != "tool_result"]):
+        results = [b for b in blocks if b.type == "tool_result"]
+        for b in results:
+            out.append({"role": "tool", "name": names.get(b.tool_use_id or "", ""),
+                        "content": anthropic_text(b.content)})
+        if (text := anthropic_text([b for b in blocks if b.type != "tool_result"])) or not results:
             out.append({"role": "user", "content": text})
     return out
 

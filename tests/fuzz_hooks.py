@@ -9,7 +9,8 @@ tests/test_hardening.py::test_schemathesis_finds_no_server_errors (CI) and scrip
    the cases of each operation, a generated *string* in a model-name field becomes a name the
    server has; the rest of the case stays as generated, and the other half keep their random names:
 
-     generation (/chat, /api/chat, /api/generate, /v1/chat/completions, /v1/completions),
+     generation (/chat, /api/chat, /api/generate, /v1/chat/completions, /v1/completions,
+     /v1/messages, /v1/messages/count_tokens, /v1/responses),
      /api/show, GET /v1/models/{model}                     -> FUZZ_MODEL (tiny/llama-a)
      /api/embed, /api/embeddings, /v1/embeddings           -> FUZZ_EMBED_MODEL (all-minilm)
      /api/copy: source -> FUZZ_MODEL, destination          -> FUZZ_COPY (fuzz/copy)
@@ -54,7 +55,8 @@ SHARE = float(os.environ.get("FUZZ_REAL_SHARE", "0.5"))
 TEXT_SHARE = 0.75  # of the swapped generation cases, those whose empty prompt gets some text
 PROMPT = "Why is the sky blue? Answer in one word."
 
-GENERATION = ("/chat", "/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions")
+GENERATION = ("/chat", "/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions", "/v1/messages",
+              "/v1/messages/count_tokens", "/v1/responses")
 EMBEDDING = ("/api/embed", "/api/embeddings", "/v1/embeddings")
 NAME_FIELDS = ("model", "name")  # ModelNameBody takes either
 
@@ -122,6 +124,8 @@ def _give_text(case: Any) -> None:
         case.body = {**body, "prompt": [PROMPT, *body["prompt"][1:]]}
     elif case.operation.path == "/api/chat" and body.get("messages") == []:
         case.body = {**body, "messages": [{"role": "user", "content": PROMPT}]}
+    elif case.operation.path == "/v1/responses" and body.get("input") in ("", []):
+        case.body = {**body, "input": PROMPT}
 
 
 @schemathesis.hook

@@ -584,7 +584,7 @@ def test_create_from_uploaded_files(client, server, tmp_path):
     with pytest.raises(ollama.ResponseError, match="already exists"):
         client.create(model="smollm2:135m", files=files)
     r = server.client.post("/api/push", json={"model": "uploaded:v1"})
-    assert r.status_code == 501 and "not supported" in r.json()["error"]
+    assert r.status_code == 400 and "not supported" in r.json()["error"]
     client.delete("uploaded:v1")
 
 
