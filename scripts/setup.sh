@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up ai-server in virtualenvs next to app.py. Safe to run again (it only adds what is missing).
 #   scripts/setup.sh          .venv with the runtime, plus the embedded default model imported once
-#   scripts/setup.sh --dev    .venv with the runtime and the test dependencies
+#   scripts/setup.sh --dev    .venv with the runtime and the test dependencies, and .venv-litellm (LiteLLM, a
+#                             client the tests drive: it pins openai<3 and huggingface-hub<2, so not in .venv)
 #   scripts/setup.sh --vllm   .venv-vllm: the optional vLLM CPU backend (its own venv: it needs transformers<5.20)
 #   scripts/setup.sh --llama  llama.cpp's llama-server, built once into ~/.cache/ai-server (scripts/build-llama-server.sh)
 set -euo pipefail
@@ -26,6 +27,8 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if [ "$mode" = "--dev" ]; then
   .venv/bin/pip install -q -r requirements-dev.txt
+  [ -x .venv-litellm/bin/python ] || "$PY" -m venv .venv-litellm
+  .venv-litellm/bin/pip install -q -r requirements-litellm.txt
 else
   .venv/bin/pip install -q -r requirements.txt
 fi

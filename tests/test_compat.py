@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import time
 
 import httpx
@@ -13,7 +15,7 @@ import ollama
 import openai
 import pytest
 
-from conftest import ServerProcess, copy_home
+from conftest import ROOT, ServerProcess, copy_home
 
 FRANCE = "What is the capital of France? Answer in one sentence."
 GREEDY = {"temperature": 0, "num_predict": 40}
@@ -606,3 +608,31 @@ def test_langchain_openai_chat_and_embeddings(server, oai):
     direct = [d.embedding for d in oai.embeddings.create(model="all-minilm", input=["a cat", "a kitten"]).data]
     assert len(vectors) == 2 and vectors[0] == pytest.approx(direct[0], abs=1e-5)
     assert emb.embed_query("a cat") == pytest.approx(direct[0], abs=1e-5)
+
+
+LITELLM = ROOT / ".venv-litellm" / "bin" / "python"
+LITELLM_SCRIPT = """
+import asyncio, json, sys
+import litellm
+
+async def main(url):
+    msgs = [{"role": "user", "content": sys.argv[2]}]
+    kw = dict(model="ollama_chat/smollm2:135m", api_base=url, messages=msgs, temperature=0, max_tokens=20)
+    r = await litellm.acompletion(**kw)
+    parts = [c.choices[0].delta.content or "" async for c in await litellm.acompletion(**kw, stream=True)]
+    print(json.dumps({"content": r.choices[0].message.content, "streamed": "".join(parts),
+                      "completion_tokens": r.usage.completion_tokens}))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.skipif(not LITELLM.exists(), reason="LiteLLM's venv is missing: scripts/setup.sh --dev makes .venv-litellm")
+def test_litellm_acompletion_on_ollama_chat(server):
+    """LiteLLM's `ollama_chat/` provider (acompletion, streamed and not), from its own venv: it pins
+    openai<3 and huggingface-hub<2. LITELLM_LOCAL_MODEL_COST_MAP: no fetch of its price list from GitHub."""
+    out = subprocess.run([str(LITELLM), "-c", LITELLM_SCRIPT, server.url, FRANCE], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "Paris" in r["content"] and r["streamed"] == r["content"] and 0 < r["completion_tokens"] <= 20
