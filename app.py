@@ -2215,6 +2215,11 @@ class Backend:
     def rerank(self, loaded: Loaded, query: str, documents: list[str]) -> tuple[list[float], int]:
         raise BadRequest("this model does not support rerank")
 
+    def prompt_logprobs(self, loaded: Loaded, ids: list[int], n: int) -> list[TokenLogprob]:
+        """Each prompt token's logprob given the tokens before it (OpenAI's `echo` with `logprobs`)."""
+        raise BadRequest(f"echo with logprobs (the prompt's own logprobs) needs the transformers backend; this "
+                         f"model runs on {self.name}: send echo or logprobs, not both")
+
     def unload(self, loaded: Loaded) -> None:
         loaded.handle = None
 
@@ -2274,6 +2279,13 @@ class TransformersBackend(Backend):
 
     def embed(self, loaded: Loaded, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
         return hf_mean_embeddings(loaded.handle, loaded.tokenizer, texts, normalize, truncate, loaded.max_positions)
+
+    def prompt_logprobs(self, loaded: Loaded, ids: list[int], n: int) -> list[TokenLogprob]:
+        """One forward pass of its own over the prompt (beside any batch generating, as embeddings)."""
+        model = loaded.handle
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0]
+        return [token_logprobs(logits[i - 1], ids[i], n) for i in range(1, len(ids))]
 
     def unload(self, loaded: Loaded) -> None:
         if loaded.engine is not None:
@@ -3126,6 +3138,12 @@ class LoadedModel:
     def rerank(self, query: str, documents: list[str]) -> tuple[list[float], int]:
         with self.lock:  # called on a fresh thread (run_in_daemon_thread)
             return self.backend.rerank(self.loaded, query, documents)
+
+    def prompt_logprobs(self, ids: list[int], n: int) -> list[TokenLogprob]:
+        if self.loaded.engine is not None:  # the engine's thread never holds the lock; a forward beside it
+            return self.backend.prompt_logprobs(self.loaded, ids, n)
+        with self.lock:
+            return self.backend.prompt_logprobs(self.loaded, ids, n)
 
     def expires_in_s(self) -> float:
         if self.keep_alive_s < 0:
@@ -5806,9 +5824,6 @@ def add_openai_other_routes(app: FastAPI) -> None:
         state = state_of(request)
         rec = require_generative_model(state, body.model)
         prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt[:1])
-        if body.echo and body.logprobs is not None:
-            raise BadRequest("echo with logprobs (the prompt's own logprobs) is not supported; send echo or "
-                             "logprobs, not both")
         native = OllamaGenerateBody(model=body.model, prompt=prompt, suffix=body.suffix, raw=True)
         params = asking_logprobs(openai_params(body, body.max_tokens), body.logprobs)
         build = generate_builder(native, rec, body.model, state.settings)
@@ -5816,16 +5831,29 @@ def add_openai_other_routes(app: FastAPI) -> None:
         ident, created = f"cmpl-{new_id()}", int(time.time())
         offset = len(prompt) if body.echo else 0  # where the next token's text starts (text_offset)
 
-        def logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        def logprobs(lps: list[TokenLogprob] | None, prompt_ids: list[int] | None = None) -> dict[str, Any] | None:
             nonlocal offset
             if body.logprobs is None:
                 return None
             entries = logprob_entries(run.tokenizer, lps, body.logprobs)
+            if prompt_ids:  # echo: the prompt's tokens first; the first has no logprob (nothing before it)
+                first = run.tokenizer.decode(prompt_ids[:1])
+                entries = [{"token": first, "logprob": None, "top_logprobs": None}, *entries]
+                offset = 0
             offsets = list(itertools.accumulate((len(e["token"]) for e in entries), initial=offset))
             offset = offsets.pop()
             return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                    "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-                    "text_offset": offsets}
+                    "top_logprobs": [e["top_logprobs"] and {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                                     for e in entries], "text_offset": offsets}
+
+        async def echoed(ids: list[int]) -> dict[str, Any]:
+            """The echo chunk: the prompt, with its own logprobs when asked (a scoring pass)."""
+            if body.logprobs is None:
+                return chunk(prompt, None, [])
+            async with state.models.use(rec) as (model, _):
+                lps = await run_in_daemon_thread(model.prompt_logprobs, ids, max(body.logprobs, 1))
+            return {**chunk(prompt, None), "choices": [{"text": prompt, "index": 0, "finish_reason": None,
+                                                        "logprobs": logprobs(lps, ids)}]}
 
         def chunk(text: str, finish: str | None, lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
             return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
@@ -5833,15 +5861,21 @@ def add_openai_other_routes(app: FastAPI) -> None:
 
         if not body.stream:
             fin = await run_to_end(run)
-            text = (prompt if body.echo else "") + fin.result.text
-            return {**chunk(text, fin.result.done_reason, fin.result.logprobs), "usage": openai_usage(fin)}
+            if not body.echo:
+                return {**chunk(fin.result.text, fin.result.done_reason, fin.result.logprobs), "usage": openai_usage(fin)}
+            head = (await echoed(fin.prompt.ids))["choices"][0]["logprobs"]
+            tail = logprobs(fin.result.logprobs)
+            merged = {k: head[k] + tail[k] for k in head} if head else None
+            return {**chunk(prompt + fin.result.text, fin.result.done_reason), "usage": openai_usage(fin),
+                    "choices": [{"text": prompt + fin.result.text, "index": 0, "finish_reason": fin.result.done_reason,
+                                 "logprobs": merged}]}
 
         async def lines():
             echo = body.echo  # sent with the first event, so errors before it are still HTTP errors
             async for event in run.events():
                 if echo:
                     echo = False
-                    yield sse(chunk(prompt, None, []))
+                    yield sse(await echoed(run.prompt.ids))
                 if isinstance(event, Finished):
                     yield sse(chunk("", event.result.done_reason, []))
                     if body.stream_options and body.stream_options.include_usage:

