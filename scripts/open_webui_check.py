@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,20 +75,33 @@ def drive(args: argparse.Namespace) -> int:
         browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
                                     args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(f"http://127.0.0.1:{args.port}/", wait_until="networkidle")
-        for label in ("Okay, Let's Go!", "Get started", "Dismiss"):  # first-run dialogs, when shown
-            button = page.get_by_role("button", name=label)
-            if button.count():
-                button.first.click()
+        page.goto(f"http://127.0.0.1:{args.port}/", wait_until="domcontentloaded", timeout=120_000)
         box = page.locator("#chat-input")
-        box.wait_for(timeout=60_000)
+        box.wait_for(timeout=120_000)
+        page.wait_for_timeout(3000)  # first-run dialogs (what's new) open a moment after the page
+        for _ in range(5):
+            dialog = page.locator('div[role="dialog"]')
+            if not dialog.count() or not dialog.first.is_visible():
+                break
+            page.screenshot(path=str(args.out / "dialog.png"))
+            buttons = dialog.first.get_by_role("button", name=re.compile(r"okay|let's go|get started|close|dismiss",
+                                                                          re.IGNORECASE))
+            if buttons.count():
+                buttons.first.click()
+            else:
+                page.keyboard.press("Escape")
+            page.wait_for_timeout(1000)
         box.click()
         page.keyboard.type(args.message)
         page.keyboard.press("Enter")
-        # The answer is done when its action buttons (copy, regenerate) appear under it.
-        page.locator("#response-content-container").last.wait_for(timeout=300_000)
-        page.get_by_role("button", name="Copy").last.wait_for(timeout=300_000)
-        answer = page.locator("#response-content-container").last.inner_text()
+        # The answer is done when its text has stopped changing for a few seconds.
+        answer, stable, deadline = "", 0, time.monotonic() + 600
+        while stable < 5 and time.monotonic() < deadline:
+            page.wait_for_timeout(1000)
+            boxes = page.locator("#response-content-container")
+            text = boxes.last.inner_text() if boxes.count() else ""
+            stable = stable + 1 if text and text == answer else 0
+            answer = text
         shot = args.out / "open-webui.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
