@@ -167,8 +167,8 @@ from huggingface_hub import errors as hf_errors
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
-from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError,
+                      field_validator, model_validator)
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 log = logging.getLogger("ai_server")
@@ -733,8 +733,9 @@ class Registry:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(models)")}
-            if "preset" not in columns:  # a registry from before /api/create
-                self._db.execute("ALTER TABLE models ADD COLUMN preset TEXT NOT NULL DEFAULT '{}'")
+            if "preset" not in columns:  # a registry from before /api/create (one way: older code can't read it)
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
+                    self._db.execute("ALTER TABLE models ADD COLUMN preset TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         with self._lock:
@@ -1188,8 +1189,10 @@ def read_architecture(path: Path) -> str | None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; {} for a missing, unreadable or non-object file (an upload may be anything)."""
     with contextlib.suppress(OSError, ValueError):
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
     return {}
 
 
@@ -1213,7 +1216,7 @@ def model_capabilities(path: str) -> tuple[str, ...]:
     if (folder / "model_index.json").exists():  # a diffusers pipeline
         return ("image",)
     architectures = read_json(folder / "config.json").get("architectures") or []
-    if any(a.endswith("ForSequenceClassification") for a in architectures):  # a cross-encoder
+    if any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures):  # a cross-encoder
         return ("rerank",)
     caps = ["completion", "tools"]  # tools work on every model: see tool_system_prompt
     if is_gguf_path(path):
@@ -3501,7 +3504,9 @@ def compact_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for tool in tools:
         fn = tool.get("function") or {}
         description = re.split(r"(?<=[.!?])\s", (fn.get("description") or "").strip(), maxsplit=1)[0][:160]
-        params = list(((fn.get("parameters") or {}).get("properties") or {}).keys())
+        schema = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
+        props = schema.get("properties")
+        params = list(props.keys()) if isinstance(props, dict) else []
         out.append({"name": fn.get("name"), "description": description, "parameters": params})
     return out
 
@@ -4573,8 +4578,8 @@ class OpenAIEmbeddingBody(WireModel):
     model_config = ConfigDict(extra="ignore")
     model: ModelName
     # Text, or token ids in the model's own vocabulary (as vLLM and llama.cpp read them; OpenAI's are its own).
-    input: str | list[str] | list[TokenId] | list[Annotated[list[TokenId], Field(min_length=1)]] = Field(
-        max_length=100_000)
+    input: str | Annotated[list[str] | list[TokenId] | list[Annotated[list[TokenId], Field(min_length=1)]],
+                           Field(max_length=100_000)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, le=1_000_000)
 
@@ -5498,10 +5503,15 @@ def add_ollama_model_routes(app: FastAPI) -> None:
         if length.isdigit() and int(length) > free - state.settings.pull_min_free_bytes:
             raise ServerError(f"not enough disk for a {int(length)}-byte blob ({free} bytes free, "
                               f"PULL_MIN_FREE_BYTES {state.settings.pull_min_free_bytes} kept)", status=507)
-        partial, sha = path.with_name(f"{path.name}.{new_id()}.partial"), hashlib.sha256()
+        partial, sha, room = path.with_name(f"{path.name}.{new_id()}.partial"), hashlib.sha256(), \
+            free - state.settings.pull_min_free_bytes
         try:
             with open(partial, "wb") as out:
                 async for chunk in request.stream():
+                    room -= len(chunk)
+                    if room < 0:  # a body without Content-Length is counted as it comes
+                        raise ServerError(f"not enough disk for this blob (PULL_MIN_FREE_BYTES "
+                                          f"{state.settings.pull_min_free_bytes} kept)", status=507)
                     sha.update(chunk)
                     await asyncio.to_thread(out.write, chunk)
             if (got := f"sha256:{sha.hexdigest()}") != digest:
@@ -5549,7 +5559,7 @@ DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 def blob_path(settings: Settings, digest: str) -> Path:
     """Where an uploaded blob lives: AI_SERVER_HOME/blobs/sha256-<hex> (Ollama's naming)."""
-    if not DIGEST_RE.match(digest):
+    if not DIGEST_RE.fullmatch(digest):
         raise BadRequest(f"invalid digest {digest!r}: expected sha256:<64 lowercase hex digits>")
     folder = settings.home / "blobs"
     folder.mkdir(parents=True, exist_ok=True)
@@ -5565,11 +5575,26 @@ def preset_of(body: CreateBody, base: dict[str, Any]) -> dict[str, Any]:
         if getattr(body, key) is not None:
             preset[key] = getattr(body, key)
     if body.parameters:
-        OllamaOptions.model_validate(body.parameters)  # bad values are a 400 here, not at every request
+        try:
+            OllamaOptions.model_validate(body.parameters)  # bad values are a 400 here, not at every request
+        except ValidationError as exc:
+            raise BadRequest("invalid parameters: " + "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
         preset["parameters"] = {**base.get("parameters", {}), **body.parameters}
     if body.messages is not None:
         preset["messages"] = [m.for_template() for m in body.messages]
     return preset
+
+
+def replace_created(state: AppState, taken: ModelRecord | None, rec: ModelRecord) -> None:
+    """Registers `rec`; a name created before is unloaded and unregistered first (its own files go,
+    unless another name uses them), so the new one is what the next request loads."""
+    if taken is not None and taken.path == rec.path:  # created again from itself: same files, new settings
+        state.models.evict(taken.name)
+        state.registry.delete_model(taken.name)
+    elif taken is not None:
+        delete_model(state, taken)
+    state.registry.put_model(rec)
 
 
 def create_model(state: AppState, body: CreateBody) -> list[str]:
@@ -5588,7 +5613,7 @@ def create_model(state: AppState, body: CreateBody) -> list[str]:
         base = require_model(state, body.from_, f'model "{body.from_}" not found, try pulling it first')
         rec = dataclasses.replace(base, name=name, created_at=utc_now_iso(),
                                   preset=compact_json(preset_of(body, model_preset(base))))
-        state.registry.put_model(rec)
+        replace_created(state, taken, rec)
         log.info("model %s: created from %s", name, base.name)
         return [f"using existing model {display_name(base.name)}", "writing manifest"]
     if not body.files:
@@ -5605,22 +5630,30 @@ def create_model(state: AppState, body: CreateBody) -> list[str]:
     ggufs = [f for f in blobs if f.lower().endswith(".gguf")]
     if not ggufs and "config.json" not in blobs:
         raise BadRequest("files must be a GGUF file, or a safetensors model with its config.json and tokenizer files")
+    preset = compact_json(preset_of(body, {}))
     folder = state.settings.home / "models" / "created" / re.sub(r"[^A-Za-z0-9_.-]", "_", name) / new_id()
-    for filename, blob in blobs.items():
-        target = folder / filename
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(blob, target)  # the blob's bytes, not a copy
-        except OSError:
-            shutil.copyfile(blob, target)
+    try:
+        for filename, blob in blobs.items():
+            target = folder / filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(blob, target)  # the blob's bytes, not a copy
+            except OSError:
+                shutil.copyfile(blob, target)
+        architectures = read_json(folder / "config.json").get("architectures") or [None]
+        if not ggufs and not isinstance(architectures[0], str):
+            raise BadRequest("config.json needs `architectures`: a list of class names (as transformers saves it)")
+    except (OSError, ValueError) as exc:  # names the file system refuses ("a" and "a/b", a NUL byte)
+        shutil.rmtree(folder, ignore_errors=True)
+        raise BadRequest(f"cannot lay out these files: {exc}; use plain relative file names") from None
+    except BadRequest:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     path = folder / ggufs[0] if ggufs else folder
-    digest = content_digest(str(folder), "")
-    arch = (read_json(folder / "config.json").get("architectures") or [None])[0] if not ggufs else "gguf"
-    rec = ModelRecord(name, name, "local", digest, str(path), sum(b.stat().st_size for b in blobs.values()), "no",
-                      arch, False, "created", utc_now_iso(), compact_json(preset_of(body, {})))
-    if taken is not None and taken.source == "created" and taken.path != rec.path:
-        delete_model(state, taken)  # the name's earlier files (created with it) go
-    state.registry.put_model(rec)
+    rec = ModelRecord(name, name, "local", content_digest(str(folder), ""), str(path),
+                      sum(b.stat().st_size for b in blobs.values()), "no", "gguf" if ggufs else architectures[0],
+                      False, "created", utc_now_iso(), preset)
+    replace_created(state, taken, rec)
     log.info("model %s: created from %d uploaded files", name, len(blobs))
     return [*statuses, "writing manifest"]
 
@@ -5941,7 +5974,7 @@ class AnthropicBlock(WireModel):
 class AnthropicMessage(WireModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["user", "assistant"]
-    content: str | list[AnthropicBlock] = Field(max_length=10_000)
+    content: str | Annotated[list[AnthropicBlock], Field(max_length=10_000)]
 
 
 class AnthropicTool(WireModel):
@@ -5988,7 +6021,10 @@ def anthropic_text(content: str | list[AnthropicBlock] | list[dict[str, Any]] | 
     blocks = [b if isinstance(b, dict) else b.model_dump() for b in content]
     if any(b.get("type") == "image" for b in blocks):
         raise BadRequest("image content blocks are not supported: this server's chat models are text-only")
-    return "".join(b.get("text") or "" for b in blocks if b.get("type") == "text")
+    texts = [b.get("text") or "" for b in blocks if b.get("type") == "text"]
+    if not all(isinstance(t, str) for t in texts):
+        raise BadRequest("a text block's `text` must be a string")
+    return "".join(texts)
 
 
 def anthropic_messages(body: AnthropicBody) -> list[dict[str, Any]]:
@@ -6166,7 +6202,7 @@ class ResponsesText(WireModel):
 class ResponsesBody(WireModel):
     model_config = ConfigDict(extra="ignore")
     model: ModelName
-    input: str | list[dict[str, Any]] = Field(max_length=10_000)
+    input: str | Annotated[list[dict[str, Any]], Field(max_length=10_000)]
     instructions: str | None = Field(None, max_length=1_000_000)
     tools: list[dict[str, Any]] | None = Field(None, max_length=512)
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
@@ -6186,7 +6222,10 @@ def responses_content_text(content: Any) -> str:
     parts = content if isinstance(content, list) else []
     if any(isinstance(p, dict) and p.get("type") in ("input_image", "input_file", "input_audio") for p in parts):
         raise BadRequest("only text input is supported (input_text parts): this server's chat models are text-only")
-    return "".join(p.get("text") or "" for p in parts if isinstance(p, dict))
+    texts = [p.get("text") or "" for p in parts if isinstance(p, dict)]
+    if not all(isinstance(t, str) for t in texts):
+        raise BadRequest("a content part's `text` must be a string")
+    return "".join(texts)
 
 
 def responses_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -6205,16 +6244,22 @@ def responses_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]
             out.append({"role": "system" if role == "developer" else role,
                         "content": responses_content_text(item.get("content"))})
         elif kind == "function_call":
+            call_id, name = item.get("call_id", ""), item.get("name", "")
             try:
                 args = json.loads(item.get("arguments") or "{}")
-            except ValueError:
-                raise BadRequest("function_call.arguments must be a JSON string") from None
-            names[item.get("call_id", "")] = item.get("name", "")
+                if not (isinstance(call_id, str) and isinstance(name, str) and isinstance(args, dict)):
+                    raise TypeError
+            except (ValueError, TypeError):
+                raise BadRequest("a function_call item needs string call_id and name, and arguments as a JSON "
+                                 "object in a string") from None
+            names[call_id] = name
             out.append({"role": "assistant", "content": "",
                         "tool_calls": [{"type": "function", "function": {"name": item.get("name", ""), "arguments": args}}]})
         elif kind == "function_call_output":
-            output = item.get("output")
-            out.append({"role": "tool", "name": names.get(item.get("call_id", ""), ""),
+            output, call_id = item.get("output"), item.get("call_id", "")
+            if not isinstance(call_id, str):
+                raise BadRequest("a function_call_output item needs a string call_id")
+            out.append({"role": "tool", "name": names.get(call_id, ""),
                         "content": output if isinstance(output, str) else responses_content_text(output)})
         elif kind != "reasoning":  # reasoning items (a model's own notes) carry nothing a prompt needs
             raise BadRequest(f"input items of type '{kind}' are not supported: send messages, function_call and "
@@ -6227,11 +6272,13 @@ def responses_tools(body: ResponsesBody) -> list[dict[str, Any]] | None:
         return None
     if other := [t.get("type") for t in body.tools if t.get("type") != "function"]:
         raise BadRequest(f"only function tools are supported here, not {other}")
-    if bad := [t for t in body.tools if not t.get("name")]:
-        raise BadRequest(f"a function tool needs a name: {bad[0]}")
-    return [{"type": "function", "function": {"name": t["name"], "description": t.get("description") or "",
-                                              "parameters": t.get("parameters") or {"type": "object"}}}
-            for t in body.tools]
+    try:  # the same checks as every API's function tools
+        return [Tool(function=ToolFunction(name=t.get("name"), description=t.get("description") or "",
+                                           parameters=t.get("parameters") or {"type": "object"})).model_dump()
+                for t in body.tools]
+    except ValidationError as exc:
+        raise BadRequest("invalid tools: a function tool needs a string `name` (and `parameters` an object): "
+                         + "; ".join(e["msg"] for e in exc.errors())) from None
 
 
 def responses_params(body: ResponsesBody, tools: list[dict[str, Any]] | None) -> GenParams:
@@ -8506,8 +8553,8 @@ class AccessControl:
                 and not self.authorized(scope):
             return await self.refuse(scope, 401, "missing or invalid API key: send Authorization: Bearer <key>",
                                      {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        if scope["path"].startswith("/api/blobs/"):  # model files: streamed to disk, checked against free disk
-            return await self.app(scope, receive, send)
+        if scope["path"].startswith("/api/blobs/") and self.settings.role != "gateway":
+            return await self.app(scope, receive, send)  # model files: streamed to disk, checked against free disk
         length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.settings.max_body_bytes:
             return await self.refuse(scope, 413, f"request body of {int(length)} bytes is over the "
@@ -8732,8 +8779,9 @@ def cli_base_url(settings: Settings) -> str:
 
 def cli_call(settings: Settings, method: str, path: str, body: dict[str, Any] | None = None):
     """The server's answer: one JSON object, or for NDJSON an iterator of them (read as they come)."""
+    # The server's own first key only when talking to this machine's server: OLLAMA_HOST may name another.
     key = settings.client_api_key.get_secret_value() if settings.client_api_key else \
-        next(iter(settings.all_api_keys()), None)
+        None if settings.server_url.strip() else next(iter(settings.all_api_keys()), None)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(cli_base_url(settings) + path, data=data, method=method, headers=headers)

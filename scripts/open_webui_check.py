@@ -59,7 +59,7 @@ def main() -> int:
     webui = shutil.which("open-webui", path=os.path.dirname(sys.executable)) or "open-webui"
     log = open(args.out / "open-webui.log", "w")
     proc = subprocess.Popen([webui, "serve", "--host", "127.0.0.1", "--port", str(args.port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, cwd=args.out)  # its .webui_secret_key goes there
     try:
         wait_http(f"http://127.0.0.1:{args.port}/health", 600)
         return drive(args)

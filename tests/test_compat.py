@@ -650,3 +650,33 @@ def test_litellm_acompletion_on_ollama_chat(server):
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert "Paris" in r["content"] and r["streamed"] == r["content"] and 0 < r["completion_tokens"] <= 20
+
+
+def test_create_and_new_routes_refuse_bad_input_with_a_4xx(client, server):
+    """Found by a review: long strings were refused by a list cap on str | list fields, and untyped
+    inputs reached code that raised (500s). Each is now served or a 400 that says what to fix."""
+    long = "word " * 3000  # 15 000 characters: a string, not 15 000 items
+    r = server.client.post("/v1/messages", json={"model": "smollm2:135m", "max_tokens": 2,
+                                                  "messages": [{"role": "user", "content": long}]})
+    assert r.status_code == 200, r.text
+    r = server.client.post("/v1/responses", json={"model": "smollm2:135m", "input": long, "max_output_tokens": 2})
+    assert r.status_code == 200, r.text
+    r = server.client.post("/v1/embeddings", json={"model": "all-minilm", "input": "x" * 150_000})
+    assert r.status_code == 200, r.text
+    bad = [("/api/create", {"model": "x", "from": "smollm2:135m", "parameters": {"temperature": -1}}),
+           ("/v1/responses", {"model": "smollm2:135m", "input": [{"type": "function_call", "call_id": "c",
+                                                                  "name": "f", "arguments": {"a": 1}}]}),
+           ("/v1/responses", {"model": "smollm2:135m", "input": [{"role": "user", "content": [
+               {"type": "input_text", "text": 5}]}]}),
+           ("/v1/responses", {"model": "smollm2:135m", "input": "hi", "tools": [{"type": "function", "name": ["x"]}]}),
+           ("/v1/messages", {"model": "smollm2:135m", "max_tokens": 2, "messages": [{"role": "user", "content": [
+               {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": 5}]}]}]})]
+    for path, body in bad:
+        r = server.client.post(path, json=body)
+        assert r.status_code == 400, (path, body, r.text)
+    # Created again from itself: new settings, the same files, served at once.
+    client.create(model="again", from_="smollm2:135m", system="Say yes.")
+    client.create(model="again", from_="again", system="Say no.")
+    shown = server.client.post("/api/show", json={"model": "again"}).json()
+    assert shown["system"] == "Say no." and client.generate(model="again", prompt="hi", options={"num_predict": 1}).done
+    client.delete("again")
