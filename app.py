@@ -78,7 +78,7 @@ Environment (one place for each default: `Settings` below; only these names conf
 | WORKER_HEARTBEAT_S         | 2 (s)                      | report + job lease; dead after 4x         |
 | JOB_WAIT_S                 | 30 (s)                     | no live worker can take a job: 503 after  |
 | AI_SERVER_URL (OLLAMA_HOST)| http://HOST:PORT above     | the server the CLI commands talk to       |
-| AI_SERVER_API_KEY          | the first of API_KEYS      | the key the CLI commands send             |
+| AI_SERVER_API_KEY          | API_KEYS' first (own host) | the key the CLI commands send             |
 
 Sections, in order; each uses only those above it:
   1. Pre-import environment      11. Jobs (background pulls)
