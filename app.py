@@ -4788,6 +4788,11 @@ def sse(obj: Any) -> str:
     return f"data: {compact_json(obj)}\n\n"
 
 
+def typed_sse(obj: dict[str, Any]) -> str:
+    """An SSE event named by its object's `type` (Anthropic's and OpenAI Responses' streams)."""
+    return f"event: {obj['type']}\ndata: {compact_json(obj)}\n\n"
+
+
 def asking_logprobs(params: GenParams, top: int | None) -> GenParams:
     """Engines record logprobs when top_logprobs > 0: at least the chosen token's."""
     params.top_logprobs = max(top, 1) if top is not None else 0
@@ -6096,14 +6101,10 @@ def anthropic_usage(fin: Finished) -> dict[str, int]:
             "cache_read_input_tokens": fin.result.cached_tokens}
 
 
-def anthropic_sse(obj: dict[str, Any]) -> str:
-    return f"event: {obj['type']}\ndata: {compact_json(obj)}\n\n"
-
-
 def anthropic_sse_error(exc: Exception) -> str:
     status = exc.status if isinstance(exc, ServerError) else 500
     message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
-    return anthropic_sse(anthropic_error_body(status, message))
+    return typed_sse(anthropic_error_body(status, message))
 
 
 @anthropic.post("/v1/messages")
@@ -6134,34 +6135,34 @@ async def anthropic_events(run: GenerationRun, head: dict[str, Any], tools: list
         if not started:
             started = True
             prompt_tokens = len(run.prompt.ids) if run.prompt else 0
-            yield anthropic_sse({"type": "message_start", "message": {
+            yield typed_sse({"type": "message_start", "message": {
                 **head, "content": [], "stop_reason": None, "stop_sequence": None,
                 "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
             if not tools:
-                yield anthropic_sse({"type": "content_block_start", "index": 0,
+                yield typed_sse({"type": "content_block_start", "index": 0,
                                      "content_block": {"type": "text", "text": ""}})
         if isinstance(event, Finished):
             content, reason, sequence = anthropic_content(event, tools)
             if tools:
                 for i, block in enumerate(content):
                     if block["type"] == "text":
-                        yield anthropic_sse({"type": "content_block_start", "index": i,
+                        yield typed_sse({"type": "content_block_start", "index": i,
                                              "content_block": {"type": "text", "text": ""}})
-                        yield anthropic_sse({"type": "content_block_delta", "index": i,
+                        yield typed_sse({"type": "content_block_delta", "index": i,
                                              "delta": {"type": "text_delta", "text": block["text"]}})
                     else:
-                        yield anthropic_sse({"type": "content_block_start", "index": i,
+                        yield typed_sse({"type": "content_block_start", "index": i,
                                              "content_block": {**block, "input": {}}})
-                        yield anthropic_sse({"type": "content_block_delta", "index": i, "delta": {
+                        yield typed_sse({"type": "content_block_delta", "index": i, "delta": {
                             "type": "input_json_delta", "partial_json": compact_json(block["input"])}})
-                    yield anthropic_sse({"type": "content_block_stop", "index": i})
+                    yield typed_sse({"type": "content_block_stop", "index": i})
             else:
-                yield anthropic_sse({"type": "content_block_stop", "index": 0})
-            yield anthropic_sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                yield typed_sse({"type": "content_block_stop", "index": 0})
+            yield typed_sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
                                  "usage": anthropic_usage(event)})
-            yield anthropic_sse({"type": "message_stop"})
+            yield typed_sse({"type": "message_stop"})
         elif not tools and event.text:
-            yield anthropic_sse({"type": "content_block_delta", "index": 0,
+            yield typed_sse({"type": "content_block_delta", "index": 0,
                                  "delta": {"type": "text_delta", "text": event.text}})
 
 
@@ -6387,13 +6388,9 @@ async def get_response(response_id: str, request: Request) -> dict[str, Any]:
     return kept[0]
 
 
-def responses_sse(obj: dict[str, Any]) -> str:
-    return f"event: {obj['type']}\ndata: {compact_json(obj)}\n\n"
-
-
 def responses_sse_error(exc: Exception) -> str:
     message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
-    return responses_sse({"type": "error", "code": None, "message": message, "param": None})
+    return typed_sse({"type": "error", "code": None, "message": message, "param": None})
 
 
 async def responses_events(run: GenerationRun, draft: ResponseDraft, tools: list[dict[str, Any]] | None,
@@ -6404,7 +6401,7 @@ async def responses_events(run: GenerationRun, draft: ResponseDraft, tools: list
     seq = itertools.count()
 
     def event(kind: str, **fields: Any) -> str:
-        return responses_sse({"type": kind, "sequence_number": next(seq), **fields})
+        return typed_sse({"type": kind, "sequence_number": next(seq), **fields})
 
     message_id, started = f"msg_{new_id()}", False
     async for ev in run.events():
