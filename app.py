@@ -5481,6 +5481,28 @@ def add_ollama_model_routes(app: FastAPI) -> None:
         log.info("model %s: copied to %s", rec.name, body.destination)
         return {"status": "success"}
 
+    @app.post("/api/pull")
+    async def api_pull(body: ModelNameBody, request: Request) -> Any:
+        return await ollama_pull(state_of(request), body.target(), body.stream)
+
+    @app.post("/api/embed")
+    async def api_embed(body: OllamaEmbedBody, request: Request) -> dict[str, Any]:
+        state = state_of(request)
+        texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
+        fin = await embed(state, body.model, texts, True, body.truncate is not False, body.dimensions,
+                          keep_alive_of(body.keep_alive))
+        return {"model": body.model, "embeddings": fin["vectors"], "total_duration": fin["total_ns"],
+                "load_duration": fin["load_ns"], "prompt_eval_count": fin["tokens"]}
+
+    @app.post("/api/embeddings")
+    async def api_embeddings(body: OllamaLegacyEmbedBody, request: Request) -> dict[str, Any]:
+        texts = [body.prompt] if body.prompt else []
+        fin = await embed(state_of(request), body.model, texts, False, True, None, keep_alive_of(body.keep_alive))
+        return {"embedding": fin["vectors"][0] if fin["vectors"] else []}
+
+
+def add_ollama_create_routes(app: FastAPI) -> None:
+    """/api/create, the blobs it is made from, and /api/push (refused)."""
     @app.post("/api/create")
     async def api_create(body: CreateBody, request: Request) -> Any:
         statuses = await asyncio.to_thread(create_model, state_of(request), body)
@@ -5531,25 +5553,6 @@ def add_ollama_model_routes(app: FastAPI) -> None:
     async def api_push() -> None:
         raise BadRequest("push is not supported: ai-server pulls from the Hugging Face Hub and publishes nowhere; "
                          "upload a model with huggingface_hub (`hf upload`) instead")
-
-    @app.post("/api/pull")
-    async def api_pull(body: ModelNameBody, request: Request) -> Any:
-        return await ollama_pull(state_of(request), body.target(), body.stream)
-
-    @app.post("/api/embed")
-    async def api_embed(body: OllamaEmbedBody, request: Request) -> dict[str, Any]:
-        state = state_of(request)
-        texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
-        fin = await embed(state, body.model, texts, True, body.truncate is not False, body.dimensions,
-                          keep_alive_of(body.keep_alive))
-        return {"model": body.model, "embeddings": fin["vectors"], "total_duration": fin["total_ns"],
-                "load_duration": fin["load_ns"], "prompt_eval_count": fin["tokens"]}
-
-    @app.post("/api/embeddings")
-    async def api_embeddings(body: OllamaLegacyEmbedBody, request: Request) -> dict[str, Any]:
-        texts = [body.prompt] if body.prompt else []
-        fin = await embed(state_of(request), body.model, texts, False, True, None, keep_alive_of(body.keep_alive))
-        return {"embedding": fin["vectors"][0] if fin["vectors"] else []}
 
 
 def tag_entry(rec: ModelRecord) -> dict[str, Any]:
@@ -8670,6 +8673,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_native_routes(app)
     add_ollama_inference_routes(app)
     add_ollama_model_routes(app)
+    add_ollama_create_routes(app)
     add_openai_chat_route(app)
     add_openai_other_routes(app)
     app.include_router(anthropic)
