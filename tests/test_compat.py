@@ -249,7 +249,7 @@ def test_thinking_capability(client):
     client.pull("tiny/thinker")
     assert "thinking" in client.show("tiny/thinker").capabilities
     reply = client.chat(model="tiny/thinker", think=True, messages=[{"role": "user", "content": "hi"}],
-                        options={"num_predict": 3})
+                        options={"num_predict": 3, "temperature": 0})
     assert reply.done and reply.eval_count == 3
 
 
@@ -278,7 +278,7 @@ def test_suffix_needs_fim_tokens(client):
     "insert" and takes a suffix; SmolLM2's GGUF tokenizer has none, so it refuses with 400."""
     client.pull("tiny/fim")
     assert "insert" in client.show("tiny/fim").capabilities
-    reply = client.generate(model="tiny/fim", prompt="def add(a, b):", suffix="\n", options={"num_predict": 4})
+    reply = client.generate(model="tiny/fim", prompt="def add(a, b):", suffix="\n", options={"num_predict": 4, "temperature": 0})
     assert reply.done and reply.eval_count == 4
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="smollm2:135m", prompt="def add(a, b):", suffix="\n")
@@ -585,7 +585,7 @@ def test_create_from_uploaded_files(client, server, tmp_path):
     assert server.client.head(f"/api/blobs/{files['config.json']}").status_code == 200
     progress = [p.status for p in client.create(model="uploaded:v1", files=files, stream=True)]
     assert progress[0].startswith("using existing layer sha256:") and progress[-1] == "success"
-    r = client.generate(model="uploaded:v1", prompt="hello", options={"num_predict": 3})
+    r = client.generate(model="uploaded:v1", prompt="hello", options={"num_predict": 3, "temperature": 0})
     assert r.done and r.eval_count == 3
     listed = {m.model: m for m in client.list().models}
     assert listed["uploaded:v1"].digest and listed["uploaded:v1"].details.family == "llama"

@@ -89,7 +89,7 @@ def test_keys_work_with_the_real_clients_and_are_never_logged(keyed, monkeypatch
     assert err.value.status_code == 401
     good = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=FILE_KEY)
     assert good.chat.completions.create(model="tiny/llama-a", messages=[{"role": "user", "content": "hi"}],
-                                        max_tokens=2).usage.completion_tokens == 2
+                                        max_tokens=2, temperature=0).usage.completion_tokens == 2
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="nope").models.list()
     log = keyed.log()
