@@ -975,6 +975,7 @@ class SnapshotPlan:
     total_bytes: int
     gguf: GgufModel | None = None  # a GGUF pull: only this model's file(s) and the small text files
     files: list[str] | None = None  # the files to fetch (None: all of them)
+    blob_sizes: list[int] = dataclasses.field(default_factory=list)  # each blob's size, as blob_names
 
 
 def configure_hub_client(timeout_s: float) -> None:
@@ -1018,20 +1019,34 @@ def plan_snapshot(api: HfApi, name: str, revision: str) -> SnapshotPlan:
         files = [f for f in files if f.path in keep]
     blobs = [f.lfs.sha256 if f.lfs else f.blob_id for f in files]
     return SnapshotPlan(repo_id, info.sha, blobs, sum(f.size for f in files), chosen,
-                        [f.path for f in files] if chosen is not None or models or pipeline else None)
+                        [f.path for f in files] if chosen is not None or models or pipeline else None,
+                        [f.size for f in files])
 
 
-def downloaded_bytes(cache_dir: Path, plan: SnapshotPlan) -> int:
-    """Bytes of this snapshot's blobs on disk, partial `.incomplete` downloads included."""
+def blob_bytes(cache_dir: Path, plan: SnapshotPlan) -> list[int]:
+    """Bytes on disk of each of this snapshot's blobs (as plan.blob_names), partial `.incomplete`
+    downloads included."""
     blobs = cache_dir / repo_folder_name(repo_id=plan.repo_id, repo_type="model") / "blobs"
-    total = 0
+    sizes = []
     for name in plan.blob_names:
+        size = 0
         # huggingface_hub >= 2 writes `<blob>.<random>.incomplete`, older ones `<blob>.incomplete`.
         for candidate in (blobs / name, *blobs.glob(f"{name}*.incomplete")):
             with contextlib.suppress(FileNotFoundError):
-                total += candidate.stat().st_size
+                size = candidate.stat().st_size
                 break
-    return total
+        sizes.append(size)
+    return sizes
+
+
+def downloaded_bytes(cache_dir: Path, plan: SnapshotPlan) -> int:
+    return sum(blob_bytes(cache_dir, plan))
+
+
+def layer_digest(blob: str) -> str:
+    """A pulled file as an Ollama layer digest: its LFS sha256 (of the content), or for a small file
+    kept in git its blob id, a sha1 of the content (the hub gives no sha256 for those)."""
+    return f"sha256:{blob}" if len(blob) == 64 else f"sha1:{blob}"
 
 
 class PullCancelled(Exception):
@@ -3956,6 +3971,8 @@ class PullManager:
         self._tasks: dict[str, asyncio.Task] = {}  # job id -> task
         self._disk_reserved: dict[str, int] = {}  # job id -> bytes its download still means to write
         self.error_status: dict[str, int] = {}  # job id -> HTTP status of its failure (this process only)
+        # job id -> its files as (blob, size, bytes on disk), for per-file progress; the newest 256 jobs
+        self._files: collections.OrderedDict[str, list[tuple[str, int, int]]] = collections.OrderedDict()
         self.api = HfApi(endpoint=settings.hf_endpoint, token=self._token())
 
     def _token(self) -> str | bool | None:
@@ -3983,6 +4000,10 @@ class PullManager:
 
     def live(self, job_id: str) -> PullJob | None:
         return next((j for j in self._active.values() if j.id == job_id), None)
+
+    def files(self, job_id: str) -> list[tuple[str, int, int]]:
+        """The job's files as (blob, size, bytes on disk), once its download is planned."""
+        return self._files.get(job_id, [])
 
     async def wait(self, job_id: str) -> None:
         """Until the job's task ends, however it ends (a cancelled one too); the job says how."""
@@ -4081,7 +4102,7 @@ class PullManager:
         finally:
             watcher.cancel()
             self._disk_reserved.pop(job.id, None)
-        self._count_bytes(job, downloaded_bytes(self.settings.hf_cache, plan))
+        await self._measure(job, plan)
         if self._cancelled(job):
             raise PullCancelled("cancelled")
         if plan.gguf is not None:  # read once on a thread: ~1.5 s, and _register runs on the event loop
@@ -4093,9 +4114,19 @@ class PullManager:
             self.metrics.pull_bytes.inc(now - job.downloaded_bytes)
         job.downloaded_bytes = now
 
+    async def _measure(self, job: PullJob, plan: SnapshotPlan) -> None:
+        """What is on disk now: per file, and the job's total."""
+        on_disk = await asyncio.to_thread(blob_bytes, self.settings.hf_cache, plan)
+        files = {blob: (blob, size, done) for blob, size, done in zip(plan.blob_names, plan.blob_sizes, on_disk)}
+        self._files[job.id] = list(files.values())  # one entry per blob: files with equal content share it
+        self._files.move_to_end(job.id)
+        while len(self._files) > 256:
+            self._files.popitem(last=False)
+        self._count_bytes(job, sum(on_disk))
+
     async def _watch_progress(self, job: PullJob, plan: SnapshotPlan) -> None:
         while not self._cancelled(job):
-            self._count_bytes(job, await asyncio.to_thread(downloaded_bytes, self.settings.hf_cache, plan))
+            await self._measure(job, plan)
             self.registry.put_job(job)
             await asyncio.sleep(0.5)
 
@@ -5759,18 +5790,25 @@ async def aiter_of(*items: str):
         yield item
 
 
+def layer_line(blob: str, size: int, done: int) -> str:
+    digest = layer_digest(blob)
+    line = {"status": f"pulling {digest.split(':')[1][:12]}", "digest": digest, "total": size}
+    if done:
+        line["completed"] = min(done, size)
+    return compact_json(line) + "\n"
+
+
 async def pull_progress(state: AppState, job: PullJob):
-    """Ollama's progress lines for one job: one 'layer' for the whole snapshot."""
+    """Ollama's progress lines for one job: a 'layer' per file (its content digest), sent as it
+    changes (the job's last measure, taken before it ends, shows each file whole)."""
     yield compact_json({"status": "pulling manifest"}) + "\n"
-    digest = hashlib.sha256(f"{job.model}@{job.revision}".encode()).hexdigest()  # the same on every pull of it
     waiter = asyncio.create_task(state.pulls.wait(job.id))
+    sent: dict[str, int] = {}
     while True:
-        current = state.pulls.live(job.id) or state.registry.get_job(job.id)
-        if current.total_bytes:
-            line = {"status": f"pulling {digest[:12]}", "digest": f"sha256:{digest}", "total": current.total_bytes}
-            if current.downloaded_bytes:
-                line["completed"] = current.downloaded_bytes
-            yield compact_json(line) + "\n"
+        for blob, size, done in state.pulls.files(job.id):
+            if sent.get(blob) != done:
+                sent[blob] = done
+                yield layer_line(blob, size, done)
         if waiter.done():
             break
         await asyncio.wait({waiter}, timeout=0.25)
@@ -8826,7 +8864,7 @@ def cli_table(rows: list[list[str]], header: list[str]) -> None:
 
 
 def cli_pull(settings: Settings, name: str) -> None:
-    """Ollama's progress: status lines, and a bar per layer (here: per digest the server reports)."""
+    """Ollama's progress: status lines, and a bar per layer (here: per file of the snapshot)."""
     from tqdm import tqdm
 
     bars: dict[str, Any] = {}
@@ -8836,7 +8874,7 @@ def cli_pull(settings: Settings, name: str) -> None:
                 bar = bars.get(digest)
                 if bar is None:
                     bar = bars[digest] = tqdm(total=line.get("total") or 0, unit="B", unit_scale=True,
-                                              desc=f"pulling {digest.removeprefix('sha256:')[:12]}", file=sys.stderr)
+                                              desc=f"pulling {digest.split(':')[-1][:12]}", file=sys.stderr)
                 bar.update((line.get("completed") or 0) - bar.n)
             else:
                 print(line.get("status", ""), file=sys.stderr)

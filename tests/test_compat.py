@@ -453,17 +453,23 @@ def test_sse_framing_bytes(server):
     assert [o["choices"][0]["finish_reason"] for o in objs][-1] == "stop"
 
 
-def test_digests_are_content_digests(client, server):
-    """The same files give the same digest on every pull (before: a new one per pull job), in the
-    pull's progress and in the list; another repo's files give another."""
+def test_digests_are_content_digests(client, server, hub):
+    """The pull's progress has a layer per file, named by its content (LFS sha256, else the git blob
+    sha1), each ending whole; the same files give the same digests on every pull (before: a new one per
+    pull job), in the progress and in the list; another repo's files give another."""
+    files = hub.repos["tiny/llama-f"].files.values()
+    expected = {f"sha256:{f.sha256}" if f.sha256 else f"sha1:{f.oid}": len(f.data) for f in files}
+
     def pulled():
-        digests = {line["digest"] for line in client.pull("tiny/llama-f", stream=True) if line.get("digest")}
+        last = {line["digest"]: line for line in client.pull("tiny/llama-f", stream=True) if line.get("digest")}
+        assert {d: (line.total, line.completed or 0) for d, line in last.items()} == \
+            {d: (size, size) for d, size in expected.items()}
         listed = {m.model: m.digest for m in client.list().models}
-        return digests, listed["tiny/llama-f:latest"]
+        return set(last), listed["tiny/llama-f:latest"]
 
     first = pulled()
     client.delete("tiny/llama-f")
-    assert pulled() == first and len(first[0]) == 1
+    assert pulled() == first and any(d.startswith("sha256:") for d in first[0])
     client.pull("tiny/llama-g")
     assert {m.model: m.digest for m in client.list().models}["tiny/llama-g:latest"] != first[1]
 

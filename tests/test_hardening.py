@@ -105,7 +105,7 @@ def test_metrics_move_with_traffic(shared_server):
     shared_server.wait_job(shared_server.pull("nobody/nothing")["job_id"])
     for _ in range(2):
         assert shared_server.client.post("/api/generate", json={"model": "tiny/llama-a", "prompt": "hi", "stream": False,
-                                                                "options": {"num_predict": 5}}).status_code == 200
+                                                                "options": {"num_predict": 5, "temperature": 0}}).status_code == 200
     shared_server.client.post("/api/chat", json={"model": "nope", "messages": []})
     after = shared_server.client.get("/metrics")
     assert after.headers["content-type"].startswith("text/plain")

@@ -220,14 +220,14 @@ def test_image_and_text_models_share_the_lru(hub, start_server):
     s = start_server(MAX_CACHE_MODELS="1")
     s.pull_ok("tiny/sd-lru")
     s.pull_ok("tiny/llama-a")
-    assert s.chat("tiny/llama-a", options={"num_predict": 2}).status_code == 200
+    assert s.chat("tiny/llama-a", max_tokens=2).status_code == 200
     r = s.client.post("/generate-image", json={"model": "tiny/sd-lru", "prompt": "x", "width": 32, "height": 32,
                                                "steps": 1})
     assert r.status_code == 200, r.text
     cache = s.client.get("/status").json()["cache"]
     assert [m["name"] for m in cache] == ["tiny/sd-lru"]  # the text model was evicted to make room
     assert cache[0]["backend"] == "diffusers" and cache[0]["memory_bytes"] > 0
-    assert s.chat("tiny/llama-a", options={"num_predict": 2}).status_code == 200
+    assert s.chat("tiny/llama-a", max_tokens=2).status_code == 200
     assert [m["name"] for m in s.client.get("/status").json()["cache"]] == ["tiny/llama-a"]
     metrics = s.client.get("/metrics").text
     assert 'ai_server_images_generated_total{model="tiny/sd-lru"} 1.0' in metrics
