@@ -972,10 +972,13 @@ class SnapshotPlan:
     repo_id: str
     sha: str
     blob_names: list[str]  # cache blob file names: LFS sha256 or git oid (the ETag the hub sends)
-    total_bytes: int
+    blob_sizes: list[int]  # each file's size, as blob_names
     gguf: GgufModel | None = None  # a GGUF pull: only this model's file(s) and the small text files
     files: list[str] | None = None  # the files to fetch (None: all of them)
-    blob_sizes: list[int] = dataclasses.field(default_factory=list)  # each blob's size, as blob_names
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.blob_sizes)
 
 
 def configure_hub_client(timeout_s: float) -> None:
@@ -1018,9 +1021,8 @@ def plan_snapshot(api: HfApi, name: str, revision: str) -> SnapshotPlan:
         keep = set(diffusers_files([f.path for f in files]))
         files = [f for f in files if f.path in keep]
     blobs = [f.lfs.sha256 if f.lfs else f.blob_id for f in files]
-    return SnapshotPlan(repo_id, info.sha, blobs, sum(f.size for f in files), chosen,
-                        [f.path for f in files] if chosen is not None or models or pipeline else None,
-                        [f.size for f in files])
+    return SnapshotPlan(repo_id, info.sha, blobs, [f.size for f in files], chosen,
+                        [f.path for f in files] if chosen is not None or models or pipeline else None)
 
 
 def blob_bytes(cache_dir: Path, plan: SnapshotPlan) -> list[int]:
@@ -1037,10 +1039,6 @@ def blob_bytes(cache_dir: Path, plan: SnapshotPlan) -> list[int]:
                 break
         sizes.append(size)
     return sizes
-
-
-def downloaded_bytes(cache_dir: Path, plan: SnapshotPlan) -> int:
-    return sum(blob_bytes(cache_dir, plan))
 
 
 def layer_digest(blob: str) -> str:
@@ -4084,7 +4082,7 @@ class PullManager:
                      plan.gguf.size_bytes)
         job.total_bytes = plan.total_bytes
         cache = self.settings.hf_cache
-        needed = plan.total_bytes - await asyncio.to_thread(downloaded_bytes, cache, plan)
+        needed = plan.total_bytes - sum(await asyncio.to_thread(blob_bytes, cache, plan))
         free = await asyncio.to_thread(free_disk_bytes, cache)
         # Checked and reserved with no await in between: concurrent pulls see each other's bytes.
         others = sum(b for j, b in self._disk_reserved.items() if j != job.id)
