@@ -76,8 +76,11 @@ class Cluster:
     def __init__(self, hub, tmp: Path, redis_url: str, prefix: str, worker_env: dict | None = None,
                  **gateway_env: str):
         self.hub, self.tmp, self.redis_url, self.prefix = hub, tmp, redis_url, prefix
+        # One torch thread each: two workers on 2 cores, as anyone running several on one box should split its
+        # cores. Two OpenMP teams on the same cores spin against each other: steps 10x slower, and a 400-token
+        # drain then took 12-30 s instead of 2 s (CI once saw it pass the 30 s grace).
         common = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "WORKER_HEARTBEAT_S": HB,
-                  "AI_SERVER_BACKENDS": "transformers,pipeline"}
+                  "AI_SERVER_BACKENDS": "transformers,pipeline", "OMP_NUM_THREADS": "1"}
         self.workers = {name: ServerProcess(tmp / name, hub.url, tmp / f"{name}.log", ("worker",), WORKER_NAME=name,
                                             NUM_PARALLEL="2", WORKER_SLOTS="3",
                                             **{**common, **(worker_env or {}).get(name, {})})
@@ -103,6 +106,13 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"--- {n} ---\n{p.log()}" for n, p in (("gateway", self.gateway), *self.workers.items()))
+
+    def heal(self) -> None:
+        """Starts again whatever a failed test left stopped, so that one failure does not fail the tests after it."""
+        for p in (*self.workers.values(), self.gateway):
+            if p.proc is None or p.proc.poll() is not None:
+                p.start()
+        wait_for(lambda: self.gateway.client.get("/health").json().get("workers") == len(self.workers), 30)
 
 
 def wait_for(check, timeout_s: float, every_s: float = 0.2):
@@ -143,6 +153,18 @@ def cluster(hub, redis_server, tmp_path_factory):
     assert lines[-1] == {"status": "success"}, (lines[-3:], c.logs())
     yield c
     c.stop()
+
+
+@pytest.fixture(autouse=True)
+def heal_after(request):
+    """After each test on the shared cluster: Redis, workers and gateway up again (a failed test may have left one
+    stopped; each test restarts what it stops, so this does nothing after a pass)."""
+    yield
+    if "cluster" in request.fixturenames:
+        redis_server = request.getfixturevalue("redis_server")
+        if redis_server.proc is None or redis_server.proc.poll() is not None:
+            redis_server.start()
+        request.getfixturevalue("cluster").heal()
 
 
 def chat_body(content: str = "hello", n: int = 16, **extra) -> dict:
@@ -251,6 +273,13 @@ def stream_lines(url: str, body: dict, leave_after: int | None = None, timeout: 
     return out
 
 
+def brief(results: list[dict]) -> list[tuple]:
+    """What a failed assertion shows of stream_lines results: status, worker, line count, how it ended."""
+    return [(r["status"], r["worker"], len(r["lines"]),
+             {k: v for k, v in r["lines"][-1].items() if k != "message"} if r["lines"] else r["error"])
+            for r in results]
+
+
 def test_worker_killed_with_running_and_queued_jobs(cluster):
     """kill -9 a worker holding running and queued jobs: the queued ones complete on the other worker
     (those in Redis, and the one the dead worker had taken but not started), the running ones end
@@ -268,15 +297,15 @@ def test_worker_killed_with_running_and_queued_jobs(cluster):
         cluster.workers["wa"].proc.kill()
         results = [f.result(timeout=180) for f in futures]
     on_a = [r for r in results if r["worker"] == "wa"]
-    assert on_a, results
+    assert on_a, brief(results)
     for r in results:
-        assert r["status"] == 200, r
+        assert r["status"] == 200, brief([r])
         last = r["lines"][-1]
         if r["worker"] == "wa":
-            assert "error" in last and "stopped mid-answer" in last["error"], last
+            assert "error" in last and "stopped mid-answer" in last["error"], brief([r])
             assert not any(line.get("done") for line in r["lines"])
         else:
-            assert last.get("done") is True and last["eval_count"] == 400, last
+            assert last.get("done") is True and last["eval_count"] == 400, brief([r])
     after = gw.client.get("/metrics").text
     # The job wa had taken but not started was taken over (XAUTOCLAIM) and ran on wb from the start.
     reclaimed = metric(after, "ai_server_gateway_reclaimed_jobs") - metric(before, "ai_server_gateway_reclaimed_jobs")
@@ -284,7 +313,7 @@ def test_worker_killed_with_running_and_queued_jobs(cluster):
     delta = {o: metric(after, "ai_server_gateway_jobs_total", model=MODEL, outcome=o) -
              metric(before, "ai_server_gateway_jobs_total", model=MODEL, outcome=o)
              for o in ("ok", "lost", "error", "cancelled", "rejected", "no_worker", "redis")}
-    assert delta["ok"] + delta["lost"] == 8 and delta["lost"] == len(on_a), (delta, results)
+    assert delta["ok"] + delta["lost"] == 8 and delta["lost"] == len(on_a), (delta, brief(results))
     # A worker restart re-registers (and takes nothing twice).
     cluster.workers["wa"].start()
     wait_for(lambda: gw.client.get("/health").json().get("workers") == 2, 20)
@@ -302,12 +331,14 @@ def test_worker_sigterm_drains(cluster):
                  60, every_s=0.05)
         cluster.workers["wa"].proc.send_signal(signal.SIGTERM)
         results = [f.result(timeout=120) for f in futures]
-    assert all(r["status"] == 200 and r["lines"][-1].get("done") and r["lines"][-1]["eval_count"] == 400
-               for r in results), results
-    assert any(r["worker"] == "wa" for r in results), results
-    cluster.workers["wa"].proc.wait(60)
-    cluster.workers["wa"].start()
-    wait_for(lambda: gw.client.get("/health").json().get("workers") == 2, 20)
+    try:
+        assert all(r["status"] == 200 and r["lines"][-1].get("done") and r["lines"][-1]["eval_count"] == 400
+                   for r in results), (brief(results), cluster.workers["wa"].log())
+        assert any(r["worker"] == "wa" for r in results), brief(results)
+    finally:
+        cluster.workers["wa"].proc.wait(60)
+        cluster.workers["wa"].start()
+        wait_for(lambda: gw.client.get("/health").json().get("workers") == 2, 20)
 
 
 async def one_client(url: str, i: int) -> tuple[int, str]:
