@@ -7618,6 +7618,7 @@ class WorkerJob:
     epoch: int = 1
     seq: int = 0
     started: bool = False  # the response began: from here on it cannot run anywhere else
+    starting: bool = False  # its "start" event is being written: no longer one to hand back
     handing_back: bool = False  # the worker stops: a job not started is left for another worker
     fenced: bool = False  # another worker owns it now (this one lost its lease): say nothing more
 
@@ -7920,6 +7921,7 @@ class Worker:
                 return
             if message["type"] == "http.response.start":
                 headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in message.get("headers", [])]
+                wj.starting = True  # before the await: a stop() meanwhile must not hand back a job that answers
                 wj.started = await self.emit_start(wj, {"t": "start", "status": message["status"],
                                                         "headers": json.dumps(headers)})
             elif message["type"] == "http.response.body":
@@ -7942,7 +7944,7 @@ class Worker:
         if self.intake_tasks:
             await asyncio.wait(self.intake_tasks, timeout=5)
         for wj in list(self.jobs.values()):
-            if not wj.started:
+            if not wj.starting:
                 wj.handing_back = True
                 wj.cancel.set()
                 with contextlib.suppress(*redis_errors()):
