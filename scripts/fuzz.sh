@@ -2,13 +2,15 @@
 # The long fuzz run: tests/test_hardening.py::test_schemathesis_finds_no_server_errors with many
 # more examples per operation (CI runs it with 100). Same hooks (tests/fuzz_hooks.py), same servers it
 # starts itself (a local hub with tiny models, then ai-server without and with API keys), all four
-# schemathesis phases, every failure listed (--continue-on-failure, also in CI). Prints requests
+# schemathesis phases (the keyed server: fuzzing and stateful), every failure listed (--continue-on-failure, also in CI). Prints requests
 # per phase and status codes per operation, then each failure with the curl line that repeats it.
 #
-#   scripts/fuzz.sh                    300 examples per operation, both servers: ~11 min on 2 idle cores
-#                                      (5.5 min a server; CI's 100 examples take 2.3 min a server)
-#   scripts/fuzz.sh 1000               more examples: ~1.5 min more per 100 examples per server
-#                                      (past a fixed ~40 s: start-up and the coverage phase)
+#   scripts/fuzz.sh                    300 examples per operation, both servers: ~28 min on 2 idle cores,
+#                                      estimated from what was measured (66 operations, 2026-12-05): CI's
+#                                      100 examples take ~7 min open and ~4 min keyed (no coverage phase,
+#                                      which is deterministic: the open run's cases again), 50 take 5 min
+#                                      open, so ~2.6 s per example past a fixed ~3 min (start-up, coverage)
+#   scripts/fuzz.sh 1000               more examples: ~4.3 min more per 100 examples per server
 #   FUZZ_SEED=7 scripts/fuzz.sh        another seed (the keyed server uses seed + 1)
 #   FUZZ_ONLY=open scripts/fuzz.sh     one server only (open or keyed)
 #   FUZZ_REPORT_DIR=/tmp/fuzz          where the reports go (default: a new temporary folder)
