@@ -2,8 +2,9 @@
 # The long fuzz run: tests/test_hardening.py::test_schemathesis_finds_no_server_errors with many
 # more examples per operation (CI runs it with 100). Same hooks (tests/fuzz_hooks.py), same servers it
 # starts itself (a local hub with tiny models, then ai-server without and with API keys), all four
-# schemathesis phases (the keyed server: fuzzing and stateful), every failure listed (--continue-on-failure, also in CI). Prints requests
-# per phase and status codes per operation, then each failure with the curl line that repeats it.
+# schemathesis phases (the keyed server: fuzzing and stateful), every failure listed
+# (--continue-on-failure, also in CI). Prints requests per phase and status codes per operation, then
+# each failure with the curl line that repeats it.
 #
 #   scripts/fuzz.sh                    300 examples per operation, both servers: ~28 min on 2 idle cores,
 #                                      estimated from what was measured (66 operations, 2026-12-05): CI's

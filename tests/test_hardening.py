@@ -380,8 +380,7 @@ def test_json_logs(start_server):
 # FUZZ_REPORT_DIR.
 FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "20261122"))
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "100"))  # per operation and phase
-FUZZ_RUNS = {"open": ("examples,coverage,fuzzing,stateful", FUZZ_EXAMPLES),  # server -> phases, examples
-             "keyed": ("fuzzing,stateful", FUZZ_EXAMPLES)}
+FUZZ_PHASES = {"open": "examples,coverage,fuzzing,stateful", "keyed": "fuzzing,stateful"}
 FUZZ_MODEL = "tiny/llama-a"
 FUZZ_GENERATION = ("POST /chat", "POST /api/chat", "POST /api/generate", "POST /v1/chat/completions",
                    "POST /v1/completions")
@@ -470,14 +469,14 @@ def test_schemathesis_finds_no_server_errors(fuzz_server, tmp_path, request):
     server log, no ordinary request failed by a fuzzed one it was batched with - and a real share
     of the generation requests reached the model."""
     out = Path(os.environ.get("FUZZ_REPORT_DIR") or tmp_path) / request.node.callspec.id
-    phases, examples = FUZZ_RUNS[request.node.callspec.id]
+    phases = FUZZ_PHASES[request.node.callspec.id]
     out.mkdir(parents=True, exist_ok=True)
     generations = lambda: metric(fuzz_server.client.get("/metrics").text, "ai_server_generations_total",  # noqa: E731
                                  model=FUZZ_MODEL)
     before = generations()
     command = [shutil.which("schemathesis", path=os.path.dirname(sys.executable)), "run",
                f"{fuzz_server.url}/openapi.json", "--checks", FUZZ_CHECKS,
-               "--phases", phases, "--max-examples", str(examples),
+               "--phases", phases, "--max-examples", str(FUZZ_EXAMPLES),
                "--seed", str(FUZZ_SEED + (request.node.callspec.id == "keyed")), "--workers", "1",
                "--request-timeout", "60", "--generation-database", "none", "--output-sanitize", "false",
                "--suppress-health-check", "filter_too_much,too_slow", "--continue-on-failure", "--no-color",
@@ -497,7 +496,8 @@ def test_schemathesis_finds_no_server_errors(fuzz_server, tmp_path, request):
         neighbour.join(180)
     (out / "schemathesis.txt").write_text(done.stdout + done.stderr)
     report = fuzz_report(out / "fuzz.ndjson")
-    print(f"\nfuzz[{request.node.callspec.id}]: {time.monotonic() - started:.0f} s, phases {phases}, max-examples {examples}, "
+    print(f"\nfuzz[{request.node.callspec.id}]: {time.monotonic() - started:.0f} s, phases {phases}, "
+          f"max-examples {FUZZ_EXAMPLES}, "
           f"requests per phase {report['phases']}, model generations {generations() - before:.0f}, "
           f"neighbour requests {neighbour.done}; report in {out}")
     for label, codes in sorted(report["statuses"].items()):
@@ -521,7 +521,7 @@ def test_schemathesis_finds_no_server_errors(fuzz_server, tmp_path, request):
     if neighbour.failures:
         problems.append(f"{len(neighbour.failures)} plain requests failed beside the fuzzer: {neighbour.failures[:5]}")
     # The run must have exercised the model, not only validation and 404s.
-    if generations() - before < 2 * examples + 300:  # ~1000 at 100 examples
+    if generations() - before < 2 * FUZZ_EXAMPLES + 300:  # ~1000 at 100 examples
         problems.append(f"only {generations() - before:.0f} generations reached the model")
     problems += [f"{label}: only {codes.get(200, 0)} requests answered 200 ({codes})"
                  for label in FUZZ_GENERATION if (codes := report["statuses"].get(label, {})).get(200, 0) < 10]

@@ -94,7 +94,7 @@ class Cluster:
             for w in self.workers.values():
                 w.start()
             self.gateway.start()
-            wait_for(lambda: self.gateway.client.get("/health").json().get("workers") == len(self.workers), 20)
+            self.wait_all_up()
         except BaseException:
             self.stop()  # no process outlives a failed start
             raise
@@ -107,12 +107,16 @@ class Cluster:
     def logs(self) -> str:
         return "\n".join(f"--- {n} ---\n{p.log()}" for n, p in (("gateway", self.gateway), *self.workers.items()))
 
+    def wait_all_up(self, timeout_s: float = 20) -> None:
+        """Until the gateway counts every worker live."""
+        wait_for(lambda: self.gateway.client.get("/health").json().get("workers") == len(self.workers), timeout_s)
+
     def heal(self) -> None:
         """Starts again whatever a failed test left stopped, so that one failure does not fail the tests after it."""
         for p in (*self.workers.values(), self.gateway):
             if p.proc is None or p.proc.poll() is not None:
                 p.start()
-        wait_for(lambda: self.gateway.client.get("/health").json().get("workers") == len(self.workers), 30)
+        self.wait_all_up(30)
 
 
 def wait_for(check, timeout_s: float, every_s: float = 0.2):
@@ -316,7 +320,7 @@ def test_worker_killed_with_running_and_queued_jobs(cluster):
     assert delta["ok"] + delta["lost"] == 8 and delta["lost"] == len(on_a), (delta, brief(results))
     # A worker restart re-registers (and takes nothing twice).
     cluster.workers["wa"].start()
-    wait_for(lambda: gw.client.get("/health").json().get("workers") == 2, 20)
+    cluster.wait_all_up()
 
 
 def test_worker_sigterm_drains(cluster):
@@ -338,7 +342,7 @@ def test_worker_sigterm_drains(cluster):
     finally:
         cluster.workers["wa"].proc.wait(60)
         cluster.workers["wa"].start()
-        wait_for(lambda: gw.client.get("/health").json().get("workers") == 2, 20)
+        cluster.wait_all_up()
 
 
 async def one_client(url: str, i: int) -> tuple[int, str]:
@@ -407,7 +411,7 @@ def test_redis_stopped_and_started_under_load(cluster, redis_server):
     for p in (gw, *cluster.workers.values()):
         assert p.proc.poll() is None, cluster.logs()
     redis_server.start()
-    wait_for(lambda: gw.client.get("/health").json().get("workers") == 2, 30)
+    cluster.wait_all_up(30)
     r = wait_for(lambda: (x := gw.client.post("/api/chat", json=chat_body(stream=False))).status_code == 200 and x,
                  30)
     assert r.json()["done"]
@@ -429,7 +433,7 @@ def test_redis_losing_its_data(cluster, redis_server):
         last = r["lines"][-1] if r["lines"] else {}
         assert (r["status"] == 200 and (last.get("done") or "error" in last)
                 or r["status"] == 503 and "retry" in r["error"] and r["retry_after"] == "1"), r
-    wait_for(lambda: gw.client.get("/health").json().get("workers") == 2, 20)
+    cluster.wait_all_up()
     r = wait_for(lambda: (x := gw.client.post("/api/chat", json=chat_body(stream=False))).status_code == 200 and x,
                  30)
     assert r.json()["done"]
