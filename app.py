@@ -7457,6 +7457,16 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], ARGV[4], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 return 1
 """
+# Is a job nobody has taken gone (Redis lost its data)? Not when still queued, nor pending (taken), nor when
+# its reply has events the relay has not read (done and acknowledged meanwhile). KEYS: stream, reply; ARGV:
+# group, id, the last reply event read. 1: gone.
+GONE_LUA = """
+local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if ok and #p > 0 then return 0 end
+if #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) > 0 then return 0 end
+if #redis.call('XRANGE', KEYS[2], '(' .. ARGV[3], '+', 'COUNT', 1) > 0 then return 0 end
+return 1
+"""
 # A client left: the mark (a running job stops, a taken one is skipped), a PUBLISH for running jobs, and a
 # job nobody has taken yet is deleted (XDEL only when not pending: 6.2 cannot reclaim a deleted pending
 # entry by id). KEYS: stream, mark; ARGV: group, id ("" unknown), ttl, channel, job id.
@@ -8029,6 +8039,7 @@ class GatewayState:
         self.settings, self.metrics = settings, metrics
         self.r, self.keys = redis_client(settings), Keys(settings.redis_prefix)
         self.admit, self.cancel = self.r.register_script(ADMIT_LUA), self.r.register_script(CANCEL_LUA)
+        self.gone = self.r.register_script(GONE_LUA)
         self.aborting: ServerError | None = None
         self.relays = 0
         from prometheus_client import Gauge
@@ -8315,6 +8326,11 @@ class GatewayDispatch:
                         f"the worker running this request ({taken_by}) stopped mid-answer; retry the request"))
                     return "lost"
                 taken_by = None
+            if taken_by is None and not started and entry and \
+                    await gw.gone(keys=[stream, reply], args=[GROUP, entry, last]) == 1:
+                log.warning("gateway: job %s (%s): Redis lost it before a worker took it (its data was lost); 503",
+                            job.id, job.model)
+                raise WorkerLost("the job queue lost this request; retry it", status=503, headers={"Retry-After": "1"})
             if taken_by is None:
                 if capable(workers):
                     unserved_since = None
