@@ -140,6 +140,17 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def gateway_jobs(gw) -> tuple[float, float]:
+    """(queued, pending) over all models, from the gateway's /metrics."""
+    text = gw.client.get("/metrics").text
+    return metric(text, "ai_server_gateway_queued_jobs"), metric(text, "ai_server_gateway_pending_jobs")
+
+
+def job_lines(gw) -> list[str]:
+    """The gateway's job gauges, for a failed assertion."""
+    return [x for x in gw.client.get("/metrics").text.splitlines() if "_jobs{" in x]
+
+
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
     server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
@@ -375,14 +386,10 @@ def test_64_clients_some_leaving(cluster):
     assert set(kinds) <= {"done", "left", "busy"}, results
     assert kinds.count("done") >= 8 and kinds.count("busy") >= 1, results
     # Cancelled work stops: nothing stays queued or running once the clients are gone.
-    def idle() -> bool:
-        text = gw.client.get("/metrics").text
-        return metric(text, "ai_server_gateway_pending_jobs") == 0 and \
-            metric(text, "ai_server_gateway_queued_jobs") == 0
     try:
-        wait_for(idle, 30)
+        wait_for(lambda: gateway_jobs(gw) == (0, 0), 30)
     except AssertionError:
-        raise AssertionError([x for x in gw.client.get("/metrics").text.splitlines() if "_jobs{" in x]) from None
+        raise AssertionError(job_lines(gw)) from None
     for w in cluster.workers.values():
         text = w.client.get("/metrics").text
         gens = metric(text, "ai_server_generated_tokens_total")
@@ -419,20 +426,33 @@ def test_redis_stopped_and_started_under_load(cluster, redis_server):
 
 
 def test_redis_losing_its_data(cluster, redis_server):
-    """FLUSHALL under load (a Redis restarted without persistence, or evicting): running requests end
-    with an error line (a request not yet answering: a 503 with Retry-After) instead of waiting for ever, and the queues and groups come back by themselves."""
+    """FLUSHALL under load (a Redis restarted without persistence, or evicting), with jobs in every state:
+    answering, taken but waiting inside a worker, and still queued in Redis (both workers' slots full).
+    Each ends at once: answering ones with an error line, the others with a 503 that says retry (Retry-After 1),
+    never a wait for ever; then the queues and groups come back by themselves."""
     import redis
 
     gw, url = cluster.gateway, cluster.gateway.url
-    with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(stream_lines, url, chat_body(n=400, stream=True), None, 60) for _ in range(2)]
-        wait_for(lambda: gw.client.get("/status").json()["relaying"] >= 2, 60, every_s=0.05)
+    slots = 3 * len(cluster.workers)  # WORKER_SLOTS=3 each
+    # From idle: the test before leaves jobs that Redis's outage cut, pending until taken over and dropped.
+    wait_for(lambda: gateway_jobs(gw) == (0, 0), 30)
+    with ThreadPoolExecutor(slots + 2) as pool:
+        futures = [pool.submit(stream_lines, url, chat_body(n=400, stream=True), None, 60) for _ in range(slots + 2)]
+
+        def loaded() -> bool:  # all admitted, none finished yet (they run 1-2 s), some still in Redis
+            queued, pending = gateway_jobs(gw)
+            return queued >= 1 and queued + pending == len(futures)
+        try:
+            wait_for(loaded, 60, every_s=0.02)
+        except AssertionError:
+            raise AssertionError(job_lines(gw)) from None
         redis.Redis.from_url(redis_server.url).flushall()
-        results = [f.result(timeout=60) for f in futures]
-    for r in results:  # answering: ends with an error line (or done); not yet answering: a 503 that says retry
+        results = [f.result(timeout=60) for f in futures]  # no worker knows of a queued one: the gateway ends it
+    for r in results:
         last = r["lines"][-1] if r["lines"] else {}
         assert (r["status"] == 200 and (last.get("done") or "error" in last)
-                or r["status"] == 503 and "retry" in r["error"] and r["retry_after"] == "1"), r
+                or r["status"] == 503 and "retry" in r["error"] and r["retry_after"] == "1"), brief(results)
+    assert sum(r["status"] == 503 for r in results) >= 1, brief(results)  # the one(s) queued at least
     cluster.wait_all_up()
     r = wait_for(lambda: (x := gw.client.post("/api/chat", json=chat_body(stream=False))).status_code == 200 and x,
                  30)
