@@ -8134,6 +8134,51 @@ def merge_lists(answers: dict[str, Any], key: str, ident: str) -> Any:
     return {**base, key: items}
 
 
+@dataclasses.dataclass
+class Relayed:
+    """A relayed job's response so far, as its reply stream tells it; `last` is the last event read."""
+
+    send: Any
+    reply: str
+    last: str = "0-0"
+    taken_by: str | None = None
+    started: bool = False
+    media: str = ""
+    unserved_since: float | None = None  # since when no live worker could take it
+
+    async def fail(self, error: ServerError, outcome: str) -> str:
+        """Before the response began, `error` is the response (raised); after, the stream's error tail."""
+        if not self.started:
+            raise error
+        await send_error_tail(self.send, self.media, error)
+        return outcome
+
+    async def event(self, fields: dict[bytes, bytes]) -> str | None:
+        """One reply event to the client; the relay's outcome when it ends the response."""
+        kind = fields.get(b"t")
+        if kind == b"taken":
+            self.taken_by = fields[b"w"].decode()
+        elif kind == b"start":
+            self.started = True
+            headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in json.loads(fields[b"headers"])]
+            self.media = dict(headers).get(b"content-type", b"").decode("latin-1")
+            headers.append((b"x-ai-worker", (self.taken_by or "").encode()))  # which worker answered
+            if not await safe_send(self.send, {"type": "http.response.start", "status": int(fields[b"status"]),
+                                               "headers": headers}):
+                return "cancelled"
+        elif kind == b"body":
+            if not await safe_send(self.send, {"type": "http.response.body", "body": fields[b"d"], "more_body": True}):
+                return "cancelled"
+        elif kind == b"end":
+            await safe_send(self.send, {"type": "http.response.body", "body": b"", "more_body": False})
+            return "ok"
+        elif kind == b"error":
+            status = int(fields.get(b"status", b"502"))
+            return await self.fail(WorkerLost(fields[b"message"].decode(), status=status,
+                                              headers={"Retry-After": "1"} if status == 503 else None), "lost")
+        return None
+
+
 class GatewayDispatch:
     """ASGI middleware of the gateway role, inside the access checks: requests go to workers as
     jobs. A model's request to that model's stream (workers holding it take it); control-plane
@@ -8258,93 +8303,66 @@ class GatewayDispatch:
 
     async def pump(self, gw: GatewayState, job: HttpJob, stream: str, entry: bytes, send: Any, gone: asyncio.Event,
                    capable: Callable[[dict[str, dict[str, Any]]], bool]) -> str:
-        reply, last = gw.keys.reply(job.id), "0-0"
-        taken_by, started, media = None, False, ""
-        unserved_since = None
+        relay = Relayed(send, gw.keys.reply(job.id))
         while True:
             if gone.is_set():
                 log.info("gateway: job %s (%s): client left; cancel mark set", job.id, job.model)
                 return "cancelled"
             if gw.aborting is not None:
-                if started:
-                    await send_error_tail(send, media, gw.aborting)
-                    return "aborted"
-                raise gw.aborting
+                return await relay.fail(gw.aborting, "aborted")
             try:
-                got = await gw.r.xread({reply: last}, count=256, block=500)
+                got = await gw.r.xread({relay.reply: relay.last}, count=256, block=500)
             except redis_errors():
-                if not started:
+                if not relay.started:
                     raise  # a 503 with Retry-After
                 log.warning("gateway: job %s (%s): Redis went away mid-answer; ending the stream", job.id, job.model)
-                await send_error_tail(send, media, Busy("the job queue (Redis) went away mid-answer; retry shortly"))
-                return "redis"
+                return await relay.fail(Busy("the job queue (Redis) went away mid-answer; retry shortly"), "redis")
             for _stream, events in got or []:
                 for event_id, fields in events:
-                    last = event_id
-                    kind = fields.get(b"t")
-                    if kind == b"taken":
-                        taken_by = fields[b"w"].decode()
-                    elif kind == b"start":
-                        started = True
-                        headers = [(k.encode("latin-1"), v.encode("latin-1"))
-                                   for k, v in json.loads(fields[b"headers"])]
-                        media = dict(headers).get(b"content-type", b"").decode("latin-1")
-                        headers.append((b"x-ai-worker", (taken_by or "").encode()))  # which worker answered
-                        if not await safe_send(send, {"type": "http.response.start", "status": int(fields[b"status"]),
-                                                      "headers": headers}):
-                            return "cancelled"
-                    elif kind == b"body":
-                        if not await safe_send(send, {"type": "http.response.body", "body": fields[b"d"],
-                                                      "more_body": True}):
-                            return "cancelled"
-                    elif kind == b"end":
-                        await safe_send(send, {"type": "http.response.body", "body": b"", "more_body": False})
-                        return "ok"
-                    elif kind == b"error":
-                        status = int(fields.get(b"status", b"502"))
-                        error = WorkerLost(fields[b"message"].decode(), status=status,
-                                           headers={"Retry-After": "1"} if status == 503 else None)
-                        if started:
-                            await send_error_tail(send, media, error)
-                            return "lost"
-                        raise error
-            if got:
-                continue
-            try:
-                workers = await gw.workers()
-            except redis_errors():
-                if not started:
-                    raise
-                await send_error_tail(send, media, Busy("the job queue (Redis) went away mid-answer; retry shortly"))
-                return "redis"
-            if taken_by is not None and taken_by not in workers:
-                log.warning("gateway: job %s (%s): worker %s stopped %s", job.id, job.model, taken_by,
-                            "mid-answer; ending the stream with an error" if started else
-                            "before answering; another worker takes it over")
-                if started:
-                    await send_error_tail(send, media, WorkerLost(
-                        f"the worker running this request ({taken_by}) stopped mid-answer; retry the request"))
-                    return "lost"
-                taken_by = None
-            if taken_by is None and not started and entry and \
-                    await gw.gone(keys=[stream, reply], args=[GROUP, entry, last]) == 1:
-                log.warning("gateway: job %s (%s): Redis lost it before a worker took it (its data was lost); 503",
-                            job.id, job.model)
-                raise WorkerLost("the job queue lost this request; retry it", status=503, headers={"Retry-After": "1"})
-            if taken_by is None:
-                if capable(workers):
-                    unserved_since = None
-                elif unserved_since is None:
-                    unserved_since = time.monotonic()
-                elif time.monotonic() - unserved_since > self.settings.job_wait_s:
-                    log.warning("gateway: job %s (%s): no live worker could take it in %.0f s; 503", job.id,
-                                job.model, self.settings.job_wait_s)
-                    if started:
-                        await send_error_tail(send, media, Busy("no worker could finish this request"))
-                        return "no_worker"
-                    raise Busy(f"no live worker can take this request for '{job.model}' (JOB_WAIT_S "
-                               f"{self.settings.job_wait_s:.0f} s): start or fix a worker, then retry",
-                               headers={"Retry-After": "5"})
+                    relay.last = event_id
+                    if outcome := await relay.event(fields):
+                        return outcome
+            if not got and (outcome := await self.unanswered(gw, job, stream, entry, relay, capable)):
+                return outcome
+
+    async def unanswered(self, gw: GatewayState, job: HttpJob, stream: str, entry: bytes, relay: Relayed,
+                         capable: Callable[[dict[str, dict[str, Any]]], bool]) -> str | None:
+        """Nothing came for a while: is someone still on it? The worker that took it (its heartbeat), Redis (a
+        job nobody took may have been lost with its data), any live worker able to take it (JOB_WAIT_S)."""
+        try:
+            workers = await gw.workers()
+        except redis_errors():
+            if not relay.started:
+                raise
+            return await relay.fail(Busy("the job queue (Redis) went away mid-answer; retry shortly"), "redis")
+        if relay.taken_by is not None and relay.taken_by not in workers:
+            log.warning("gateway: job %s (%s): worker %s stopped %s", job.id, job.model, relay.taken_by,
+                        "mid-answer; ending the stream with an error" if relay.started else
+                        "before answering; another worker takes it over")
+            if relay.started:
+                return await relay.fail(WorkerLost(f"the worker running this request ({relay.taken_by}) stopped "
+                                                   "mid-answer; retry the request"), "lost")
+            relay.taken_by = None
+        if relay.taken_by is not None:
+            return None
+        if not relay.started and entry and \
+                await gw.gone(keys=[stream, relay.reply], args=[GROUP, entry, relay.last]) == 1:
+            log.warning("gateway: job %s (%s): Redis lost it before a worker took it (its data was lost); 503",
+                        job.id, job.model)
+            raise WorkerLost("the job queue lost this request; retry it", status=503, headers={"Retry-After": "1"})
+        if capable(workers):
+            relay.unserved_since = None
+        elif relay.unserved_since is None:
+            relay.unserved_since = time.monotonic()
+        elif time.monotonic() - relay.unserved_since > self.settings.job_wait_s:
+            log.warning("gateway: job %s (%s): no live worker could take it in %.0f s; 503", job.id, job.model,
+                        self.settings.job_wait_s)
+            error = Busy("no worker could finish this request") if relay.started else \
+                Busy(f"no live worker can take this request for '{job.model}' (JOB_WAIT_S "
+                     f"{self.settings.job_wait_s:.0f} s): start or fix a worker, then retry",
+                     headers={"Retry-After": "5"})
+            return await relay.fail(error, "no_worker")
+        return None
 
     async def fan_out(self, gw: GatewayState, scope: dict, body: bytes, workers: list[str]) -> dict[str, Captured]:
         async def one(worker: str) -> Captured:
