@@ -72,6 +72,10 @@ class RedisProcess:
         return f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
 
 
+def stopped(p: RedisProcess | ServerProcess) -> bool:
+    return p.proc is None or p.proc.poll() is not None
+
+
 class Cluster:
     def __init__(self, hub, tmp: Path, redis_url: str, prefix: str, worker_env: dict | None = None,
                  **gateway_env: str):
@@ -114,12 +118,13 @@ class Cluster:
     def heal(self) -> None:
         """Starts again whatever a failed test left stopped, so that one failure does not fail the tests after it."""
         for p in (*self.workers.values(), self.gateway):
-            if p.proc is None or p.proc.poll() is not None:
+            if stopped(p):
                 p.start()
         self.wait_all_up(30)
 
 
-def wait_for(check, timeout_s: float, every_s: float = 0.2):
+def wait_for(check, timeout_s: float, every_s: float = 0.2, why=None):
+    """check()'s first truthy value; past the timeout an AssertionError with why(), if given."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -128,7 +133,7 @@ def wait_for(check, timeout_s: float, every_s: float = 0.2):
         except (httpx.HTTPError, ValueError, KeyError):
             pass
         time.sleep(every_s)
-    raise AssertionError("condition not met in time")
+    raise AssertionError(why() if why else "condition not met in time")
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -176,8 +181,7 @@ def heal_after(request):
     stopped; each test restarts what it stops, so this does nothing after a pass)."""
     yield
     if "cluster" in request.fixturenames:
-        redis_server = request.getfixturevalue("redis_server")
-        if redis_server.proc is None or redis_server.proc.poll() is not None:
+        if stopped(redis_server := request.getfixturevalue("redis_server")):
             redis_server.start()
         request.getfixturevalue("cluster").heal()
 
@@ -386,10 +390,7 @@ def test_64_clients_some_leaving(cluster):
     assert set(kinds) <= {"done", "left", "busy"}, results
     assert kinds.count("done") >= 8 and kinds.count("busy") >= 1, results
     # Cancelled work stops: nothing stays queued or running once the clients are gone.
-    try:
-        wait_for(lambda: gateway_jobs(gw) == (0, 0), 30)
-    except AssertionError:
-        raise AssertionError(job_lines(gw)) from None
+    wait_for(lambda: gateway_jobs(gw) == (0, 0), 30, why=lambda: job_lines(gw))
     for w in cluster.workers.values():
         text = w.client.get("/metrics").text
         gens = metric(text, "ai_server_generated_tokens_total")
@@ -435,17 +436,14 @@ def test_redis_losing_its_data(cluster, redis_server):
     gw, url = cluster.gateway, cluster.gateway.url
     slots = 3 * len(cluster.workers)  # WORKER_SLOTS=3 each
     # From idle: the test before leaves jobs that Redis's outage cut, pending until taken over and dropped.
-    wait_for(lambda: gateway_jobs(gw) == (0, 0), 30)
+    wait_for(lambda: gateway_jobs(gw) == (0, 0), 30, why=lambda: job_lines(gw))
     with ThreadPoolExecutor(slots + 2) as pool:
         futures = [pool.submit(stream_lines, url, chat_body(n=400, stream=True), None, 60) for _ in range(slots + 2)]
 
         def loaded() -> bool:  # all admitted, none finished yet (they run 1-2 s), some still in Redis
             queued, pending = gateway_jobs(gw)
             return queued >= 1 and queued + pending == len(futures)
-        try:
-            wait_for(loaded, 60, every_s=0.02)
-        except AssertionError:
-            raise AssertionError(job_lines(gw)) from None
+        wait_for(loaded, 60, every_s=0.02, why=lambda: job_lines(gw))
         redis.Redis.from_url(redis_server.url).flushall()
         results = [f.result(timeout=60) for f in futures]  # no worker knows of a queued one: the gateway ends it
     for r in results:
@@ -478,10 +476,7 @@ def test_gateway_restart_loses_no_queued_job(cluster):
         seen.update({m["name"]: m["workers"] for m in gw.client.get("/api/tags").json()["models"]})
         return seen.get("tiny/llama-b:latest")
 
-    try:
-        wait_for(pulled, 10)
-    except AssertionError:
-        raise AssertionError((seen, job)) from None
+    wait_for(pulled, 10, why=lambda: (seen, job))
     assert seen["tiny/llama-b:latest"] == ["wb"], seen
     # Graceful: running relays finish.
     with ThreadPoolExecutor(2) as pool:
