@@ -149,7 +149,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -160,7 +160,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
@@ -1391,6 +1393,8 @@ class GenParams:
     format: str | dict | None = None  # "json" or a JSON schema, enforced by a grammar
     grammar: str | None = None  # a GBNF grammar (llama.cpp's), enforced while decoding; wins over format
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)  # OpenAI's: token id -> bias
+    # llama.cpp's bias by text: each of the text's tokens, resolved by the run once the tokenizer is known
+    logit_bias_text: dict[str, float] = dataclasses.field(default_factory=dict)
     ignore_eos: bool = False  # end-of-generation tokens are banned (llama.cpp's ignore_eos)
     top_logprobs: int = 0  # >0: each token's logprob and this many alternatives (llama.cpp's n_probs)
     cache_prompt: bool = True  # reuse (and keep) the prompt's KV in the prefix cache
@@ -3686,6 +3690,13 @@ def check_prompt(prompt: Prompt, vocab_size: int | None) -> Prompt:
     return prompt
 
 
+def token_bias(params: GenParams, tokenizer: Any) -> dict[int, float]:
+    """The bias by token id, with each token of a biased text (llama.cpp's [["text", bias]]) added."""
+    by_text = {t: bias for text, bias in params.logit_bias_text.items()
+               for t in tokenizer(text, add_special_tokens=False)["input_ids"]}
+    return {**params.logit_bias, **by_text} if by_text else params.logit_bias
+
+
 def token_budget(prompt: Prompt, params: GenParams, num_ctx: int) -> int:
     """max_tokens capped by what is left of the context (prompt + output fit in it, as the peers
     do; the reply then ends with done_reason "length"); all of it when unlimited (num_predict -1)."""
@@ -3722,6 +3733,7 @@ class GenerationRun:
         self.tokenizer: Any = None  # the model's, once it is held
         self.gen: Generation | None = None
         self.finished = False
+        self.logit_bias = params.logit_bias  # what it runs with: text biases resolved once the tokenizer is held
         self.aborted: ServerError | None = None  # why the server ended it (shutdown), if it did
         self._cancelled = asyncio.Event()
         self._watcher: asyncio.Task | None = None  # watches the client while the run lasts
@@ -3784,7 +3796,9 @@ class GenerationRun:
             if prompt.trimmed:
                 log.warning("model %s: task %d: prompt trimmed to %d tokens of num_ctx %d to leave the reply "
                             "room: %s", self.rec.name, self.task_id, len(prompt.ids), num_ctx, prompt.trimmed)
-            params = dataclasses.replace(self.params, max_tokens=token_budget(prompt, self.params, num_ctx))
+            self.logit_bias = token_bias(self.params, model.loaded.tokenizer)
+            params = dataclasses.replace(self.params, max_tokens=token_budget(prompt, self.params, num_ctx),
+                                         logit_bias=self.logit_bias)
             return prompt, model.generate(prompt, params, gen)
 
         future = loop.run_in_executor(self.cache.workers, work)
@@ -4757,10 +4771,128 @@ def decode_image(data: str | bytes, max_pixels: int) -> Any:
 
 
 # ============================================================================
-# 14. Responses: Ollama NDJSON and OpenAI SSE
+# 14. Responses: the wire APIs' error shapes (one table), NDJSON and SSE streams
 # ============================================================================
 def compact_json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def ndjson_line(obj: Any) -> str:
+    return compact_json(obj) + "\n"
+
+
+def sse(obj: Any) -> str:
+    return f"data: {compact_json(obj)}\n\n"
+
+
+def typed_sse(obj: dict[str, Any]) -> str:
+    """An SSE event named by its object's `type` (Anthropic's and OpenAI Responses' streams)."""
+    return f"event: {obj['type']}\ndata: {compact_json(obj)}\n\n"
+
+
+def ollama_error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
+    extra.pop("type", None)  # a llama.cpp error kind; Ollama's shape has none
+    return {"error": message, **extra}
+
+
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                      429: "rate_limit_error"}
+
+
+def openai_error_body(status: int, message: str, **_extra: Any) -> dict[str, Any]:
+    return {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"), "param": None,
+                      "code": None}}
+
+
+def responses_error_event(status: int, message: str, **_extra: Any) -> dict[str, Any]:
+    """OpenAI Responses' stream error event (its HTTP errors are OpenAI's usual body)."""
+    return {"type": "error", "code": None, "message": message, "param": None}
+
+
+LLAMACPP_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                        501: "not_supported_error", 503: "unavailable_error"}
+
+
+def llamacpp_error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
+    kind = extra.pop("type", None) or LLAMACPP_ERROR_TYPES.get(status) or \
+        ("server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"code": status, "message": message, "type": kind, **extra}}
+
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_body(status: int, message: str, **_extra: Any) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
+OLLAMA_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+OPENAI_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": {}, "code": {}}}}}
+LLAMACPP_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["code", "message", "type"],
+    "properties": {"code": {"type": "integer"}, "message": {"type": "string"}, "type": {"type": "string"}}}}}
+ANTHROPIC_ERROR_SCHEMA = {"type": "object", "required": ["type", "error"], "properties": {
+    "type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"],
+                                          "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
+
+
+def error_fields(exc: Exception) -> tuple[int, str, dict[str, Any]]:
+    """(status, message, extra) of an error: a ServerError's own; anything else is a 500 that names it."""
+    if isinstance(exc, ServerError):
+        return exc.status, exc.message, dict(exc.extra)
+    return 500, f"{type(exc).__name__}: {exc}", {}
+
+
+@dataclasses.dataclass(frozen=True)
+class WireAPI:
+    """One wire API's error shapes: the JSON body of an error answer, how its streams frame a line, the
+    error event that ends a stream that already began (status 200 sent), the body's OpenAPI schema, and
+    its streams' media type. Each API's router carries its own (`wire_router`); every place that answers
+    an error reads it from the route: the exception handlers, AccessControl, the OpenAPI error
+    documentation and the gateway's error tail."""
+
+    name: str
+    error_body: Callable[..., dict[str, Any]]  # (status, message, **extra) -> the answer's JSON
+    frame: Callable[[Any], str]  # one object as one line of its streams
+    error_schema: dict[str, Any]
+    stream_media: str
+    stream_error_body: Callable[..., dict[str, Any]] | None = None  # its streams' error event, if not error_body's
+
+    def error_response(self, status: int, message: str, headers: dict[str, str] | None = None,
+                       **extra: Any) -> JSONResponse:
+        return JSONResponse(self.error_body(status, message, **extra), status_code=status, headers=headers)
+
+    def error_line(self, exc: Exception) -> str:
+        status, message, extra = error_fields(exc)
+        return self.frame((self.stream_error_body or self.error_body)(status, message, **extra))
+
+
+OLLAMA = WireAPI("ollama", ollama_error_body, ndjson_line, OLLAMA_ERROR_SCHEMA, "application/x-ndjson")
+NATIVE = dataclasses.replace(OLLAMA, name="native")  # /pull, /jobs, /chat, ...: Ollama's shapes
+A1111 = dataclasses.replace(OLLAMA, name="a1111")  # /sdapi/v1/*, /generate-image: {"error": message}
+OPENAI = WireAPI("openai", openai_error_body, sse, OPENAI_ERROR_SCHEMA, "text/event-stream")
+RESPONSES = WireAPI("responses", openai_error_body, typed_sse, OPENAI_ERROR_SCHEMA, "text/event-stream",
+                    responses_error_event)
+ANTHROPIC = WireAPI("anthropic", anthropic_error_body, typed_sse, ANTHROPIC_ERROR_SCHEMA, "text/event-stream")
+LLAMACPP = WireAPI("llamacpp", llamacpp_error_body, sse, LLAMACPP_ERROR_SCHEMA, "text/event-stream")
+WIRE_APIS = (NATIVE, OLLAMA, OPENAI, ANTHROPIC, RESPONSES, LLAMACPP, A1111)
+
+
+class WireRoute(APIRoute):
+    """A route of one wire API: `api` shapes every error it answers. Each API's router makes its routes of
+    a subclass that names it (FastAPI makes the route objects itself, so the API rides on the class)."""
+
+    api: WireAPI = OLLAMA
+
+
+def wire_router(api: WireAPI, **options: Any) -> APIRouter:
+    """The module-level router of one API (llama-cpp-python attaches its error shaping the same way)."""
+    return APIRouter(route_class=type(f"{api.name.capitalize()}Route", (WireRoute,), {"api": api}), **options)
+
 
 
 async def first_then_rest(events):
@@ -4789,37 +4921,22 @@ class WatchedStreamingResponse(StreamingResponse):
         await super().__call__(scope, never, send)
 
 
-def stream_response(lines, media_type: str, on_error: Callable[[ServerError | Exception], str],
-                    watched: bool = False) -> StreamingResponse:
-    """One streaming path for NDJSON and SSE. Plain StreamingResponse rather than sse-starlette:
-    the framing is one line each. Starlette cancels the iterator when the client disconnects, unless
-    `watched` (generations: their run watches the client and ends the stream by stopping within a
-    token). An error after the first byte becomes one last line."""
+def stream_response(lines, api: WireAPI, watched: bool = False) -> StreamingResponse:
+    """One streaming path for every API's NDJSON and SSE. Plain StreamingResponse rather than
+    sse-starlette: the framing is one line each. Starlette cancels the iterator when the client
+    disconnects, unless `watched` (generations: their run watches the client and ends the stream by
+    stopping within a token). An error after the first byte becomes the API's error event, last."""
     async def body():
         try:
             async for line in lines:
                 yield line
         except ServerError as exc:
-            yield on_error(exc)
+            yield api.error_line(exc)
         except Exception as exc:  # the status is already 200: report in-band, as Ollama does
             log.exception("stream: %s after the response started", type(exc).__name__)
-            yield on_error(exc)
+            yield api.error_line(exc)
 
-    return (WatchedStreamingResponse if watched else StreamingResponse)(body(), media_type=media_type)
-
-
-def ndjson_error(exc: Exception) -> str:
-    message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
-    return compact_json({"error": message}) + "\n"
-
-
-def sse(obj: Any) -> str:
-    return f"data: {compact_json(obj)}\n\n"
-
-
-def typed_sse(obj: dict[str, Any]) -> str:
-    """An SSE event named by its object's `type` (Anthropic's and OpenAI Responses' streams)."""
-    return f"event: {obj['type']}\ndata: {compact_json(obj)}\n\n"
+    return (WatchedStreamingResponse if watched else StreamingResponse)(body(), media_type=api.stream_media)
 
 
 def asking_logprobs(params: GenParams, top: int | None) -> GenParams:
@@ -4838,11 +4955,6 @@ def logprob_entries(tokenizer: Any, logprobs: list[TokenLogprob] | None, top: in
     special = set(getattr(tokenizer, "all_special_ids", ()))  # the end token has no text: not listed, as the peers
     return [{**entry(lp.id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top[:top]]}
             for lp in logprobs or () if lp.id not in special]
-
-
-def sse_error(exc: Exception) -> str:
-    message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
-    return sse({"error": {"message": message, "type": "api_error", "param": None, "code": None}})
 
 
 def openai_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -4980,65 +5092,70 @@ def keep_alive_of(value: float | str | None) -> float | None:
         raise BadRequest(f"invalid keep_alive: {exc}") from None
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+def app_routes(routes: list[Any]) -> Iterator[Any]:
+    """Every route, those of included routers too (FastAPI keeps an included router whole)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        yield from app_routes(inner.routes) if inner is not None else (route,)
 
 
-OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                      429: "rate_limit_error"}
+def matched_route(scope: dict) -> tuple[Any, bool]:
+    """The route a request goes to, and whether its method matches too: the first full match, else the
+    first route of its path (a 405), else (None, False) (a 404). Kept in the scope: the middleware, the
+    handlers and the gateway all ask."""
+    if "ai_route" not in scope:
+        partial = None
+        for route in app_routes(scope["app"].router.routes):
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                scope["ai_route"] = (route, True)
+                break
+            if match == Match.PARTIAL and partial is None:
+                partial = route
+        else:
+            scope["ai_route"] = (partial, False)
+    return scope["ai_route"]
 
 
-def openai_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"), "param": None, "code": None}
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+def wire_api_of(scope: dict) -> WireAPI:
+    """The API whose error shapes a request gets: its route's; with no route, the one its path prefix names."""
+    route, _ = matched_route(scope)
+    if isinstance(route, WireRoute):
+        return route.api
+    path = scope["path"]
+    return ANTHROPIC if path.startswith("/v1/messages") else OPENAI if path.startswith("/v1/") else OLLAMA
 
 
-# llama.cpp's routes (section 19) answer errors in its shape: {"error": {"code", "message", "type"}}.
-LLAMACPP_PATHS = frozenset({"/completion", "/completions", "/infill", "/tokenize", "/detokenize", "/apply-template",
-                            "/embedding", "/embeddings", "/props", "/slots", "/template", "/rerank"})
-LLAMACPP_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                        501: "not_supported_error", 503: "unavailable_error"}
+def error_answer(scope: dict, status: int, message: str, headers: dict[str, str] | None = None,
+                 **extra: Any) -> JSONResponse:
+    return wire_api_of(scope).error_response(status, message, headers, **extra)
 
 
-def llamacpp_error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
-    kind = extra.pop("type", None) or LLAMACPP_ERROR_TYPES.get(status) or \
-        ("server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"code": status, "message": message, "type": kind, **extra}}
+# How the gateway (section 21) serves each route is declared on the route, as openapi_extra (so /openapi.json
+# shows it as x-gateway); every route names one. A request no route takes (404, 405) is answered locally.
+def hop(kind: str, **how: Any) -> dict[str, Any]:
+    return {"x-gateway": {"kind": kind, **how}}
 
 
-# Anthropic's Messages API (section 18b) answers {"type": "error", "error": {"type", "message"}}.
-ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                         503: "overloaded_error", 529: "overloaded_error"}
+LOCAL = hop("local")  # the gateway's own app answers (the root, the version)
+GATEWAY_HEALTH = hop("health")  # the gateway's own health: Redis and the live workers
+GATEWAY_METRICS = hop("metrics")  # the gateway's own metrics, its gauges refreshed from Redis first
+BY_MODEL = hop("model")  # queued for the model the body names; for any worker when it names none
+BY_MODEL_FORM = hop("model", form=True)  # the same, the model named in a multipart form (OpenAI's uploads)
+TO_HOLDER = hop("holder")  # one worker that holds the model (named by the path, else the body), loaded first
+TO_EVERY_WORKER = hop("broadcast")  # changes per-worker state: every live worker; the first success answers
+PULL = hop("pull")  # the worker named (`worker` in the body or the query), else every live one
 
 
-def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message}}
+def merged(list_key: str = "", id_key: str = "", combine: str = "lists") -> dict[str, Any]:
+    """A GET every live worker answers, merged: their `list_key` lists joined by `id_key` ("" = the answer
+    is a bare list), or `combine` "status" or "progress" (the gateway's own view)."""
+    return hop("merge", list=list_key, id=id_key, combine=combine)
 
 
-def api_of(path: str) -> str:
-    """Which API's error shape a path answers in."""
-    if path.startswith("/v1/messages"):
-        return "anthropic"
-    return "openai" if path.startswith("/v1/") else "llamacpp" if path in LLAMACPP_PATHS else "ollama"
-
-
-def api_error_response(path: str, status: int, message: str, headers: dict[str, str] | None = None,
-                       **extra: Any) -> JSONResponse:
-    api = api_of(path)
-    if api == "openai":
-        return openai_error_response(status, message, headers)
-    if api == "anthropic":
-        return JSONResponse(anthropic_error_body(status, message), status_code=status, headers=headers)
-    if api == "llamacpp":
-        return JSONResponse(llamacpp_error_body(status, message, **extra), status_code=status, headers=headers)
-    extra.pop("type", None)  # a llama.cpp error kind; Ollama's shape has none
-    return error_response(status, message, headers, **extra)
-
-
-def any_error_response(request: Request, status: int, message: str, headers: dict[str, str] | None = None,
-                       **extra: Any) -> JSONResponse:
-    return api_error_response(request.url.path, status, message, headers, **extra)
+def gateway_hop(scope: dict) -> dict[str, Any]:
+    route, full = matched_route(scope)
+    return route.openapi_extra["x-gateway"] if full and isinstance(route, WireRoute) else LOCAL["x-gateway"]
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -5052,45 +5169,33 @@ def validation_message(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        return any_error_response(request, exc.status, exc.message, exc.headers, **exc.extra)
+        return error_answer(request.scope, exc.status, exc.message, exc.headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # 400, as Ollama answers bad fields (FastAPI's default is 422).
-        return any_error_response(request, 400, validation_message(exc))
+        return error_answer(request.scope, 400, validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Unknown routes, wrong methods, unreadable bodies: the API's own error shape, not {"detail"}.
         message = {404: f"no route {request.method} {request.url.path}; /docs lists them",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code)
-        return any_error_response(request, exc.status_code, message or f"invalid request: {exc.detail}",
+        return error_answer(request.scope, exc.status_code, message or f"invalid request: {exc.detail}",
                                   dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request %s %s: unexpected %s", request.method, request.url.path, type(exc).__name__)
-        return any_error_response(request, 500, f"internal error: {type(exc).__name__}: {exc}")
+        return error_answer(request.scope, 500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-OLLAMA_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
-OPENAI_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["message", "type"],
-    "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": {}, "code": {}}}}}
-LLAMACPP_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["code", "message", "type"],
-    "properties": {"code": {"type": "integer"}, "message": {"type": "string"}, "type": {"type": "string"}}}}}
-ANTHROPIC_ERROR_SCHEMA = {"type": "object", "required": ["type", "error"], "properties": {
-    "type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"],
-                                          "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
-
-
-def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
+def document_errors(spec: dict[str, Any], routes: list[Any]) -> dict[str, Any]:
     """The OpenAPI schema says what the server sends: a bad body is a 400 in the route's API error
     shape (FastAPI documents its own 422, which this server never sends)."""
+    apis = {r.path_format: r.api for r in app_routes(routes) if isinstance(r, WireRoute)}
     for path, operations in spec.get("paths", {}).items():
-        schema = {"openai": OPENAI_ERROR_SCHEMA, "llamacpp": LLAMACPP_ERROR_SCHEMA,
-                  "anthropic": ANTHROPIC_ERROR_SCHEMA}.get(api_of(path), OLLAMA_ERROR_SCHEMA)
+        schema = apis.get(path, OLLAMA).error_schema
         for operation in operations.values():
             if operation.get("responses", {}).pop("422", None) is not None:
                 operation["responses"]["400"] = {"description": "A field is missing, malformed or out of range",
@@ -5144,108 +5249,112 @@ def delete_model(state: AppState, rec: ModelRecord) -> None:
 # ============================================================================
 # 16. Routes: native (/pull, /jobs, /models, /chat, /status, /diag, /health)
 # ============================================================================
-def add_pull_routes(app: FastAPI) -> None:
-    @app.post("/pull", status_code=202)
-    async def pull(body: PullBody, request: Request) -> dict[str, Any]:
-        state = state_of(request)
-        if body.trust_remote_code and not state.settings.remote_code_allowed(body.model):
-            raise Forbidden(f"remote code is off: '{body.model}' may not run its own Python code. The operator "
-                            "enables it with ALLOW_REMOTE_CODE=1, or for this repo with REMOTE_CODE_MODELS="
-                            f"{body.model}; then pull again")
-        job = state.pulls.submit(body.model, body.revision, body.quantize, body.init, body.trust_remote_code)
-        return {"job_id": job.id, "status": job.status, "model": job.model}
-
-    @app.get("/jobs")
-    async def jobs(request: Request) -> dict[str, Any]:
-        state = state_of(request)
-        listed = state.registry.list_jobs(state.settings.max_jobs_listed)
-        return {"jobs": [(state.pulls.live(j.id) or j).public() for j in listed]}
-
-    @app.get("/jobs/{job_id}")
-    async def job(job_id: str, request: Request) -> dict[str, Any]:
-        state = state_of(request)
-        found = state.pulls.live(job_id) or state.registry.get_job(job_id)
-        if found is None:
-            raise NotFound(f"job '{job_id}' not found; GET /jobs lists recent jobs")
-        return found.public()
-
-    @app.delete("/jobs/{job_id}")
-    async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
-        return state_of(request).pulls.cancel(job_id).public()
+# Each API has a module-level router (`grep -n "^@"` lists every route), made by wire_router with the API's
+# error shapes; each route declares how the gateway serves it (openapi_extra). create_app includes them all.
+native_api = wire_router(NATIVE)
 
 
-def add_native_routes(app: FastAPI) -> None:
-    @app.api_route("/health", methods=["GET", "POST"])
-    async def health(request: Request) -> JSONResponse:
-        """{"status": "ok"}, as llama.cpp's (LLM for Unity 3.x POSTs it); a 503 carries llama.cpp's error
-        too: no backend can load models, or the llama.cpp routes' model is loading."""
-        state = state_of(request)
-        chain = [state.models.backend_errors.get(b.name) for b in state.models.backends]  # the text backends
-        if not any(err is None for err in chain):
-            reason = "no backend available"
-        elif state.models.loading(state.settings.llamacpp_model or state.settings.default_model):
-            reason = "Loading model"
-        else:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": reason, **llamacpp_error_body(503, reason)}, status_code=503)
+@native_api.post("/pull", status_code=202, openapi_extra=PULL)
+async def native_pull(body: PullBody, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    if body.trust_remote_code and not state.settings.remote_code_allowed(body.model):
+        raise Forbidden(f"remote code is off: '{body.model}' may not run its own Python code. The operator "
+                        "enables it with ALLOW_REMOTE_CODE=1, or for this repo with REMOTE_CODE_MODELS="
+                        f"{body.model}; then pull again")
+    job = state.pulls.submit(body.model, body.revision, body.quantize, body.init, body.trust_remote_code)
+    return {"job_id": job.id, "status": job.status, "model": job.model}
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        body, content_type = state_of(request).metrics.exposition()
-        return Response(body, media_type=content_type)
+@native_api.get("/jobs", openapi_extra=merged("jobs", "id"))
+async def list_jobs(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    listed = state.registry.list_jobs(state.settings.max_jobs_listed)
+    return {"jobs": [(state.pulls.live(j.id) or j).public() for j in listed]}
 
-    @app.get("/models")
-    async def models(request: Request) -> dict[str, Any]:
-        state = state_of(request)
-        return {"models": [model_entry(r, state.models) for r in state.registry.list_models()]}
+@native_api.get("/jobs/{job_id}", openapi_extra=TO_EVERY_WORKER)
+async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    found = state.pulls.live(job_id) or state.registry.get_job(job_id)
+    if found is None:
+        raise NotFound(f"job '{job_id}' not found; GET /jobs lists recent jobs")
+    return found.public()
 
-    @app.delete("/models/{name:path}")
-    async def delete(name: str, request: Request) -> dict[str, Any]:
-        state = state_of(request)
-        rec = state.registry.get_model(name)
-        if rec is None:
-            raise model_not_found(name)
-        await asyncio.to_thread(delete_model, state, rec)
-        return {"deleted": rec.name}
+@native_api.delete("/jobs/{job_id}", openapi_extra=TO_EVERY_WORKER)
+async def cancel_pull_job(job_id: str, request: Request) -> dict[str, Any]:
+    return state_of(request).pulls.cancel(job_id).public()
 
-    @app.post("/chat")
-    async def chat(body: ChatBody, request: Request) -> Any:
-        state = state_of(request)
-        rec = state.registry.get_model(body.model)
-        if rec is None:
-            raise model_not_found(body.model)
-        require_generative(rec, body.model, "chat")
-        messages = [m.model_dump() for m in body.messages]
-        params = body.params()
-        build = chat_builder(messages, None, params, state.settings, preset=model_preset(rec))
-        run = GenerationRun(state.models, rec, build, params, keep_alive_of(body.keep_alive), request)
-        if body.stream:
-            return await ollama_chat_stream(run, body.model, tools=None)
-        fin = await run_to_end(run)
-        return {"model": body.model, "created_at": utc_now_iso(),
-                "message": {"role": "assistant", "content": fin.result.text}, "done": True, **ollama_stats(fin)}
 
-    @app.get("/status")
-    async def status(request: Request) -> dict[str, Any]:
-        state = state_of(request)
-        return {"version": VERSION,
-                "backends": [{"name": n, "available": e is None, "error": e}
-                             for n, e in state.models.backend_errors.items()],
-                "bitsandbytes": {"usable": state.bnb_error is None, "error": state.bnb_error},
-                "llama_server": next((b.public() for b in state.models.backends if isinstance(b, LlamaCppBackend)),
-                                     None),
-                **state.models.status(),
-                "pulls_active": [j.public() for j in state.pulls.active_jobs()],
-                "config": state.settings.public()}
+@native_api.api_route("/health", methods=["GET", "POST"], openapi_extra=GATEWAY_HEALTH)
+async def health(request: Request) -> JSONResponse:
+    """{"status": "ok"}, as llama.cpp's (LLM for Unity 3.x POSTs it); a 503 carries llama.cpp's error
+    too: no backend can load models, or the llama.cpp routes' model is loading."""
+    state = state_of(request)
+    chain = [state.models.backend_errors.get(b.name) for b in state.models.backends]  # the text backends
+    if not any(err is None for err in chain):
+        reason = "no backend available"
+    elif state.models.loading(state.settings.llamacpp_model or state.settings.default_model):
+        reason = "Loading model"
+    else:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": reason, **llamacpp_error_body(503, reason)}, status_code=503)
 
-    @app.get("/diag")
-    async def diagnostics(request: Request) -> dict[str, Any]:
-        return await asyncio.to_thread(diag, state_of(request).settings)
+@native_api.get("/metrics", openapi_extra=GATEWAY_METRICS)
+async def metrics_exposition(request: Request) -> Response:
+    body, content_type = state_of(request).metrics.exposition()
+    return Response(body, media_type=content_type)
+
+@native_api.get("/models", openapi_extra=merged("models", "name"))
+async def native_models(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    return {"models": [model_entry(r, state.models) for r in state.registry.list_models()]}
+
+@native_api.delete("/models/{name:path}", openapi_extra=TO_EVERY_WORKER)
+async def native_delete(name: str, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    rec = state.registry.get_model(name)
+    if rec is None:
+        raise model_not_found(name)
+    await asyncio.to_thread(delete_model, state, rec)
+    return {"deleted": rec.name}
+
+@native_api.post("/chat", openapi_extra=BY_MODEL)
+async def native_chat(body: ChatBody, request: Request) -> Any:
+    state = state_of(request)
+    rec = state.registry.get_model(body.model)
+    if rec is None:
+        raise model_not_found(body.model)
+    require_generative(rec, body.model, "chat")
+    messages = [m.model_dump() for m in body.messages]
+    params = body.params()
+    build = chat_builder(messages, None, params, state.settings, preset=model_preset(rec))
+    run = GenerationRun(state.models, rec, build, params, keep_alive_of(body.keep_alive), request)
+    if body.stream:
+        return await ollama_chat_stream(run, body.model, tools=None)
+    fin = await run_to_end(run)
+    return {"model": body.model, "created_at": utc_now_iso(),
+            "message": {"role": "assistant", "content": fin.result.text}, "done": True, **ollama_stats(fin)}
+
+@native_api.get("/status", openapi_extra=merged(combine="status"))
+async def server_status(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    return {"version": VERSION,
+            "backends": [{"name": n, "available": e is None, "error": e}
+                         for n, e in state.models.backend_errors.items()],
+            "bitsandbytes": {"usable": state.bnb_error is None, "error": state.bnb_error},
+            "llama_server": next((b.public() for b in state.models.backends if isinstance(b, LlamaCppBackend)),
+                                 None),
+            **state.models.status(),
+            "pulls_active": [j.public() for j in state.pulls.active_jobs()],
+            "config": state.settings.public()}
+
+@native_api.get("/diag", openapi_extra=BY_MODEL)
+async def diagnostics(request: Request) -> dict[str, Any]:
+    return await asyncio.to_thread(diag, state_of(request).settings)
 
 
 # ============================================================================
 # 17. Routes: Ollama (/api/*)
 # ============================================================================
+ollama_api = wire_router(OLLAMA)
 OLLAMA_API_VERSION = "0.13.0"  # the Ollama API level these routes follow (numeric: Open WebUI parses it)
 
 
@@ -5286,7 +5395,7 @@ async def ollama_chat_stream(run: GenerationRun, name: str, tools: list[dict] | 
                 yield compact_json(ollama_chunk(name, False, message={"role": "assistant", "content": event.text},
                                                 **ollama_logprobs(run, event.logprobs, top))) + "\n"
 
-    return stream_response(await first_then_rest(lines()), "application/x-ndjson", ndjson_error, watched=True)
+    return stream_response(await first_then_rest(lines()), OLLAMA, watched=True)
 
 
 async def ollama_image(state: AppState, rec: ModelRecord, body: OllamaGenerateBody, keep_alive: float | None,
@@ -5329,7 +5438,7 @@ async def ollama_image(state: AppState, rec: ModelRecord, body: OllamaGenerateBo
         finally:
             job.cancel.set()  # the client left (or the run ended): nothing more to make
 
-    return stream_response(lines(), "application/x-ndjson", ndjson_error)
+    return stream_response(lines(), OLLAMA)
 
 
 def ndjson_one(obj: dict[str, Any]) -> Response:
@@ -5366,24 +5475,34 @@ def apply_generate_template(template: str, system: str, prompt: str) -> str:
     return re.sub(r"\{\{\s*\.Prompt\s*\}\}", prompt, re.sub(r"\{\{\s*\.System\s*\}\}", system, template))
 
 
-def generate_builder(body: OllamaGenerateBody, rec: ModelRecord, name: str,
+def completion_builder(prompt: str, suffix: str | None, rec: ModelRecord, name: str, params: GenParams,
+                       settings: Settings) -> Callable[[LoadedModel, threading.Event], Prompt]:
+    """A prompt taken as it is (no template), or fill-in-the-middle around `suffix`: /v1/completions and
+    raw or suffixed /api/generate."""
+    if suffix and "insert" not in model_capabilities(rec.path):
+        raise BadRequest(f'"{name}" does not support insert')
+    text = f"<fim_prefix>{prompt}<fim_suffix>{suffix}<fim_middle>" if suffix else prompt
+
+    def build(model: LoadedModel, _cancel: threading.Event) -> Prompt:
+        ids = model.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return fit_ids(Prompt(text, ids), context_size(model.loaded, params, settings), params.truncate)
+
+    return build
+
+
+def generate_builder(body: OllamaGenerateBody, rec: ModelRecord, name: str, params: GenParams,
                      settings: Settings) -> Callable[[LoadedModel, threading.Event], Prompt]:
+    """The prompt of /api/generate (raw, FIM suffix, template or chat template), fitted to the context
+    of `params`: the request's options over a created model's preset."""
     if body.raw and (body.template or body.system or body.context):
         raise BadRequest("raw mode does not support template, system, or context")
     if body.images:
         raise BadRequest(f'"{name}" does not support images (a text-only model)')
-    if body.suffix and "insert" not in model_capabilities(rec.path):
-        raise BadRequest(f'"{name}" does not support insert')
-    params = ollama_params(body.options, body.format, body.truncate)
+    if body.suffix or body.raw:
+        return completion_builder(body.prompt or "", body.suffix, rec, name, params, settings)
 
     def build(model: LoadedModel, _cancel: threading.Event) -> Prompt:
         tok, prompt = model.loaded.tokenizer, body.prompt or ""
-        num_ctx = context_size(model.loaded, params, settings)
-        if body.suffix:
-            text = f"<fim_prefix>{prompt}<fim_suffix>{body.suffix}<fim_middle>"
-            return fit_ids(Prompt(text, tok(text, add_special_tokens=False)["input_ids"]), num_ctx, params.truncate)
-        if body.raw:
-            return fit_ids(Prompt(prompt, tok(prompt, add_special_tokens=False)["input_ids"]), num_ctx, params.truncate)
         if body.template:
             text = apply_generate_template(body.template, body.system or "", prompt)
             rendered = Prompt(text, tok(text)["input_ids"])
@@ -5392,196 +5511,194 @@ def generate_builder(body: OllamaGenerateBody, rec: ModelRecord, name: str,
                        [{"role": "user", "content": prompt}]
             rendered = render_chat_prompt(tok, messages)
         ids = (body.context or []) + rendered.ids  # context: the previous exchange, as returned below
-        return fit_ids(Prompt(rendered.text, ids), num_ctx, params.truncate)
+        return fit_ids(Prompt(rendered.text, ids), context_size(model.loaded, params, settings), params.truncate)
 
     return build
 
 
-def add_ollama_inference_routes(app: FastAPI) -> None:
-    @app.api_route("/", methods=["GET", "HEAD"])
-    async def root() -> PlainTextResponse:
-        return PlainTextResponse("Ollama is running")
+@ollama_api.api_route("/", methods=["GET", "HEAD"], openapi_extra=LOCAL)
+async def ollama_root() -> PlainTextResponse:
+    return PlainTextResponse("Ollama is running")
 
-    @app.api_route("/api/version", methods=["GET", "HEAD"])
-    async def version() -> dict[str, str]:
-        return {"version": OLLAMA_API_VERSION}
+@ollama_api.api_route("/api/version", methods=["GET", "HEAD"], openapi_extra=LOCAL)
+async def ollama_version() -> dict[str, str]:
+    return {"version": OLLAMA_API_VERSION}
 
-    @app.post("/api/chat")
-    async def api_chat(body: OllamaChatBody, request: Request) -> Any:
-        state = state_of(request)
-        rec = require_model(state, body.model)
-        keep_alive = keep_alive_of(body.keep_alive)
-        if not body.messages:
-            reason = await load_or_unload(state, rec, keep_alive)
-            return ndjson_one(ollama_chunk(body.model, True, message={"role": "assistant", "content": ""},
-                                           done_reason=reason))
-        require_generative(rec, body.model, "chat")
-        if any(m.images for m in body.messages):
-            raise BadRequest(f'"{body.model}" does not support images (a text-only model)')
-        think = check_think(rec, body.model, body.think)
-        tools = check_tools(body.tools)
-        preset = model_preset(rec)
-        params = asking_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate),
-                                 body.logprobs_top())
-        messages = [m.for_template() for m in body.messages]
+@ollama_api.post("/api/chat", openapi_extra=BY_MODEL)
+async def api_chat(body: OllamaChatBody, request: Request) -> Any:
+    state = state_of(request)
+    rec = require_model(state, body.model)
+    keep_alive = keep_alive_of(body.keep_alive)
+    if not body.messages:
+        reason = await load_or_unload(state, rec, keep_alive)
+        return ndjson_one(ollama_chunk(body.model, True, message={"role": "assistant", "content": ""},
+                                       done_reason=reason))
+    require_generative(rec, body.model, "chat")
+    if any(m.images for m in body.messages):
+        raise BadRequest(f'"{body.model}" does not support images (a text-only model)')
+    think = check_think(rec, body.model, body.think)
+    tools = check_tools(body.tools)
+    preset = model_preset(rec)
+    params = asking_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate),
+                             body.logprobs_top())
+    messages = [m.for_template() for m in body.messages]
 
-        build = chat_builder(messages, tools, params, state.settings, think if think else None, preset)
-        run = GenerationRun(state.models, rec, build, params, keep_alive, request)
-        if body.stream:
-            return await ollama_chat_stream(run, body.model, tools, think, body.logprobs_top())
+    build = chat_builder(messages, tools, params, state.settings, think if think else None, preset)
+    run = GenerationRun(state.models, rec, build, params, keep_alive, request)
+    if body.stream:
+        return await ollama_chat_stream(run, body.model, tools, think, body.logprobs_top())
+    fin = await run_to_end(run)
+    return ndjson_one({**ollama_chat_final(body.model, fin, tools, think),
+                       **ollama_logprobs(run, fin.result.logprobs, body.logprobs_top())})
+
+@ollama_api.post("/api/generate", openapi_extra=BY_MODEL)
+async def api_generate(body: OllamaGenerateBody, request: Request) -> Any:
+    state = state_of(request)
+    rec = require_model(state, body.model)
+    keep_alive = keep_alive_of(body.keep_alive)
+    if not body.prompt and not body.suffix:
+        reason = await load_or_unload(state, rec, keep_alive)
+        return ndjson_one(ollama_chunk(body.model, True, response="", done_reason=reason))
+    if is_image_model(rec):
+        return await ollama_image(state, rec, body, keep_alive, request)
+    require_generative(rec, body.model)
+    check_think(rec, body.model, body.think)
+    preset = model_preset(rec)
+    if not body.raw and (preset.get("system") or preset.get("template")):
+        body = body.model_copy(update={"system": body.system or preset.get("system"),
+                                       "template": body.template or preset.get("template")})
+    top = body.logprobs_top()
+    params = asking_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate), top)
+    build = generate_builder(body, rec, body.model, params, state.settings)
+    run = GenerationRun(state.models, rec, build, params, keep_alive, request)
+
+    def final(fin: Finished) -> dict[str, Any]:
+        extra = {} if body.raw else {"context": fin.prompt.ids + fin.result.output_ids}
+        return ollama_chunk(body.model, True, response="", **ollama_stats(fin), **extra)
+
+    if not body.stream:
         fin = await run_to_end(run)
-        return ndjson_one({**ollama_chat_final(body.model, fin, tools, think),
-                           **ollama_logprobs(run, fin.result.logprobs, body.logprobs_top())})
+        return ndjson_one({**final(fin), "response": fin.result.text,
+                           **ollama_logprobs(run, fin.result.logprobs, top)})
 
-    @app.post("/api/generate")
-    async def api_generate(body: OllamaGenerateBody, request: Request) -> Any:
-        state = state_of(request)
-        rec = require_model(state, body.model)
-        keep_alive = keep_alive_of(body.keep_alive)
-        if not body.prompt and not body.suffix:
-            reason = await load_or_unload(state, rec, keep_alive)
-            return ndjson_one(ollama_chunk(body.model, True, response="", done_reason=reason))
-        if is_image_model(rec):
-            return await ollama_image(state, rec, body, keep_alive, request)
-        require_generative(rec, body.model)
-        check_think(rec, body.model, body.think)
-        preset = model_preset(rec)
-        if not body.raw and (preset.get("system") or preset.get("template")):
-            body = body.model_copy(update={"system": body.system or preset.get("system"),
-                                           "template": body.template or preset.get("template")})
-        build = generate_builder(body, rec, body.model, state.settings)
-        top = body.logprobs_top()
-        params = asking_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate), top)
-        run = GenerationRun(state.models, rec, build, params, keep_alive, request)
+    async def lines():
+        async for event in run.events():
+            chunk = final(event) if isinstance(event, Finished) else ollama_chunk(
+                body.model, False, response=event.text, **ollama_logprobs(run, event.logprobs, top))
+            yield compact_json(chunk) + "\n"
 
-        def final(fin: Finished) -> dict[str, Any]:
-            extra = {} if body.raw else {"context": fin.prompt.ids + fin.result.output_ids}
-            return ollama_chunk(body.model, True, response="", **ollama_stats(fin), **extra)
-
-        if not body.stream:
-            fin = await run_to_end(run)
-            return ndjson_one({**final(fin), "response": fin.result.text,
-                               **ollama_logprobs(run, fin.result.logprobs, top)})
-
-        async def lines():
-            async for event in run.events():
-                chunk = final(event) if isinstance(event, Finished) else ollama_chunk(
-                    body.model, False, response=event.text, **ollama_logprobs(run, event.logprobs, top))
-                yield compact_json(chunk) + "\n"
-
-        return stream_response(await first_then_rest(lines()), "application/x-ndjson", ndjson_error, watched=True)
+    return stream_response(await first_then_rest(lines()), OLLAMA, watched=True)
 
 
+@ollama_api.api_route("/api/tags", methods=["GET", "HEAD"], openapi_extra=merged("models", "name"))
+async def ollama_tags(request: Request) -> dict[str, Any]:
+    records = state_of(request).registry.list_models()
+    return {"models": await asyncio.to_thread(lambda: [tag_entry(r) for r in records])}
 
-def add_ollama_model_routes(app: FastAPI) -> None:
-    @app.api_route("/api/tags", methods=["GET", "HEAD"])
-    async def tags(request: Request) -> dict[str, Any]:
-        records = state_of(request).registry.list_models()
-        return {"models": await asyncio.to_thread(lambda: [tag_entry(r) for r in records])}
+@ollama_api.post("/api/show", openapi_extra=TO_HOLDER)
+async def ollama_show(body: ModelNameBody, request: Request) -> dict[str, Any]:
+    name = body.target()
+    rec = require_model(state_of(request), name)
+    return await asyncio.to_thread(show_entry, rec)
 
-    @app.post("/api/show")
-    async def show(body: ModelNameBody, request: Request) -> dict[str, Any]:
-        name = body.target()
-        rec = require_model(state_of(request), name)
-        return await asyncio.to_thread(show_entry, rec)
+@ollama_api.get("/api/ps", openapi_extra=merged("models", "name"))
+async def ollama_ps(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    running = [(state.registry.get_model(n), m) for n, m in state.models.loaded.items()]
+    entries = [ps_entry(rec, m, state.settings) for rec, m in running if rec is not None]
+    return {"models": sorted(entries, key=lambda e: e["expires_at"], reverse=True)}
 
-    @app.get("/api/ps")
-    async def ps(request: Request) -> dict[str, Any]:
-        state = state_of(request)
-        running = [(state.registry.get_model(n), m) for n, m in state.models.loaded.items()]
-        entries = [ps_entry(rec, m, state.settings) for rec, m in running if rec is not None]
-        return {"models": sorted(entries, key=lambda e: e["expires_at"], reverse=True)}
+@ollama_api.delete("/api/delete", openapi_extra=TO_EVERY_WORKER)
+async def api_delete(body: ModelNameBody, request: Request) -> dict[str, str]:
+    state = state_of(request)
+    name = body.target()
+    await asyncio.to_thread(delete_model, state, require_model(state, name))
+    return {"status": "success"}
 
-    @app.delete("/api/delete")
-    async def api_delete(body: ModelNameBody, request: Request) -> dict[str, str]:
-        state = state_of(request)
-        name = body.target()
-        await asyncio.to_thread(delete_model, state, require_model(state, name))
+@ollama_api.post("/api/copy", openapi_extra=TO_EVERY_WORKER)
+async def api_copy(body: CopyBody, request: Request) -> dict[str, str]:
+    state = state_of(request)
+    rec = require_model(state, body.source, f'model "{body.source}" not found')
+    if (taken := find_model(state, body.destination)) is not None:
+        raise Conflict(f"model '{display_name(taken.name)}' already exists: delete it first "
+                       "(DELETE /api/delete), or copy to another name")
+    state.registry.put_model(dataclasses.replace(rec, name=body.destination, created_at=utc_now_iso()))
+    log.info("model %s: copied to %s", rec.name, body.destination)
+    return {"status": "success"}
+
+@ollama_api.post("/api/pull", openapi_extra=PULL)
+async def api_pull(body: ModelNameBody, request: Request) -> Any:
+    return await ollama_pull(state_of(request), body.target(), body.stream)
+
+@ollama_api.post("/api/embed", openapi_extra=BY_MODEL)
+async def api_embed(body: OllamaEmbedBody, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
+    fin = await embed(state, body.model, texts, True, body.truncate is not False, body.dimensions,
+                      keep_alive_of(body.keep_alive))
+    return {"model": body.model, "embeddings": fin["vectors"], "total_duration": fin["total_ns"],
+            "load_duration": fin["load_ns"], "prompt_eval_count": fin["tokens"]}
+
+@ollama_api.post("/api/embeddings", openapi_extra=BY_MODEL)
+async def api_embeddings(body: OllamaLegacyEmbedBody, request: Request) -> dict[str, Any]:
+    texts = [body.prompt] if body.prompt else []
+    fin = await embed(state_of(request), body.model, texts, False, True, None, keep_alive_of(body.keep_alive))
+    return {"embedding": fin["vectors"][0] if fin["vectors"] else []}
+
+
+# /api/create, the blobs it is made from, and /api/push (refused).
+
+
+@ollama_api.post("/api/create", openapi_extra=BY_MODEL)
+async def api_create(body: CreateBody, request: Request) -> Any:
+    statuses = await asyncio.to_thread(create_model, state_of(request), body)
+    if not body.stream:
         return {"status": "success"}
+    return StreamingResponse(aiter_of(*(compact_json({"status": s}) + "\n" for s in [*statuses, "success"])),
+                             media_type="application/x-ndjson")
 
-    @app.post("/api/copy")
-    async def api_copy(body: CopyBody, request: Request) -> dict[str, str]:
-        state = state_of(request)
-        rec = require_model(state, body.source, f'model "{body.source}" not found')
-        if (taken := find_model(state, body.destination)) is not None:
-            raise Conflict(f"model '{display_name(taken.name)}' already exists: delete it first "
-                           "(DELETE /api/delete), or copy to another name")
-        state.registry.put_model(dataclasses.replace(rec, name=body.destination, created_at=utc_now_iso()))
-        log.info("model %s: copied to %s", rec.name, body.destination)
-        return {"status": "success"}
+@ollama_api.head("/api/blobs/{digest}", openapi_extra=BY_MODEL)
+async def blob_exists(digest: str, request: Request) -> Response:
+    if not blob_path(state_of(request).settings, digest).exists():
+        raise NotFound(f'blob "{digest}" not found')
+    return Response(status_code=200)
 
-    @app.post("/api/pull")
-    async def api_pull(body: ModelNameBody, request: Request) -> Any:
-        return await ollama_pull(state_of(request), body.target(), body.stream)
-
-    @app.post("/api/embed")
-    async def api_embed(body: OllamaEmbedBody, request: Request) -> dict[str, Any]:
-        state = state_of(request)
-        texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
-        fin = await embed(state, body.model, texts, True, body.truncate is not False, body.dimensions,
-                          keep_alive_of(body.keep_alive))
-        return {"model": body.model, "embeddings": fin["vectors"], "total_duration": fin["total_ns"],
-                "load_duration": fin["load_ns"], "prompt_eval_count": fin["tokens"]}
-
-    @app.post("/api/embeddings")
-    async def api_embeddings(body: OllamaLegacyEmbedBody, request: Request) -> dict[str, Any]:
-        texts = [body.prompt] if body.prompt else []
-        fin = await embed(state_of(request), body.model, texts, False, True, None, keep_alive_of(body.keep_alive))
-        return {"embedding": fin["vectors"][0] if fin["vectors"] else []}
-
-
-def add_ollama_create_routes(app: FastAPI) -> None:
-    """/api/create, the blobs it is made from, and /api/push (refused)."""
-    @app.post("/api/create")
-    async def api_create(body: CreateBody, request: Request) -> Any:
-        statuses = await asyncio.to_thread(create_model, state_of(request), body)
-        if not body.stream:
-            return {"status": "success"}
-        return StreamingResponse(aiter_of(*(compact_json({"status": s}) + "\n" for s in [*statuses, "success"])),
-                                 media_type="application/x-ndjson")
-
-    @app.head("/api/blobs/{digest}")
-    async def blob_exists(digest: str, request: Request) -> Response:
-        if not blob_path(state_of(request).settings, digest).exists():
-            raise NotFound(f'blob "{digest}" not found')
+@ollama_api.post("/api/blobs/{digest}", openapi_extra=BY_MODEL)
+async def upload_blob(digest: str, request: Request) -> Response:
+    """The raw body is the file; its sha256 must be the digest. Streamed to disk, never held in
+    memory; a partial upload (mismatch, client gone) leaves nothing behind."""
+    state = state_of(request)
+    path = blob_path(state.settings, digest)
+    if path.exists():
         return Response(status_code=200)
+    length = request.headers.get("content-length", "")
+    free = shutil.disk_usage(path.parent).free
+    if length.isdigit() and int(length) > free - state.settings.pull_min_free_bytes:
+        raise ServerError(f"not enough disk for a {int(length)}-byte blob ({free} bytes free, "
+                          f"PULL_MIN_FREE_BYTES {state.settings.pull_min_free_bytes} kept)", status=507)
+    partial, sha, room = path.with_name(f"{path.name}.{new_id()}.partial"), hashlib.sha256(), \
+        free - state.settings.pull_min_free_bytes
+    try:
+        with open(partial, "wb") as out:
+            async for chunk in request.stream():
+                room -= len(chunk)
+                if room < 0:  # a body without Content-Length is counted as it comes
+                    raise ServerError(f"not enough disk for this blob (PULL_MIN_FREE_BYTES "
+                                      f"{state.settings.pull_min_free_bytes} kept)", status=507)
+                sha.update(chunk)
+                await asyncio.to_thread(out.write, chunk)
+        if (got := f"sha256:{sha.hexdigest()}") != digest:
+            raise BadRequest(f'digest mismatch, expected "{digest}", got "{got}"')
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    log.info("blob %s: stored (%d bytes)", digest[:19], path.stat().st_size)
+    return Response(status_code=201)
 
-    @app.post("/api/blobs/{digest}")
-    async def upload_blob(digest: str, request: Request) -> Response:
-        """The raw body is the file; its sha256 must be the digest. Streamed to disk, never held in
-        memory; a partial upload (mismatch, client gone) leaves nothing behind."""
-        state = state_of(request)
-        path = blob_path(state.settings, digest)
-        if path.exists():
-            return Response(status_code=200)
-        length = request.headers.get("content-length", "")
-        free = shutil.disk_usage(path.parent).free
-        if length.isdigit() and int(length) > free - state.settings.pull_min_free_bytes:
-            raise ServerError(f"not enough disk for a {int(length)}-byte blob ({free} bytes free, "
-                              f"PULL_MIN_FREE_BYTES {state.settings.pull_min_free_bytes} kept)", status=507)
-        partial, sha, room = path.with_name(f"{path.name}.{new_id()}.partial"), hashlib.sha256(), \
-            free - state.settings.pull_min_free_bytes
-        try:
-            with open(partial, "wb") as out:
-                async for chunk in request.stream():
-                    room -= len(chunk)
-                    if room < 0:  # a body without Content-Length is counted as it comes
-                        raise ServerError(f"not enough disk for this blob (PULL_MIN_FREE_BYTES "
-                                          f"{state.settings.pull_min_free_bytes} kept)", status=507)
-                    sha.update(chunk)
-                    await asyncio.to_thread(out.write, chunk)
-            if (got := f"sha256:{sha.hexdigest()}") != digest:
-                raise BadRequest(f'digest mismatch, expected "{digest}", got "{got}"')
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-        log.info("blob %s: stored (%d bytes)", digest[:19], path.stat().st_size)
-        return Response(status_code=201)
-
-    @app.post("/api/push")
-    async def api_push() -> None:
-        raise BadRequest("push is not supported: ai-server pulls from the Hugging Face Hub and publishes nowhere; "
-                         "upload a model with huggingface_hub (`hf upload`) instead")
+@ollama_api.post("/api/push", openapi_extra=BY_MODEL)
+async def api_push() -> None:
+    raise BadRequest("push is not supported: ai-server pulls from the Hugging Face Hub and publishes nowhere; "
+                     "upload a model with huggingface_hub (`hf upload`) instead")
 
 
 def tag_entry(rec: ModelRecord) -> dict[str, Any]:
@@ -5767,8 +5884,8 @@ async def ollama_pull(state: AppState, name: str, stream: bool) -> Any:
         async with state.import_lock:  # two pulls at once converted into the same folder
             if state.registry.get_model(embedded) is None:
                 await run_in_daemon_thread(import_embedded_model, state.settings, state.registry, embedded)
-        return stream_response(aiter_of(compact_json({"status": "success"}) + "\n"),
-                               "application/x-ndjson", ndjson_error) if stream else {"status": "success"}
+        return stream_response(aiter_of(ndjson_line({"status": "success"})), OLLAMA) if stream \
+            else {"status": "success"}
     job = state.pulls.submit(pull_target(name), "main", "auto", False, False)
     if not stream:
         await state.pulls.wait(job.id)
@@ -5776,7 +5893,7 @@ async def ollama_pull(state: AppState, name: str, stream: bool) -> Any:
         if final.status != "succeeded":
             raise pull_failed(state, final)
         return {"status": "success"}
-    return stream_response(pull_progress(state, job), "application/x-ndjson", ndjson_error)
+    return stream_response(pull_progress(state, job), OLLAMA)
 
 
 def pull_failed(state: AppState, job: PullJob) -> ServerError:
@@ -5821,6 +5938,9 @@ async def pull_progress(state: AppState, job: PullJob):
 # ============================================================================
 # 18. Routes: OpenAI-compatible (/v1/*)
 # ============================================================================
+openai_api = wire_router(OPENAI)  # OpenAI's routes here, and its /v1/rerank (19) and /v1/images/* (20)
+
+
 def openai_chat_request(body: OpenAIChatBody, settings: Settings, rec: ModelRecord):
     """(prompt builder, parameters, tools) for one chat completion."""
     tools = check_tools(body.tools) if body.tool_choice != "none" else None
@@ -5835,155 +5955,151 @@ def openai_chat_request(body: OpenAIChatBody, settings: Settings, rec: ModelReco
     return chat_builder(messages, tools, params, settings, preset=model_preset(rec)), params, tools
 
 
-def add_openai_chat_route(app: FastAPI) -> None:
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: OpenAIChatBody, request: Request) -> Any:
-        state = state_of(request)
-        rec = require_generative_model(state, body.model, "chat")
-        build, params, tools = openai_chat_request(body, state.settings, rec)
-        run = GenerationRun(state.models, rec, build, params, None, request)
-        ident, created, top = f"chatcmpl-{new_id()}", int(time.time()), body.logprobs_top()
+@openai_api.post("/v1/chat/completions", openapi_extra=BY_MODEL)
+async def chat_completions(body: OpenAIChatBody, request: Request) -> Any:
+    state = state_of(request)
+    rec = require_generative_model(state, body.model, "chat")
+    build, params, tools = openai_chat_request(body, state.settings, rec)
+    run = GenerationRun(state.models, rec, build, params, None, request)
+    ident, created, top = f"chatcmpl-{new_id()}", int(time.time()), body.logprobs_top()
 
-        def logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any]:
-            return {"logprobs": {"content": logprob_entries(run.tokenizer, lps, top)}} if top is not None else {}
+    def logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any]:
+        return {"logprobs": {"content": logprob_entries(run.tokenizer, lps, top)}} if top is not None else {}
 
-        def chunk(delta: dict[str, Any], finish: str | None, lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
-            return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "system_fingerprint": "fp_ai_server",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **logprobs(lps)}]}
+    def chunk(delta: dict[str, Any], finish: str | None, lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                "system_fingerprint": "fp_ai_server",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **logprobs(lps)}]}
 
-        def reply(fin: Finished) -> tuple[str, list[dict[str, Any]]]:
-            if not tools:
-                return fin.result.text, []
-            text, calls = parse_tool_calls(fin.result.text, {t["function"]["name"] for t in tools})
-            return text, openai_tool_calls(calls)
+    def reply(fin: Finished) -> tuple[str, list[dict[str, Any]]]:
+        if not tools:
+            return fin.result.text, []
+        text, calls = parse_tool_calls(fin.result.text, {t["function"]["name"] for t in tools})
+        return text, openai_tool_calls(calls)
 
-        if not body.stream:
-            fin = await run_to_end(run)
-            text, calls = reply(fin)
-            message = {"role": "assistant", "content": text or (None if calls else "")}
-            if calls:
-                message["tool_calls"] = calls
-            return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
-                    "system_fingerprint": "fp_ai_server",
-                    "choices": [{"index": 0, "message": message, "finish_reason": openai_finish_reason(fin, calls),
-                                 **logprobs(fin.result.logprobs)}],
-                    "usage": openai_usage(fin)}
+    if not body.stream:
+        fin = await run_to_end(run)
+        text, calls = reply(fin)
+        message = {"role": "assistant", "content": text or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = calls
+        return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
+                "system_fingerprint": "fp_ai_server",
+                "choices": [{"index": 0, "message": message, "finish_reason": openai_finish_reason(fin, calls),
+                             **logprobs(fin.result.logprobs)}],
+                "usage": openai_usage(fin)}
 
-        async def lines():
-            first = True
-            async for event in run.events():
-                if isinstance(event, Finished):
-                    text, calls = reply(event)
-                    if tools:  # held back and parsed whole, like the Ollama stream
-                        delta = {"role": "assistant", "content": text or None} if first else {"content": text}
-                        if calls:
-                            delta["tool_calls"] = calls
-                        yield sse(chunk(delta, None, event.result.logprobs))
-                    elif first:
-                        yield sse(chunk({"role": "assistant", "content": ""}, None))
-                    yield sse(chunk({}, openai_finish_reason(event, calls)))
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield sse({**chunk({}, None), "choices": [], "usage": openai_usage(event)})
-                    yield "data: [DONE]\n\n"
-                elif not tools:
-                    delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
-                    yield sse(chunk(delta, None, event.logprobs))
-                    first = False
+    async def lines():
+        first = True
+        async for event in run.events():
+            if isinstance(event, Finished):
+                text, calls = reply(event)
+                if tools:  # held back and parsed whole, like the Ollama stream
+                    delta = {"role": "assistant", "content": text or None} if first else {"content": text}
+                    if calls:
+                        delta["tool_calls"] = calls
+                    yield sse(chunk(delta, None, event.result.logprobs))
+                elif first:
+                    yield sse(chunk({"role": "assistant", "content": ""}, None))
+                yield sse(chunk({}, openai_finish_reason(event, calls)))
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({**chunk({}, None), "choices": [], "usage": openai_usage(event)})
+                yield "data: [DONE]\n\n"
+            elif not tools:
+                delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
+                yield sse(chunk(delta, None, event.logprobs))
+                first = False
 
-        return stream_response(await first_then_rest(lines()), "text/event-stream", sse_error, watched=True)
-
+    return stream_response(await first_then_rest(lines()), OPENAI, watched=True)
 
 
-def add_openai_other_routes(app: FastAPI) -> None:
-    @app.post("/v1/completions")
-    async def completions(body: OpenAICompletionBody, request: Request) -> Any:
-        state = state_of(request)
-        rec = require_generative_model(state, body.model)
-        prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt[:1])
-        native = OllamaGenerateBody(model=body.model, prompt=prompt, suffix=body.suffix, raw=True)
-        params = asking_logprobs(openai_params(body, body.max_tokens), body.logprobs)
-        build = generate_builder(native, rec, body.model, state.settings)
-        run = GenerationRun(state.models, rec, build, params, None, request)
-        ident, created = f"cmpl-{new_id()}", int(time.time())
-        offset = len(prompt) if body.echo else 0  # where the next token's text starts (text_offset)
+@openai_api.post("/v1/completions", openapi_extra=BY_MODEL)
+async def openai_completions(body: OpenAICompletionBody, request: Request) -> Any:
+    state = state_of(request)
+    rec = require_generative_model(state, body.model)
+    prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt[:1])
+    params = asking_logprobs(openai_params(body, body.max_tokens), body.logprobs)
+    build = completion_builder(prompt, body.suffix, rec, body.model, params, state.settings)
+    run = GenerationRun(state.models, rec, build, params, None, request)
+    ident, created = f"cmpl-{new_id()}", int(time.time())
+    offset = len(prompt) if body.echo else 0  # where the next token's text starts (text_offset)
 
-        def logprobs(lps: list[TokenLogprob] | None, prompt_ids: list[int] | None = None) -> dict[str, Any] | None:
-            nonlocal offset
-            if body.logprobs is None:
-                return None
-            entries = logprob_entries(run.tokenizer, lps, body.logprobs)
-            if prompt_ids:  # echo: the prompt's tokens first; the first has no logprob (nothing before it)
-                first = run.tokenizer.decode(prompt_ids[:1])
-                entries = [{"token": first, "logprob": None, "top_logprobs": None}, *entries]
-                offset = 0
-            offsets = list(itertools.accumulate((len(e["token"]) for e in entries), initial=offset))
-            offset = offsets.pop()
-            return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                    "top_logprobs": [e["top_logprobs"] and {t["token"]: t["logprob"] for t in e["top_logprobs"]}
-                                     for e in entries], "text_offset": offsets}
+    def logprobs(lps: list[TokenLogprob] | None, prompt_ids: list[int] | None = None) -> dict[str, Any] | None:
+        nonlocal offset
+        if body.logprobs is None:
+            return None
+        entries = logprob_entries(run.tokenizer, lps, body.logprobs)
+        if prompt_ids:  # echo: the prompt's tokens first; the first has no logprob (nothing before it)
+            first = run.tokenizer.decode(prompt_ids[:1])
+            entries = [{"token": first, "logprob": None, "top_logprobs": None}, *entries]
+            offset = 0
+        offsets = list(itertools.accumulate((len(e["token"]) for e in entries), initial=offset))
+        offset = offsets.pop()
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [e["top_logprobs"] and {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                                 for e in entries], "text_offset": offsets}
 
-        async def echoed(ids: list[int]) -> dict[str, Any]:
-            """The echo chunk: the prompt, with its own logprobs when asked (a scoring pass)."""
-            if body.logprobs is None:
-                return chunk(prompt, None, [])
-            async with state.models.use(rec) as (model, _):
-                lps = await run_in_daemon_thread(model.prompt_logprobs, ids, max(body.logprobs, 1))
-            return {**chunk(prompt, None), "choices": [{"text": prompt, "index": 0, "finish_reason": None,
-                                                        "logprobs": logprobs(lps, ids)}]}
+    async def echoed(ids: list[int]) -> dict[str, Any]:
+        """The echo chunk: the prompt, with its own logprobs when asked (a scoring pass)."""
+        if body.logprobs is None:
+            return chunk(prompt, None, [])
+        async with state.models.use(rec) as (model, _):
+            lps = await run_in_daemon_thread(model.prompt_logprobs, ids, max(body.logprobs, 1))
+        return {**chunk(prompt, None), "choices": [{"text": prompt, "index": 0, "finish_reason": None,
+                                                    "logprobs": logprobs(lps, ids)}]}
 
-        def chunk(text: str, finish: str | None, lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
-            return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": logprobs(lps)}]}
+    def chunk(text: str, finish: str | None, lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": logprobs(lps)}]}
 
-        if not body.stream:
-            fin = await run_to_end(run)
-            if not body.echo:
-                return {**chunk(fin.result.text, fin.result.done_reason, fin.result.logprobs), "usage": openai_usage(fin)}
-            head = (await echoed(fin.prompt.ids))["choices"][0]["logprobs"]
-            tail = logprobs(fin.result.logprobs)
-            merged = {k: head[k] + tail[k] for k in head} if head else None
-            return {**chunk(prompt + fin.result.text, fin.result.done_reason), "usage": openai_usage(fin),
-                    "choices": [{"text": prompt + fin.result.text, "index": 0, "finish_reason": fin.result.done_reason,
-                                 "logprobs": merged}]}
+    if not body.stream:
+        fin = await run_to_end(run)
+        if not body.echo:
+            return {**chunk(fin.result.text, fin.result.done_reason, fin.result.logprobs), "usage": openai_usage(fin)}
+        head = (await echoed(fin.prompt.ids))["choices"][0]["logprobs"]
+        tail = logprobs(fin.result.logprobs)
+        merged = {k: head[k] + tail[k] for k in head} if head else None
+        return {**chunk(prompt + fin.result.text, fin.result.done_reason), "usage": openai_usage(fin),
+                "choices": [{"text": prompt + fin.result.text, "index": 0, "finish_reason": fin.result.done_reason,
+                             "logprobs": merged}]}
 
-        async def lines():
-            echo = body.echo  # sent with the first event, so errors before it are still HTTP errors
-            async for event in run.events():
-                if echo:
-                    echo = False
-                    yield sse(await echoed(run.prompt.ids))
-                if isinstance(event, Finished):
-                    yield sse(chunk("", event.result.done_reason, []))
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield sse({**chunk("", None), "choices": [], "usage": openai_usage(event)})
-                    yield "data: [DONE]\n\n"
-                else:
-                    yield sse(chunk(event.text, None, event.logprobs))
+    async def lines():
+        echo = body.echo  # sent with the first event, so errors before it are still HTTP errors
+        async for event in run.events():
+            if echo:
+                echo = False
+                yield sse(await echoed(run.prompt.ids))
+            if isinstance(event, Finished):
+                yield sse(chunk("", event.result.done_reason, []))
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({**chunk("", None), "choices": [], "usage": openai_usage(event)})
+                yield "data: [DONE]\n\n"
+            else:
+                yield sse(chunk(event.text, None, event.logprobs))
 
-        return stream_response(await first_then_rest(lines()), "text/event-stream", sse_error, watched=True)
+    return stream_response(await first_then_rest(lines()), OPENAI, watched=True)
 
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> dict[str, Any]:
-        return {"object": "list", "data": [openai_model(r) for r in state_of(request).registry.list_models()]}
+@openai_api.get("/v1/models", openapi_extra=merged("data", "id"))
+async def openai_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [openai_model(r) for r in state_of(request).registry.list_models()]}
 
-    @app.get("/v1/models/{model:path}")
-    async def get_model(model: str, request: Request) -> dict[str, Any]:
-        return openai_model(require_model(state_of(request), model))
+@openai_api.get("/v1/models/{model:path}", openapi_extra=TO_HOLDER)
+async def openai_model_info(model: str, request: Request) -> dict[str, Any]:
+    return openai_model(require_model(state_of(request), model))
 
-    @app.post("/v1/embeddings")
-    async def embeddings(body: OpenAIEmbeddingBody, request: Request) -> dict[str, Any]:
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if texts and isinstance(texts[0], int):  # one input as token ids
-            texts = [texts]
-        if not texts:
-            raise BadRequest("invalid input: give a string, a non-empty list of strings, or token ids")
-        fin = await embed(state_of(request), body.model, texts, True, True, body.dimensions, None)
-        encode = (lambda v: base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()) \
-            if body.encoding_format == "base64" else (lambda v: v)
-        return {"object": "list", "model": body.model,
-                "data": [{"object": "embedding", "embedding": encode(v), "index": i} for i, v in enumerate(fin["vectors"])],
-                "usage": {"prompt_tokens": fin["tokens"], "total_tokens": fin["tokens"]}}
+@openai_api.post("/v1/embeddings", openapi_extra=BY_MODEL)
+async def openai_embeddings(body: OpenAIEmbeddingBody, request: Request) -> dict[str, Any]:
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if texts and isinstance(texts[0], int):  # one input as token ids
+        texts = [texts]
+    if not texts:
+        raise BadRequest("invalid input: give a string, a non-empty list of strings, or token ids")
+    fin = await embed(state_of(request), body.model, texts, True, True, body.dimensions, None)
+    encode = (lambda v: base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()) \
+        if body.encoding_format == "base64" else (lambda v: v)
+    return {"object": "list", "model": body.model,
+            "data": [{"object": "embedding", "embedding": encode(v), "index": i} for i, v in enumerate(fin["vectors"])],
+            "usage": {"prompt_tokens": fin["tokens"], "total_tokens": fin["tokens"]}}
 
 
 def openai_model(rec: ModelRecord) -> dict[str, Any]:
@@ -5998,7 +6114,7 @@ def openai_model(rec: ModelRecord) -> dict[str, Any]:
 # ============================================================================
 # A module-level router: `grep @anthropic` lists this API. Requests convert to the same chat messages,
 # GenParams and GenerationRun as the other chat routes; only the wire shapes are Anthropic's.
-anthropic = APIRouter(tags=["anthropic"])
+anthropic_api = wire_router(ANTHROPIC, tags=["anthropic"])
 
 
 class AnthropicBlock(WireModel):
@@ -6140,13 +6256,7 @@ def anthropic_usage(fin: Finished) -> dict[str, int]:
             "cache_read_input_tokens": fin.result.cached_tokens}
 
 
-def anthropic_sse_error(exc: Exception) -> str:
-    status = exc.status if isinstance(exc, ServerError) else 500
-    message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
-    return typed_sse(anthropic_error_body(status, message))
-
-
-@anthropic.post("/v1/messages")
+@anthropic_api.post("/v1/messages", openapi_extra=BY_MODEL)
 async def anthropic_create_message(body: AnthropicBody, request: Request) -> Any:
     state = state_of(request)
     rec = require_generative_model(state, body.model, "chat")
@@ -6161,8 +6271,8 @@ async def anthropic_create_message(body: AnthropicBody, request: Request) -> Any
         content, reason, sequence = anthropic_content(fin, tools)
         return {**head, "content": content, "stop_reason": reason, "stop_sequence": sequence,
                 "usage": anthropic_usage(fin)}
-    return stream_response(await first_then_rest(anthropic_events(run, head, tools)), "text/event-stream",
-                           anthropic_sse_error, watched=True)
+    return stream_response(await first_then_rest(anthropic_events(run, head, tools)), ANTHROPIC,
+                           watched=True)
 
 
 async def anthropic_events(run: GenerationRun, head: dict[str, Any], tools: list[dict[str, Any]] | None):
@@ -6205,7 +6315,7 @@ async def anthropic_events(run: GenerationRun, head: dict[str, Any], tools: list
                                  "delta": {"type": "text_delta", "text": event.text}})
 
 
-@anthropic.post("/v1/messages/count_tokens")
+@anthropic_api.post("/v1/messages/count_tokens", openapi_extra=BY_MODEL)
 async def anthropic_count_tokens(body: AnthropicCountBody, request: Request) -> dict[str, int]:
     """The prompt's tokens under the model's chat template (Claude Code asks before long requests)."""
     state = state_of(request)
@@ -6222,7 +6332,7 @@ async def anthropic_count_tokens(body: AnthropicCountBody, request: Request) -> 
 # ============================================================================
 # A module-level router: `grep @responses_api` lists it. Input items convert to the same chat messages,
 # GenParams and GenerationRun as every chat route; only the wire shapes (items, typed stream events) differ.
-responses_api = APIRouter(tags=["openai-responses"])
+responses_api = wire_router(RESPONSES, tags=["openai-responses"])
 RESPONSES_KEPT = 1000  # responses remembered for previous_response_id (in memory: gone at a restart)
 
 
@@ -6390,7 +6500,7 @@ def remember_response(state: AppState, draft: ResponseDraft, obj: dict[str, Any]
         state.responses.popitem(last=False)
 
 
-@responses_api.post("/v1/responses")
+@responses_api.post("/v1/responses", openapi_extra=BY_MODEL)
 async def create_response(body: ResponsesBody, request: Request) -> Any:
     state = state_of(request)
     rec = require_generative_model(state, body.model, "chat")
@@ -6416,20 +6526,15 @@ async def create_response(body: ResponsesBody, request: Request) -> Any:
         return obj
     events = responses_events(run, draft, tools, lambda obj, said: remember_response(
         state, draft, obj, [*earlier, *turn, *said]))
-    return stream_response(await first_then_rest(events), "text/event-stream", responses_sse_error, watched=True)
+    return stream_response(await first_then_rest(events), RESPONSES, watched=True)
 
 
-@responses_api.get("/v1/responses/{response_id}")
+@responses_api.get("/v1/responses/{response_id}", openapi_extra=BY_MODEL)
 async def get_response(response_id: str, request: Request) -> dict[str, Any]:
     kept = state_of(request).responses.get(response_id)
     if kept is None:
         raise NotFound(f"No response found with id '{response_id}' (stored responses are kept in memory only)")
     return kept[0]
-
-
-def responses_sse_error(exc: Exception) -> str:
-    message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
-    return typed_sse({"type": "error", "code": None, "message": message, "param": None})
 
 
 async def responses_events(run: GenerationRun, draft: ResponseDraft, tools: list[dict[str, Any]] | None,
@@ -6495,7 +6600,7 @@ async def responses_events(run: GenerationRun, draft: ResponseDraft, tools: list
 # A module-level router: `grep @llamacpp` lists this API. Every route converts to the same GenParams,
 # prompts and GenerationRun as the other APIs; only the wire shapes are llama.cpp's (tools/server,
 # checked against the binary built by scripts/build-llama-server.sh: tests/test_llamacpp_diff.py).
-llamacpp = APIRouter(tags=["llama.cpp"])
+llamacpp_api = wire_router(LLAMACPP, tags=["llama.cpp"])
 LLAMACPP_RANDOM_SEEDS = (-1, 0xFFFFFFFF)  # llama.cpp's LLAMA_DEFAULT_SEED means "random", as -1 does
 MAX_PROMPTS = 64  # prompts in one /completion array
 
@@ -6636,7 +6741,7 @@ def llamacpp_params(body: LlamaSamplingBody) -> GenParams:
         raise BadRequest("mirostat sampling is not supported by ai-server: send mirostat 0 (top_k, top_p, min_p "
                          "and temperature are)")
     n_predict = body.n_predict if body.n_predict is not None else body.max_tokens if body.max_tokens is not None else -1
-    bias, _ = split_logit_bias(body.logit_bias)
+    bias, by_text = split_logit_bias(body.logit_bias)
     return GenParams(
         # n_predict 0 (LLM for Unity's warm-up) still evaluates the prompt, which fills the prefix cache:
         # one token is generated and not returned.
@@ -6647,7 +6752,7 @@ def llamacpp_params(body: LlamaSamplingBody) -> GenParams:
         frequency_penalty=body.frequency_penalty,
         seed=None if body.seed in LLAMACPP_RANDOM_SEEDS or body.seed < 0 else body.seed, stop=as_list(body.stop),
         truncate=False, format=body.json_schema, grammar=body.grammar or None, logit_bias=bias,
-        ignore_eos=body.ignore_eos, top_logprobs=body.n_probs, cache_prompt=body.cache_prompt,
+        logit_bias_text=by_text, ignore_eos=body.ignore_eos, top_logprobs=body.n_probs, cache_prompt=body.cache_prompt,
         max_predict_ms=float(body.t_max_predict_ms))
 
 
@@ -6680,16 +6785,12 @@ def context_exceeded(n_tokens: int, n_ctx: int) -> BadRequest:
                       "increasing it", type="exceed_context_size_error", n_prompt_tokens=n_tokens, n_ctx=n_ctx)
 
 
-def llamacpp_builder(parts: list[str | int], params: GenParams, body: LlamaSamplingBody,
+def llamacpp_builder(parts: list[str | int], params: GenParams,
                      settings: Settings) -> Callable[[LoadedModel, threading.Event], Prompt]:
     """The prompt as llama.cpp makes it: the client's text (templated already) tokenized with the
     model's special tokens; no truncation (a prompt that does not fit is a 400, as llama.cpp answers)."""
-    _, by_text = split_logit_bias(body.logit_bias)
-
     def build(model: LoadedModel, _cancel: threading.Event) -> Prompt:
         tok = model.loaded.tokenizer
-        for text, bias in by_text.items():  # this request's own params: resolved before it generates
-            params.logit_bias.update({t: bias for t in tok(text, add_special_tokens=False)["input_ids"]})
         ids = tokenize_mixed(tok, parts, add_special=True)
         n_ctx = context_size(model.loaded, params, settings)
         if len(ids) >= n_ctx:
@@ -6797,7 +6898,8 @@ class LlamaCompletion:
         out = {"index": self.index, "content": "" if stream else text,
                "tokens": ids if self.body.return_tokens and not stream else [], "id_slot": self.run.slot,
                "stop": True, "model": self.name, "tokens_predicted": predicted, "tokens_evaluated": r.prompt_tokens,
-               "generation_settings": llamacpp_settings(self.run.params, self.body, stream, full=True),
+               "generation_settings": llamacpp_settings(dataclasses.replace(self.run.params, logit_bias=self.run.logit_bias),
+                                                        self.body, stream, full=True),
                "prompt": prompt.text, "has_new_line": "\n" in text, "truncated": prompt.truncated,
                "stop_type": "limit" if self.warmup else r.stop_type, "stopping_word": r.stopping_word,
                "tokens_cached": max(r.prompt_tokens + predicted - 1, 0),
@@ -6811,12 +6913,6 @@ class LlamaCompletion:
             out["completion_probabilities"] = [] if self.warmup else \
                 llamacpp_probs(self.run.tokenizer, r.logprobs, self.body.post_sampling_probs)
         return pick_fields(self.body.response_fields, out)
-
-
-def llamacpp_sse_error(exc: Exception) -> str:
-    status = exc.status if isinstance(exc, ServerError) else 500
-    message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
-    return sse(llamacpp_error_body(status, message, **(exc.extra if isinstance(exc, ServerError) else {})))
 
 
 async def merged_events(completions: list[LlamaCompletion]):
@@ -6885,18 +6981,18 @@ async def llamacpp_generate(request: Request, body: LlamaSamplingBody, prompts: 
 
     # No `data: [DONE]`: llama.cpp sends it on its OpenAI routes only, and LLM for Unity 2.x's parser
     # breaks on it (it joins every data line into one JSON array).
-    return stream_response(await first_then_rest(lines()), "text/event-stream", llamacpp_sse_error, watched=True)
+    return stream_response(await first_then_rest(lines()), LLAMACPP, watched=True)
 
 
-@llamacpp.post("/completion")
-@llamacpp.post("/completions", include_in_schema=False)
+@llamacpp_api.post("/completion", openapi_extra=BY_MODEL)
+@llamacpp_api.post("/completions", include_in_schema=False, openapi_extra=BY_MODEL)
 async def completion(body: LlamaCompletionBody, request: Request) -> Any:
     settings = state_of(request).settings
     return await llamacpp_generate(request, body, split_prompts(body.prompt),
-                                   lambda parts, params: llamacpp_builder(parts, params, body, settings))
+                                   lambda parts, params: llamacpp_builder(parts, params, settings))
 
 
-@llamacpp.post("/infill")
+@llamacpp_api.post("/infill", openapi_extra=BY_MODEL)
 async def infill(body: LlamaInfillBody, request: Request) -> Any:
     state = state_of(request)
     rec = llamacpp_model(state, body.model)
@@ -6907,10 +7003,10 @@ async def infill(body: LlamaInfillBody, request: Request) -> Any:
                     if isinstance(e, dict))
     text = f"{extra}<fim_prefix>{body.input_prefix}<fim_suffix>{body.input_suffix}<fim_middle>{body.prompt}"
     return await llamacpp_generate(request, body, [[text]],
-                                   lambda parts, params: llamacpp_builder(parts, params, body, state.settings))
+                                   lambda parts, params: llamacpp_builder(parts, params, state.settings))
 
 
-@llamacpp.post("/tokenize")
+@llamacpp_api.post("/tokenize", openapi_extra=BY_MODEL)
 async def tokenize(body: LlamaTokenizeBody, request: Request) -> dict[str, Any]:
     state = state_of(request)
     async with state.models.use(llamacpp_model(state, body.model)) as (model, _):
@@ -6948,7 +7044,7 @@ def gpt2_byte_table() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars)}
 
 
-@llamacpp.post("/detokenize")
+@llamacpp_api.post("/detokenize", openapi_extra=BY_MODEL)
 async def detokenize(body: LlamaDetokenizeBody, request: Request) -> dict[str, str]:
     state = state_of(request)
     async with state.models.use(llamacpp_model(state, body.model)) as (model, _):
@@ -6959,7 +7055,7 @@ async def detokenize(body: LlamaDetokenizeBody, request: Request) -> dict[str, s
         return {"content": await asyncio.to_thread(tok.decode, body.tokens)}
 
 
-@llamacpp.post("/apply-template")
+@llamacpp_api.post("/apply-template", openapi_extra=BY_MODEL)
 async def apply_template(body: LlamaTemplateBody, request: Request) -> dict[str, str]:
     state = state_of(request)
     rec = llamacpp_model(state, body.model)
@@ -6989,8 +7085,8 @@ def unity_2x_client(request: Request) -> bool:
     return "UnityWebRequest" in agent or "UnityPlayer" in agent
 
 
-@llamacpp.post("/embedding")
-@llamacpp.post("/embeddings")
+@llamacpp_api.post("/embedding", openapi_extra=BY_MODEL)
+@llamacpp_api.post("/embeddings", openapi_extra=BY_MODEL)
 async def embedding(body: LlamaEmbeddingBody, request: Request) -> Any:
     """llama.cpp's shape: [{"index", "embedding": [[...]]}] (one pooled vector per input). LLM for
     Unity 2.x parses one object, {"embedding": [...]}: its UnityWebRequest client gets that."""
@@ -7024,8 +7120,8 @@ class RerankBody(WireModel):
     return_documents: bool = True
 
 
-@llamacpp.post("/rerank")
-@llamacpp.post("/v1/rerank")
+@llamacpp_api.post("/rerank", openapi_extra=BY_MODEL)
+@openai_api.post("/v1/rerank", openapi_extra=BY_MODEL)
 async def rerank(body: RerankBody, request: Request) -> dict[str, Any]:
     """Documents ordered by relevance to the query, from a cross-encoder pulled from the Hub:
     results of {index, relevance_score, document: {text}}, best first, top_n of them."""
@@ -7052,7 +7148,7 @@ def chat_template_caps(template: str) -> dict[str, bool]:
             "supports_typed_content": False}
 
 
-@llamacpp.api_route("/props", methods=["GET", "POST"])
+@llamacpp_api.api_route("/props", methods=["GET", "POST"], openapi_extra=BY_MODEL)
 async def props(request: Request, model: str | None = None) -> dict[str, Any]:
     """llama.cpp's /props (LLM for Unity 3.x POSTs it and reads default_generation_settings.n_ctx).
     Properties cannot be changed here: a POST reads them, as GET does."""
@@ -7078,7 +7174,7 @@ def token_text(value: Any) -> str:
     return value.get("content", "") if isinstance(value, dict) else value or ""
 
 
-@llamacpp.get("/slots")
+@llamacpp_api.get("/slots", openapi_extra=BY_MODEL)
 async def slots(request: Request, model: str | None = None) -> list[dict[str, Any]]:
     """One entry per slot of the model (its NUM_PARALLEL batch rows), as llama.cpp's /slots; a slot is
     processing while any API's request holds it."""
@@ -7141,7 +7237,7 @@ def unity_template_name(model_name: str, template: str) -> str:
     return by_name or "chatml"
 
 
-@llamacpp.api_route("/template", methods=["GET", "POST"])
+@llamacpp_api.api_route("/template", methods=["GET", "POST"], openapi_extra=BY_MODEL)
 async def template(request: Request, model: str | None = None) -> dict[str, str]:
     """LLM for Unity 2.x's POST /template {} -> {"template": NAME} (its server's route, not llama.cpp's)."""
     state = state_of(request)
@@ -7152,7 +7248,7 @@ async def template(request: Request, model: str | None = None) -> dict[str, str]
 # ============================================================================
 # 20. Routes: images (A1111's /sdapi/v1/*, the Unity API's /generate-image, OpenAI's /v1/images/*; `grep @images`)
 # ============================================================================
-images = APIRouter()
+images_api = wire_router(A1111)
 
 
 def image_models(state: AppState) -> list[ModelRecord]:
@@ -7230,12 +7326,12 @@ async def a1111_generate(request: Request, body: A1111Body, init_images: list[An
     return await asyncio.to_thread(a1111_reply, params, result, rec.name, body.model_dump())  # PNGs: off the loop
 
 
-@images.post("/sdapi/v1/txt2img")
+@images_api.post("/sdapi/v1/txt2img", openapi_extra=BY_MODEL)
 async def a1111_txt2img(body: A1111Body, request: Request) -> dict[str, Any]:
     return await a1111_generate(request, body)
 
 
-@images.post("/sdapi/v1/img2img")
+@images_api.post("/sdapi/v1/img2img", openapi_extra=BY_MODEL)
 async def a1111_img2img(body: A1111Img2ImgBody, request: Request) -> dict[str, Any]:
     check_image_size(body.width, body.height, state_of(request).settings)  # before decoding anything
     limit = state_of(request).settings.max_image_pixels
@@ -7246,20 +7342,20 @@ async def a1111_img2img(body: A1111Img2ImgBody, request: Request) -> dict[str, A
     return reply
 
 
-@images.get("/sdapi/v1/sd-models")
+@images_api.get("/sdapi/v1/sd-models", openapi_extra=merged("", "model_name"))
 async def a1111_models(request: Request) -> list[dict[str, Any]]:
     return [{"title": r.name, "model_name": r.name, "hash": None, "sha256": None, "filename": r.path, "config": None}
             for r in image_models(state_of(request))]
 
 
-@images.get("/sdapi/v1/options")
+@images_api.get("/sdapi/v1/options", openapi_extra=BY_MODEL)
 async def a1111_options(request: Request) -> dict[str, Any]:
     state = state_of(request)
     current = state.image_model or next((r.name for r in image_models(state)), None)
     return {"sd_model_checkpoint": current, "samples_format": "png"}
 
 
-@images.post("/sdapi/v1/options")
+@images_api.post("/sdapi/v1/options", openapi_extra=TO_EVERY_WORKER)
 async def a1111_set_options(request: Request) -> dict[str, Any]:
     """Only `sd_model_checkpoint` means something here: the default image model."""
     state = state_of(request)
@@ -7274,18 +7370,18 @@ async def a1111_set_options(request: Request) -> dict[str, Any]:
     return {}
 
 
-@images.get("/sdapi/v1/samplers")
+@images_api.get("/sdapi/v1/samplers", openapi_extra=BY_MODEL)
 async def a1111_samplers() -> list[dict[str, Any]]:
     return [{"name": n, "aliases": [], "options": {"scheduler": "karras"} if n.endswith(" Karras") else {}}
             for n in a1111_sampler_names()]
 
 
-@images.get("/sdapi/v1/schedulers")
+@images_api.get("/sdapi/v1/schedulers", openapi_extra=BY_MODEL)
 async def a1111_schedulers() -> list[dict[str, Any]]:
     return [{"name": n, "label": n.capitalize()} for n in A1111_SIGMAS]
 
 
-@images.get("/sdapi/v1/progress")
+@images_api.get("/sdapi/v1/progress", openapi_extra=merged(combine="progress"))
 async def a1111_progress(request: Request) -> dict[str, Any]:
     jobs = state_of(request).models.image_jobs
     job = next((j for j in jobs if j.step), jobs[0] if jobs else None)
@@ -7300,7 +7396,7 @@ async def a1111_progress(request: Request) -> dict[str, Any]:
             "current_image": None, "textinfo": None}
 
 
-@images.post("/sdapi/v1/interrupt")
+@images_api.post("/sdapi/v1/interrupt", openapi_extra=TO_EVERY_WORKER)
 async def a1111_interrupt(request: Request) -> dict[str, Any]:
     """Ends the running image requests at their next step; they return the images made so far."""
     for job in state_of(request).models.image_jobs:
@@ -7310,7 +7406,7 @@ async def a1111_interrupt(request: Request) -> dict[str, Any]:
     return {}
 
 
-@images.post("/generate-image")
+@images_api.post("/generate-image", openapi_extra=BY_MODEL)
 async def unity_generate_image(body: UnityImageBody, request: Request) -> dict[str, Any]:
     """The Unity API's route: the first image as base64 PNG, and A1111's info string."""
     state = state_of(request)
@@ -7340,7 +7436,7 @@ def fit_pixels(size: tuple[int, int], limit: int) -> tuple[int, int]:
     return max(8, int(size[0] * scale) // 8 * 8), max(8, int(size[1] * scale) // 8 * 8)
 
 
-@images.post("/v1/images/generations")
+@openai_api.post("/v1/images/generations", openapi_extra=BY_MODEL)
 async def openai_images(body: OpenAIImageBody, request: Request) -> dict[str, Any]:
     state = state_of(request)
     if body.response_format not in (None, "b64_json"):
@@ -7359,7 +7455,7 @@ def openai_images_reply(result: ImageResult, prompt: str) -> dict[str, Any]:
                                                   for image, _ in result.images]}
 
 
-@images.post("/v1/images/edits")
+@openai_api.post("/v1/images/edits", openapi_extra=BY_MODEL_FORM)
 async def openai_image_edits(request: Request) -> dict[str, Any]:
     """OpenAI's edits (multipart: image[], prompt, n, size), run as img2img at strength 0.75; masks
     (inpainting) are refused."""
@@ -7405,7 +7501,6 @@ async def openai_image_edits(request: Request) -> dict[str, Any]:
 #   {p}:w:{name}:q   one worker's own stream: control-plane requests (tags, ps, pulls, deletes)
 #   {p}:w:{name}     its heartbeat: a JSON report (models pulled, loaded, free slots), expiring
 #   {p}:r:{job}      a job's reply stream (trimmed, expiring); {p}:c:{job} its cancel mark
-MULTIPART_PATHS = {"/v1/images/edits"}  # OpenAI uploads images as multipart/form-data here (nowhere else)
 DRAIN_MARGIN_S = 2.0  # after the generations' grace ends, for their last lines to go out
 GROUP = "workers"
 REPLY_MAXLEN = 20_000  # reply events kept (about one per token): far above what a reader lags behind
@@ -7414,15 +7509,6 @@ CANCEL_TTL_S = 86_400  # a cancel mark outlives any queue wait
 QUEUE_MAXLEN = 100_000  # a model stream's length cap (queued and pending jobs; acknowledged ones are deleted)
 HOP_HEADERS = frozenset({b"authorization", b"x-api-key", b"origin", b"cookie", b"host", b"content-length", b"connection",
                          b"transfer-encoding", b"keep-alive", b"upgrade"})
-GATEWAY_LOCAL_PATHS = frozenset({"/", "/health", "/metrics", "/api/version", "/docs", "/redoc", "/openapi.json",
-                                 "/docs/oauth2-redirect"})
-# GET routes answered by merging every live worker's answer: path -> (list key, id key); "" = a bare list.
-MERGED_ROUTES = {"/api/tags": ("models", "name"), "/models": ("models", "name"), "/v1/models": ("data", "id"),
-                 "/api/ps": ("models", "name"), "/jobs": ("jobs", "id"), "/sdapi/v1/sd-models": ("", "model_name")}
-# Requests that change per-worker state: sent to every live worker; the first success answers.
-BROADCAST_ROUTES = frozenset({("POST", "/sdapi/v1/options"), ("POST", "/sdapi/v1/interrupt"),
-                              ("DELETE", "/api/delete"), ("POST", "/api/copy")})
-HOLDER_PATHS = ("/api/show", "/v1/models/")
 # Lua, because each of these must be one step. Admission: queues a job unless MAX_QUEUE jobs already wait
 # (XLEN less pending), so a burst cannot all see room; the group is made if missing (a Redis that lost its
 # data); the job id is a guard key, so a retried call cannot queue the job twice. KEYS: stream, guard.
@@ -8005,7 +8091,7 @@ class WorkerOnly:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if self.on and scope["type"] == "http" and "ai_job" not in scope and scope["path"] not in ("/health",
                                                                                                  "/metrics"):
-            response = api_error_response(scope["path"], 404, "this is an ai-server worker: it serves /health and "
+            response = error_answer(scope, 404, "this is an ai-server worker: it serves /health and "
                                           "/metrics only; send API requests to the gateway")
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
@@ -8140,6 +8226,7 @@ class Relayed:
 
     send: Any
     reply: str
+    api: WireAPI  # the route's: a stream that already began ends with its error event
     last: str = "0-0"
     taken_by: str | None = None
     started: bool = False
@@ -8150,7 +8237,7 @@ class Relayed:
         """Before the response began, `error` is the response (raised); after, the stream's error tail."""
         if not self.started:
             raise error
-        await send_error_tail(self.send, self.media, error)
+        await send_error_tail(self.send, self.media, error, self.api)
         return outcome
 
     async def event(self, fields: dict[bytes, bytes]) -> str | None:
@@ -8193,10 +8280,11 @@ class GatewayDispatch:
         if not self.on or scope["type"] != "http" or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         gw: GatewayState = scope["app"].state.ai
-        if scope["path"] == "/health":
+        hop = gateway_hop(scope)
+        if hop["kind"] == "health":
             return await self.health(gw, scope, receive, send)
-        if scope["path"] in GATEWAY_LOCAL_PATHS:
-            if scope["path"] == "/metrics":
+        if hop["kind"] in ("local", "metrics"):
+            if hop["kind"] == "metrics":
                 with contextlib.suppress(*redis_errors()):
                     await gw.refresh_gauges()
             return await self.app(scope, receive, send)
@@ -8204,20 +8292,20 @@ class GatewayDispatch:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":  # gone, or cut at MAX_BODY_BYTES (AccessControl)
-                return await api_error_response(scope["path"], 413, "request body over the MAX_BODY_BYTES limit "
-                                                f"({self.settings.max_body_bytes} bytes)")(scope, receive, send)
+                return await error_answer(scope, 413, "request body over the MAX_BODY_BYTES limit "
+                                          f"({self.settings.max_body_bytes} bytes)")(scope, receive, send)
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
         try:
-            await self.route(gw, scope, bytes(body), receive, send)
+            await self.route(gw, hop, scope, bytes(body), receive, send)
         except redis_errors() as exc:
             log.warning("gateway: Redis failed (%s); %s %s answered 503", type(exc).__name__, scope["method"],
                         scope["path"])
-            await api_error_response(scope["path"], 503, "the job queue (Redis) cannot be reached; retry shortly",
-                                     {"Retry-After": "2"})(scope, receive, send)
+            await error_answer(scope, 503, "the job queue (Redis) cannot be reached; retry shortly",
+                               {"Retry-After": "2"})(scope, receive, send)
         except ServerError as exc:
-            await api_error_response(scope["path"], exc.status, exc.message, exc.headers)(scope, receive, send)
+            await error_answer(scope, exc.status, exc.message, exc.headers)(scope, receive, send)
 
     async def health(self, gw: GatewayState, scope: dict, receive: Any, send: Any) -> None:
         try:
@@ -8229,20 +8317,21 @@ class GatewayDispatch:
             status = 200 if workers else 503
         await JSONResponse(body, status_code=status)(scope, receive, send)
 
-    async def route(self, gw: GatewayState, scope: dict, body: bytes, receive: Any, send: Any) -> None:
-        method, path = scope["method"], scope["path"]
-        if method == "GET" and (path in MERGED_ROUTES or path in ("/status", "/sdapi/v1/progress")):
-            return await self.merged(gw, scope, body, receive, send)
-        if path in ("/pull", "/api/pull"):
+    async def route(self, gw: GatewayState, hop: dict[str, Any], scope: dict, body: bytes, receive: Any,
+                    send: Any) -> None:
+        """Serves a request as its route declares (`gateway_hop`)."""
+        kind = hop["kind"]
+        if kind == "merge":
+            return await self.merged(gw, hop, scope, body, receive, send)
+        if kind == "pull":
             return await self.pull(gw, scope, body, receive, send)
-        if path.startswith("/jobs/") or (method, path) in BROADCAST_ROUTES or \
-                (method == "DELETE" and path.startswith("/models/")):
+        if kind == "broadcast":
             return await self.first_success(gw, scope, body, receive, send)
         name = model_of(scope, body)
-        if name is None and path in MULTIPART_PATHS:
+        if name is None and hop.get("form"):
             name = await multipart_model(scope, body)
-        if path.startswith("/v1/models/"):
-            name = urllib.parse.unquote(path.removeprefix("/v1/models/"))
+        route, _ = matched_route(scope)
+        name = route.matches(scope)[1].get("path_params", {}).get("model", name)  # /v1/models/{model}
         workers = await gw.workers()
         if not workers:
             raise Busy("no worker is up: start one with `python app.py worker` (REDIS_URL set)",
@@ -8252,7 +8341,7 @@ class GatewayDispatch:
         canonical = next((c for c in name_candidates(name) for rep in workers.values() if c in rep["models"]), None)
         if canonical is None:
             raise model_not_found(name)
-        if path.startswith(HOLDER_PATHS):
+        if kind == "holder":
             holder = min((w for w, rep in workers.items() if canonical in rep["models"]),
                          key=lambda w: canonical not in workers[w].get("loaded", []))
             return await self.relay(gw, scope, body, gw.keys.worker_queue(holder), receive, send,
@@ -8285,7 +8374,7 @@ class GatewayDispatch:
         watcher = asyncio.create_task(watch_disconnect(receive, gone)) if watch_client else None
         gw.relays += 1
         try:
-            outcome = await self.pump(gw, job, stream, entry, send, gone, capable)
+            outcome = await self.pump(gw, job, stream, entry, send, gone, capable, wire_api_of(scope))
         except redis_errors():
             outcome = "redis"
             raise
@@ -8302,8 +8391,8 @@ class GatewayDispatch:
             gw.metrics.gateway_job_seconds.labels(label).observe(time.perf_counter() - start)
 
     async def pump(self, gw: GatewayState, job: HttpJob, stream: str, entry: bytes, send: Any, gone: asyncio.Event,
-                   capable: Callable[[dict[str, dict[str, Any]]], bool]) -> str:
-        relay = Relayed(send, gw.keys.reply(job.id))
+                   capable: Callable[[dict[str, dict[str, Any]]], bool], api: WireAPI) -> str:
+        relay = Relayed(send, gw.keys.reply(job.id), api)
         while True:
             if gone.is_set():
                 log.info("gateway: job %s (%s): client left; cancel mark set", job.id, job.model)
@@ -8379,22 +8468,22 @@ class GatewayDispatch:
         answers = await asyncio.gather(*(one(w) for w in workers))
         return dict(zip(workers, answers))
 
-    async def merged(self, gw: GatewayState, scope: dict, body: bytes, receive: Any, send: Any) -> None:
+    async def merged(self, gw: GatewayState, hop: dict[str, Any], scope: dict, body: bytes, receive: Any,
+                     send: Any) -> None:
         workers = await gw.workers()
         answers = await self.fan_out(gw, scope, body, sorted(workers))
         ok = {w: c.json() for w, c in answers.items() if c.status == 200}
-        path = scope["path"]
-        if path == "/status":
+        if hop["combine"] == "status":
             data: Any = {"version": VERSION, "role": "gateway", "redis": redis_where(self.settings),
                          "relaying": gw.relays, "workers": {w: {"report": workers[w], "status": ok.get(w)}
                                                             for w in sorted(workers)},
                          "config": self.settings.public()}
-        elif path == "/sdapi/v1/progress":
+        elif hop["combine"] == "progress":
             data = max(ok.values(), key=lambda d: (d or {}).get("progress", 0), default=None)
             if data is None:
                 raise Busy("no worker answered; retry shortly", headers={"Retry-After": "2"})
         else:
-            key, ident = MERGED_ROUTES[path]
+            key, ident = hop["list"], hop["id"]
             data = merge_lists(ok, key, ident) if ok or not key else {key: []}
         await JSONResponse(data)(scope, receive, send)
 
@@ -8500,10 +8589,9 @@ async def safe_send(send: Any, message: dict[str, Any]) -> bool:
         return False
 
 
-async def send_error_tail(send: Any, media: str, error: ServerError) -> None:
-    """Ends a response that already began with an error line in its stream's shape."""
-    line = sse_error(error) if media.startswith("text/event-stream") else ndjson_error(error) \
-        if "ndjson" in media else ""
+async def send_error_tail(send: Any, media: str, error: ServerError, api: WireAPI) -> None:
+    """Ends a response that already began: a stream with its API's error event, anything else as it is."""
+    line = api.error_line(error) if media.startswith("text/event-stream") or "ndjson" in media else ""
     await safe_send(send, {"type": "http.response.body", "body": line.encode(), "more_body": False})
 
 
@@ -8547,7 +8635,7 @@ class JsonBodyDefault:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
             ctype = dict(scope["headers"]).get(b"content-type", b"").lower()
-            upload = scope["path"] in MULTIPART_PATHS and ctype.startswith(b"multipart/form-data")
+            upload = gateway_hop(scope).get("form") and ctype.startswith(b"multipart/form-data")
             if not ctype.startswith(b"application/json") and not upload:
                 # In place: outer middleware read the route from this same scope dict afterwards.
                 scope["headers"] = [h for h in scope["headers"] if h[0] != b"content-type"] + [self.JSON]
@@ -8595,7 +8683,7 @@ class AccessControl:
         self.origins = re.compile(origins_regex(settings.origins))
 
     def refuse(self, scope: dict, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-        return api_error_response(scope["path"], status, message, headers)
+        return error_answer(scope, status, message, headers)
 
     def authorized(self, scope: dict) -> bool:
         headers = dict(scope["headers"])
@@ -8651,17 +8739,13 @@ class HttpMetrics:
     """ASGI middleware: requests by route template, method and status, and their duration
     (a stream's until its last byte). Route templates, not paths, keep label values bounded."""
 
-    def __init__(self, app: Any, metrics: Metrics, routes: Callable[[], list[Any]]):
-        self.app, self.metrics, self.routes = app, metrics, routes
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
-    def route_of(self, scope: dict, routes: list[Any] | None = None) -> str:
-        from starlette.routing import Match
-
-        for route in self.routes() if routes is None else routes:
-            if route.matches(scope)[0] == Match.FULL:
-                inner = getattr(route, "original_router", None)  # an included APIRouter (no prefix here)
-                return self.route_of(scope, inner.routes) if inner is not None else route.path
-        return "unmatched"
+    @staticmethod
+    def route_of(scope: dict) -> str:
+        route, full = matched_route(scope)
+        return route.path if full else "unmatched"
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -8734,24 +8818,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(GatewayDispatch, settings=settings)
     app.add_middleware(JsonBodyDefault)
     app.add_middleware(AccessControl, settings=settings)
-    app.add_middleware(HttpMetrics, metrics=metrics, routes=lambda: app.routes)
+    app.add_middleware(HttpMetrics, metrics=metrics)
     app.add_middleware(CORSMiddleware, allow_origin_regex=origins_regex(settings.origins), allow_methods=["*"],
                        allow_headers=list(CORS_HEADERS))
     app.add_middleware(WorkerOnly, settings=settings)
     install_error_handlers(app)
     fastapi_openapi = app.openapi
-    app.openapi = lambda: app.openapi_schema or document_errors(fastapi_openapi())
-    add_pull_routes(app)
-    add_native_routes(app)
-    add_ollama_inference_routes(app)
-    add_ollama_model_routes(app)
-    add_ollama_create_routes(app)
-    add_openai_chat_route(app)
-    add_openai_other_routes(app)
-    app.include_router(anthropic)
-    app.include_router(responses_api)
-    app.include_router(llamacpp)
-    app.include_router(images)
+    app.openapi = lambda: app.openapi_schema or document_errors(fastapi_openapi(), app.routes)
+    for router in (native_api, ollama_api, openai_api, anthropic_api, responses_api, llamacpp_api, images_api):
+        app.include_router(router)
     return app
 
 
