@@ -45,12 +45,12 @@ Environment (one place for each default: `Settings` below; only these names conf
 | LLAMACPP_MODEL             | DEFAULT_MODEL              | model of the llama.cpp routes (/completion|
 |                            |                            | ...) when a request names none            |
 | KEEP_ALIVE (OLLAMA_KEEP_ALIVE) | 5m                     | idle time before unload; 0 now, <0 never  |
-| CONTEXT_LENGTH             | 4096 (tokens)              | default num_ctx (capped by the model)     |
+| CONTEXT_LENGTH (OLLAMA_CONTEXT_LENGTH) | 4096 (tokens)  | default num_ctx (capped by the model)     |
 | API_KEYS / API_KEYS_FILE   | unset                      | Bearer keys; unset = no auth              |
 | ORIGINS (OLLAMA_ORIGINS)   | local and app origins      | extra CORS origins, '*' wildcards         |
 | MAX_BODY_BYTES             | 16 MiB                     | request body cap (413 above)              |
 | MAX_QUEUE (OLLAMA_MAX_QUEUE)| 512                       | waiting requests before 503               |
-| NUM_PARALLEL               | 16                         | requests generating at once per model     |
+| NUM_PARALLEL (OLLAMA_NUM_PARALLEL) | 16                 | requests generating at once per model     |
 |                            |                            | (the rows of its batch)                   |
 | BATCHING                   | 1                          | 0: one request at a time per model        |
 | PREFIX_CACHE_BYTES         | 256 MiB                    | KV of past prompts kept for reuse; 0 off  |
@@ -68,6 +68,7 @@ Environment (one place for each default: `Settings` below; only these names conf
 | VLLM_PIPELINE_PARALLEL_SIZE| 1                          | vLLM pipeline stages (nodes, with Ray)    |
 | VLLM_DISTRIBUTED_EXECUTOR_BACKEND | vLLM's choice       | ray (a Ray cluster's nodes) or mp         |
 | MAX_IMAGE_PIXELS           | 2048*2048                  | largest image (width x height) asked for  |
+| MAX_JOBS_LISTED            | 100                        | pull jobs GET /jobs lists (newest first)  |
 | LOG_LEVEL                  | INFO                       | logging level                             |
 | AI_SERVER_ROLE             | all                        | all, gateway or worker (section 21)       |
 | REDIS_URL                  | unset                      | redis:// or rediss://, may hold a password|
@@ -86,8 +87,8 @@ Sections, in order; each uses only those above it:
   3. Config                      13. Wire models (native, Ollama, OpenAI) -> GenParams
   4. Helpers (names, ids)        14. Responses (NDJSON, SSE)
   5. Errors, 5b. Metrics         15. App state and shared route helpers
-  6. Registry and Hub pulls      16. Routes: native (/pull, /jobs, /models, /chat, ...)
-  7. Decoding (stops, grammars)  17. Routes: Ollama (/api/*)
+  6. Registry and Hub pulls      16. Routes: Ollama (/api/*)
+  7. Decoding (stops, grammars)  17. Routes: native (/pull, /jobs, /models, /chat, ...)
   8. Backends                    18. Routes: OpenAI (/v1/*); 18b. Anthropic (/v1/messages; `grep @anthropic`);
                                  18c. OpenAI Responses (/v1/responses; `grep @responses_api`)
   9. Loader (LRU, keep_alive)    19. Routes: llama.cpp (/completion, /tokenize, /props, /rerank; `grep @llamacpp`)
@@ -1740,7 +1741,7 @@ def tool_choice_schema(tools: list[dict[str, Any]], name: str | None) -> dict[st
 
 
 # ============================================================================
-# 8. Backends
+# 8. Backends: the contract (LoadPlan, Loaded, Backend); engines in 8a-8e
 # ============================================================================
 @dataclasses.dataclass
 class LoadPlan:
@@ -1769,6 +1770,43 @@ class Loaded:
     note: str | None = None  # how the weights were turned into what runs (a GGUF dequantized), for /status
 
 
+class Backend:
+    """The protocol every backend follows; the loader walks a list of them."""
+
+    name = "base"
+    module = ""  # what must import for the backend to be available
+    formats: tuple[str, ...] = ("hf",)  # model formats it loads: "hf" (a transformers folder), "gguf"
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings()
+
+    def probe(self) -> str | None:
+        return probe_import(self.module)
+
+    def load(self, plan: LoadPlan) -> Loaded:
+        raise NotImplementedError
+
+    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
+        raise NotImplementedError
+
+    def embed(self, loaded: Loaded, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
+        raise BadRequest("this model does not support embeddings")
+
+    def rerank(self, loaded: Loaded, query: str, documents: list[str]) -> tuple[list[float], int]:
+        raise BadRequest("this model does not support rerank")
+
+    def prompt_logprobs(self, loaded: Loaded, ids: list[int], n: int) -> list[TokenLogprob]:
+        """Each prompt token's logprob given the tokens before it (OpenAI's `echo` with `logprobs`)."""
+        raise BadRequest(f"echo with logprobs (the prompt's own logprobs) needs the transformers backend; this "
+                         f"model runs on {self.name}: send echo or logprobs, not both")
+
+    def unload(self, loaded: Loaded) -> None:
+        loaded.handle = None
+
+
+# ============================================================================
+# 8a. Backends: transformers (continuous batching, prefix cache, bitsandbytes) and pipeline
+# ============================================================================
 def bnb_config(quantization: str) -> Any:
     from transformers import BitsAndBytesConfig
 
@@ -2210,40 +2248,6 @@ class BatchEngine:
         return {"running_rows": self.running, "steps": self.steps, "prefix_cache": self.prefix.public()}
 
 
-class Backend:
-    """The protocol every backend follows; the loader walks a list of them."""
-
-    name = "base"
-    module = ""  # what must import for the backend to be available
-    formats: tuple[str, ...] = ("hf",)  # model formats it loads: "hf" (a transformers folder), "gguf"
-
-    def __init__(self, settings: Settings | None = None):
-        self.settings = settings or Settings()
-
-    def probe(self) -> str | None:
-        return probe_import(self.module)
-
-    def load(self, plan: LoadPlan) -> Loaded:
-        raise NotImplementedError
-
-    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
-        raise NotImplementedError
-
-    def embed(self, loaded: Loaded, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
-        raise BadRequest("this model does not support embeddings")
-
-    def rerank(self, loaded: Loaded, query: str, documents: list[str]) -> tuple[list[float], int]:
-        raise BadRequest("this model does not support rerank")
-
-    def prompt_logprobs(self, loaded: Loaded, ids: list[int], n: int) -> list[TokenLogprob]:
-        """Each prompt token's logprob given the tokens before it (OpenAI's `echo` with `logprobs`)."""
-        raise BadRequest(f"echo with logprobs (the prompt's own logprobs) needs the transformers backend; this "
-                         f"model runs on {self.name}: send echo or logprobs, not both")
-
-    def unload(self, loaded: Loaded) -> None:
-        loaded.handle = None
-
-
 def available_memory_bytes(device: str) -> int | None:
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.mem_get_info()[0]
@@ -2359,6 +2363,9 @@ class PipelineBackend(Backend):
         return gen.finish(len(prompt.ids), params.max_tokens, eos_token_ids(pipe.model, pipe.tokenizer))
 
 
+# ============================================================================
+# 8b. Backends: vLLM (its async engine)
+# ============================================================================
 class VllmEngine:
     """vLLM's AsyncLLM on an event loop of its own thread: request threads submit coroutines to
     it and receive tokens as vLLM produces them; vLLM batches every running request into each
@@ -2489,54 +2496,9 @@ class VllmBackend(Backend):
         loaded.handle = loaded.engine = None
 
 
-class EmbeddingBackend(Backend):
-    """sentence-transformers folders (modules.json): pooling as the folder describes."""
-
-    name, module = "sentence-transformers", "sentence_transformers"
-
-    def load(self, plan: LoadPlan) -> Loaded:
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(plan.path, device=plan.device, local_files_only=True,
-                                    trust_remote_code=plan.trust_remote_code)
-        return Loaded(model, model.tokenizer, dtype=str(model.dtype).removeprefix("torch."), quantized=None,
-                      device=str(model.device), memory_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-                      max_positions=model.max_seq_length)
-
-    def embed(self, loaded: Loaded, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
-        model = loaded.handle
-        lengths = [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
-        if not truncate and any(n > model.max_seq_length for n in lengths):
-            raise BadRequest("the input length exceeds the context length")
-        vectors = model.encode(texts, normalize_embeddings=normalize, convert_to_numpy=True)
-        return vectors.tolist(), sum(min(n, model.max_seq_length) for n in lengths)
-
-
-class RerankBackend(Backend):
-    """Cross-encoders (a *ForSequenceClassification folder) through sentence-transformers' CrossEncoder:
-    one relevance score per (query, document) pair, with the model's own activation (a sigmoid for
-    one label), as vLLM and llama.cpp serve them on /rerank."""
-
-    name, module = "cross-encoder", "sentence_transformers"
-
-    def load(self, plan: LoadPlan) -> Loaded:
-        from sentence_transformers import CrossEncoder
-
-        model = CrossEncoder(plan.path, device=plan.device, local_files_only=True,
-                             trust_remote_code=plan.trust_remote_code)
-        weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
-        return Loaded(model, model.tokenizer, dtype=str(model.model.dtype).removeprefix("torch."), quantized=None,
-                      device=str(model.device), memory_bytes=weights, max_positions=model.max_length)
-
-    def rerank(self, loaded: Loaded, query: str, documents: list[str]) -> tuple[list[float], int]:
-        model = loaded.handle
-        pairs = [(query, d) for d in documents]
-        tokens = sum(len(ids) for ids in model.tokenizer([p[0] for p in pairs], [p[1] for p in pairs],
-                                                         truncation=True)["input_ids"])
-        scores = model.predict(pairs, convert_to_numpy=True, show_progress_bar=False)
-        return [float(x) for x in scores.reshape(-1)], tokens
-
-
+# ============================================================================
+# 8c. Backends: llama.cpp's llama-server (GGUF), one process per model
+# ============================================================================
 # Where scripts/build-llama-server.sh builds (keep in step with its PIN and RECIPE), CUDA build first.
 LLAMA_SERVER_BUILDS = ("llama-server-0.3.36-r2-cuda", "llama-server-0.3.36-r2")
 LLAMA_SERVER_START_S = 300.0  # a big model's load (mmap + warmup) on a slow disk
@@ -2873,6 +2835,60 @@ class LlamaCppBackend(Backend):
         loaded.handle = loaded.engine = None
 
 
+# ============================================================================
+# 8d. Backends: sentence-transformers (embeddings, rerank)
+# ============================================================================
+class EmbeddingBackend(Backend):
+    """sentence-transformers folders (modules.json): pooling as the folder describes."""
+
+    name, module = "sentence-transformers", "sentence_transformers"
+
+    def load(self, plan: LoadPlan) -> Loaded:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(plan.path, device=plan.device, local_files_only=True,
+                                    trust_remote_code=plan.trust_remote_code)
+        return Loaded(model, model.tokenizer, dtype=str(model.dtype).removeprefix("torch."), quantized=None,
+                      device=str(model.device), memory_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+                      max_positions=model.max_seq_length)
+
+    def embed(self, loaded: Loaded, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
+        model = loaded.handle
+        lengths = [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
+        if not truncate and any(n > model.max_seq_length for n in lengths):
+            raise BadRequest("the input length exceeds the context length")
+        vectors = model.encode(texts, normalize_embeddings=normalize, convert_to_numpy=True)
+        return vectors.tolist(), sum(min(n, model.max_seq_length) for n in lengths)
+
+
+class RerankBackend(Backend):
+    """Cross-encoders (a *ForSequenceClassification folder) through sentence-transformers' CrossEncoder:
+    one relevance score per (query, document) pair, with the model's own activation (a sigmoid for
+    one label), as vLLM and llama.cpp serve them on /rerank."""
+
+    name, module = "cross-encoder", "sentence_transformers"
+
+    def load(self, plan: LoadPlan) -> Loaded:
+        from sentence_transformers import CrossEncoder
+
+        model = CrossEncoder(plan.path, device=plan.device, local_files_only=True,
+                             trust_remote_code=plan.trust_remote_code)
+        weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
+        return Loaded(model, model.tokenizer, dtype=str(model.model.dtype).removeprefix("torch."), quantized=None,
+                      device=str(model.device), memory_bytes=weights, max_positions=model.max_length)
+
+    def rerank(self, loaded: Loaded, query: str, documents: list[str]) -> tuple[list[float], int]:
+        model = loaded.handle
+        pairs = [(query, d) for d in documents]
+        tokens = sum(len(ids) for ids in model.tokenizer([p[0] for p in pairs], [p[1] for p in pairs],
+                                                         truncation=True)["input_ids"])
+        scores = model.predict(pairs, convert_to_numpy=True, show_progress_bar=False)
+        return [float(x) for x in scores.reshape(-1)], tokens
+
+
+# ============================================================================
+# 8e. Backends: diffusers (images)
+# ============================================================================
 # A1111's sampler names -> (diffusers scheduler class, its options). Names ending " Karras" (A1111 < 1.9) and
 # the separate `scheduler` field (A1111 >= 1.9: karras, exponential) choose the sigma schedule.
 A1111_SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -3088,6 +3104,9 @@ class DiffusersBackend(Backend):
         loaded.cache.clear()
 
 
+# ============================================================================
+# 9. Loader
+# ============================================================================
 def build_backends(settings: Settings) -> list[Backend]:
     """The fallback chain, in the order AI_SERVER_BACKENDS gives; each model uses those of its format."""
     makers = {"vllm": lambda: VllmBackend(settings), "llamacpp": lambda: LlamaCppBackend(settings),
@@ -3095,10 +3114,6 @@ def build_backends(settings: Settings) -> list[Backend]:
     return [makers[name]() for name in settings.backends]
 
 
-# ============================================================================
-# 9. Loader
-# ============================================================================
-FOREVER_S = 100 * 365 * 86400.0  # a negative keep_alive: shown as an expiry a century away
 
 
 class Throughput:
@@ -3167,7 +3182,7 @@ class LoadedModel:
 
     def expires_in_s(self) -> float:
         if self.keep_alive_s < 0:
-            return FOREVER_S
+            return MAX_DURATION_S  # a negative keep_alive: shown as an expiry a century away
         start = time.monotonic() if self.refs else self.idle_since
         return max(0.0, start + self.keep_alive_s - time.monotonic())
 
@@ -4290,7 +4305,6 @@ class WireModel(BaseModel):
 # Values past them broke co-batched requests (NaN logits, overflow) rather than meaning anything.
 MAX_STOPS, MAX_STOP_CHARS = 32, 256  # each stop string is matched against every generated token
 Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]  # Go's int64, as Ollama decodes it
-Count = Annotated[int, Field(ge=0, le=2 ** 31 - 1)]
 Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 Stops = Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None
 TokenId = Annotated[int, Field(ge=0, le=2 ** 31 - 1)]
@@ -5247,113 +5261,10 @@ def delete_model(state: AppState, rec: ModelRecord) -> None:
 
 
 # ============================================================================
-# 16. Routes: native (/pull, /jobs, /models, /chat, /status, /diag, /health)
+# 16. Routes: Ollama (/api/*)
 # ============================================================================
 # Each API has a module-level router (`grep -n "^@"` lists every route), made by wire_router with the API's
 # error shapes; each route declares how the gateway serves it (openapi_extra). create_app includes them all.
-native_api = wire_router(NATIVE)
-
-
-@native_api.post("/pull", status_code=202, openapi_extra=PULL)
-async def native_pull(body: PullBody, request: Request) -> dict[str, Any]:
-    state = state_of(request)
-    if body.trust_remote_code and not state.settings.remote_code_allowed(body.model):
-        raise Forbidden(f"remote code is off: '{body.model}' may not run its own Python code. The operator "
-                        "enables it with ALLOW_REMOTE_CODE=1, or for this repo with REMOTE_CODE_MODELS="
-                        f"{body.model}; then pull again")
-    job = state.pulls.submit(body.model, body.revision, body.quantize, body.init, body.trust_remote_code)
-    return {"job_id": job.id, "status": job.status, "model": job.model}
-
-@native_api.get("/jobs", openapi_extra=merged("jobs", "id"))
-async def list_jobs(request: Request) -> dict[str, Any]:
-    state = state_of(request)
-    listed = state.registry.list_jobs(state.settings.max_jobs_listed)
-    return {"jobs": [(state.pulls.live(j.id) or j).public() for j in listed]}
-
-@native_api.get("/jobs/{job_id}", openapi_extra=TO_EVERY_WORKER)
-async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-    state = state_of(request)
-    found = state.pulls.live(job_id) or state.registry.get_job(job_id)
-    if found is None:
-        raise NotFound(f"job '{job_id}' not found; GET /jobs lists recent jobs")
-    return found.public()
-
-@native_api.delete("/jobs/{job_id}", openapi_extra=TO_EVERY_WORKER)
-async def cancel_pull_job(job_id: str, request: Request) -> dict[str, Any]:
-    return state_of(request).pulls.cancel(job_id).public()
-
-
-@native_api.api_route("/health", methods=["GET", "POST"], openapi_extra=GATEWAY_HEALTH)
-async def health(request: Request) -> JSONResponse:
-    """{"status": "ok"}, as llama.cpp's (LLM for Unity 3.x POSTs it); a 503 carries llama.cpp's error
-    too: no backend can load models, or the llama.cpp routes' model is loading."""
-    state = state_of(request)
-    chain = [state.models.backend_errors.get(b.name) for b in state.models.backends]  # the text backends
-    if not any(err is None for err in chain):
-        reason = "no backend available"
-    elif state.models.loading(state.settings.llamacpp_model or state.settings.default_model):
-        reason = "Loading model"
-    else:
-        return JSONResponse({"status": "ok"})
-    return JSONResponse({"status": reason, **llamacpp_error_body(503, reason)}, status_code=503)
-
-@native_api.get("/metrics", openapi_extra=GATEWAY_METRICS)
-async def metrics_exposition(request: Request) -> Response:
-    body, content_type = state_of(request).metrics.exposition()
-    return Response(body, media_type=content_type)
-
-@native_api.get("/models", openapi_extra=merged("models", "name"))
-async def native_models(request: Request) -> dict[str, Any]:
-    state = state_of(request)
-    return {"models": [model_entry(r, state.models) for r in state.registry.list_models()]}
-
-@native_api.delete("/models/{name:path}", openapi_extra=TO_EVERY_WORKER)
-async def native_delete(name: str, request: Request) -> dict[str, Any]:
-    state = state_of(request)
-    rec = state.registry.get_model(name)
-    if rec is None:
-        raise model_not_found(name)
-    await asyncio.to_thread(delete_model, state, rec)
-    return {"deleted": rec.name}
-
-@native_api.post("/chat", openapi_extra=BY_MODEL)
-async def native_chat(body: ChatBody, request: Request) -> Any:
-    state = state_of(request)
-    rec = state.registry.get_model(body.model)
-    if rec is None:
-        raise model_not_found(body.model)
-    require_generative(rec, body.model, "chat")
-    messages = [m.model_dump() for m in body.messages]
-    params = body.params()
-    build = chat_builder(messages, None, params, state.settings, preset=model_preset(rec))
-    run = GenerationRun(state.models, rec, build, params, keep_alive_of(body.keep_alive), request)
-    if body.stream:
-        return await ollama_chat_stream(run, body.model, tools=None)
-    fin = await run_to_end(run)
-    return {"model": body.model, "created_at": utc_now_iso(),
-            "message": {"role": "assistant", "content": fin.result.text}, "done": True, **ollama_stats(fin)}
-
-@native_api.get("/status", openapi_extra=merged(combine="status"))
-async def server_status(request: Request) -> dict[str, Any]:
-    state = state_of(request)
-    return {"version": VERSION,
-            "backends": [{"name": n, "available": e is None, "error": e}
-                         for n, e in state.models.backend_errors.items()],
-            "bitsandbytes": {"usable": state.bnb_error is None, "error": state.bnb_error},
-            "llama_server": next((b.public() for b in state.models.backends if isinstance(b, LlamaCppBackend)),
-                                 None),
-            **state.models.status(),
-            "pulls_active": [j.public() for j in state.pulls.active_jobs()],
-            "config": state.settings.public()}
-
-@native_api.get("/diag", openapi_extra=BY_MODEL)
-async def diagnostics(request: Request) -> dict[str, Any]:
-    return await asyncio.to_thread(diag, state_of(request).settings)
-
-
-# ============================================================================
-# 17. Routes: Ollama (/api/*)
-# ============================================================================
 ollama_api = wire_router(OLLAMA)
 OLLAMA_API_VERSION = "0.13.0"  # the Ollama API level these routes follow (numeric: Open WebUI parses it)
 
@@ -5933,6 +5844,109 @@ async def pull_progress(state: AppState, job: PullJob):
         return
     for status in ("verifying sha256 digest", "writing manifest", "success"):
         yield compact_json({"status": status}) + "\n"
+
+
+# ============================================================================
+# 17. Routes: native (/pull, /jobs, /models, /chat, /status, /diag, /health)
+# ============================================================================
+native_api = wire_router(NATIVE)  # Ollama-shaped: /chat answers as /api/chat does
+
+
+@native_api.post("/pull", status_code=202, openapi_extra=PULL)
+async def native_pull(body: PullBody, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    if body.trust_remote_code and not state.settings.remote_code_allowed(body.model):
+        raise Forbidden(f"remote code is off: '{body.model}' may not run its own Python code. The operator "
+                        "enables it with ALLOW_REMOTE_CODE=1, or for this repo with REMOTE_CODE_MODELS="
+                        f"{body.model}; then pull again")
+    job = state.pulls.submit(body.model, body.revision, body.quantize, body.init, body.trust_remote_code)
+    return {"job_id": job.id, "status": job.status, "model": job.model}
+
+@native_api.get("/jobs", openapi_extra=merged("jobs", "id"))
+async def list_jobs(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    listed = state.registry.list_jobs(state.settings.max_jobs_listed)
+    return {"jobs": [(state.pulls.live(j.id) or j).public() for j in listed]}
+
+@native_api.get("/jobs/{job_id}", openapi_extra=TO_EVERY_WORKER)
+async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    found = state.pulls.live(job_id) or state.registry.get_job(job_id)
+    if found is None:
+        raise NotFound(f"job '{job_id}' not found; GET /jobs lists recent jobs")
+    return found.public()
+
+@native_api.delete("/jobs/{job_id}", openapi_extra=TO_EVERY_WORKER)
+async def cancel_pull_job(job_id: str, request: Request) -> dict[str, Any]:
+    return state_of(request).pulls.cancel(job_id).public()
+
+
+@native_api.api_route("/health", methods=["GET", "POST"], openapi_extra=GATEWAY_HEALTH)
+async def health(request: Request) -> JSONResponse:
+    """{"status": "ok"}, as llama.cpp's (LLM for Unity 3.x POSTs it); a 503 carries llama.cpp's error
+    too: no backend can load models, or the llama.cpp routes' model is loading."""
+    state = state_of(request)
+    chain = [state.models.backend_errors.get(b.name) for b in state.models.backends]  # the text backends
+    if not any(err is None for err in chain):
+        reason = "no backend available"
+    elif state.models.loading(state.settings.llamacpp_model or state.settings.default_model):
+        reason = "Loading model"
+    else:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": reason, **llamacpp_error_body(503, reason)}, status_code=503)
+
+@native_api.get("/metrics", openapi_extra=GATEWAY_METRICS)
+async def metrics_exposition(request: Request) -> Response:
+    body, content_type = state_of(request).metrics.exposition()
+    return Response(body, media_type=content_type)
+
+@native_api.get("/models", openapi_extra=merged("models", "name"))
+async def native_models(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    return {"models": [model_entry(r, state.models) for r in state.registry.list_models()]}
+
+@native_api.delete("/models/{name:path}", openapi_extra=TO_EVERY_WORKER)
+async def native_delete(name: str, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    rec = state.registry.get_model(name)
+    if rec is None:
+        raise model_not_found(name)
+    await asyncio.to_thread(delete_model, state, rec)
+    return {"deleted": rec.name}
+
+@native_api.post("/chat", openapi_extra=BY_MODEL)
+async def native_chat(body: ChatBody, request: Request) -> Any:
+    state = state_of(request)
+    rec = state.registry.get_model(body.model)
+    if rec is None:
+        raise model_not_found(body.model)
+    require_generative(rec, body.model, "chat")
+    messages = [m.model_dump() for m in body.messages]
+    params = body.params()
+    build = chat_builder(messages, None, params, state.settings, preset=model_preset(rec))
+    run = GenerationRun(state.models, rec, build, params, keep_alive_of(body.keep_alive), request)
+    if body.stream:
+        return await ollama_chat_stream(run, body.model, tools=None)
+    fin = await run_to_end(run)
+    return {"model": body.model, "created_at": utc_now_iso(),
+            "message": {"role": "assistant", "content": fin.result.text}, "done": True, **ollama_stats(fin)}
+
+@native_api.get("/status", openapi_extra=merged(combine="status"))
+async def server_status(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    return {"version": VERSION,
+            "backends": [{"name": n, "available": e is None, "error": e}
+                         for n, e in state.models.backend_errors.items()],
+            "bitsandbytes": {"usable": state.bnb_error is None, "error": state.bnb_error},
+            "llama_server": next((b.public() for b in state.models.backends if isinstance(b, LlamaCppBackend)),
+                                 None),
+            **state.models.status(),
+            "pulls_active": [j.public() for j in state.pulls.active_jobs()],
+            "config": state.settings.public()}
+
+@native_api.get("/diag", openapi_extra=BY_MODEL)
+async def diagnostics(request: Request) -> dict[str, Any]:
+    return await asyncio.to_thread(diag, state_of(request).settings)
 
 
 # ============================================================================
@@ -7655,10 +7669,6 @@ class HttpJob:
                 "method": self.method, "scheme": "http", "path": self.path, "raw_path": self.path.encode(),
                 "query_string": self.query, "root_path": "", "headers": self.headers, "client": ("redis-job", 0),
                 "server": ("worker", 0), "extensions": {}, "state": {}, "ai_job": self.id}
-
-
-def decode_fields(fields: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items() if k != b"d"}
 
 
 async def ensure_group(r: Any, stream: str, known: set[str]) -> None:
