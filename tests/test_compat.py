@@ -581,6 +581,27 @@ def test_create_from_a_model_with_a_modelfile(client, server):
     assert client.chat(model="smollm2:135m", messages=ask, options={"num_predict": 2}).done  # the files stay
 
 
+def test_created_model_num_ctx_bounds_the_generate_prompt(client, server):
+    """A model created with `num_ctx 128` cuts a long /api/generate prompt to its context window, as /api/chat
+    on the same model does (and as a request's own options.num_ctx does)."""
+    assert client.create(model="short-ctx", from_="smollm2:135m",
+                         parameters={"num_ctx": 128, "temperature": 0}).status == "success"
+    try:
+        long = "The quick brown fox jumps over the lazy dog. " * 150  # ~1 500 tokens
+        chat = client.chat(model="short-ctx", messages=[{"role": "user", "content": long}],
+                           options={"num_predict": 4})
+        assert chat.prompt_eval_count <= 128, f"/api/chat: prompt_eval_count {chat.prompt_eval_count} > num_ctx 128"
+        r = httpx.post(f"{server.url}/api/generate", timeout=120, json={
+            "model": "short-ctx", "prompt": long, "stream": False, "options": {"num_predict": 4}})
+        assert r.status_code == 200, r.text
+        got = r.json()["prompt_eval_count"]
+        assert got <= 128, (f"/api/generate on a model created with num_ctx 128: prompt_eval_count {got} > 128 "
+                            f"(/api/chat on it gave {chat.prompt_eval_count}): the created num_ctx is not applied "
+                            "to the prompt's fit")
+    finally:
+        client.delete("short-ctx")
+
+
 def test_create_from_uploaded_files(client, server, tmp_path):
     from models import tiny_model_files
 
