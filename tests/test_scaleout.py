@@ -299,6 +299,41 @@ def brief(results: list[dict]) -> list[tuple]:
             for r in results]
 
 
+def maybe_json(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # "[DONE]"
+
+
+def stream_events(url: str, path: str, body: dict, out: dict, timeout: float = 120) -> dict:
+    """One streamed POST to `path`, read to its end into `out` as it comes (so another thread can watch it):
+    status, worker (x-ai-worker), and events: {"event": SSE event name or None, "data": parsed JSON} per SSE
+    event or NDJSON line."""
+    out.update(status=None, worker=None, events=[], error=None)
+    with httpx.Client(base_url=url, timeout=timeout, headers={"Authorization": f"Bearer {KEY}"}) as c:
+        with c.stream("POST", path, json=body) as r:
+            out["status"], out["worker"] = r.status_code, r.headers.get("x-ai-worker")
+            if r.status_code != 200:
+                out["error"] = r.read().decode()
+                return out
+            sse, name, data = r.headers.get("content-type", "").startswith("text/event-stream"), None, []
+            for line in r.iter_lines():
+                if not sse:
+                    if line:
+                        out["events"].append({"event": None, "data": json.loads(line)})
+                elif line.startswith("event:"):
+                    name = line.removeprefix("event:").strip()
+                elif line.startswith("data:"):
+                    data.append(line.removeprefix("data:").strip())
+                elif not line and data:
+                    out["events"].append({"event": name, "data": maybe_json("\n".join(data))})
+                    name, data = None, []
+            if data:  # a last event without its blank line
+                out["events"].append({"event": name, "data": maybe_json("\n".join(data))})
+    return out
+
+
 def test_worker_killed_with_running_and_queued_jobs(cluster):
     """kill -9 a worker holding running and queued jobs: the queued ones complete on the other worker
     (those in Redis, and the one the dead worker had taken but not started), the running ones end
@@ -336,6 +371,85 @@ def test_worker_killed_with_running_and_queued_jobs(cluster):
     # A worker restart re-registers (and takes nothing twice).
     cluster.workers["wa"].start()
     cluster.wait_all_up()
+
+
+# One long greedy stream per wire API (400 tokens; with this prompt at temperature 0 no end token comes first).
+WIRE_STREAMS = {
+    "anthropic": ("/v1/messages", {"model": MODEL, "max_tokens": 400, "temperature": 0, "stream": True,
+                                   "messages": [{"role": "user", "content": "hello"}]}),
+    "responses": ("/v1/responses", {"model": MODEL, "input": "hello", "max_output_tokens": 400, "temperature": 0,
+                                    "stream": True}),
+    "llama.cpp": ("/completion", {"model": MODEL, "prompt": "hello", "n_predict": 400, "temperature": 0,
+                                  "ignore_eos": True, "stream": True}),
+    "ollama": ("/api/generate", {"model": MODEL, "prompt": "hello", "stream": True,
+                                 "options": {"num_predict": 400, "temperature": 0, "seed": 1}}),
+}
+
+
+def ended_normally(api: str, event: dict) -> bool:
+    data = event["data"] if isinstance(event["data"], dict) else {}
+    return {"anthropic": event["event"] == "message_stop", "responses": event["event"] == "response.completed",
+            "llama.cpp": data.get("stop") is True, "ollama": data.get("done") is True}[api]
+
+
+def own_error_message(api: str, event: dict) -> str | None:
+    """The message of `event` if it is an in-stream error in `api`'s own shape (the one the server sends for a
+    mid-stream error without a gateway); None if it is not."""
+    name, data = event["event"], event["data"]
+    if not isinstance(data, dict):
+        return None
+    err = data.get("error")
+    if api == "anthropic" and name == "error" and data.keys() == {"type", "error"} and data["type"] == "error" \
+            and isinstance(err, dict) and err.keys() == {"type", "message"} and isinstance(err["type"], str):
+        return err["message"]
+    if api == "responses" and name == "error" and data.keys() == {"type", "code", "message", "param"} \
+            and data["type"] == "error":
+        return data["message"]
+    if api == "llama.cpp" and name is None and data.keys() == {"error"} and isinstance(err, dict) \
+            and err.keys() == {"code", "message", "type"} and type(err["code"]) is int and isinstance(err["type"], str):
+        return err["message"]
+    if api == "ollama" and data.keys() == {"error"} and isinstance(err, str):
+        return err
+    return None
+
+
+def events_brief(results: dict[str, dict]) -> dict:
+    """What a failed assertion shows of stream_events results: status, worker, event count, the last event."""
+    return {api: (r.get("status"), r.get("worker"), len(r.get("events") or ()),
+                  r["events"][-1] if r.get("events") else r.get("error")) for api, r in results.items()}
+
+
+def test_worker_killed_mid_stream_ends_each_api_with_its_own_error_event(cluster):
+    """kill -9 the worker answering a stream of each wire API: through the gateway, each stream ends with an error
+    event in its own API's shape (the one the server sends for a mid-stream error without a gateway), not
+    OpenAI chat's. Two streams at a time (NUM_PARALLEL=2 per worker: neither waits for a slot, wherever they land)."""
+    gw, url = cluster.gateway, cluster.gateway.url
+    results: dict[str, dict] = {api: {} for api in WIRE_STREAMS}
+    for pair in (("anthropic", "responses"), ("llama.cpp", "ollama")):
+        wait_for(lambda: gateway_jobs(gw) == (0, 0), 30, why=lambda: job_lines(gw))  # from idle
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(stream_events, url, WIRE_STREAMS[api][0], WIRE_STREAMS[api][1], results[api])
+                       for api in pair]
+            wait_for(lambda: all(len(results[api].get("events") or ()) >= 8 for api in pair), 60, every_s=0.02,
+                     why=lambda: (events_brief(results), [f.exception() for f in futures if f.done()]))
+            killed = {results[api]["worker"] for api in pair}
+            for name in killed:
+                cluster.workers[name].proc.kill()
+            for f in futures:
+                f.result(timeout=60)
+        for name in killed:
+            cluster.workers[name].proc.wait()
+            cluster.workers[name].start()
+        cluster.wait_all_up()
+    wrong = {}
+    for api, r in results.items():
+        assert r["status"] == 200 and r["events"], events_brief({api: r})
+        last = r["events"][-1]
+        assert not ended_normally(api, last), f"{api}: the stream ended normally before the kill: {last}"
+        if "stopped mid-answer" not in (own_error_message(api, last) or ""):
+            wrong[api] = last
+    assert not wrong, "streams cut by a dead worker, whose last event is not an error in their API's own shape " \
+        f"saying it stopped mid-answer: {json.dumps(wrong)}"
 
 
 def test_worker_sigterm_drains(cluster):
