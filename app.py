@@ -7506,7 +7506,7 @@ async def openai_image_edits(request: Request) -> dict[str, Any]:
 
 
 # ============================================================================
-# 21. Scale-out: one gateway, many workers, over Redis Streams (`python app.py serve --role gateway`, `worker`)
+# 21a. Scale-out over Redis Streams: the protocol (keys, Lua steps, a job, a worker's lease on it)
 # ============================================================================
 # The hop is one seam for every route: the gateway queues the HTTP request itself as a job; a worker
 # runs it through its own app (the very routes the all-in-one server runs) and streams the ASGI response
@@ -7711,65 +7711,236 @@ async def retrying(what: str, step: Callable[[], Awaitable[None]], stop: asyncio
             await asyncio.sleep(min(delay, max_delay_s))
             delay = min(delay * 2, max_delay_s)
 
-
-@dataclasses.dataclass
-class WorkerJob:
-    job: HttpJob
-    stream: str
-    entry: bytes
-    counted: bool  # takes one of the worker's slots (model queues do; its own queue does not)
-    cancel: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-    # Its reply events' ids: EPOCH-1, EPOCH-2, ...: a retried XADD of one id is refused, not doubled; a worker
-    # taking the job over writes under the next epoch, so anything the old owner still writes is refused.
-    epoch: int = 1
-    seq: int = 0
-    started: bool = False  # the response began: from here on it cannot run anywhere else
-    starting: bool = False  # its "start" event is being written: no longer one to hand back
-    handing_back: bool = False  # the worker stops: a job not started is left for another worker
-    fenced: bool = False  # another worker owns it now (this one lost its lease): say nothing more
-
-    @property
-    def silent(self) -> bool:
-        return self.fenced or (self.handing_back and not self.started)
+async def live_workers(r: Any, keys: Keys) -> dict[str, dict[str, Any]]:
+    """name -> report, for workers whose heartbeat has not expired (the others leave the set)."""
+    names = sorted(n.decode() for n in await r.smembers(keys.workers))
+    if not names:
+        return {}
+    values = await r.mget([keys.worker(n) for n in names])
+    gone = [n for n, v in zip(names, values) if not v]
+    if gone:
+        await r.srem(keys.workers, *gone)
+    return {n: json.loads(v) for n, v in zip(names, values) if v}
 
 
 def is_duplicate_id(exc: BaseException) -> bool:
     return "equal or smaller than the target stream top item" in str(exc)
 
 
+class WorkerLink:
+    """A worker's side of the job queue: its Redis client, the key names, its name, the Lua steps it runs,
+    and the consumer groups it knows exist."""
+
+    def __init__(self, settings: Settings):
+        self.r, self.keys, self.name = redis_client(settings), Keys(settings.redis_prefix), settings.worker_id()
+        self.renew_script, self.start_script = self.r.register_script(RENEW_LUA), self.r.register_script(START_LUA)
+        self.release_script = self.r.register_script(RELEASE_LUA)
+        self.release_idle_ms = int(10 * settings.worker_heartbeat_s * 1000)  # past any takeover threshold
+        self.groups: set[str] = set()
+
+    async def release(self, stream: str, entry: bytes) -> None:
+        """Hands a job back unstarted: the next XAUTOCLAIM (any worker's) takes it."""
+        await self.release_script(keys=[stream], args=[GROUP, entry, self.name, self.release_idle_ms])
+
+    async def ack(self, stream: str, entry: bytes) -> None:
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.xack(stream, GROUP, entry)
+            pipe.xdel(stream, entry)  # the stream then holds only queued and running jobs: XLEN - pending = queued
+            await pipe.execute()
+
+
+# A taken job's states: "taken" (not answering yet), "starting" (its start event is being written: it is no
+# longer one to hand back), "started" (answering: from here on it cannot run anywhere else), "handed_back" (the
+# worker stops: left unstarted for another worker), "fenced" (another worker owns it now, or Redis lost it:
+# this worker says nothing more).
+LEASE_TRANSITIONS = {"taken": {"starting", "handed_back", "fenced"}, "starting": {"started", "fenced"},
+                     "started": {"fenced"}}
+
+
+class JobLease:
+    """One taken job's Redis protocol, for the worker holding it: its reply events, the start event written
+    only while the worker still owns the job, the lease renewal, the hand-back, the acknowledgement.
+    Reply event ids are EPOCH-SEQ: a retried XADD of one id is refused, not doubled; a worker taking the job
+    over writes under the next epoch, so anything the old owner still writes is refused."""
+
+    def __init__(self, link: WorkerLink, job: HttpJob, stream: str, entry: bytes, counted: bool):
+        self.link, self.job, self.stream, self.entry = link, job, stream, entry
+        self.counted = counted  # takes one of the worker's slots (model queues do; its own queue does not)
+        self.cancel = asyncio.Event()
+        self.epoch, self.seq = 1, 0
+        self.state = "taken"
+
+    def move(self, state: str) -> None:
+        if state not in LEASE_TRANSITIONS.get(self.state, ()):
+            raise RuntimeError(f"job {self.job.id}: illegal transition {self.state} -> {state}")
+        self.state = state
+
+    @property
+    def started(self) -> bool:
+        return self.state == "started"
+
+    @property
+    def silent(self) -> bool:
+        """It says nothing more: another worker owns it, or it was handed back unstarted."""
+        return self.state in ("fenced", "handed_back")
+
+    async def begin(self, reclaimed: bool) -> str | None:
+        """Before the job runs: None to run it, else why not ("skipped": its client left while it was queued;
+        "lost": it had begun answering on a worker that died: never run twice, never duplicate text)."""
+        link, job = self.link, self.job
+        if await link.r.exists(link.keys.cancel(job.id)):
+            log.info("worker %s: job %s: its client left while it was queued; not run", link.name, job.id)
+            return "skipped"
+        last = await link.r.xrevrange(link.keys.reply(job.id), count=1)
+        if last:  # taken over: write after everything the old owner wrote, under the next epoch
+            self.epoch = int(last[0][0].split(b"-")[0]) + 1
+        if reclaimed:
+            if last and last[0][1].get(b"t") != b"taken":
+                await self.emit({"t": "error", "status": 502, "message": "the worker running this request "
+                                 "stopped mid-answer; retry the request"})
+                return "lost"
+            await link.r.incr(link.keys.reclaimed)
+            log.info("worker %s: job %s (%s %s): taken over from a worker that stopped", link.name, job.id,
+                     job.method, job.path)
+        await self.emit({"t": "taken", "w": link.name})
+        return None
+
+    async def answer(self, app: Any, on_end: Callable[[], Awaitable[None]] | None) -> str:
+        """The job through `app`, as the all-in-one server would answer it, its ASGI events written as reply
+        events (`on_end` runs before the last); the cancel mark is the client's disconnect (the routes stop
+        generating within a token)."""
+        body_sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": self.job.body, "more_body": False}
+            await self.cancel.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if self.silent:
+                return
+            if message["type"] == "http.response.start":
+                headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in message.get("headers", [])]
+                await self.emit_start({"t": "start", "status": message["status"], "headers": json.dumps(headers)})
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    await self.emit({"t": "body", "d": message["body"]})
+                if not message.get("more_body"):
+                    if on_end is not None:
+                        await on_end()
+                    await self.emit({"t": "end"})
+
+        await app(self.job.scope(), receive, send)
+        return "cancelled" if self.cancel.is_set() else "ok"
+
+    async def emit(self, fields: dict[str, Any]) -> None:
+        """One reply event, with the job's next explicit id."""
+        reply = self.link.keys.reply(self.job.id)
+        self.seq += 1
+        async with self.link.r.pipeline(transaction=False) as pipe:
+            pipe.xadd(reply, fields, id=f"{self.epoch}-{self.seq}", maxlen=REPLY_MAXLEN, approximate=True)
+            pipe.expire(reply, REPLY_TTL_S)
+            results = await pipe.execute(raise_on_error=False)
+        if isinstance(results[0], Exception) and not is_duplicate_id(results[0]):
+            raise results[0]
+
+    async def emit_start(self, fields: dict[str, Any]) -> bool:
+        """The "start" event, only if this worker still owns the job (else it is fenced)."""
+        self.move("starting")  # before the await: a stop() meanwhile must not hand back a job that answers
+        self.seq += 1
+        args = [GROUP, self.entry, self.link.name, f"{self.epoch}-{self.seq}", REPLY_TTL_S, REPLY_MAXLEN,
+                *itertools.chain.from_iterable(fields.items())]
+        try:
+            owned = await self.link.start_script(keys=[self.stream, self.link.keys.reply(self.job.id)], args=args)
+        except redis_errors() as exc:
+            if not is_duplicate_id(exc):
+                raise
+            owned = 1
+        if owned != 1:
+            await self.lose(owned)
+        elif self.state == "starting":  # (not when the heartbeat fenced it meanwhile)
+            self.move("started")
+        return self.started
+
+    async def renew(self, pipe: Any) -> None:
+        """Queues on `pipe` the lease renewal (1 owned, 0 another worker owns it, -1 Redis lost it), then the
+        cancel mark's check (a cancel missed while away)."""
+        await self.link.renew_script(keys=[self.stream], args=[GROUP, self.entry, self.link.name], client=pipe)
+        pipe.exists(self.link.keys.cancel(self.job.id))
+
+    async def lose(self, owned: int) -> None:
+        """0: another worker took the job over (it answers): go silent. -1: Redis no longer has the job at
+        all (its data was lost): nobody will answer, so say so, then go silent."""
+        if self.state == "fenced":
+            return
+        log.warning("worker %s: job %s: %s; stopping it here", self.link.name, self.job.id,
+                    "another worker took it over" if owned == 0 else "Redis lost the job (its data was lost)")
+        if owned == -1:
+            with contextlib.suppress(*redis_errors()):
+                await self.emit({"t": "error", "status": 502 if self.started else 503,
+                                 "message": "the job queue lost this request; retry it"})
+        self.move("fenced")
+        self.cancel.set()
+
+    async def hand_back(self) -> None:
+        self.move("handed_back")
+        self.cancel.set()
+        with contextlib.suppress(*redis_errors()):
+            await self.link.release(self.stream, self.entry)
+
+    async def ack(self) -> None:
+        await self.link.ack(self.stream, self.entry)
+
+
+# ============================================================================
+# 21b. Scale-out: the worker (its loops: heartbeat, intake, reclaim, cancels; a job through its own app)
+# ============================================================================
 class Worker:
     """The worker role: takes jobs from the streams of the models it holds (loaded ones first, a
     pulled one when no live worker has it loaded with a free slot), runs each through this process's
     own app, streams the response events back, acknowledges it when done. Heartbeats renew its report
     and the lease on the jobs it still owns (XCLAIM JUSTID resets their idle time); XAUTOCLAIM takes
     over the jobs of a worker whose lease ran out (it died): run again if nothing was sent yet, else
-    ended with an error event."""
+    ended with an error event. One job's Redis protocol is its JobLease; these are the loops."""
 
     def __init__(self, app: Any, state: "AppState", settings: Settings):
         self.app, self.state, self.settings = app, state, settings
-        self.r, self.keys, self.name = redis_client(settings), Keys(settings.redis_prefix), settings.worker_id()
-        self.renew, self.start_event = self.r.register_script(RENEW_LUA), self.r.register_script(START_LUA)
-        self.release_script = self.r.register_script(RELEASE_LUA)
-        self.slots = settings.worker_slots or settings.num_parallel
-        self.hb_s = settings.worker_heartbeat_s
-        self.jobs: dict[str, WorkerJob] = {}
-        self.groups: set[str] = set()
+        self.link = WorkerLink(settings)
+        self.leases: dict[str, JobLease] = {}  # by job id
+        self.models: list[str] = []  # pulled here, as the last report said
         self.freed = asyncio.Event()
-        self.stop_event = asyncio.Event()
         self.intake_stop = asyncio.Event()  # draining: the intake loops end after their current read
-        self.draining = False
-        self.intake_tasks: list[asyncio.Task] = []
-        self.tasks: list[asyncio.Task] = []
+        self.stop_event = asyncio.Event()
+        self.intake_loops: list[asyncio.Task] = []
+        self.loops: list[asyncio.Task] = []  # the heartbeat and the cancel listener: they outlive the intake
         self.runs: set[asyncio.Task] = set()
-        self.models: list[str] = []
+
+    @property
+    def name(self) -> str:
+        return self.link.name
+
+    @property
+    def slots(self) -> int:
+        return self.settings.worker_slots or self.settings.num_parallel
+
+    @property
+    def hb_s(self) -> float:
+        return self.settings.worker_heartbeat_s
+
+    @property
+    def draining(self) -> bool:
+        return self.intake_stop.is_set()
 
     def start(self) -> None:
         log.info("worker %s: taking jobs from %s (prefix %s, %d slots)", self.name, redis_where(self.settings),
-                 self.keys.p, self.slots)
+                 self.link.keys.p, self.slots)
 
         def forget_groups(exc: BaseException) -> None:
             if "NOGROUP" in str(exc):  # Redis lost its data (restarted without persistence, flushed)
-                self.groups.clear()
+                self.link.groups.clear()
 
         for what, step, intake in (("heartbeat", self.heartbeat, False), ("cancel listener", self.listen_cancels, False),
                                    ("job intake", self.intake, True), ("own queue", self.own_queue, True),
@@ -7778,10 +7949,10 @@ class Worker:
             task = asyncio.create_task(retrying(f"worker {self.name} {what}", step,
                                                 self.intake_stop if intake else self.stop_event, forget_groups,
                                                 max_delay_s=self.hb_s / 2 if step == self.heartbeat else 10.0))
-            (self.intake_tasks if intake else self.tasks).append(task)
+            (self.intake_loops if intake else self.loops).append(task)
 
     def busy(self) -> int:
-        return sum(1 for j in self.jobs.values() if j.counted)
+        return sum(1 for lease in self.leases.values() if lease.counted)
 
     async def report(self) -> dict[str, Any]:
         records = await run_in_daemon_thread(self.state.registry.list_models)
@@ -7792,54 +7963,37 @@ class Worker:
 
     async def publish_report(self, pipe: Any = None) -> None:
         report = await self.report()
-        target = pipe if pipe is not None else self.r
-        queued = target.set(self.keys.worker(self.name), json.dumps(report), px=int(max(4 * self.hb_s, 1.0) * 1000))
+        target = pipe if pipe is not None else self.link.r
+        queued = target.set(self.link.keys.worker(self.name), json.dumps(report),
+                            px=int(max(4 * self.hb_s, 1.0) * 1000))
         if pipe is None:
             await queued
 
     async def heartbeat(self) -> None:
-        jobs = [j for j in self.jobs.values() if not (j.handing_back or j.fenced)]
-        async with self.r.pipeline(transaction=False) as pipe:
+        leases = [lease for lease in self.leases.values() if not lease.silent]
+        async with self.link.r.pipeline(transaction=False) as pipe:
             await self.publish_report(pipe)
-            pipe.sadd(self.keys.workers, self.name)
-            for job in jobs:  # the lease, on the jobs this worker still owns; and cancels missed while away
-                await self.renew(keys=[job.stream], args=[GROUP, job.entry, self.name], client=pipe)
-                pipe.exists(self.keys.cancel(job.job.id))
+            pipe.sadd(self.link.keys.workers, self.name)
+            for lease in leases:  # the lease, on the jobs this worker still owns; and cancels missed while away
+                await lease.renew(pipe)
             results = await pipe.execute(raise_on_error=False)
         for result in results[:2]:
             if isinstance(result, Exception):
                 raise result
-        for job, owned, gone in zip(jobs, results[2::2], results[3::2]):
+        for lease, owned, gone in zip(leases, results[2::2], results[3::2]):
             if gone is True or gone == 1:
-                job.cancel.set()
+                lease.cancel.set()
             if owned in (0, -1):
-                await self.lost_lease(job, owned)
+                await lease.lose(owned)
         await asyncio.sleep(self.hb_s)
-
-    async def lost_lease(self, job: WorkerJob, owned: int) -> None:
-        """0: another worker took the job over (it answers): go silent. -1: Redis no longer has the job at
-        all (its data was lost): nobody will answer, so say so, then go silent."""
-        if job.fenced:
-            return
-        log.warning("worker %s: job %s: %s; stopping it here", self.name, job.job.id,
-                    "another worker took it over" if owned == 0 else "Redis lost the job (its data was lost)")
-        if owned == -1:
-            with contextlib.suppress(*redis_errors()):
-                await self.emit(job, {"t": "error", "status": 502 if job.started else 503,
-                                      "message": "the job queue lost this request; retry it"})
-        job.fenced = True
-        job.cancel.set()
-
-    async def live_reports(self) -> dict[str, dict[str, Any]]:
-        return await live_workers(self.r, self.keys)
 
     async def intake_streams(self) -> list[str]:
         """Loaded models first; a pulled one only while no other live worker has it loaded with a free slot."""
         loaded = set(self.state.models.loaded)
-        others = {m for name, rep in (await self.live_reports()).items() if name != self.name and rep.get("free")
-                  for m in rep.get("loaded", [])}
+        others = {m for name, rep in (await live_workers(self.link.r, self.link.keys)).items()
+                  if name != self.name and rep.get("free") for m in rep.get("loaded", [])}
         names = sorted(loaded & set(self.models)) + sorted(m for m in self.models if m not in loaded and m not in others)
-        return [self.keys.queue(m) for m in names] + [self.keys.any]
+        return [self.link.keys.queue(m) for m in names] + [self.link.keys.any]
 
     async def intake(self) -> None:
         """At most `slots` jobs: each stream is asked in turn for what is still free (XREADGROUP's COUNT is
@@ -7854,16 +8008,16 @@ class Worker:
             await self.report()
         streams = await self.intake_streams()
         for stream in streams:
-            await ensure_group(self.r, stream, self.groups)
+            await ensure_group(self.link.r, stream, self.link.groups)
         took = 0
         for stream in streams:
             free = self.slots - self.busy()  # the reclaim loop may have taken some meanwhile
             if free <= 0:
                 return
-            got = await self.r.xreadgroup(GROUP, self.name, {stream: ">"}, count=free)
+            got = await self.link.r.xreadgroup(GROUP, self.name, {stream: ">"}, count=free)
             took += await self.take_all(got, counted=True)
         if not took:
-            got = await self.r.xreadgroup(GROUP, self.name, {s: ">" for s in streams}, count=1, block=1000)
+            got = await self.link.r.xreadgroup(GROUP, self.name, {s: ">" for s in streams}, count=1, block=1000)
             await self.take_all(got, counted=True)  # one per stream that had one: the surplus is handed back
 
     async def take_all(self, got: Any, counted: bool, reclaimed: bool = False) -> int:
@@ -7874,41 +8028,38 @@ class Worker:
                 if not (entry and fields):
                     continue
                 if (counted and self.busy() >= self.slots) or self.draining:
-                    await self.release(stream, entry)
+                    await self.link.release(stream, entry)
                 else:
                     n += self.take(stream, entry, fields, counted, reclaimed)
         return n
 
-    async def release(self, stream: str, entry: bytes) -> None:
-        """Hands a job back unstarted: the next XAUTOCLAIM (any worker's) takes it."""
-        await self.release_script(keys=[stream], args=[GROUP, entry, self.name, int(10 * self.hb_s * 1000)])
-
     async def own_queue(self) -> None:
-        stream = self.keys.worker_queue(self.name)
-        await ensure_group(self.r, stream, self.groups)
-        await self.take_all(await self.r.xreadgroup(GROUP, self.name, {stream: ">"}, count=16, block=1000),
+        stream = self.link.keys.worker_queue(self.name)
+        await ensure_group(self.link.r, stream, self.link.groups)
+        await self.take_all(await self.link.r.xreadgroup(GROUP, self.name, {stream: ">"}, count=16, block=1000),
                             counted=False)
 
     async def reclaim(self) -> None:
         """Jobs of dead workers (their lease ran out), and this worker's own from before a restart."""
         await asyncio.sleep(self.hb_s)
         idle_ms = int(5 * self.hb_s * 1000)  # the lease's 4 heartbeats, and one of margin
-        own = self.keys.worker_queue(self.name)
+        own = self.link.keys.worker_queue(self.name)
         for stream in [own, *(await self.intake_streams())]:
             free = max(self.slots - self.busy(), 0) if stream != own else 16
-            if not free or stream not in self.groups:
+            if not free or stream not in self.link.groups:
                 continue
-            _next, entries, *_deleted = await self.r.xautoclaim(stream, GROUP, self.name, idle_ms, "0-0", count=free)
+            _next, entries, *_deleted = await self.link.r.xautoclaim(stream, GROUP, self.name, idle_ms, "0-0",
+                                                                     count=free)
             await self.take_all([(stream, entries)], counted=stream != own, reclaimed=True)
 
     async def listen_cancels(self) -> None:
-        pubsub = self.r.pubsub()
+        pubsub = self.link.r.pubsub()
         try:
-            await pubsub.subscribe(self.keys.cancel_channel)
+            await pubsub.subscribe(self.link.keys.cancel_channel)
             async for message in pubsub.listen():
-                if message.get("type") == "message" and (job := self.jobs.get(message["data"].decode())):
-                    log.info("worker %s: job %s: its client left; cancelling", self.name, job.job.id)
-                    job.cancel.set()
+                if message.get("type") == "message" and (lease := self.leases.get(message["data"].decode())):
+                    log.info("worker %s: job %s: its client left; cancelling", self.name, lease.job.id)
+                    lease.cancel.set()
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
@@ -7918,12 +8069,12 @@ class Worker:
             job = HttpJob.of(fields)
         except (KeyError, ValueError) as exc:
             log.warning("worker %s: dropping malformed entry %s in %s (%s)", self.name, entry, stream, exc)
-            self.spawn(self.ack(stream, entry))
+            self.spawn(self.link.ack(stream, entry))
             return 0
-        if job.id in self.jobs:
+        if job.id in self.leases:
             return 0
-        wj = self.jobs[job.id] = WorkerJob(job, stream, entry, counted)
-        self.spawn(self.run(wj, reclaimed))
+        lease = self.leases[job.id] = JobLease(self.link, job, stream, entry, counted)
+        self.spawn(self.run(lease, reclaimed))
         return 1
 
     def spawn(self, coro: Any) -> None:
@@ -7931,60 +8082,12 @@ class Worker:
         self.runs.add(task)
         task.add_done_callback(self.runs.discard)
 
-    async def emit(self, wj: WorkerJob, fields: dict[str, Any]) -> None:
-        """One reply event, with the job's next explicit id."""
-        reply = self.keys.reply(wj.job.id)
-        wj.seq += 1
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.xadd(reply, fields, id=f"{wj.epoch}-{wj.seq}", maxlen=REPLY_MAXLEN, approximate=True)
-            pipe.expire(reply, REPLY_TTL_S)
-            results = await pipe.execute(raise_on_error=False)
-        if isinstance(results[0], Exception) and not is_duplicate_id(results[0]):
-            raise results[0]
-
-    async def emit_start(self, wj: WorkerJob, fields: dict[str, Any]) -> bool:
-        """The "start" event, only if this worker still owns the job (else it is fenced)."""
-        wj.seq += 1
-        args = [GROUP, wj.entry, self.name, f"{wj.epoch}-{wj.seq}", REPLY_TTL_S, REPLY_MAXLEN,
-                *itertools.chain.from_iterable(fields.items())]
+    async def run(self, lease: JobLease, reclaimed: bool) -> None:
+        job, outcome = lease.job, "ok"
         try:
-            owned = await self.start_event(keys=[wj.stream, self.keys.reply(wj.job.id)], args=args)
-        except redis_errors() as exc:
-            if not is_duplicate_id(exc):
-                raise
-            owned = 1
-        if owned != 1:
-            await self.lost_lease(wj, owned)
-        return owned == 1
-
-    async def ack(self, stream: str, entry: bytes) -> None:
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.xack(stream, GROUP, entry)
-            pipe.xdel(stream, entry)  # the stream then holds only queued and running jobs: XLEN - pending = queued
-            await pipe.execute()
-
-    async def run(self, wj: WorkerJob, reclaimed: bool) -> None:
-        job, outcome = wj.job, "ok"
-        try:
-            if await self.r.exists(self.keys.cancel(job.id)):
-                log.info("worker %s: job %s: its client left while it was queued; not run", self.name, job.id)
-                outcome = "skipped"
-                return
-            last = await self.r.xrevrange(self.keys.reply(job.id), count=1)
-            if last:  # taken over: write after everything the old owner wrote, under the next epoch
-                wj.epoch = int(last[0][0].split(b"-")[0]) + 1
-            if reclaimed:
-                if last and last[0][1].get(b"t") != b"taken":
-                    # It had begun answering on a worker that died: never run twice, never duplicate text.
-                    outcome = "lost"
-                    await self.emit(wj, {"t": "error", "status": 502, "message": "the worker running this request "
-                                         "stopped mid-answer; retry the request"})
-                    return
-                await self.r.incr(self.keys.reclaimed)
-                log.info("worker %s: job %s (%s %s): taken over from a worker that stopped", self.name, job.id,
-                         job.method, job.path)
-            await self.emit(wj, {"t": "taken", "w": self.name})
-            outcome = await self.serve(wj)
+            # A pull or a delete (its own queue): the gateway routes by the new report at once.
+            outcome = await lease.begin(reclaimed) or \
+                await lease.answer(self.app, None if lease.counted else self.publish_report)
         except asyncio.CancelledError:
             outcome = "aborted"
             raise
@@ -7995,100 +8098,52 @@ class Worker:
             outcome = "error"
             log.exception("worker %s: job %s failed", self.name, job.id)
             with contextlib.suppress(Exception):
-                if not wj.silent:
-                    await self.emit(wj, {"t": "error", "status": 500, "message": "the worker failed on this request"})
+                if not lease.silent:
+                    await lease.emit({"t": "error", "status": 500, "message": "the worker failed on this request"})
         finally:
-            self.jobs.pop(job.id, None)
+            self.leases.pop(job.id, None)
             self.freed.set()
-            outcome = "fenced" if wj.fenced else outcome
+            outcome = "fenced" if lease.state == "fenced" else outcome
             self.state.metrics.worker_jobs.labels(outcome).inc()
             # Not acknowledged: a job handed back unstarted, one another worker owns now, or one cut by a Redis
             # failure: after the lease another worker (or this one) takes it over, runs it again if nothing
             # was sent, else ends it with an error event.
-            if not wj.silent and outcome != "redis_error":
+            if not lease.silent and outcome != "redis_error":
                 with contextlib.suppress(*redis_errors()):
-                    await self.ack(wj.stream, wj.entry)
-
-    async def serve(self, wj: WorkerJob) -> str:
-        """The job through this process's app, as the all-in-one server would answer it; a cancel
-        mark is the client's disconnect (the routes stop generating within a token)."""
-        job, body_sent = wj.job, False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal body_sent
-            if not body_sent:
-                body_sent = True
-                return {"type": "http.request", "body": job.body, "more_body": False}
-            await wj.cancel.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            if wj.silent:
-                return
-            if message["type"] == "http.response.start":
-                headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in message.get("headers", [])]
-                wj.starting = True  # before the await: a stop() meanwhile must not hand back a job that answers
-                wj.started = await self.emit_start(wj, {"t": "start", "status": message["status"],
-                                                        "headers": json.dumps(headers)})
-            elif message["type"] == "http.response.body":
-                if message.get("body"):
-                    await self.emit(wj, {"t": "body", "d": message["body"]})
-                if not message.get("more_body"):
-                    if not wj.counted:  # a pull or a delete: the gateway routes by the new report at once
-                        await self.publish_report()
-                    await self.emit(wj, {"t": "end"})
-
-        await self.app(job.scope(), receive, send)
-        return "cancelled" if wj.cancel.is_set() else "ok"
+                    await lease.ack()
 
     async def stop(self, grace_s: float) -> None:
         """Takes nothing more (its report says no free slot); jobs not started are handed back (another
         worker runs them); running ones get `grace_s` to finish, still heartbeating and cancellable,
         then end with the shutdown error line."""
-        self.draining = True
-        self.intake_stop.set()  # the intake loops end after their current read (at most ~1 s)
-        if self.intake_tasks:
-            await asyncio.wait(self.intake_tasks, timeout=5)
-        for wj in list(self.jobs.values()):
-            if not wj.starting:
-                wj.handing_back = True
-                wj.cancel.set()
-                with contextlib.suppress(*redis_errors()):
-                    await self.release(wj.stream, wj.entry)
+        self.intake_stop.set()  # draining: the intake loops end after their current read (at most ~1 s)
+        if self.intake_loops:
+            await asyncio.wait(self.intake_loops, timeout=5)
+        for lease in list(self.leases.values()):
+            if lease.state == "taken":
+                await lease.hand_back()
         deadline = time.monotonic() + grace_s
-        while self.jobs and time.monotonic() < deadline:
+        while self.leases and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        if self.jobs:
+        if self.leases:
             self.state.models.abort_all(ShuttingDown("the worker is shutting down: this generation was stopped; "
                                                      "retry shortly", headers={"Retry-After": "5"}))
             for _ in range(int(DRAIN_MARGIN_S * 10)):
-                if not self.jobs:
+                if not self.leases:
                     break
                 await asyncio.sleep(0.1)
         self.stop_event.set()
-        for task in [*self.tasks, *self.runs, *self.intake_tasks]:
+        for task in [*self.loops, *self.runs, *self.intake_loops]:
             task.cancel()
-        await asyncio.gather(*self.tasks, *self.runs, *self.intake_tasks, return_exceptions=True)
+        await asyncio.gather(*self.loops, *self.runs, *self.intake_loops, return_exceptions=True)
         with contextlib.suppress(Exception):
-            async with self.r.pipeline(transaction=False) as pipe:
-                pipe.delete(self.keys.worker(self.name))
-                pipe.srem(self.keys.workers, self.name)
+            async with self.link.r.pipeline(transaction=False) as pipe:
+                pipe.delete(self.link.keys.worker(self.name))
+                pipe.srem(self.link.keys.workers, self.name)
                 await pipe.execute()
         with contextlib.suppress(Exception):
-            await self.r.aclose()
+            await self.link.r.aclose()
         log.info("worker %s: stopped", self.name)
-
-
-async def live_workers(r: Any, keys: Keys) -> dict[str, dict[str, Any]]:
-    """name -> report, for workers whose heartbeat has not expired (the others leave the set)."""
-    names = sorted(n.decode() for n in await r.smembers(keys.workers))
-    if not names:
-        return {}
-    values = await r.mget([keys.worker(n) for n in names])
-    gone = [n for n, v in zip(names, values) if not v]
-    if gone:
-        await r.srem(keys.workers, *gone)
-    return {n: json.loads(v) for n, v in zip(names, values) if v}
 
 
 class WorkerOnly:
@@ -8105,6 +8160,30 @@ class WorkerOnly:
                                           "/metrics only; send API requests to the gateway")
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+# ============================================================================
+# 21c. Scale-out: the gateway (routing by the route's declaration, the relay, the fan-out)
+# ============================================================================
+async def watch_disconnect(receive: Any, gone: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
+async def safe_send(send: Any, message: dict[str, Any]) -> bool:
+    """False when the client has gone (the server refuses the write)."""
+    try:
+        await send(message)
+        return True
+    except OSError:
+        return False
+
+
+async def send_error_tail(send: Any, media: str, error: ServerError, api: WireAPI) -> None:
+    """Ends a response that already began: a stream with its API's error event, anything else as it is."""
+    line = api.error_line(error) if media.startswith("text/event-stream") or "ndjson" in media else ""
+    await safe_send(send, {"type": "http.response.body", "body": line.encode(), "more_body": False})
 
 
 @dataclasses.dataclass
@@ -8128,6 +8207,27 @@ class Captured:
             return None
 
 
+@dataclasses.dataclass(frozen=True)
+class GatewayGauges:
+    """The gateway's view of the job queue, refreshed from Redis when /metrics is read."""
+
+    workers: Any
+    queued: Any
+    pending: Any
+    reclaimed: Any
+
+    @classmethod
+    def register(cls, registry: Any) -> "GatewayGauges":
+        from prometheus_client import Gauge
+
+        return cls(Gauge("ai_server_gateway_workers_up", "Workers whose heartbeat is live", registry=registry),
+                   Gauge("ai_server_gateway_queued_jobs", "Jobs queued, not yet taken", ["model"], registry=registry),
+                   Gauge("ai_server_gateway_pending_jobs", "Jobs taken by a worker, not yet done", ["model"],
+                         registry=registry),
+                   Gauge("ai_server_gateway_reclaimed_jobs", "Jobs taken over from dead workers (all time, all "
+                         "workers)", registry=registry))
+
+
 class GatewayState:
     """The gateway role's state: Redis, the metrics, and the requests it is relaying."""
 
@@ -8138,15 +8238,7 @@ class GatewayState:
         self.gone = self.r.register_script(GONE_LUA)
         self.aborting: ServerError | None = None
         self.relays = 0
-        from prometheus_client import Gauge
-
-        reg = metrics.registry
-        self.g_workers = Gauge("ai_server_gateway_workers_up", "Workers whose heartbeat is live", registry=reg)
-        self.g_queued = Gauge("ai_server_gateway_queued_jobs", "Jobs queued, not yet taken", ["model"], registry=reg)
-        self.g_pending = Gauge("ai_server_gateway_pending_jobs", "Jobs taken by a worker, not yet done", ["model"],
-                               registry=reg)
-        self.g_reclaimed = Gauge("ai_server_gateway_reclaimed_jobs", "Jobs taken over from dead workers (all time, "
-                                 "all workers)", registry=reg)
+        self.gauges = GatewayGauges.register(metrics.registry)
 
     def abort_all(self, error: ServerError) -> None:
         """The shutdown grace is over: relays still running end with `error`."""
@@ -8161,7 +8253,7 @@ class GatewayState:
 
     async def refresh_gauges(self) -> None:
         workers = await self.workers()
-        self.g_workers.set(len(workers))
+        self.gauges.workers.set(len(workers))
         models = sorted({m for rep in workers.values() for m in rep.get("models", [])} | {"@any"})
         async with self.r.pipeline(transaction=False) as pipe:
             for m in models:
@@ -8172,9 +8264,17 @@ class GatewayState:
         for i, m in enumerate(models):
             length, pending = results[2 * i], results[2 * i + 1]
             taken = pending.get("pending", 0) if isinstance(pending, dict) else 0
-            self.g_queued.labels(m).set(max((length if isinstance(length, int) else 0) - taken, 0))
-            self.g_pending.labels(m).set(taken)
-        self.g_reclaimed.set(int(results[-1] or 0) if not isinstance(results[-1], Exception) else 0)
+            self.gauges.queued.labels(m).set(max((length if isinstance(length, int) else 0) - taken, 0))
+            self.gauges.pending.labels(m).set(taken)
+        self.gauges.reclaimed.set(int(results[-1] or 0) if not isinstance(results[-1], Exception) else 0)
+
+
+async def cancel_job(gw: GatewayState, job_id: str, stream: str, entry: bytes) -> None:
+    """The job's client is gone: a queued job is deleted, a taken one skipped (never runs), a running
+    one sees the mark within a token."""
+    with contextlib.suppress(*redis_errors()):
+        await gw.cancel(keys=[stream, gw.keys.cancel(job_id)],
+                        args=[GROUP, entry or b"", CANCEL_TTL_S, gw.keys.cancel_channel, job_id])
 
 
 def model_of(scope: dict, body: bytes) -> str | None:
@@ -8276,12 +8376,245 @@ class Relayed:
         return None
 
 
+class JobRelay:
+    """One request relayed as a job: queued on `stream` (ADMIT_LUA), the worker's reply events passed to the
+    client as they come. It waits while a live worker can take the job; JOB_WAIT_S without one is a 503. A
+    worker that dies before answering: its job is taken over (the wait goes on); after answering began: the
+    stream ends with its API's error event. Whatever else ends the relay, the job must not run on: it is
+    cancelled."""
+
+    def __init__(self, gw: GatewayState, scope: dict, body: bytes, stream: str,
+                 capable: Callable[[dict[str, dict[str, Any]]], bool]):
+        self.gw, self.stream, self.capable = gw, stream, capable
+        self.own_queue = stream.startswith(f"{gw.keys.p}:w:")
+        self.label = "@w:" + stream.removeprefix(f"{gw.keys.p}:w:").removesuffix(":q") if self.own_queue \
+            else stream.removeprefix(f"{gw.keys.p}:q:")
+        headers = [(k, v) for k, v in scope["headers"] if k not in HOP_HEADERS]
+        self.job = HttpJob(new_id(), scope["method"], scope["path"], scope.get("query_string", b""),
+                           headers + [(b"content-length", str(len(body)).encode())], body, self.label)
+        self.api = wire_api_of(scope)
+        self.entry = b""  # its entry in `stream`, once queued ("" when a retried call had queued it)
+
+    async def run(self, receive: Any, send: Any, watch_client: bool = True) -> None:
+        gw, job = self.gw, self.job
+        limit = QUEUE_MAXLEN if self.own_queue else gw.settings.max_queue
+        entry = await gw.admit(keys=[self.stream, gw.keys.guard(job.id)],
+                               args=[GROUP, limit, QUEUE_MAXLEN, CANCEL_TTL_S,
+                                     *itertools.chain.from_iterable(job.fields().items())])
+        if entry is None:
+            gw.metrics.gateway_jobs.labels(self.label, "rejected").inc()
+            gw.metrics.rejected.labels(self.label).inc()
+            raise Busy(Scheduler.MESSAGE, headers={"Retry-After": "1"})
+        self.entry = b"" if entry == b"dup" else entry  # queued by a first try whose answer was lost
+        start, outcome = time.perf_counter(), "error"
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(watch_disconnect(receive, gone)) if watch_client else None
+        gw.relays += 1
+        try:
+            outcome = await self.pump(send, gone)
+        except redis_errors():
+            outcome = "redis"
+            raise
+        except ServerError as exc:
+            outcome = "no_worker" if isinstance(exc, Busy) else "aborted" if exc is gw.aborting else "error"
+            raise
+        finally:
+            gw.relays -= 1
+            if watcher:
+                watcher.cancel()
+            if outcome != "ok":  # whatever ended the relay (a cancelled task too), the job must not run on
+                await cancel_job(gw, job.id, self.stream, self.entry)
+            gw.metrics.gateway_jobs.labels(self.label, outcome).inc()
+            gw.metrics.gateway_job_seconds.labels(self.label).observe(time.perf_counter() - start)
+
+    async def pump(self, send: Any, gone: asyncio.Event) -> str:
+        gw, job = self.gw, self.job
+        relayed = Relayed(send, gw.keys.reply(job.id), self.api)
+        while True:
+            if gone.is_set():
+                log.info("gateway: job %s (%s): client left; cancel mark set", job.id, job.model)
+                return "cancelled"
+            if gw.aborting is not None:
+                return await relayed.fail(gw.aborting, "aborted")
+            try:
+                got = await gw.r.xread({relayed.reply: relayed.last}, count=256, block=500)
+            except redis_errors():
+                if not relayed.started:
+                    raise  # a 503 with Retry-After
+                log.warning("gateway: job %s (%s): Redis went away mid-answer; ending the stream", job.id, job.model)
+                return await relayed.fail(Busy("the job queue (Redis) went away mid-answer; retry shortly"), "redis")
+            for _stream, events in got or []:
+                for event_id, fields in events:
+                    relayed.last = event_id
+                    if outcome := await relayed.event(fields):
+                        return outcome
+            if not got and (outcome := await self.check_liveness(relayed)):
+                return outcome
+
+    async def check_liveness(self, relayed: Relayed) -> str | None:
+        """Nothing came for a while: is someone still on it? The worker that took it (its heartbeat), Redis (a
+        job nobody took may have been lost with its data), any live worker able to take it (JOB_WAIT_S).
+        The relay's outcome when it must end."""
+        gw, job, wait_s = self.gw, self.job, self.gw.settings.job_wait_s
+        try:
+            workers = await gw.workers()
+        except redis_errors():
+            if not relayed.started:
+                raise
+            return await relayed.fail(Busy("the job queue (Redis) went away mid-answer; retry shortly"), "redis")
+        if relayed.taken_by is not None and relayed.taken_by not in workers:
+            log.warning("gateway: job %s (%s): worker %s stopped %s", job.id, job.model, relayed.taken_by,
+                        "mid-answer; ending the stream with an error" if relayed.started else
+                        "before answering; another worker takes it over")
+            if relayed.started:
+                return await relayed.fail(WorkerLost(f"the worker running this request ({relayed.taken_by}) stopped "
+                                                     "mid-answer; retry the request"), "lost")
+            relayed.taken_by = None
+        if relayed.taken_by is not None:
+            return None
+        if not relayed.started and self.entry and \
+                await gw.gone(keys=[self.stream, relayed.reply], args=[GROUP, self.entry, relayed.last]) == 1:
+            log.warning("gateway: job %s (%s): Redis lost it before a worker took it (its data was lost); 503",
+                        job.id, job.model)
+            raise WorkerLost("the job queue lost this request; retry it", status=503, headers={"Retry-After": "1"})
+        if self.capable(workers):
+            relayed.unserved_since = None
+        elif relayed.unserved_since is None:
+            relayed.unserved_since = time.monotonic()
+        elif time.monotonic() - relayed.unserved_since > wait_s:
+            log.warning("gateway: job %s (%s): no live worker could take it in %.0f s; 503", job.id, job.model, wait_s)
+            error = Busy("no worker could finish this request") if relayed.started else \
+                Busy(f"no live worker can take this request for '{job.model}' (JOB_WAIT_S {wait_s:.0f} s): start "
+                     "or fix a worker, then retry", headers={"Retry-After": "5"})
+            return await relayed.fail(error, "no_worker")
+        return None
+
+
+async def relay_to_worker(gw: GatewayState, scope: dict, body: bytes, worker: str, captured: Captured) -> None:
+    """The request to one worker's own queue, its answer into `captured` (an error as its JSON body)."""
+    try:
+        await JobRelay(gw, scope, body, gw.keys.worker_queue(worker), lambda ws: worker in ws).run(
+            None, captured.send, watch_client=False)
+    except ServerError as exc:
+        captured.status, captured.body = exc.status, bytearray(compact_json({"error": exc.message}).encode())
+    except redis_errors():
+        captured.status, captured.body = 503, bytearray(b'{"error":"the job queue (Redis) failed"}')
+
+
+async def fan_out(gw: GatewayState, scope: dict, body: bytes, workers: list[str]) -> dict[str, Captured]:
+    """The request to each of `workers` at once: worker -> its answer."""
+    answers = [Captured() for _ in workers]
+    await asyncio.gather(*(relay_to_worker(gw, scope, body, w, c) for w, c in zip(workers, answers)))
+    return dict(zip(workers, answers))
+
+
+async def answer_merged(gw: GatewayState, hop: dict[str, Any], scope: dict, body: bytes, receive: Any,
+                        send: Any) -> None:
+    """A `merged` route: every live worker's answer, combined as the route declares."""
+    workers = await gw.workers()
+    answers = await fan_out(gw, scope, body, sorted(workers))
+    ok = {w: c.json() for w, c in answers.items() if c.status == 200}
+    if hop["combine"] == "status":
+        data: Any = {"version": VERSION, "role": "gateway", "redis": redis_where(gw.settings),
+                     "relaying": gw.relays, "workers": {w: {"report": workers[w], "status": ok.get(w)}
+                                                        for w in sorted(workers)},
+                     "config": gw.settings.public()}
+    elif hop["combine"] == "progress":
+        data = max(ok.values(), key=lambda d: (d or {}).get("progress", 0), default=None)
+        if data is None:
+            raise Busy("no worker answered; retry shortly", headers={"Retry-After": "2"})
+    else:
+        key, ident = hop["list"], hop["id"]
+        data = merge_lists(ok, key, ident) if ok or not key else {key: []}
+    await JSONResponse(data)(scope, receive, send)
+
+
+async def answer_first_success(gw: GatewayState, scope: dict, body: bytes, receive: Any, send: Any) -> None:
+    """A TO_EVERY_WORKER route: every live worker runs it; the first success answers (else the first answer)."""
+    answers = await fan_out(gw, scope, body, sorted(await gw.workers()))
+    if not answers:
+        raise Busy("no worker is up: start one with `python app.py worker`", headers={"Retry-After": "5"})
+    best = next((c for c in answers.values() if 200 <= c.status < 300), None) or next(iter(answers.values()))
+    await Response(bytes(best.body), status_code=best.status,
+                   media_type=dict(best.headers).get(b"content-type", b"application/json").decode())(
+        scope, receive, send)
+
+
+async def answer_pull(gw: GatewayState, scope: dict, body: bytes, receive: Any, send: Any) -> None:
+    """A pull goes to one worker (`"worker": name`) or to every live one; their progress lines are
+    relayed as they come, and one final "success" once all have finished."""
+    try:
+        data = json.loads(body or b"{}")
+    except (ValueError, RecursionError):
+        data = None
+    query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    target = (data.pop("worker", None) if isinstance(data, dict) else None) or (query.get("worker") or [None])[0]
+    body = json.dumps(data).encode() if isinstance(data, dict) else body
+    workers = sorted(await gw.workers())
+    if target is not None and target not in workers:
+        raise NotFound(f"worker '{target}' is not up; live workers: {', '.join(workers) or 'none'}")
+    targets = [target] if target else workers
+    if not targets:
+        raise Busy("no worker is up: start one with `python app.py worker`", headers={"Retry-After": "5"})
+    if len(targets) == 1:
+        return await JobRelay(gw, scope, body, gw.keys.worker_queue(targets[0]), lambda ws: targets[0] in ws).run(
+            receive, send)
+    streamed = scope["path"] == "/api/pull" and not (isinstance(data, dict) and data.get("stream") is False)
+    if not streamed:
+        answers = await fan_out(gw, scope, body, targets)
+        failed = [(w, c) for w, c in answers.items() if not 200 <= c.status < 300]
+        if failed:
+            worker, c = failed[0]
+            return await Response(bytes(c.body), status_code=c.status, media_type="application/json")(
+                scope, receive, send)
+        if scope["path"] == "/api/pull":
+            return await JSONResponse({"status": "success"})(scope, receive, send)
+        jobs = [{"worker": w, **(c.json() or {})} for w, c in answers.items()]
+        return await JSONResponse({**jobs[0], "jobs": jobs}, status_code=202)(scope, receive, send)
+    await pull_all_streamed(gw, scope, body, targets, send)
+
+
+async def pull_all_streamed(gw: GatewayState, scope: dict, body: bytes, targets: list[str], send: Any) -> None:
+    """Ollama's streamed /api/pull on several workers: their progress lines as they come, one final line."""
+    lines: asyncio.Queue = asyncio.Queue()
+
+    class Lines(Captured):
+        async def send(self, message: dict[str, Any]) -> None:
+            await super().send(message)
+            if message["type"] == "http.response.body" and message.get("body"):
+                lines.put_nowait(message["body"])
+
+    answers = {w: Lines() for w in targets}
+    done = asyncio.gather(*(relay_to_worker(gw, scope, body, w, c) for w, c in answers.items()))
+    await safe_send(send, {"type": "http.response.start", "status": 200,
+                           "headers": [(b"content-type", b"application/x-ndjson")]})
+    failed: list[str] = []
+    buffer = b""
+    while not (done.done() and lines.empty()):
+        try:
+            chunk = await asyncio.wait_for(lines.get(), 0.2)
+        except asyncio.TimeoutError:
+            continue
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for line in complete:
+            if line.strip() and b'"success"' not in line:
+                await safe_send(send, {"type": "http.response.body", "body": line + b"\n", "more_body": True})
+    await done
+    for worker, c in answers.items():
+        text = c.body.decode("utf-8", "replace")
+        if c.status != 200 or '"error"' in text:
+            failed.append(f"{worker}: {(c.json() or {}).get('error') if c.status != 200 else text.strip()}")
+    tail = ndjson_line({"error": "; ".join(failed)} if failed else {"status": "success"})
+    await safe_send(send, {"type": "http.response.body", "body": tail.encode(), "more_body": False})
+
+
 class GatewayDispatch:
-    """ASGI middleware of the gateway role, inside the access checks: requests go to workers as
-    jobs. A model's request to that model's stream (workers holding it take it); control-plane
-    GETs to every live worker, merged; pulls to a named worker (`worker` in the body, or ?worker=)
-    or to all. The response is relayed as the worker streams it; a client that leaves sets the
-    job's cancel mark."""
+    """ASGI middleware of the gateway role, inside the access checks: each request is served as its route
+    declares (`gateway_hop`): a model's request goes to that model's stream (workers holding it take it),
+    control-plane GETs to every live worker, merged; broadcasts to every worker; pulls to a named worker
+    (`worker` in the body, or ?worker=) or to all. The response is relayed as the worker streams it
+    (JobRelay); a client that leaves sets the job's cancel mark."""
 
     def __init__(self, app: Any, settings: Settings):
         self.app, self.on, self.settings = app, settings.role == "gateway", settings
@@ -8329,14 +8662,13 @@ class GatewayDispatch:
 
     async def route(self, gw: GatewayState, hop: dict[str, Any], scope: dict, body: bytes, receive: Any,
                     send: Any) -> None:
-        """Serves a request as its route declares (`gateway_hop`)."""
         kind = hop["kind"]
         if kind == "merge":
-            return await self.merged(gw, hop, scope, body, receive, send)
+            return await answer_merged(gw, hop, scope, body, receive, send)
         if kind == "pull":
-            return await self.pull(gw, scope, body, receive, send)
+            return await answer_pull(gw, scope, body, receive, send)
         if kind == "broadcast":
-            return await self.first_success(gw, scope, body, receive, send)
+            return await answer_first_success(gw, scope, body, receive, send)
         name = model_of(scope, body)
         if name is None and hop.get("form"):
             name = await multipart_model(scope, body)
@@ -8347,270 +8679,17 @@ class GatewayDispatch:
             raise Busy("no worker is up: start one with `python app.py worker` (REDIS_URL set)",
                        headers={"Retry-After": "5"})
         if name is None:
-            return await self.relay(gw, scope, body, gw.keys.any, receive, send, lambda ws: bool(ws))
+            return await JobRelay(gw, scope, body, gw.keys.any, lambda ws: bool(ws)).run(receive, send)
         canonical = next((c for c in name_candidates(name) for rep in workers.values() if c in rep["models"]), None)
         if canonical is None:
             raise model_not_found(name)
         if kind == "holder":
             holder = min((w for w, rep in workers.items() if canonical in rep["models"]),
                          key=lambda w: canonical not in workers[w].get("loaded", []))
-            return await self.relay(gw, scope, body, gw.keys.worker_queue(holder), receive, send,
-                                    lambda ws: holder in ws)
-        return await self.relay(gw, scope, body, gw.keys.queue(canonical), receive, send,
-                                lambda ws: any(canonical in rep["models"] for rep in ws.values()))
-
-    async def relay(self, gw: GatewayState, scope: dict, body: bytes, stream: str, receive: Any, send: Any,
-                    capable: Callable[[dict[str, dict[str, Any]]], bool], watch_client: bool = True) -> None:
-        """Queues the request on `stream` and relays the worker's response to `send`. Waits while a
-        live worker can take it; JOB_WAIT_S without one is a 503. A worker that dies before answering:
-        its job is taken over (the wait goes on); after answering began: the stream ends with an error."""
-        own_queue = stream.startswith(f"{gw.keys.p}:w:")
-        label = "@w:" + stream.removeprefix(f"{gw.keys.p}:w:").removesuffix(":q") if own_queue \
-            else stream.removeprefix(f"{gw.keys.p}:q:")
-        headers = [(k, v) for k, v in scope["headers"] if k not in HOP_HEADERS]
-        job = HttpJob(new_id(), scope["method"], scope["path"], scope.get("query_string", b""),
-                      headers + [(b"content-length", str(len(body)).encode())], body, label)
-        limit = QUEUE_MAXLEN if own_queue else self.settings.max_queue
-        entry = await gw.admit(keys=[stream, gw.keys.guard(job.id)],
-                               args=[GROUP, limit, QUEUE_MAXLEN, CANCEL_TTL_S,
-                                     *itertools.chain.from_iterable(job.fields().items())])
-        entry = b"" if entry == b"dup" else entry  # queued by a first try whose answer was lost
-        if entry is None:
-            gw.metrics.gateway_jobs.labels(label, "rejected").inc()
-            gw.metrics.rejected.labels(label).inc()
-            raise Busy(Scheduler.MESSAGE, headers={"Retry-After": "1"})
-        start, outcome = time.perf_counter(), "error"
-        gone = asyncio.Event()
-        watcher = asyncio.create_task(watch_disconnect(receive, gone)) if watch_client else None
-        gw.relays += 1
-        try:
-            outcome = await self.pump(gw, job, stream, entry, send, gone, capable, wire_api_of(scope))
-        except redis_errors():
-            outcome = "redis"
-            raise
-        except ServerError as exc:
-            outcome = "no_worker" if isinstance(exc, Busy) else "aborted" if exc is gw.aborting else "error"
-            raise
-        finally:
-            gw.relays -= 1
-            if watcher:
-                watcher.cancel()
-            if outcome != "ok":  # whatever ended the relay (a cancelled task too), the job must not run on
-                await cancel_job(gw, job.id, stream, entry)
-            gw.metrics.gateway_jobs.labels(label, outcome).inc()
-            gw.metrics.gateway_job_seconds.labels(label).observe(time.perf_counter() - start)
-
-    async def pump(self, gw: GatewayState, job: HttpJob, stream: str, entry: bytes, send: Any, gone: asyncio.Event,
-                   capable: Callable[[dict[str, dict[str, Any]]], bool], api: WireAPI) -> str:
-        relay = Relayed(send, gw.keys.reply(job.id), api)
-        while True:
-            if gone.is_set():
-                log.info("gateway: job %s (%s): client left; cancel mark set", job.id, job.model)
-                return "cancelled"
-            if gw.aborting is not None:
-                return await relay.fail(gw.aborting, "aborted")
-            try:
-                got = await gw.r.xread({relay.reply: relay.last}, count=256, block=500)
-            except redis_errors():
-                if not relay.started:
-                    raise  # a 503 with Retry-After
-                log.warning("gateway: job %s (%s): Redis went away mid-answer; ending the stream", job.id, job.model)
-                return await relay.fail(Busy("the job queue (Redis) went away mid-answer; retry shortly"), "redis")
-            for _stream, events in got or []:
-                for event_id, fields in events:
-                    relay.last = event_id
-                    if outcome := await relay.event(fields):
-                        return outcome
-            if not got and (outcome := await self.unanswered(gw, job, stream, entry, relay, capable)):
-                return outcome
-
-    async def unanswered(self, gw: GatewayState, job: HttpJob, stream: str, entry: bytes, relay: Relayed,
-                         capable: Callable[[dict[str, dict[str, Any]]], bool]) -> str | None:
-        """Nothing came for a while: is someone still on it? The worker that took it (its heartbeat), Redis (a
-        job nobody took may have been lost with its data), any live worker able to take it (JOB_WAIT_S)."""
-        try:
-            workers = await gw.workers()
-        except redis_errors():
-            if not relay.started:
-                raise
-            return await relay.fail(Busy("the job queue (Redis) went away mid-answer; retry shortly"), "redis")
-        if relay.taken_by is not None and relay.taken_by not in workers:
-            log.warning("gateway: job %s (%s): worker %s stopped %s", job.id, job.model, relay.taken_by,
-                        "mid-answer; ending the stream with an error" if relay.started else
-                        "before answering; another worker takes it over")
-            if relay.started:
-                return await relay.fail(WorkerLost(f"the worker running this request ({relay.taken_by}) stopped "
-                                                   "mid-answer; retry the request"), "lost")
-            relay.taken_by = None
-        if relay.taken_by is not None:
-            return None
-        if not relay.started and entry and \
-                await gw.gone(keys=[stream, relay.reply], args=[GROUP, entry, relay.last]) == 1:
-            log.warning("gateway: job %s (%s): Redis lost it before a worker took it (its data was lost); 503",
-                        job.id, job.model)
-            raise WorkerLost("the job queue lost this request; retry it", status=503, headers={"Retry-After": "1"})
-        if capable(workers):
-            relay.unserved_since = None
-        elif relay.unserved_since is None:
-            relay.unserved_since = time.monotonic()
-        elif time.monotonic() - relay.unserved_since > self.settings.job_wait_s:
-            log.warning("gateway: job %s (%s): no live worker could take it in %.0f s; 503", job.id, job.model,
-                        self.settings.job_wait_s)
-            error = Busy("no worker could finish this request") if relay.started else \
-                Busy(f"no live worker can take this request for '{job.model}' (JOB_WAIT_S "
-                     f"{self.settings.job_wait_s:.0f} s): start or fix a worker, then retry",
-                     headers={"Retry-After": "5"})
-            return await relay.fail(error, "no_worker")
-        return None
-
-    async def fan_out(self, gw: GatewayState, scope: dict, body: bytes, workers: list[str]) -> dict[str, Captured]:
-        async def one(worker: str) -> Captured:
-            captured = Captured()
-            try:
-                await self.relay(gw, scope, body, gw.keys.worker_queue(worker), None, captured.send,
-                                 lambda ws: worker in ws, watch_client=False)
-            except ServerError as exc:
-                captured.status, captured.body = exc.status, bytearray(compact_json({"error": exc.message}).encode())
-            except redis_errors():
-                captured.status, captured.body = 503, bytearray(b'{"error":"the job queue (Redis) failed"}')
-            return captured
-
-        answers = await asyncio.gather(*(one(w) for w in workers))
-        return dict(zip(workers, answers))
-
-    async def merged(self, gw: GatewayState, hop: dict[str, Any], scope: dict, body: bytes, receive: Any,
-                     send: Any) -> None:
-        workers = await gw.workers()
-        answers = await self.fan_out(gw, scope, body, sorted(workers))
-        ok = {w: c.json() for w, c in answers.items() if c.status == 200}
-        if hop["combine"] == "status":
-            data: Any = {"version": VERSION, "role": "gateway", "redis": redis_where(self.settings),
-                         "relaying": gw.relays, "workers": {w: {"report": workers[w], "status": ok.get(w)}
-                                                            for w in sorted(workers)},
-                         "config": self.settings.public()}
-        elif hop["combine"] == "progress":
-            data = max(ok.values(), key=lambda d: (d or {}).get("progress", 0), default=None)
-            if data is None:
-                raise Busy("no worker answered; retry shortly", headers={"Retry-After": "2"})
-        else:
-            key, ident = hop["list"], hop["id"]
-            data = merge_lists(ok, key, ident) if ok or not key else {key: []}
-        await JSONResponse(data)(scope, receive, send)
-
-    async def first_success(self, gw: GatewayState, scope: dict, body: bytes, receive: Any, send: Any) -> None:
-        answers = await self.fan_out(gw, scope, body, sorted(await gw.workers()))
-        if not answers:
-            raise Busy("no worker is up: start one with `python app.py worker`", headers={"Retry-After": "5"})
-        best = next((c for c in answers.values() if 200 <= c.status < 300), None) or next(iter(answers.values()))
-        await Response(bytes(best.body), status_code=best.status,
-                       media_type=dict(best.headers).get(b"content-type", b"application/json").decode())(
-            scope, receive, send)
-
-    async def pull(self, gw: GatewayState, scope: dict, body: bytes, receive: Any, send: Any) -> None:
-        """A pull goes to one worker (`"worker": name`) or to every live one; their progress lines are
-        relayed as they come, and one final "success" once all have finished."""
-        try:
-            data = json.loads(body or b"{}")
-        except (ValueError, RecursionError):
-            data = None
-        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        target = (data.pop("worker", None) if isinstance(data, dict) else None) or (query.get("worker") or [None])[0]
-        body = json.dumps(data).encode() if isinstance(data, dict) else body
-        workers = sorted(await gw.workers())
-        if target is not None and target not in workers:
-            raise NotFound(f"worker '{target}' is not up; live workers: {', '.join(workers) or 'none'}")
-        targets = [target] if target else workers
-        if not targets:
-            raise Busy("no worker is up: start one with `python app.py worker`", headers={"Retry-After": "5"})
-        if len(targets) == 1:
-            return await self.relay(gw, scope, body, gw.keys.worker_queue(targets[0]), receive, send,
-                                    lambda ws: targets[0] in ws)
-        streamed = scope["path"] == "/api/pull" and not (isinstance(data, dict) and data.get("stream") is False)
-        if not streamed:
-            answers = await self.fan_out(gw, scope, body, targets)
-            failed = [(w, c) for w, c in answers.items() if not 200 <= c.status < 300]
-            if failed:
-                worker, c = failed[0]
-                return await Response(bytes(c.body), status_code=c.status, media_type="application/json")(
-                    scope, receive, send)
-            if scope["path"] == "/api/pull":
-                return await JSONResponse({"status": "success"})(scope, receive, send)
-            jobs = [{"worker": w, **(c.json() or {})} for w, c in answers.items()]
-            return await JSONResponse({**jobs[0], "jobs": jobs}, status_code=202)(scope, receive, send)
-        await self.pull_all_streamed(gw, scope, body, targets, receive, send)
-
-    async def pull_all_streamed(self, gw: GatewayState, scope: dict, body: bytes, targets: list[str], receive: Any,
-                                send: Any) -> None:
-        lines: asyncio.Queue = asyncio.Queue()
-
-        class Lines(Captured):
-            async def send(self, message: dict[str, Any]) -> None:
-                await super().send(message)
-                if message["type"] == "http.response.body" and message.get("body"):
-                    lines.put_nowait(message["body"])
-
-        async def one(worker: str) -> tuple[str, Captured]:
-            c = Lines()
-            try:
-                await self.relay(gw, scope, body, gw.keys.worker_queue(worker), None, c.send, lambda ws: worker in ws,
-                                 watch_client=False)
-            except ServerError as exc:
-                c.status, c.body = exc.status, bytearray(compact_json({"error": exc.message}).encode())
-            except redis_errors():
-                c.status, c.body = 503, bytearray(b'{"error":"the job queue (Redis) failed"}')
-            return worker, c
-
-        tasks = [asyncio.create_task(one(w)) for w in targets]
-        done = asyncio.gather(*tasks)
-        await safe_send(send, {"type": "http.response.start", "status": 200,
-                               "headers": [(b"content-type", b"application/x-ndjson")]})
-        failed: list[str] = []
-        buffer = b""
-        while not (done.done() and lines.empty()):
-            try:
-                chunk = await asyncio.wait_for(lines.get(), 0.2)
-            except asyncio.TimeoutError:
-                continue
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            for line in complete:
-                if line.strip() and b'"success"' not in line:
-                    await safe_send(send, {"type": "http.response.body", "body": line + b"\n", "more_body": True})
-        for worker, c in await done:
-            text = c.body.decode("utf-8", "replace")
-            if c.status != 200 or '"error"' in text:
-                failed.append(f"{worker}: {(c.json() or {}).get('error') if c.status != 200 else text.strip()}")
-        tail = compact_json({"error": "; ".join(failed)} if failed else {"status": "success"}) + "\n"
-        await safe_send(send, {"type": "http.response.body", "body": tail.encode(), "more_body": False})
-
-
-async def watch_disconnect(receive: Any, gone: asyncio.Event) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    gone.set()
-
-
-async def safe_send(send: Any, message: dict[str, Any]) -> bool:
-    """False when the client has gone (the server refuses the write)."""
-    try:
-        await send(message)
-        return True
-    except OSError:
-        return False
-
-
-async def send_error_tail(send: Any, media: str, error: ServerError, api: WireAPI) -> None:
-    """Ends a response that already began: a stream with its API's error event, anything else as it is."""
-    line = api.error_line(error) if media.startswith("text/event-stream") or "ndjson" in media else ""
-    await safe_send(send, {"type": "http.response.body", "body": line.encode(), "more_body": False})
-
-
-async def cancel_job(gw: GatewayState, job_id: str, stream: str, entry: bytes) -> None:
-    """The job's client is gone: a queued job is deleted, a taken one skipped (never runs), a running
-    one sees the mark within a token."""
-    with contextlib.suppress(*redis_errors()):
-        await gw.cancel(keys=[stream, gw.keys.cancel(job_id)],
-                        args=[GROUP, entry or b"", CANCEL_TTL_S, gw.keys.cancel_channel, job_id])
+            return await JobRelay(gw, scope, body, gw.keys.worker_queue(holder), lambda ws: holder in ws).run(
+                receive, send)
+        return await JobRelay(gw, scope, body, gw.keys.queue(canonical),
+                              lambda ws: any(canonical in rep["models"] for rep in ws.values())).run(receive, send)
 
 
 # ============================================================================
