@@ -81,20 +81,50 @@ Environment (one place for each default: `Settings` below; only these names conf
 | AI_SERVER_URL (OLLAMA_HOST)| http://HOST:PORT above     | the server the CLI commands talk to       |
 | AI_SERVER_API_KEY          | API_KEYS' first (own host) | the key the CLI commands send             |
 
-Sections, in order; each uses only those above it:
-  1. Pre-import environment      11. Jobs (background pulls)
-  2. Imports                     12. Embedded models (smollm2:135m, all-minilm)
-  3. Config                      13. Wire models (native, Ollama, OpenAI) -> GenParams
-  4. Helpers (names, ids)        14. Responses (NDJSON, SSE)
-  5. Errors, 5b. Metrics         15. App state and shared route helpers
-  6. Registry and Hub pulls      16. Routes: Ollama (/api/*)
-  7. Decoding (stops, grammars)  17. Routes: native (/pull, /jobs, /models, /chat, ...)
-  8. Backends                    18. Routes: OpenAI (/v1/*); 18b. Anthropic (/v1/messages; `grep @anthropic`);
-                                 18c. OpenAI Responses (/v1/responses; `grep @responses_api`)
-  9. Loader (LRU, keep_alive)    19. Routes: llama.cpp (/completion, /tokenize, /props, /rerank; `grep @llamacpp`)
- 10. Generation (thread bridge)  20. Routes: images (A1111 /sdapi/v1/*, /generate-image, /v1/images/*; `grep @images`)
-                                 21. Scale-out: gateway and workers over Redis Streams
-                                 22. App (middleware: keys, Host, CORS, ...), 23. Main (CLI)
+Sections, in order; each uses only those above it (tests/test_map.py checks it):
+  1. Pre-import environment              13. Wire models (native, Ollama, OpenAI) -> GenParams
+  2. Imports                             14. Responses: the table of wire APIs (WireAPI: error body, stream
+  3. Config (Settings)                       error event, schema, media type; wire_router), NDJSON and SSE
+  4. Helpers (names, ids)                15. App state and shared route helpers (matched_route, the
+  5. Errors, 5b. Metrics                     gateway policies a route declares: BY_MODEL, merged(...), ...)
+  6. Registry and Hub pulls              16. Routes: Ollama (/api/*)
+  7. Decoding (stops, grammars, tools)   17. Routes: native (/pull, /jobs, /models, /chat, /status, ...)
+  8. Backends: the contract              18. Routes: OpenAI (/v1/*); 18b. Anthropic (/v1/messages);
+     8a. transformers + batching,            18c. OpenAI Responses (/v1/responses)
+     8b. vLLM, 8c. llama-server (GGUF),  19. Routes: llama.cpp (/completion, /tokenize, /props, /rerank, ...)
+     8d. sentence-transformers,          20. Routes: images (A1111 /sdapi/v1/*, /generate-image)
+     8e. diffusers                       21a. Scale-out protocol (Redis keys, Lua, HttpJob, JobLease),
+  9. Loader (LRU, keep_alive, admission)     21b. the worker, 21c. the gateway (routing, relay, fan-out)
+ 10. Generation (thread bridge)          22. App (middleware: keys, Host, CORS, ...; create_app)
+ 11. Jobs (background pulls)             23. Main (CLI)
+ 12. Embedded models (smollm2:135m, all-minilm)
+
+Routes: one module-level router per API; `grep -n "^@" app.py` lists every route with the gateway policy it
+declares (openapi_extra; /openapi.json shows it as x-gateway):
+  ollama_api (16)     /, /api/version, /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/delete,
+                      /api/copy, /api/pull, /api/embed, /api/embeddings, /api/create, /api/blobs/{digest}, /api/push
+  native_api (17)     /pull, /jobs, /jobs/{id}, /health, /metrics, /models, /models/{name}, /chat, /status, /diag
+  openai_api (18)     /v1/chat/completions, /v1/completions, /v1/models, /v1/models/{model}, /v1/embeddings,
+                      /v1/rerank (19), /v1/images/generations and /v1/images/edits (20)
+  anthropic_api (18b) /v1/messages, /v1/messages/count_tokens
+  responses_api (18c) /v1/responses, /v1/responses/{id}
+  llamacpp_api (19)   /completion(s), /infill, /tokenize, /detokenize, /apply-template, /embedding(s), /rerank,
+                      /props, /slots, /template
+  images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, options, samplers, schedulers, progress, interrupt},
+                      /generate-image
+
+Life of a request: POST /api/chat {"model": "smollm2:135m", "messages": [...], "stream": true}
+  CORSMiddleware, HttpMetrics, AccessControl (Origin, Host, key, body cap; refusals in the route's API shape,
+  22) -> api_chat (16): OllamaChatBody (13) -> GenParams and chat_builder (10), converted once ->
+  GenerationRun (10): a slot from Admission (9), the model from ModelCache.acquire (loaded by the first
+  backend that can, 8-9) -> the prompt built and generated in a worker thread (8a: BatchEngine batches it with
+  other requests); pieces cross to the event loop -> ollama_chat_stream frames NDJSON; stream_response (14)
+  ends a stream that fails after its first byte with the route's WireAPI error event.
+The same request through the gateway: GatewayDispatch (21c, the innermost middleware) reads the route's
+  policy (BY_MODEL) and JobRelay queues the HTTP request itself on {p}:q:smollm2:135m (HttpJob, 21a); a
+  worker holding the model takes it (21b), runs it through its own app (the same api_chat as above) and
+  writes the ASGI events to the job's reply stream (JobLease); the gateway relays them as they come. A worker
+  that dies mid-answer: the stream ends with the route's WireAPI error event, as without the gateway.
 """
 
 # ============================================================================
@@ -3296,36 +3326,17 @@ class ModelCache:
 
     def __init__(self, settings: Settings, registry: Registry, backends: list[Backend], metrics: Metrics):
         self.settings, self.registry, self.backends, self.metrics = settings, registry, backends, metrics
-        self.scheduler = Scheduler(settings.num_parallel, settings.max_queue, metrics)
-        # One thread per running request (it builds the prompt, then waits on its batch row):
-        # the default executor's min(32, cpus + 4) would cap NUM_PARALLEL at 6 on 2 cores.
-        self.workers = concurrent.futures.ThreadPoolExecutor(
-            settings.num_parallel * settings.max_cache_models + 4, thread_name_prefix="generate")
         self.embedding_backend = EmbeddingBackend(settings)
         self.rerank_backend = RerankBackend(settings)
         self.image_backend = DiffusersBackend(settings)
-        # Image requests take turns per model (the sampler is set on the shared pipeline): a queue of their own.
-        self.image_scheduler = Scheduler(1, settings.max_queue, metrics)
-        self.image_jobs: list[ImageJob] = []  # running and waiting image requests, oldest first (A1111's /progress)
         self.loaded: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
         self.cooldowns: dict[str, Cooldown] = {}
         self.load_counts: collections.Counter[str] = collections.Counter()
         self._inflight: dict[str, asyncio.Task[LoadedModel]] = {}
         self.backend_errors: dict[str, str | None] = {}
-        self.runs: set[Any] = set()  # GenerationRuns admitted or waiting (section 10), for abort_all
 
     def loading(self, name: str) -> bool:
         return any(n in self._inflight for n in name_candidates(name)) if name else False
-
-    def abort_all(self, error: ServerError) -> None:
-        """Ends every generation with `error` (its stream's last line): the grace period of a
-        shutdown is over."""
-        if self.runs:
-            log.warning("shutdown: ending %d running generation(s): %s", len(self.runs), error.message)
-        for run in list(self.runs):
-            run.abort(error)
-        for job in self.image_jobs:  # they stop at their next step
-            job.cancel.set()
 
     def probe_backends(self) -> None:
         self.backend_errors = {b.name: b.probe() for b in [*self.backends, self.image_backend]}
@@ -3463,34 +3474,66 @@ class ModelCache:
         for name in list(self.loaded):
             self.evict(name)
 
-    def queue_counts(self) -> tuple[collections.Counter[str], collections.Counter[str]]:
-        """(waiting, running) per model, text and image requests together."""
-        return (self.scheduler.waiting + self.image_scheduler.waiting,
-                self.scheduler.running + self.image_scheduler.running)
-
     def gauges(self) -> list[tuple[str, str, dict[str, float]]]:
-        waiting, running = self.queue_counts()
-        return [("ai_server_queue_depth", "Requests waiting for a slot", dict(waiting)),
-                ("ai_server_running_requests", "Requests generating", dict(running)),
-                ("ai_server_model_loaded", "1 for each loaded model", {n: 1.0 for n in self.loaded}),
+        return [("ai_server_model_loaded", "1 for each loaded model", {n: 1.0 for n in self.loaded}),
                 ("ai_server_model_memory_bytes", "Memory a loaded model takes",
                  {n: float(m.loaded.memory_bytes or 0) for n, m in self.loaded.items()}),
                 ("ai_server_tokens_per_second", "Tokens generated per second over the last 10 s",
                  {n: m.throughput.per_s() for n, m in self.loaded.items()})]
 
     def status(self) -> dict[str, Any]:
-        waiting, running = self.queue_counts()
-        return {"queue": {"waiting": {n: c for n, c in waiting.items() if c},
-                          "running": {n: c for n, c in running.items() if c},
-                          "max_queue": self.scheduler.max_queue, "num_parallel": self.scheduler.num_parallel},
-                "cache": [{"name": n, **m.public()} for n, m in self.loaded.items()],  # LRU first
+        return {"cache": [{"name": n, **m.public()} for n, m in self.loaded.items()],  # LRU first
                 "loading": sorted(self._inflight),
-                "image_jobs": [{"model": j.model, "step": j.step, "total_steps": j.total_steps, "images": j.image_no,
-                                "steps_per_s": round(j.step / max(time.monotonic() - j.started, 1e-3), 2)}
-                               for j in self.image_jobs],
                 "cooldowns": {n: {"remaining_s": c.remaining_s(), "attempts": c.attempts}
                               for n, c in self.cooldowns.items() if c.remaining_s() > 0},
                 "loads_total": dict(self.load_counts)}
+
+
+class Admission:
+    """Who runs, and when, in front of the model cache: per model NUM_PARALLEL text requests and one image
+    request at a time (the sampler is set on the shared pipeline), each behind a bounded FIFO queue; the
+    threads they run on; the generations and image jobs in flight (for abort_all, /status and A1111's
+    /progress)."""
+
+    def __init__(self, cache: ModelCache, settings: Settings, metrics: Metrics):
+        self.cache = cache
+        self.text_queue = Scheduler(settings.num_parallel, settings.max_queue, metrics)
+        self.image_queue = Scheduler(1, settings.max_queue, metrics)
+        # One thread per running request (it builds the prompt, then waits on its batch row):
+        # the default executor's min(32, cpus + 4) would cap NUM_PARALLEL at 6 on 2 cores.
+        self.threads = concurrent.futures.ThreadPoolExecutor(
+            settings.num_parallel * settings.max_cache_models + 4, thread_name_prefix="generate")
+        self.runs: set[Any] = set()  # GenerationRuns admitted or waiting (section 10)
+        self.image_jobs: list[ImageJob] = []  # running and waiting image requests, oldest first
+
+    def abort_all(self, error: ServerError) -> None:
+        """Ends every generation with `error` (its stream's last line): the grace period of a
+        shutdown is over."""
+        if self.runs:
+            log.warning("shutdown: ending %d running generation(s): %s", len(self.runs), error.message)
+        for run in list(self.runs):
+            run.abort(error)
+        for job in self.image_jobs:  # they stop at their next step
+            job.cancel.set()
+
+    def queue_counts(self) -> tuple[collections.Counter[str], collections.Counter[str]]:
+        """(waiting, running) per model, text and image requests together."""
+        return (self.text_queue.waiting + self.image_queue.waiting,
+                self.text_queue.running + self.image_queue.running)
+
+    def gauges(self) -> list[tuple[str, str, dict[str, float]]]:
+        waiting, running = self.queue_counts()
+        return [("ai_server_queue_depth", "Requests waiting for a slot", dict(waiting)),
+                ("ai_server_running_requests", "Requests generating", dict(running))]
+
+    def status(self) -> dict[str, Any]:
+        waiting, running = self.queue_counts()
+        return {"queue": {"waiting": {n: c for n, c in waiting.items() if c},
+                          "running": {n: c for n, c in running.items() if c},
+                          "max_queue": self.text_queue.max_queue, "num_parallel": self.text_queue.num_parallel},
+                "image_jobs": [{"model": j.model, "step": j.step, "total_steps": j.total_steps, "images": j.image_no,
+                                "steps_per_s": round(j.step / max(time.monotonic() - j.started, 1e-3), 2)}
+                               for j in self.image_jobs]}
 
 
 # ============================================================================
@@ -3725,6 +3768,7 @@ class Finished:
     result: GenResult
     load_ns: int
     total_ns: int
+    params: GenParams  # what the engine ran with: the output budget, text biases resolved to token ids
 
 
 TASK_IDS = itertools.count()
@@ -3737,21 +3781,22 @@ class GenerationRun:
 
     _END = object()
 
-    def __init__(self, cache: ModelCache, rec: ModelRecord, build: Callable[[LoadedModel, threading.Event], Prompt],
-                 params: GenParams, keep_alive_s: float | None, request: Request | None = None,
-                 prefer_slot: int | None = None):
-        self.cache, self.rec, self.build, self.params, self.keep_alive_s = cache, rec, build, params, keep_alive_s
-        self.request, self.prefer_slot = request, prefer_slot
-        self.slot = -1  # the scheduler slot it holds, once admitted
+    def __init__(self, admission: Admission, rec: ModelRecord,
+                 build: Callable[[LoadedModel, threading.Event], Prompt], params: GenParams,
+                 keep_alive_s: float | None, request: Request | None = None, prefer_slot: int | None = None):
+        self.admission, self.rec, self.build, self.params = admission, rec, build, params
+        self.keep_alive_s, self.request = keep_alive_s, request
+        self.slot = prefer_slot  # llama.cpp's id_slot: the one asked for, then the one it holds once admitted
         self.task_id = next(TASK_IDS)  # llama.cpp's id_task (/slots)
         self.prompt: Prompt | None = None  # once built
-        self.tokenizer: Any = None  # the model's, once it is held
-        self.gen: Generation | None = None
-        self.finished = False
-        self.logit_bias = params.logit_bias  # what it runs with: text biases resolved once the tokenizer is held
+        self.gen: Generation | None = None  # once the model is held
         self.aborted: ServerError | None = None  # why the server ended it (shutdown), if it did
         self._cancelled = asyncio.Event()
-        self._watcher: asyncio.Task | None = None  # watches the client while the run lasts
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's, once it is held."""
+        return self.gen.stream.tokenizer if self.gen is not None else None
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -3774,27 +3819,27 @@ class GenerationRun:
         two, a stream was cancelled after its first token while its client still read). Watching
         only up to the first event, as before, missed a stream with tools (it sends nothing until
         the reply is whole) whose client left."""
-        self._watcher = asyncio.create_task(cancel_when_disconnected(self.request, self)) if self.request else None
-        self.cache.runs.add(self)
+        watcher = asyncio.create_task(cancel_when_disconnected(self.request, self)) if self.request else None
+        self.admission.runs.add(self)
         try:
-            self.slot = await self.cache.scheduler.enter(self.rec.name, self._cancelled, self, self.prefer_slot)
+            self.slot = await self.admission.text_queue.enter(self.rec.name, self._cancelled, self, self.slot)
             try:
                 async for event in self._generate():
                     yield event
             finally:
                 if self.gen is None:  # failed before the worker started; else its done-callback leaves
-                    self.cache.scheduler.leave(self.rec.name, self.slot)
+                    self.admission.text_queue.leave(self.rec.name, self.slot)
         except ClientGone:
             raise self.aborted or ClientGone("request canceled") from None
         finally:
-            self.cache.runs.discard(self)
-            if self._watcher is not None:
-                self._watcher.cancel()
+            self.admission.runs.discard(self)
+            if watcher is not None:
+                watcher.cancel()
 
     async def _generate(self):
         start = time.perf_counter_ns()
-        model, load_ns = await self.cache.acquire(self.rec)
-        self.tokenizer = model.loaded.tokenizer
+        cache = self.admission.cache
+        model, load_ns = await cache.acquire(self.rec)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         self.gen = gen = Generation(model.loaded.tokenizer, self.params,
@@ -3802,27 +3847,26 @@ class GenerationRun:
                                     model.throughput.add)
         if self._cancelled.is_set():
             gen.cancel.set()
-        metrics = self.cache.metrics
+        metrics = cache.metrics
         metrics.generations.labels(self.rec.name).inc()
 
-        def work() -> tuple[Prompt, GenResult]:
+        def work() -> tuple[Prompt, GenParams, GenResult]:
             prompt = self.prompt = check_prompt(self.build(model, gen.cancel), model.loaded.vocab_size)
-            num_ctx = model.num_ctx = context_size(model.loaded, self.params, self.cache.settings)
+            num_ctx = model.num_ctx = context_size(model.loaded, self.params, cache.settings)
             if prompt.trimmed:
                 log.warning("model %s: task %d: prompt trimmed to %d tokens of num_ctx %d to leave the reply "
                             "room: %s", self.rec.name, self.task_id, len(prompt.ids), num_ctx, prompt.trimmed)
-            self.logit_bias = token_bias(self.params, model.loaded.tokenizer)
             params = dataclasses.replace(self.params, max_tokens=token_budget(prompt, self.params, num_ctx),
-                                         logit_bias=self.logit_bias)
-            return prompt, model.generate(prompt, params, gen)
+                                         logit_bias=token_bias(self.params, model.loaded.tokenizer))
+            return prompt, params, model.generate(prompt, params, gen)
 
-        future = loop.run_in_executor(self.cache.workers, work)
+        future = loop.run_in_executor(self.admission.threads, work)
 
         def done(_f: asyncio.Future) -> None:  # model and slot are held until the thread is really done
-            self.cache.release(model, self.keep_alive_s)
-            self.cache.scheduler.leave(self.rec.name, self.slot)
+            cache.release(model, self.keep_alive_s)
+            self.admission.text_queue.leave(self.rec.name, self.slot)
             pieces.put_nowait(self._END)
-            if gen.cancel.is_set() and not self.finished:
+            if gen.cancel.is_set():  # before its end: the client left, or the server stopped it
                 log.info("model %s: generation cancelled after %d tokens", self.rec.name, len(gen.stream.ids))
 
         future.add_done_callback(done)
@@ -3835,15 +3879,14 @@ class GenerationRun:
                 yield item
             if self.aborted is not None:
                 raise self.aborted
-            prompt, result = self._result(future)
+            prompt, params, result = self._result(future)
             metrics.prompt_tokens.labels(self.rec.name).inc(result.prompt_tokens)
             metrics.generated_tokens.labels(self.rec.name).inc(result.output_tokens)
-            self.finished = True
-            yield Finished(prompt, result, load_ns, time.perf_counter_ns() - start)
+            yield Finished(prompt, result, load_ns, time.perf_counter_ns() - start, params)
         finally:
             gen.cancel.set()
 
-    def _result(self, future: asyncio.Future) -> tuple[Prompt, GenResult]:
+    def _result(self, future: asyncio.Future) -> tuple[Prompt, GenParams, GenResult]:
         try:
             return future.result()
         except torch.OutOfMemoryError:
@@ -3887,7 +3930,7 @@ class ImageResult:
     interrupted: bool
 
 
-async def run_images(cache: ModelCache, rec: ModelRecord, params: ImageParams, keep_alive_s: float | None,
+async def run_images(admission: Admission, rec: ModelRecord, params: ImageParams, keep_alive_s: float | None,
                      request: Request | None, job: ImageJob | None = None) -> ImageResult:
     """One image request: a slot of the model (bounded queue, FIFO; a waiting request whose client left
     never runs), the model held, the pipeline run on a worker thread. A client that leaves stops it at
@@ -3896,21 +3939,21 @@ async def run_images(cache: ModelCache, rec: ModelRecord, params: ImageParams, k
     job = job or ImageJob(rec.name, params.n_iter * params.denoising_steps(20))
     cancelled = asyncio.Event()
     watcher = asyncio.create_task(cancel_image_when_disconnected(request, job, cancelled)) if request else None
-    cache.image_jobs.append(job)
+    admission.image_jobs.append(job)
     try:
-        slot = await cache.image_scheduler.enter(rec.name, cancelled)
+        slot = await admission.image_queue.enter(rec.name, cancelled)
         try:
-            async with cache.use(rec, keep_alive_s) as (model, load_ns):
+            async with admission.cache.use(rec, keep_alive_s) as (model, load_ns):
                 if not isinstance(model.backend, DiffusersBackend):
                     raise BadRequest(f"'{rec.name}' is not an image model")
                 job.started = time.monotonic()
-                future = asyncio.get_running_loop().run_in_executor(cache.workers, model.images, params, job,
-                                                                    cache.metrics)
+                future = asyncio.get_running_loop().run_in_executor(admission.threads, model.images, params, job,
+                                                                    admission.cache.metrics)
                 images = await finish_despite_cancel(future, job)
         finally:
-            cache.image_scheduler.leave(rec.name, slot)
+            admission.image_queue.leave(rec.name, slot)
     finally:
-        cache.image_jobs.remove(job)
+        admission.image_jobs.remove(job)
         if watcher is not None:
             watcher.cancel()
     if job.cancel.is_set() and not job.interrupted:
@@ -4995,6 +5038,7 @@ class AppState:
     settings: Settings
     registry: Registry
     models: ModelCache
+    admission: Admission  # in front of `models`: slots, queues, threads, what runs
     pulls: PullManager
     bnb_error: str | None
     tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
@@ -5008,7 +5052,7 @@ class AppState:
         return self.models.metrics
 
     def abort_all(self, error: ServerError) -> None:
-        self.models.abort_all(error)
+        self.admission.abort_all(error)
 
 
 def bnb_probe() -> str | None:
@@ -5056,14 +5100,15 @@ def open_state(settings: Settings, metrics: Metrics) -> AppState:
     if (n := remove_empty_partials(settings.hf_cache)):
         log.info("hub cache: removed %d empty partial download(s) left by an earlier process", n)
     models = ModelCache(settings, registry, build_backends(settings), metrics)
-    metrics.add_gauges(models.gauges)
+    admission = Admission(models, settings, metrics)
+    metrics.add_gauges(lambda: admission.gauges() + models.gauges())
     models.probe_backends()
     bnb_error = bnb_probe()
     log.info("bitsandbytes: %s", "usable" if bnb_error is None else f"unusable ({bnb_error})")
     ensure_embedded_models(settings, registry)
     gguf_paths = [r.path for r in registry.list_models() if is_gguf_path(r.path)]
     threading.Thread(target=lambda: [gguf_metadata(p) for p in gguf_paths], name="gguf-metadata", daemon=True).start()
-    return AppState(settings, registry, models,
+    return AppState(settings, registry, models, admission,
                     PullManager(settings, registry, models, bnb_error is None, metrics), bnb_error)
 
 
@@ -5319,7 +5364,7 @@ async def ollama_image(state: AppState, rec: ModelRecord, body: OllamaGenerateBo
                          seed=seed if isinstance(seed, int) and seed >= 0 else -1)
     check_image_size(params.width, params.height, state.settings)
     job = ImageJob(rec.name, params.steps or 0)
-    task = asyncio.create_task(run_images(state.models, rec, params, keep_alive, request, job))
+    task = asyncio.create_task(run_images(state.admission, rec, params, keep_alive, request, job))
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: a left client's 499 is no news
 
     async def final() -> dict[str, Any]:
@@ -5455,7 +5500,7 @@ async def api_chat(body: OllamaChatBody, request: Request) -> Any:
     messages = [m.for_template() for m in body.messages]
 
     build = chat_builder(messages, tools, params, state.settings, think if think else None, preset)
-    run = GenerationRun(state.models, rec, build, params, keep_alive, request)
+    run = GenerationRun(state.admission, rec, build, params, keep_alive, request)
     if body.stream:
         return await ollama_chat_stream(run, body.model, tools, think, body.logprobs_top())
     fin = await run_to_end(run)
@@ -5481,7 +5526,7 @@ async def api_generate(body: OllamaGenerateBody, request: Request) -> Any:
     top = body.logprobs_top()
     params = asking_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate), top)
     build = generate_builder(body, rec, body.model, params, state.settings)
-    run = GenerationRun(state.models, rec, build, params, keep_alive, request)
+    run = GenerationRun(state.admission, rec, build, params, keep_alive, request)
 
     def final(fin: Finished) -> dict[str, Any]:
         extra = {} if body.raw else {"context": fin.prompt.ids + fin.result.output_ids}
@@ -5924,7 +5969,7 @@ async def native_chat(body: ChatBody, request: Request) -> Any:
     messages = [m.model_dump() for m in body.messages]
     params = body.params()
     build = chat_builder(messages, None, params, state.settings, preset=model_preset(rec))
-    run = GenerationRun(state.models, rec, build, params, keep_alive_of(body.keep_alive), request)
+    run = GenerationRun(state.admission, rec, build, params, keep_alive_of(body.keep_alive), request)
     if body.stream:
         return await ollama_chat_stream(run, body.model, tools=None)
     fin = await run_to_end(run)
@@ -5940,7 +5985,7 @@ async def server_status(request: Request) -> dict[str, Any]:
             "bitsandbytes": {"usable": state.bnb_error is None, "error": state.bnb_error},
             "llama_server": next((b.public() for b in state.models.backends if isinstance(b, LlamaCppBackend)),
                                  None),
-            **state.models.status(),
+            **state.admission.status(), **state.models.status(),
             "pulls_active": [j.public() for j in state.pulls.active_jobs()],
             "config": state.settings.public()}
 
@@ -5974,7 +6019,7 @@ async def chat_completions(body: OpenAIChatBody, request: Request) -> Any:
     state = state_of(request)
     rec = require_generative_model(state, body.model, "chat")
     build, params, tools = openai_chat_request(body, state.settings, rec)
-    run = GenerationRun(state.models, rec, build, params, None, request)
+    run = GenerationRun(state.admission, rec, build, params, None, request)
     ident, created, top = f"chatcmpl-{new_id()}", int(time.time()), body.logprobs_top()
 
     def logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any]:
@@ -6034,7 +6079,7 @@ async def openai_completions(body: OpenAICompletionBody, request: Request) -> An
     prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt[:1])
     params = asking_logprobs(openai_params(body, body.max_tokens), body.logprobs)
     build = completion_builder(prompt, body.suffix, rec, body.model, params, state.settings)
-    run = GenerationRun(state.models, rec, build, params, None, request)
+    run = GenerationRun(state.admission, rec, build, params, None, request)
     ident, created = f"cmpl-{new_id()}", int(time.time())
     offset = len(prompt) if body.echo else 0  # where the next token's text starts (text_offset)
 
@@ -6277,7 +6322,7 @@ async def anthropic_create_message(body: AnthropicBody, request: Request) -> Any
     tools = anthropic_tools(body)
     params = anthropic_params(body, tools)
     build = chat_builder(anthropic_messages(body), tools, params, state.settings, preset=model_preset(rec))
-    run = GenerationRun(state.models, rec, build, params, None, request)
+    run = GenerationRun(state.admission, rec, build, params, None, request)
     ident = f"msg_{new_id()[:24]}"
     head = {"id": ident, "type": "message", "role": "assistant", "model": body.model}
     if not body.stream:
@@ -6530,7 +6575,7 @@ async def create_response(body: ResponsesBody, request: Request) -> Any:
     tools = responses_tools(body)
     params = responses_params(body, tools)
     build = chat_builder([*system, *earlier, *turn], tools, params, state.settings, preset=model_preset(rec))
-    run = GenerationRun(state.models, rec, build, params, None, request)
+    run = GenerationRun(state.admission, rec, build, params, None, request)
     draft = ResponseDraft(body)
     if not body.stream:
         fin = await run_to_end(run)
@@ -6912,7 +6957,8 @@ class LlamaCompletion:
         out = {"index": self.index, "content": "" if stream else text,
                "tokens": ids if self.body.return_tokens and not stream else [], "id_slot": self.run.slot,
                "stop": True, "model": self.name, "tokens_predicted": predicted, "tokens_evaluated": r.prompt_tokens,
-               "generation_settings": llamacpp_settings(dataclasses.replace(self.run.params, logit_bias=self.run.logit_bias),
+               "generation_settings": llamacpp_settings(dataclasses.replace(self.run.params,
+                                                                           logit_bias=fin.params.logit_bias),
                                                         self.body, stream, full=True),
                "prompt": prompt.text, "has_new_line": "\n" in text, "truncated": prompt.truncated,
                "stop_type": "limit" if self.warmup else r.stop_type, "stopping_word": r.stopping_word,
@@ -6977,7 +7023,7 @@ async def llamacpp_generate(request: Request, body: LlamaSamplingBody, prompts: 
     for i, parts in enumerate(prompts):
         params = llamacpp_params(body)
         prefer = body.id_slot if body.id_slot >= 0 and len(prompts) == 1 else None
-        run = GenerationRun(state.models, rec, builder(parts, params), params, None, request, prefer)
+        run = GenerationRun(state.admission, rec, builder(parts, params), params, None, request, prefer)
         completions.append(LlamaCompletion(i, name, run, body))
     if not body.stream:
         finals = await asyncio.gather(*(run_to_end(c.run) for c in completions))
@@ -7195,7 +7241,7 @@ async def slots(request: Request, model: str | None = None) -> list[dict[str, An
     state = state_of(request)
     rec = llamacpp_model(state, model)
     n_ctx = model_context_length(rec, state.settings)
-    holders = state.models.scheduler.holders.get(rec.name) or [None] * state.settings.num_parallel
+    holders = state.admission.text_queue.holders.get(rec.name) or [None] * state.settings.num_parallel
     defaults = llamacpp_params(LlamaSamplingBody())
     out = []
     for i, run in enumerate(holders):
@@ -7336,7 +7382,7 @@ async def a1111_generate(request: Request, body: A1111Body, init_images: list[An
     state = state_of(request)
     rec = pick_image_model(state, body.override_settings.get("sd_model_checkpoint"))
     params = a1111_params(body, state.settings, init_images)
-    result = await run_images(state.models, rec, params, None, request)
+    result = await run_images(state.admission, rec, params, None, request)
     return await asyncio.to_thread(a1111_reply, params, result, rec.name, body.model_dump())  # PNGs: off the loop
 
 
@@ -7397,7 +7443,7 @@ async def a1111_schedulers() -> list[dict[str, Any]]:
 
 @images_api.get("/sdapi/v1/progress", openapi_extra=merged(combine="progress"))
 async def a1111_progress(request: Request) -> dict[str, Any]:
-    jobs = state_of(request).models.image_jobs
+    jobs = state_of(request).admission.image_jobs
     job = next((j for j in jobs if j.step), jobs[0] if jobs else None)
     if job is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": {"skipped": False, "interrupted": False, "job": "",
@@ -7413,7 +7459,7 @@ async def a1111_progress(request: Request) -> dict[str, Any]:
 @images_api.post("/sdapi/v1/interrupt", openapi_extra=TO_EVERY_WORKER)
 async def a1111_interrupt(request: Request) -> dict[str, Any]:
     """Ends the running image requests at their next step; they return the images made so far."""
-    for job in state_of(request).models.image_jobs:
+    for job in state_of(request).admission.image_jobs:
         if job.step:
             job.interrupted = True
             job.cancel.set()
@@ -7429,7 +7475,7 @@ async def unity_generate_image(body: UnityImageBody, request: Request) -> dict[s
     resolve_sampler(body.sampler_name)
     params = ImageParams(body.prompt, body.negative_prompt, body.width, body.height, body.steps, body.cfg_scale,
                          body.sampler_name, None, body.seed, body.batch_size, body.n_iter)
-    result = await run_images(state.models, rec, params, None, request)
+    result = await run_images(state.admission, rec, params, None, request)
     reply = await asyncio.to_thread(a1111_reply, params, result, rec.name, body.model_dump())
     return {"image_base64": reply["images"][0], "images": reply["images"], "info": reply["info"]}
 
@@ -7460,7 +7506,7 @@ async def openai_images(body: OpenAIImageBody, request: Request) -> dict[str, An
     check_image_size(width, height, state.settings, body.n)
     rec = pick_image_model(state, body.model)
     params = ImageParams(body.prompt, width=width, height=height, batch_size=body.n)
-    result = await run_images(state.models, rec, params, None, request)
+    result = await run_images(state.admission, rec, params, None, request)
     return await asyncio.to_thread(openai_images_reply, result, body.prompt)
 
 
@@ -7501,7 +7547,7 @@ async def openai_image_edits(request: Request) -> dict[str, Any]:
     rec = pick_image_model(state, str(form.get("model") or "") or None)
     params = ImageParams(prompt, width=width, height=height, batch_size=n,
                          init_images=[p.resize((width, height)) for p in pictures])
-    result = await run_images(state.models, rec, params, None, request)
+    result = await run_images(state.admission, rec, params, None, request)
     return await asyncio.to_thread(openai_images_reply, result, prompt)
 
 
@@ -8126,7 +8172,7 @@ class Worker:
         while self.leases and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         if self.leases:
-            self.state.models.abort_all(ShuttingDown("the worker is shutting down: this generation was stopped; "
+            self.state.admission.abort_all(ShuttingDown("the worker is shutting down: this generation was stopped; "
                                                      "retry shortly", headers={"Retry-After": "5"}))
             for _ in range(int(DRAIN_MARGIN_S * 10)):
                 if not self.leases:

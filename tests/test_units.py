@@ -258,17 +258,18 @@ def test_out_of_memory_during_generation_is_503_and_the_model_keeps_serving(tiny
     registry.put_model(rec)
     cache = app.ModelCache(settings, registry, [FakeCudaOomBackend()], app.Metrics())
     cache.backend_errors = {"transformers": None}
+    admission = app.Admission(cache, settings, cache.metrics)
     params = app.GenParams(max_tokens=4, temperature=0)
 
     async def run_once():
         build = lambda m, _cancel: app.render_chat_prompt(m.loaded.tokenizer, [{"role": "user", "content": "hi"}])  # noqa: E731
-        return await app.run_to_end(app.GenerationRun(cache, rec, build, params, None))
+        return await app.run_to_end(app.GenerationRun(admission, rec, build, params, None))
 
     async def scenario():
         with pytest.raises(app.Busy, match="out of memory") as err:
             await run_once()
         assert err.value.headers["Retry-After"] == "5"
-        assert cache.scheduler.running["tiny"] == 0 and cache.loaded["tiny"].refs == 0  # slot and model freed
+        assert admission.text_queue.running["tiny"] == 0 and cache.loaded["tiny"].refs == 0  # slot and model freed
         return await run_once()
 
     fin = asyncio.run(scenario())
