@@ -2581,15 +2581,32 @@ def loopback_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class LlamaLaunch:
+    """How one llama-server is started: its binary, the GGUF file, `slots` requests of `ctx` tokens each
+    (one unified KV cache, -kvu), the layers on the GPU (-ngl), its prompt cache in RAM (MiB)."""
+
+    binary: Path
+    gguf: str
+    slots: int
+    ctx: int
+    gpu_layers: str
+    cache_mib: int
+
+    def args(self, port: int) -> list[str]:
+        return [str(self.binary), "-m", self.gguf, "--host", "127.0.0.1", "--port", str(port),
+                "-np", str(self.slots), "-c", str(self.slots * self.ctx), "-kvu", "--jinja", "--no-webui",
+                "-ngl", self.gpu_layers, "--cache-ram", str(self.cache_mib), "--log-colors", "off"]
+
+
 class LlamaServer:
     """One llama-server process serving one GGUF model on a private loopback port: `slots` requests
     decode together (continuous batching) in a unified KV cache of slots x ctx tokens, with the model's
     own chat template (--jinja). Its log goes into ours. A process that died is started again by the
     next request; `stop` ends it (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, name: str, binary: Path, gguf: str, slots: int, ctx: int, gpu_layers: str, cache_mib: int):
-        self.name, self.binary, self.gguf = name, binary, gguf
-        self.slots, self.ctx, self.gpu_layers, self.cache_mib = slots, ctx, gpu_layers, cache_mib
+    def __init__(self, name: str, launch: LlamaLaunch):
+        self.name, self.launch = name, launch
         self.lock = threading.Lock()
         self.proc: subprocess.Popen | None = None
         self.port = 0
@@ -2597,11 +2614,6 @@ class LlamaServer:
         self.closed = False
         self.failed: tuple[float, str] | None = None  # (monotonic time to try again, why the start failed)
         self.tail: collections.deque[str] = collections.deque(maxlen=30)  # its last log lines, for errors
-
-    def args(self, port: int) -> list[str]:
-        return [str(self.binary), "-m", self.gguf, "--host", "127.0.0.1", "--port", str(port),
-                "-np", str(self.slots), "-c", str(self.slots * self.ctx), "-kvu", "--jinja", "--no-webui",
-                "-ngl", self.gpu_layers, "--cache-ram", str(self.cache_mib), "--log-colors", "off"]
 
     def ensure_running(self) -> int:
         """The port of a live process, starting one if there is none (first use, or it died)."""
@@ -2628,7 +2640,7 @@ class LlamaServer:
 
     def _start(self) -> None:
         port = loopback_port()
-        proc = LLAMA_SPAWNER.submit(subprocess.Popen, self.args(port), stdin=subprocess.DEVNULL,
+        proc = LLAMA_SPAWNER.submit(subprocess.Popen, self.launch.args(port), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                                     preexec_fn=die_with_parent).result(timeout=60)
         threading.Thread(target=self._pump_log, args=(proc,), name=f"llama-log-{proc.pid}", daemon=True).start()
@@ -2637,12 +2649,12 @@ class LlamaServer:
             if proc.poll() is not None or time.monotonic() > deadline:
                 stop_process(proc, self.name)
                 tail = " | ".join(list(self.tail)[-6:])
-                raise RuntimeError(f"llama-server did not start (exit {proc.returncode}) for {Path(self.gguf).name}: "
+                raise RuntimeError(f"llama-server did not start (exit {proc.returncode}) for {Path(self.launch.gguf).name}: "
                                    f"{tail}")
             time.sleep(0.1)
         self.proc, self.port = proc, port
         log.info("model %s: llama-server pid %d on 127.0.0.1:%d (%d slots x %d tokens, -ngl %s)", self.name,
-                 proc.pid, port, self.slots, self.ctx, self.gpu_layers)
+                 proc.pid, port, self.launch.slots, self.launch.ctx, self.launch.gpu_layers)
 
     @staticmethod
     def _healthy(port: int) -> bool:
@@ -2732,9 +2744,10 @@ class LlamaServer:
 
     def public(self) -> dict[str, Any]:
         proc = self.proc
-        return {"engine": "llama-server", "pid": proc.pid if proc else None, "port": self.port, "slots": self.slots,
-                "ctx_per_slot": self.ctx, "gpu_layers": self.gpu_layers, "restarts": self.restarts,
-                "binary": str(self.binary)}
+        launch = self.launch
+        return {"engine": "llama-server", "pid": proc.pid if proc else None, "port": self.port, "slots": launch.slots,
+                "ctx_per_slot": launch.ctx, "gpu_layers": launch.gpu_layers, "restarts": self.restarts,
+                "binary": str(launch.binary)}
 
 
 def stop_process(proc: subprocess.Popen, name: str) -> None:
@@ -2838,9 +2851,9 @@ class LlamaCppBackend(Backend):
         trained = gguf_context_length(meta)
         ctx = min(self.settings.context_length, trained) if trained else self.settings.context_length
         tokenizer = gguf_tokenizer(plan.path)  # ours: prompts are rendered and counted here, sent as token ids
-        server = LlamaServer(plan.name, self.binary, plan.path, self.settings.num_parallel, ctx,
-                             llama_gpu_layers(self.settings.llama_gpu_layers, plan.device),
-                             max(0, self.settings.prefix_cache_bytes // 2**20))
+        server = LlamaServer(plan.name, LlamaLaunch(self.binary, plan.path, self.settings.num_parallel, ctx,
+                                                    llama_gpu_layers(self.settings.llama_gpu_layers, plan.device),
+                                                    max(0, self.settings.prefix_cache_bytes // 2**20)))
         server.ensure_running()
         quant = meta["file_type_name"]
         return Loaded(server, tokenizer, dtype=quant, quantized=quant, device=plan.device,
@@ -3175,7 +3188,6 @@ class LoadedModel:
     name: str
     backend: Backend
     loaded: Loaded
-    quantization: str
     load_ns: int
     loaded_at: str = dataclasses.field(default_factory=utc_now_iso)
     refs: int = 0
@@ -3440,7 +3452,7 @@ class ModelCache:
         self.metrics.load_seconds.labels(plan.name, backend.name).observe(load_ns / 1e9)
         log.info("model %s: loaded by %s in %.2f s (dtype=%s, quantized=%s)", plan.name, backend.name,
                  load_ns / 1e9, loaded.dtype, loaded.quantized)
-        return LoadedModel(plan.name, backend, loaded, plan.quantization, load_ns)
+        return LoadedModel(plan.name, backend, loaded, load_ns)
 
     def evict(self, name: str) -> None:
         """Drop from the cache; free now if unused, else when its last request ends."""
@@ -4026,58 +4038,77 @@ def pull_error_status(exc: BaseException) -> int:
     return 403 if status == 401 else status or 502
 
 
+@dataclasses.dataclass(eq=False)
+class PullRun:
+    """A pull job as this process runs it: the job (its record, also in the registry) and what only this
+    process knows of it."""
+
+    job: PullJob
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)  # set when it is cancelled
+    task: asyncio.Task | None = None  # owned: a strong reference until it ends
+    registered: bool = False  # its model is registered: too late to cancel
+    disk_reserved: int = 0  # bytes its download still means to write
+    error_status: int | None = None  # the HTTP status of its failure
+    files: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (blob, size, bytes on disk)
+
+
 class PullManager:
-    """Background pulls: one job per model at a time, at most N downloading at once.
-    Tasks are owned (a strong reference is kept until they end)."""
+    """Background pulls: one job per model at a time, at most N downloading at once. One PullRun per
+    job, kept for the newest RUNS_KEPT jobs after they end (their per-file progress and error status)."""
+
+    RUNS_KEPT = 256
 
     def __init__(self, settings: Settings, registry: Registry, models: ModelCache, bnb_usable: bool,
                  metrics: Metrics):
         self.settings, self.registry, self.models, self.metrics = settings, registry, models, metrics
         self.bnb_usable = bnb_usable
-        self._cancels: dict[str, threading.Event] = {}  # job id -> set when the job is cancelled
-        self._registered: set[str] = set()  # job ids past registration: too late to cancel
         self._semaphore = asyncio.Semaphore(settings.max_concurrent_pulls)
-        self._active: dict[str, PullJob] = {}  # lower-cased repo id -> job
-        self._tasks: dict[str, asyncio.Task] = {}  # job id -> task
-        self._disk_reserved: dict[str, int] = {}  # job id -> bytes its download still means to write
-        self.error_status: dict[str, int] = {}  # job id -> HTTP status of its failure (this process only)
-        # job id -> its files as (blob, size, bytes on disk), for per-file progress; the newest 256 jobs
-        self._files: collections.OrderedDict[str, list[tuple[str, int, int]]] = collections.OrderedDict()
+        self._runs: collections.OrderedDict[str, PullRun] = collections.OrderedDict()  # job id -> run, oldest first
+        self._active: dict[str, PullRun] = {}  # lower-cased repo id -> its running or queued job's run
         self.api = HfApi(endpoint=settings.hf_endpoint, token=self._token())
 
     def _token(self) -> str | bool | None:
         return self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
 
     def submit(self, model: str, revision: str, quantize: str, init: bool, trust_remote_code: bool) -> PullJob:
-        if (job := self._active.get(model.lower())) is not None:
-            log.info("pull %s: %s is already being pulled; returning that job", job.id, model)
-            return job
+        if (run := self._active.get(model.lower())) is not None:
+            log.info("pull %s: %s is already being pulled; returning that job", run.job.id, model)
+            return run.job
         job = PullJob(new_id(), model, revision, quantize, init, trust_remote_code)
         self.registry.put_job(job)
-        self._active[model.lower()] = job
-        self._cancels[job.id] = threading.Event()
-        task = asyncio.create_task(self._run(job))
-        self._tasks[job.id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(job.id, None))
+        run = self._active[model.lower()] = self._runs[job.id] = PullRun(job)
+        while len(self._runs) > self.RUNS_KEPT and (oldest := next(iter(self._runs.values()))).task is None:
+            del self._runs[oldest.job.id]
+        run.task = asyncio.create_task(self._run(run))
+        run.task.add_done_callback(lambda _t: setattr(run, "task", None))
         log.info("pull %s: queued model=%s revision=%s quantize=%s", job.id, model, revision, quantize)
         return job
 
     def active_job(self, model: str) -> PullJob | None:
-        return self._active.get(model.lower())
+        run = self._active.get(model.lower())
+        return run.job if run else None
 
     def active_jobs(self) -> list[PullJob]:
-        return list(self._active.values())
+        return [run.job for run in self._active.values()]
 
     def live(self, job_id: str) -> PullJob | None:
-        return next((j for j in self._active.values() if j.id == job_id), None)
+        """The job while it is queued or running."""
+        run = self._runs.get(job_id)
+        return run.job if run is not None and self._active.get(run.job.model.lower()) is run else None
 
     def files(self, job_id: str) -> list[tuple[str, int, int]]:
         """The job's files as (blob, size, bytes on disk), once its download is planned."""
-        return self._files.get(job_id, [])
+        run = self._runs.get(job_id)
+        return run.files if run else []
+
+    def error_status(self, job_id: str) -> int | None:
+        """The HTTP status of the job's failure, when this process ran it."""
+        run = self._runs.get(job_id)
+        return run.error_status if run else None
 
     async def wait(self, job_id: str) -> None:
         """Until the job's task ends, however it ends (a cancelled one too); the job says how."""
-        if (task := self._tasks.get(job_id)) is not None:
+        if (run := self._runs.get(job_id)) is not None and (task := run.task) is not None:
             await asyncio.wait({task})
 
     def cancel(self, job_id: str) -> PullJob:
@@ -4088,58 +4119,55 @@ class PullManager:
             if (ended := self.registry.get_job(job_id)) is None:
                 raise NotFound(f"job '{job_id}' not found; GET /jobs lists recent jobs")
             raise Conflict(f"job '{job_id}' already ended ({ended.status}); nothing to cancel")
-        if job_id in self._registered:
+        run = self._runs[job_id]
+        if run.registered:
             raise Conflict(f"job '{job_id}' already downloaded and registered its model; DELETE /models to remove it")
-        self._cancels[job_id].set()
-        self._end(job, "failed", "cancelled by request")
-        self.error_status[job_id] = 499
-        if (task := self._tasks.get(job_id)) is not None:
-            task.cancel()  # frees its pull slot now; a stalled download thread ends at its next chunk
+        run.cancel.set()
+        self._end(run, "failed", "cancelled by request")
+        run.error_status = 499
+        if run.task is not None:
+            run.task.cancel()  # frees its pull slot now; a stalled download thread ends at its next chunk
         return job
 
-    def _cancelled(self, job: PullJob) -> bool:
-        return self._cancels[job.id].is_set()
-
-    def _end(self, job: PullJob, status: str, error: str | None = None) -> None:
+    def _end(self, run: PullRun, status: str, error: str | None = None) -> None:
+        job = run.job
         job.advance(status, error)
         self.registry.put_job(job)
         self.metrics.pull_jobs.labels(status).inc()
-        if self._active.get(job.model.lower()) is job:
+        if self._active.get(job.model.lower()) is run:
             del self._active[job.model.lower()]
         (log.info if status == "succeeded" else log.warning)("pull %s: %s%s", job.id, status,
                                                               f": {error}" if error else "")
 
-    async def _run(self, job: PullJob) -> None:
+    async def _run(self, run: PullRun) -> None:
+        job = run.job
         try:
             async with self._semaphore:
-                if self._cancelled(job):
+                if run.cancel.is_set():
                     return
                 job.advance("running")
                 self.registry.put_job(job)
                 log.info("pull %s: running", job.id)
-                rec = await self._download_with_retries(job)
+                rec = await self._download_with_retries(run)
             if job.init:  # the job stays running until the model is loaded (or failed to)
                 await self._init(job, rec)
-            self._end(job, "succeeded")
+            self._end(run, "succeeded")
         except asyncio.CancelledError:
-            if not self._cancelled(job):
-                self._end(job, "failed", "interrupted by shutdown")
+            if not run.cancel.is_set():
+                self._end(run, "failed", "interrupted by shutdown")
             raise
         except Exception as exc:  # any failure ends the job; the message says what to do
-            if not self._cancelled(job):
-                self.error_status[job.id] = pull_error_status(exc)
-                self._end(job, "failed", describe_pull_error(exc, job.model, job.revision, self.settings))
-        finally:
-            self._cancels.pop(job.id, None)
-            self._registered.discard(job.id)  # only live jobs are asked (cancel); ended ones answer 409
+            if not run.cancel.is_set():
+                run.error_status = pull_error_status(exc)
+                self._end(run, "failed", describe_pull_error(exc, job.model, job.revision, self.settings))
 
-    async def _download_with_retries(self, job: PullJob) -> ModelRecord:
-        retries = self.settings.pull_retries
+    async def _download_with_retries(self, run: PullRun) -> ModelRecord:
+        job, retries = run.job, self.settings.pull_retries
         for attempt in range(retries + 1):
             try:
-                return await self._download(job)
+                return await self._download(run)
             except Exception as exc:  # retried only when transient; raised otherwise
-                if self._cancelled(job) or not is_transient(exc) or attempt == retries:
+                if run.cancel.is_set() or not is_transient(exc) or attempt == retries:
                     raise
                 delay = self.settings.pull_retry_backoff_s * 2 ** attempt
                 log.warning("pull %s: %s: %s; retry %d of %d in %.1f s", job.id, type(exc).__name__, exc,
@@ -4147,7 +4175,8 @@ class PullManager:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _download(self, job: PullJob) -> ModelRecord:
+    async def _download(self, run: PullRun) -> ModelRecord:
+        job = run.job
         plan = await run_in_daemon_thread(plan_snapshot, self.api, job.model, job.revision)
         if plan.gguf is not None:
             log.info("pull %s: GGUF %s (%s, %d bytes)", job.id, plan.gguf.paths[0], plan.gguf.quant or "?",
@@ -4157,50 +4186,48 @@ class PullManager:
         needed = plan.total_bytes - sum(await asyncio.to_thread(blob_bytes, cache, plan))
         free = await asyncio.to_thread(free_disk_bytes, cache)
         # Checked and reserved with no await in between: concurrent pulls see each other's bytes.
-        others = sum(b for j, b in self._disk_reserved.items() if j != job.id)
+        others = sum(r.disk_reserved for r in self._runs.values() if r is not run)
         check_disk_space(cache, free, needed, others, self.settings.pull_min_free_bytes)
-        self._disk_reserved[job.id] = needed
-        watcher = asyncio.create_task(self._watch_progress(job, plan))
+        run.disk_reserved = needed
+        watcher = asyncio.create_task(self._watch_progress(run, plan))
         try:
             path = await run_in_daemon_thread(
                 snapshot_download, plan.repo_id, revision=plan.sha, cache_dir=cache, allow_patterns=plan.files,
                 endpoint=self.settings.hf_endpoint, token=self._token(),
-                tqdm_class=cancellable_progress(self._cancels[job.id]))
+                tqdm_class=cancellable_progress(run.cancel))
         except Exception:  # the download thread has ended: what it left empty is useless
             await asyncio.to_thread(remove_empty_partials, cache, plan.repo_id, plan.blob_names)
             raise
         finally:
             watcher.cancel()
-            self._disk_reserved.pop(job.id, None)
-        await self._measure(job, plan)
-        if self._cancelled(job):
+            run.disk_reserved = 0
+        await self._measure(run, plan)
+        if run.cancel.is_set():
             raise PullCancelled("cancelled")
         if plan.gguf is not None:  # read once on a thread: ~1.5 s, and _register runs on the event loop
             await asyncio.to_thread(gguf_metadata, str(Path(path) / plan.gguf.paths[0]))
-        return self._register(job, plan, Path(path))
+        return self._register(run, plan, Path(path))
 
     def _count_bytes(self, job: PullJob, now: int) -> None:
         if now > job.downloaded_bytes:
             self.metrics.pull_bytes.inc(now - job.downloaded_bytes)
         job.downloaded_bytes = now
 
-    async def _measure(self, job: PullJob, plan: SnapshotPlan) -> None:
+    async def _measure(self, run: PullRun, plan: SnapshotPlan) -> None:
         """What is on disk now: per file, and the job's total."""
         on_disk = await asyncio.to_thread(blob_bytes, self.settings.hf_cache, plan)
         files = {blob: (blob, size, done) for blob, size, done in zip(plan.blob_names, plan.blob_sizes, on_disk)}
-        self._files[job.id] = list(files.values())  # one entry per blob: files with equal content share it
-        self._files.move_to_end(job.id)
-        while len(self._files) > 256:
-            self._files.popitem(last=False)
-        self._count_bytes(job, sum(on_disk))
+        run.files = list(files.values())  # one entry per blob: files with equal content share it
+        self._count_bytes(run.job, sum(on_disk))
 
-    async def _watch_progress(self, job: PullJob, plan: SnapshotPlan) -> None:
-        while not self._cancelled(job):
-            await self._measure(job, plan)
-            self.registry.put_job(job)
+    async def _watch_progress(self, run: PullRun, plan: SnapshotPlan) -> None:
+        while not run.cancel.is_set():
+            await self._measure(run, plan)
+            self.registry.put_job(run.job)
             await asyncio.sleep(0.5)
 
-    def _register(self, job: PullJob, plan: SnapshotPlan, path: Path) -> ModelRecord:
+    def _register(self, run: PullRun, plan: SnapshotPlan, path: Path) -> ModelRecord:
+        job = run.job
         if plan.gguf is not None:  # the model is its (first) .gguf file; its quant is the file's own
             path = path / plan.gguf.paths[0]
             meta = gguf_metadata(str(path))
@@ -4214,7 +4241,7 @@ class PullManager:
         self.models.evict(rec.name)  # a re-pull replaces the files: never serve the old ones
         self.models.cooldowns.pop(rec.name, None)
         self.registry.put_model(rec)
-        self._registered.add(job.id)
+        run.registered = True
         return rec
 
     async def _init(self, job: PullJob, rec: ModelRecord) -> None:
@@ -4228,12 +4255,13 @@ class PullManager:
     async def shutdown(self) -> None:
         """Marks running pulls failed ("interrupted by shutdown"), then stops their downloads at the
         next chunk; being daemon threads, stalled ones cannot hold the process at exit."""
-        cancels, tasks = list(self._cancels.values()), list(self._tasks.values())
+        runs = [run for run in self._runs.values() if run.task is not None]
+        tasks = [run.task for run in runs]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for cancel in cancels:
-            cancel.set()
+        for run in runs:
+            run.cancel.set()
 
 
 # ============================================================================
@@ -5265,9 +5293,9 @@ def document_errors(spec: dict[str, Any], routes: list[Any]) -> dict[str, Any]:
 
 
 def model_entry(rec: ModelRecord, cache: ModelCache) -> dict[str, Any]:
-    loaded = cache.loaded.get(rec.name)
-    return {**dataclasses.asdict(rec), "loaded": loaded is not None,
-            **(loaded.public() if loaded else {"backend": None, "dtype": None, "quantized": None})}
+    model = cache.loaded.get(rec.name)
+    return {**dataclasses.asdict(rec), "loaded": model is not None,
+            **(model.public() if model else {"backend": None, "dtype": None, "quantized": None})}
 
 
 def describe_llama_server(settings: Settings) -> dict[str, Any]:
@@ -5853,7 +5881,7 @@ async def ollama_pull(state: AppState, name: str, stream: bool) -> Any:
 
 
 def pull_failed(state: AppState, job: PullJob) -> ServerError:
-    return ServerError(job.error or "pull failed", status=state.pulls.error_status.get(job.id, 502))
+    return ServerError(job.error or "pull failed", status=state.pulls.error_status(job.id) or 502)
 
 
 async def aiter_of(*items: str):
@@ -7214,14 +7242,14 @@ async def props(request: Request, model: str | None = None) -> dict[str, Any]:
     Properties cannot be changed here: a POST reads them, as GET does."""
     state = state_of(request)
     rec = llamacpp_model(state, model)
-    loaded = state.models.loaded.get(rec.name)
+    held = state.models.loaded.get(rec.name)
     tokens = read_json(Path(rec.path) / "tokenizer_config.json")
     template = read_chat_template(Path(rec.path)) or ""
     return {"default_generation_settings": {"params": llamacpp_settings(llamacpp_params(LlamaSamplingBody()), None,
                                                                         False, full=False),
                                             "n_ctx": model_context_length(rec, state.settings)},
             "total_slots": state.settings.num_parallel, "model_alias": display_name(rec.name),
-            "model_ftype": (loaded.loaded.dtype if loaded else rec.quantization).upper(), "model_path": rec.path,
+            "model_ftype": (held.loaded.dtype if held else rec.quantization).upper(), "model_path": rec.path,
             "modalities": {"vision": False, "video": False, "audio": False}, "media_marker": "",
             "endpoint_slots": True, "endpoint_props": False, "endpoint_metrics": True, "ui": False,
             "ui_settings": {}, "chat_template": template, "chat_template_caps": chat_template_caps(template),
