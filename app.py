@@ -1759,6 +1759,13 @@ def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[str, list[dict[st
     return ("", [whole]) if whole else (text, [])
 
 
+def reply_with_tools(text: str, tools: list[dict[str, Any]] | None) -> tuple[str, list[dict[str, Any]]]:
+    """A finished reply's text and the tool calls in it (none when the request declared no tools)."""
+    if not tools:
+        return text, []
+    return parse_tool_calls(text, {t["function"]["name"] for t in tools})
+
+
 def tool_choice_schema(tools: list[dict[str, Any]], name: str | None) -> dict[str, Any]:
     """The JSON schema a forced tool call must follow: {"name": <tool>, "arguments": <its params>}."""
     options = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
@@ -5024,6 +5031,45 @@ def stream_response(lines, api: WireAPI, watched: bool = False) -> StreamingResp
     return (WatchedStreamingResponse if watched else StreamingResponse)(body(), media_type=api.stream_media)
 
 
+class Reply:
+    """One wire API's answer to one generation, for `respond`: `start` (the lines sent with the first
+    event, so that errors before it are still HTTP errors), `piece` (the lines of a piece of text), `final`
+    (the lines that end the stream), `whole` (the answer when not streamed). `api` frames its errors.
+    Replies that hold their text back (a reply with tools is parsed whole) send nothing per piece."""
+
+    api: WireAPI = OLLAMA
+
+    async def start(self) -> list[str]:
+        return []
+
+    def piece(self, piece: Piece) -> list[str]:
+        raise NotImplementedError
+
+    def final(self, fin: Finished) -> list[str]:
+        raise NotImplementedError
+
+    async def whole(self, fin: Finished) -> Any:
+        raise NotImplementedError
+
+
+async def respond(run: GenerationRun, reply: Reply, stream: bool) -> Any:
+    """A generation answered in its API's shape: collected whole, or streamed as it is made."""
+    if not stream:
+        return await reply.whole(await run_to_end(run))
+
+    async def lines():
+        first = True
+        async for event in run.events():
+            if first:
+                first = False
+                for line in await reply.start():
+                    yield line
+            for line in reply.final(event) if isinstance(event, Finished) else reply.piece(event):
+                yield line
+
+    return stream_response(await first_then_rest(lines()), reply.api, watched=True)
+
+
 def asking_logprobs(params: GenParams, top: int | None) -> GenParams:
     """Engines record logprobs when top_logprobs > 0: at least the chosen token's."""
     params.top_logprobs = max(top, 1) if top is not None else 0
@@ -5353,33 +5399,65 @@ def ollama_logprobs(run: GenerationRun, logprobs: list[TokenLogprob] | None, top
 def ollama_chat_final(name: str, fin: Finished, tools: list[dict] | None, think: bool) -> dict[str, Any]:
     text, thinking = split_thinking(fin.result.text) if think else (fin.result.text, None)
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    if tools:
-        message["content"], calls = parse_tool_calls(text, {t["function"]["name"] for t in tools})
-        if calls:
-            message["tool_calls"] = calls
+    message["content"], calls = reply_with_tools(text, tools)
+    if calls:
+        message["tool_calls"] = calls
     if thinking:
         message["thinking"] = thinking
     return ollama_chunk(name, True, message=message, **ollama_stats(fin))
 
 
-async def ollama_chat_stream(run: GenerationRun, name: str, tools: list[dict] | None,
-                             think: bool = False, top: int | None = None) -> StreamingResponse:
-    """NDJSON chunks; with tools the reply is held back and parsed whole (a tool call is JSON)."""
-    async def lines():
-        async for event in run.events():
-            if isinstance(event, Finished):
-                final = ollama_chat_final(name, event, tools, think)
-                message = final.pop("message")
-                if tools:  # the whole reply, tool calls parsed, in one chunk before the final one
-                    yield compact_json(ollama_chunk(name, False, message=message,
-                                                    **ollama_logprobs(run, event.result.logprobs, top))) + "\n"
-                final["message"] = {"role": "assistant", "content": ""}
-                yield compact_json(final) + "\n"
-            elif not tools:
-                yield compact_json(ollama_chunk(name, False, message={"role": "assistant", "content": event.text},
-                                                **ollama_logprobs(run, event.logprobs, top))) + "\n"
+class OllamaChatReply(Reply):
+    """/api/chat's (and the native /chat's) NDJSON chunks; with tools the reply is held back and parsed
+    whole (a tool call is JSON), then sent in one chunk before the final one."""
 
-    return stream_response(await first_then_rest(lines()), OLLAMA, watched=True)
+    api = OLLAMA
+
+    def __init__(self, run: GenerationRun, name: str, tools: list[dict] | None, think: bool = False,
+                 top: int | None = None):
+        self.run, self.name, self.tools, self.think, self.top = run, name, tools, think, top
+
+    def piece(self, piece: Piece) -> list[str]:
+        if self.tools:
+            return []
+        return [ndjson_line(ollama_chunk(self.name, False, message={"role": "assistant", "content": piece.text},
+                                         **ollama_logprobs(self.run, piece.logprobs, self.top)))]
+
+    def final(self, fin: Finished) -> list[str]:
+        final = ollama_chat_final(self.name, fin, self.tools, self.think)
+        message = final.pop("message")
+        whole = [ndjson_line(ollama_chunk(self.name, False, message=message,
+                                          **ollama_logprobs(self.run, fin.result.logprobs, self.top)))]
+        final["message"] = {"role": "assistant", "content": ""}
+        return [*(whole if self.tools else []), ndjson_line(final)]
+
+    async def whole(self, fin: Finished) -> Response:
+        return ndjson_one({**ollama_chat_final(self.name, fin, self.tools, self.think),
+                           **ollama_logprobs(self.run, fin.result.logprobs, self.top)})
+
+
+class OllamaGenerateReply(Reply):
+    """/api/generate's NDJSON chunks; the last one carries `context` (the exchange's token ids) unless raw."""
+
+    api = OLLAMA
+
+    def __init__(self, run: GenerationRun, body: OllamaGenerateBody, top: int | None):
+        self.run, self.body, self.top = run, body, top
+
+    def done(self, fin: Finished) -> dict[str, Any]:
+        extra = {} if self.body.raw else {"context": fin.prompt.ids + fin.result.output_ids}
+        return ollama_chunk(self.body.model, True, response="", **ollama_stats(fin), **extra)
+
+    def piece(self, piece: Piece) -> list[str]:
+        return [ndjson_line(ollama_chunk(self.body.model, False, response=piece.text,
+                                         **ollama_logprobs(self.run, piece.logprobs, self.top)))]
+
+    def final(self, fin: Finished) -> list[str]:
+        return [ndjson_line(self.done(fin))]
+
+    async def whole(self, fin: Finished) -> Response:
+        return ndjson_one({**self.done(fin), "response": fin.result.text,
+                           **ollama_logprobs(self.run, fin.result.logprobs, self.top)})
 
 
 async def ollama_image(state: AppState, rec: ModelRecord, body: OllamaGenerateBody, keep_alive: float | None,
@@ -5529,11 +5607,7 @@ async def api_chat(body: OllamaChatBody, request: Request) -> Any:
 
     build = chat_builder(messages, tools, params, state.settings, think if think else None, preset)
     run = GenerationRun(state.admission, rec, build, params, keep_alive, request)
-    if body.stream:
-        return await ollama_chat_stream(run, body.model, tools, think, body.logprobs_top())
-    fin = await run_to_end(run)
-    return ndjson_one({**ollama_chat_final(body.model, fin, tools, think),
-                       **ollama_logprobs(run, fin.result.logprobs, body.logprobs_top())})
+    return await respond(run, OllamaChatReply(run, body.model, tools, think, body.logprobs_top()), body.stream)
 
 @ollama_api.post("/api/generate", openapi_extra=BY_MODEL)
 async def api_generate(body: OllamaGenerateBody, request: Request) -> Any:
@@ -5555,23 +5629,7 @@ async def api_generate(body: OllamaGenerateBody, request: Request) -> Any:
     params = asking_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate), top)
     build = generate_builder(body, rec, body.model, params, state.settings)
     run = GenerationRun(state.admission, rec, build, params, keep_alive, request)
-
-    def final(fin: Finished) -> dict[str, Any]:
-        extra = {} if body.raw else {"context": fin.prompt.ids + fin.result.output_ids}
-        return ollama_chunk(body.model, True, response="", **ollama_stats(fin), **extra)
-
-    if not body.stream:
-        fin = await run_to_end(run)
-        return ndjson_one({**final(fin), "response": fin.result.text,
-                           **ollama_logprobs(run, fin.result.logprobs, top)})
-
-    async def lines():
-        async for event in run.events():
-            chunk = final(event) if isinstance(event, Finished) else ollama_chunk(
-                body.model, False, response=event.text, **ollama_logprobs(run, event.logprobs, top))
-            yield compact_json(chunk) + "\n"
-
-    return stream_response(await first_then_rest(lines()), OLLAMA, watched=True)
+    return await respond(run, OllamaGenerateReply(run, body, top), body.stream)
 
 
 @ollama_api.api_route("/api/tags", methods=["GET", "HEAD"], openapi_extra=merged("models", "name"))
@@ -5998,11 +6056,8 @@ async def native_chat(body: ChatBody, request: Request) -> Any:
     params = body.params()
     build = chat_builder(messages, None, params, state.settings, preset=model_preset(rec))
     run = GenerationRun(state.admission, rec, build, params, keep_alive_of(body.keep_alive), request)
-    if body.stream:
-        return await ollama_chat_stream(run, body.model, tools=None)
-    fin = await run_to_end(run)
-    return {"model": body.model, "created_at": utc_now_iso(),
-            "message": {"role": "assistant", "content": fin.result.text}, "done": True, **ollama_stats(fin)}
+    return await respond(run, OllamaChatReply(run, body.model, None), body.stream)
+
 
 @native_api.get("/status", openapi_extra=merged(combine="status"))
 async def server_status(request: Request) -> dict[str, Any]:
@@ -6042,62 +6097,134 @@ def openai_chat_request(body: OpenAIChatBody, settings: Settings, rec: ModelReco
     return chat_builder(messages, tools, params, settings, preset=model_preset(rec)), params, tools
 
 
+class OpenAIChatReply(Reply):
+    """Chat completions: the whole object, or chat.completion.chunk events (the first delta carries the
+    role); with tools the reply is held back and parsed whole, then sent as one delta."""
+
+    api = OPENAI
+
+    def __init__(self, run: GenerationRun, body: OpenAIChatBody, tools: list[dict[str, Any]] | None):
+        self.run, self.body, self.tools = run, body, tools
+        self.id, self.created, self.top = f"chatcmpl-{new_id()}", int(time.time()), body.logprobs_top()
+        self.first = True  # the next delta is the first: it carries the role
+
+    def logprobs(self, lps: list[TokenLogprob] | None) -> dict[str, Any]:
+        if self.top is None:
+            return {}
+        return {"logprobs": {"content": logprob_entries(self.run.tokenizer, lps, self.top)}}
+
+    def chunk(self, delta: dict[str, Any], finish: str | None, lps: list[TokenLogprob] | None = None) -> str:
+        return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.body.model,
+                    "system_fingerprint": "fp_ai_server",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **self.logprobs(lps)}]})
+
+    def calls(self, fin: Finished) -> tuple[str, list[dict[str, Any]]]:
+        text, calls = reply_with_tools(fin.result.text, self.tools)
+        return text, openai_tool_calls(calls)
+
+    def piece(self, piece: Piece) -> list[str]:
+        if self.tools:
+            return []
+        delta = {"role": "assistant", "content": piece.text} if self.first else {"content": piece.text}
+        self.first = False
+        return [self.chunk(delta, None, piece.logprobs)]
+
+    def final(self, fin: Finished) -> list[str]:
+        text, calls = self.calls(fin)
+        lines = []
+        if self.tools:
+            delta = {"role": "assistant", "content": text or None} if self.first else {"content": text}
+            lines.append(self.chunk({**delta, **({"tool_calls": calls} if calls else {})}, None, fin.result.logprobs))
+        elif self.first:
+            lines.append(self.chunk({"role": "assistant", "content": ""}, None))
+        lines.append(self.chunk({}, openai_finish_reason(fin, calls)))
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            lines.append(sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                              "model": self.body.model, "system_fingerprint": "fp_ai_server", "choices": [],
+                              "usage": openai_usage(fin)}))
+        return [*lines, "data: [DONE]\n\n"]
+
+    async def whole(self, fin: Finished) -> dict[str, Any]:
+        text, calls = self.calls(fin)
+        message = {"role": "assistant", "content": text or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = calls
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.body.model,
+                "system_fingerprint": "fp_ai_server",
+                "choices": [{"index": 0, "message": message, "finish_reason": openai_finish_reason(fin, calls),
+                             **self.logprobs(fin.result.logprobs)}],
+                "usage": openai_usage(fin)}
+
+
 @openai_api.post("/v1/chat/completions", openapi_extra=BY_MODEL)
 async def chat_completions(body: OpenAIChatBody, request: Request) -> Any:
     state = state_of(request)
     rec = require_generative_model(state, body.model, "chat")
     build, params, tools = openai_chat_request(body, state.settings, rec)
     run = GenerationRun(state.admission, rec, build, params, None, request)
-    ident, created, top = f"chatcmpl-{new_id()}", int(time.time()), body.logprobs_top()
+    return await respond(run, OpenAIChatReply(run, body, tools), body.stream)
 
-    def logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any]:
-        return {"logprobs": {"content": logprob_entries(run.tokenizer, lps, top)}} if top is not None else {}
 
-    def chunk(delta: dict[str, Any], finish: str | None, lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
-        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                "system_fingerprint": "fp_ai_server",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **logprobs(lps)}]}
+class OpenAICompletionReply(Reply):
+    """Legacy completions: text_completion objects; `echo` puts the prompt first (with its own logprobs when
+    asked: a scoring pass), `logprobs` OpenAI's legacy shape with text offsets."""
 
-    def reply(fin: Finished) -> tuple[str, list[dict[str, Any]]]:
-        if not tools:
-            return fin.result.text, []
-        text, calls = parse_tool_calls(fin.result.text, {t["function"]["name"] for t in tools})
-        return text, openai_tool_calls(calls)
+    api = OPENAI
 
-    if not body.stream:
-        fin = await run_to_end(run)
-        text, calls = reply(fin)
-        message = {"role": "assistant", "content": text or (None if calls else "")}
-        if calls:
-            message["tool_calls"] = calls
-        return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
-                "system_fingerprint": "fp_ai_server",
-                "choices": [{"index": 0, "message": message, "finish_reason": openai_finish_reason(fin, calls),
-                             **logprobs(fin.result.logprobs)}],
-                "usage": openai_usage(fin)}
+    def __init__(self, run: GenerationRun, body: OpenAICompletionBody, prompt: str):
+        self.run, self.body, self.prompt = run, body, prompt
+        self.id, self.created = f"cmpl-{new_id()}", int(time.time())
+        self.offset = len(prompt) if body.echo else 0  # where the next token's text starts (text_offset)
 
-    async def lines():
-        first = True
-        async for event in run.events():
-            if isinstance(event, Finished):
-                text, calls = reply(event)
-                if tools:  # held back and parsed whole, like the Ollama stream
-                    delta = {"role": "assistant", "content": text or None} if first else {"content": text}
-                    if calls:
-                        delta["tool_calls"] = calls
-                    yield sse(chunk(delta, None, event.result.logprobs))
-                elif first:
-                    yield sse(chunk({"role": "assistant", "content": ""}, None))
-                yield sse(chunk({}, openai_finish_reason(event, calls)))
-                if body.stream_options and body.stream_options.include_usage:
-                    yield sse({**chunk({}, None), "choices": [], "usage": openai_usage(event)})
-                yield "data: [DONE]\n\n"
-            elif not tools:
-                delta = {"role": "assistant", "content": event.text} if first else {"content": event.text}
-                yield sse(chunk(delta, None, event.logprobs))
-                first = False
+    def logprobs(self, lps: list[TokenLogprob] | None, prompt_ids: list[int] | None = None) -> dict[str, Any] | None:
+        if self.body.logprobs is None:
+            return None
+        entries = logprob_entries(self.run.tokenizer, lps, self.body.logprobs)
+        if prompt_ids:  # echo: the prompt's tokens first; the first has no logprob (nothing before it)
+            first = self.run.tokenizer.decode(prompt_ids[:1])
+            entries = [{"token": first, "logprob": None, "top_logprobs": None}, *entries]
+            self.offset = 0
+        offsets = list(itertools.accumulate((len(e["token"]) for e in entries), initial=self.offset))
+        self.offset = offsets.pop()
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [e["top_logprobs"] and {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                                 for e in entries], "text_offset": offsets}
 
-    return stream_response(await first_then_rest(lines()), OPENAI, watched=True)
+    def chunk(self, text: str, finish: str | None, lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.body.model,
+                "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": self.logprobs(lps)}]}
+
+    async def echoed(self, ids: list[int]) -> dict[str, Any]:
+        """The echo chunk: the prompt, with its own logprobs when asked (a scoring pass)."""
+        if self.body.logprobs is None:
+            return self.chunk(self.prompt, None, [])
+        async with self.run.admission.cache.use(self.run.rec) as (model, _):
+            lps = await run_in_daemon_thread(model.prompt_logprobs, ids, max(self.body.logprobs, 1))
+        return {**self.chunk(self.prompt, None), "choices": [{"text": self.prompt, "index": 0, "finish_reason": None,
+                                                              "logprobs": self.logprobs(lps, ids)}]}
+
+    async def start(self) -> list[str]:
+        return [sse(await self.echoed(self.run.prompt.ids))] if self.body.echo else []
+
+    def piece(self, piece: Piece) -> list[str]:
+        return [sse(self.chunk(piece.text, None, piece.logprobs))]
+
+    def final(self, fin: Finished) -> list[str]:
+        lines = [sse(self.chunk("", fin.result.done_reason, []))]
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            lines.append(sse({**self.chunk("", None), "choices": [], "usage": openai_usage(fin)}))
+        return [*lines, "data: [DONE]\n\n"]
+
+    async def whole(self, fin: Finished) -> dict[str, Any]:
+        r = fin.result
+        if not self.body.echo:
+            return {**self.chunk(r.text, r.done_reason, r.logprobs), "usage": openai_usage(fin)}
+        head = (await self.echoed(fin.prompt.ids))["choices"][0]["logprobs"]
+        tail = self.logprobs(r.logprobs)
+        merged = {k: head[k] + tail[k] for k in head} if head else None
+        return {**self.chunk(self.prompt + r.text, r.done_reason), "usage": openai_usage(fin),
+                "choices": [{"text": self.prompt + r.text, "index": 0, "finish_reason": r.done_reason,
+                             "logprobs": merged}]}
 
 
 @openai_api.post("/v1/completions", openapi_extra=BY_MODEL)
@@ -6108,63 +6235,8 @@ async def openai_completions(body: OpenAICompletionBody, request: Request) -> An
     params = asking_logprobs(openai_params(body, body.max_tokens), body.logprobs)
     build = completion_builder(prompt, body.suffix, rec, body.model, params, state.settings)
     run = GenerationRun(state.admission, rec, build, params, None, request)
-    ident, created = f"cmpl-{new_id()}", int(time.time())
-    offset = len(prompt) if body.echo else 0  # where the next token's text starts (text_offset)
+    return await respond(run, OpenAICompletionReply(run, body, prompt), body.stream)
 
-    def logprobs(lps: list[TokenLogprob] | None, prompt_ids: list[int] | None = None) -> dict[str, Any] | None:
-        nonlocal offset
-        if body.logprobs is None:
-            return None
-        entries = logprob_entries(run.tokenizer, lps, body.logprobs)
-        if prompt_ids:  # echo: the prompt's tokens first; the first has no logprob (nothing before it)
-            first = run.tokenizer.decode(prompt_ids[:1])
-            entries = [{"token": first, "logprob": None, "top_logprobs": None}, *entries]
-            offset = 0
-        offsets = list(itertools.accumulate((len(e["token"]) for e in entries), initial=offset))
-        offset = offsets.pop()
-        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [e["top_logprobs"] and {t["token"]: t["logprob"] for t in e["top_logprobs"]}
-                                 for e in entries], "text_offset": offsets}
-
-    async def echoed(ids: list[int]) -> dict[str, Any]:
-        """The echo chunk: the prompt, with its own logprobs when asked (a scoring pass)."""
-        if body.logprobs is None:
-            return chunk(prompt, None, [])
-        async with state.models.use(rec) as (model, _):
-            lps = await run_in_daemon_thread(model.prompt_logprobs, ids, max(body.logprobs, 1))
-        return {**chunk(prompt, None), "choices": [{"text": prompt, "index": 0, "finish_reason": None,
-                                                    "logprobs": logprobs(lps, ids)}]}
-
-    def chunk(text: str, finish: str | None, lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
-        return {"id": ident, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": logprobs(lps)}]}
-
-    if not body.stream:
-        fin = await run_to_end(run)
-        if not body.echo:
-            return {**chunk(fin.result.text, fin.result.done_reason, fin.result.logprobs), "usage": openai_usage(fin)}
-        head = (await echoed(fin.prompt.ids))["choices"][0]["logprobs"]
-        tail = logprobs(fin.result.logprobs)
-        merged = {k: head[k] + tail[k] for k in head} if head else None
-        return {**chunk(prompt + fin.result.text, fin.result.done_reason), "usage": openai_usage(fin),
-                "choices": [{"text": prompt + fin.result.text, "index": 0, "finish_reason": fin.result.done_reason,
-                             "logprobs": merged}]}
-
-    async def lines():
-        echo = body.echo  # sent with the first event, so errors before it are still HTTP errors
-        async for event in run.events():
-            if echo:
-                echo = False
-                yield sse(await echoed(run.prompt.ids))
-            if isinstance(event, Finished):
-                yield sse(chunk("", event.result.done_reason, []))
-                if body.stream_options and body.stream_options.include_usage:
-                    yield sse({**chunk("", None), "choices": [], "usage": openai_usage(event)})
-                yield "data: [DONE]\n\n"
-            else:
-                yield sse(chunk(event.text, None, event.logprobs))
-
-    return stream_response(await first_then_rest(lines()), OPENAI, watched=True)
 
 @openai_api.get("/v1/models", openapi_extra=merged("data", "id"))
 async def openai_models(request: Request) -> dict[str, Any]:
@@ -6325,9 +6397,7 @@ def anthropic_params(body: AnthropicBody, tools: list[dict[str, Any]] | None) ->
 
 def anthropic_content(fin: Finished, tools: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]], str, str | None]:
     """(content blocks, stop_reason, stop_sequence) of a finished reply."""
-    text, calls = fin.result.text, []
-    if tools:
-        text, calls = parse_tool_calls(text, {t["function"]["name"] for t in tools})
+    text, calls = reply_with_tools(fin.result.text, tools)
     blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not calls else []
     blocks += [{"type": "tool_use", "id": f"toolu_{new_id()[:24]}", "name": c["function"]["name"],
                 "input": c["function"]["arguments"]} for c in calls]
@@ -6343,6 +6413,60 @@ def anthropic_usage(fin: Finished) -> dict[str, int]:
             "cache_read_input_tokens": fin.result.cached_tokens}
 
 
+class AnthropicReply(Reply):
+    """Anthropic's message, or its stream: message_start, then per block content_block_start, its deltas
+    (text_delta, or one input_json_delta for a tool call, which is parsed whole), content_block_stop; then
+    message_delta (stop_reason, usage) and message_stop. Text streams as it comes without tools."""
+
+    api = ANTHROPIC
+
+    def __init__(self, run: GenerationRun, model: str, tools: list[dict[str, Any]] | None):
+        self.run, self.tools = run, tools
+        self.head = {"id": f"msg_{new_id()[:24]}", "type": "message", "role": "assistant", "model": model}
+
+    async def start(self) -> list[str]:
+        prompt_tokens = len(self.run.prompt.ids) if self.run.prompt else 0
+        lines = [typed_sse({"type": "message_start", "message": {
+            **self.head, "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})]
+        if not self.tools:
+            lines.append(typed_sse({"type": "content_block_start", "index": 0,
+                                    "content_block": {"type": "text", "text": ""}}))
+        return lines
+
+    def piece(self, piece: Piece) -> list[str]:
+        if self.tools or not piece.text:
+            return []
+        return [typed_sse({"type": "content_block_delta", "index": 0,
+                           "delta": {"type": "text_delta", "text": piece.text}})]
+
+    def final(self, fin: Finished) -> list[str]:
+        content, reason, sequence = anthropic_content(fin, self.tools)
+        lines = []
+        for i, block in enumerate(content if self.tools else []):
+            if block["type"] == "text":
+                lines += [typed_sse({"type": "content_block_start", "index": i,
+                                     "content_block": {"type": "text", "text": ""}}),
+                          typed_sse({"type": "content_block_delta", "index": i,
+                                     "delta": {"type": "text_delta", "text": block["text"]}})]
+            else:
+                lines += [typed_sse({"type": "content_block_start", "index": i,
+                                     "content_block": {**block, "input": {}}}),
+                          typed_sse({"type": "content_block_delta", "index": i, "delta": {
+                              "type": "input_json_delta", "partial_json": compact_json(block["input"])}})]
+            lines.append(typed_sse({"type": "content_block_stop", "index": i}))
+        if not self.tools:
+            lines.append(typed_sse({"type": "content_block_stop", "index": 0}))
+        return [*lines, typed_sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                                   "usage": anthropic_usage(fin)}),
+                typed_sse({"type": "message_stop"})]
+
+    async def whole(self, fin: Finished) -> dict[str, Any]:
+        content, reason, sequence = anthropic_content(fin, self.tools)
+        return {**self.head, "content": content, "stop_reason": reason, "stop_sequence": sequence,
+                "usage": anthropic_usage(fin)}
+
+
 @anthropic_api.post("/v1/messages", openapi_extra=BY_MODEL)
 async def anthropic_create_message(body: AnthropicBody, request: Request) -> Any:
     state = state_of(request)
@@ -6351,55 +6475,7 @@ async def anthropic_create_message(body: AnthropicBody, request: Request) -> Any
     params = anthropic_params(body, tools)
     build = chat_builder(anthropic_messages(body), tools, params, state.settings, preset=model_preset(rec))
     run = GenerationRun(state.admission, rec, build, params, None, request)
-    ident = f"msg_{new_id()[:24]}"
-    head = {"id": ident, "type": "message", "role": "assistant", "model": body.model}
-    if not body.stream:
-        fin = await run_to_end(run)
-        content, reason, sequence = anthropic_content(fin, tools)
-        return {**head, "content": content, "stop_reason": reason, "stop_sequence": sequence,
-                "usage": anthropic_usage(fin)}
-    return stream_response(await first_then_rest(anthropic_events(run, head, tools)), ANTHROPIC,
-                           watched=True)
-
-
-async def anthropic_events(run: GenerationRun, head: dict[str, Any], tools: list[dict[str, Any]] | None):
-    """Anthropic's stream: message_start, then per block content_block_start, its deltas (text_delta,
-    or one input_json_delta for a tool call, which is parsed whole), content_block_stop; then
-    message_delta (stop_reason, usage) and message_stop. Text streams as it comes without tools."""
-    started = False
-    async for event in run.events():
-        if not started:
-            started = True
-            prompt_tokens = len(run.prompt.ids) if run.prompt else 0
-            yield typed_sse({"type": "message_start", "message": {
-                **head, "content": [], "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
-            if not tools:
-                yield typed_sse({"type": "content_block_start", "index": 0,
-                                     "content_block": {"type": "text", "text": ""}})
-        if isinstance(event, Finished):
-            content, reason, sequence = anthropic_content(event, tools)
-            if tools:
-                for i, block in enumerate(content):
-                    if block["type"] == "text":
-                        yield typed_sse({"type": "content_block_start", "index": i,
-                                             "content_block": {"type": "text", "text": ""}})
-                        yield typed_sse({"type": "content_block_delta", "index": i,
-                                             "delta": {"type": "text_delta", "text": block["text"]}})
-                    else:
-                        yield typed_sse({"type": "content_block_start", "index": i,
-                                             "content_block": {**block, "input": {}}})
-                        yield typed_sse({"type": "content_block_delta", "index": i, "delta": {
-                            "type": "input_json_delta", "partial_json": compact_json(block["input"])}})
-                    yield typed_sse({"type": "content_block_stop", "index": i})
-            else:
-                yield typed_sse({"type": "content_block_stop", "index": 0})
-            yield typed_sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                 "usage": anthropic_usage(event)})
-            yield typed_sse({"type": "message_stop"})
-        elif not tools and event.text:
-            yield typed_sse({"type": "content_block_delta", "index": 0,
-                                 "delta": {"type": "text_delta", "text": event.text}})
+    return await respond(run, AnthropicReply(run, body.model, tools), body.stream)
 
 
 @anthropic_api.post("/v1/messages/count_tokens", openapi_extra=BY_MODEL)
@@ -6536,9 +6612,7 @@ def responses_params(body: ResponsesBody, tools: list[dict[str, Any]] | None) ->
 
 def responses_output(fin: Finished, tools: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]], list[dict]]:
     """(output items, the assistant's chat messages for a later previous_response_id)."""
-    text, calls = fin.result.text, []
-    if tools:
-        text, calls = parse_tool_calls(text, {t["function"]["name"] for t in tools})
+    text, calls = reply_with_tools(fin.result.text, tools)
     items: list[dict[str, Any]] = []
     if text or not calls:
         items.append({"type": "message", "id": f"msg_{new_id()}", "status": "completed", "role": "assistant",
@@ -6579,6 +6653,81 @@ def responses_status(fin: Finished, output: list[dict[str, Any]]) -> str:
     return "incomplete" if fin.result.done_reason == "length" and not called else "completed"
 
 
+class ResponsesReply(Reply):
+    """The response object, or its typed events: response.created, response.in_progress; per output item
+    output_item.added, its parts and deltas (output_text.delta; function_call_arguments.delta, whole), the
+    .done events; then response.completed (or response.incomplete). Text streams as it comes when there are
+    no tools. The finished response is remembered (`remember`) for a later previous_response_id."""
+
+    api = RESPONSES
+
+    def __init__(self, draft: ResponseDraft, tools: list[dict[str, Any]] | None,
+                 remember: Callable[[dict[str, Any], list[dict]], None]):
+        self.draft, self.tools, self.remember = draft, tools, remember
+        self.message_id, self.seq = f"msg_{new_id()}", itertools.count()
+
+    def event(self, kind: str, **fields: Any) -> str:
+        return typed_sse({"type": kind, "sequence_number": next(self.seq), **fields})
+
+    async def start(self) -> list[str]:
+        lines = [self.event(kind, response=self.draft.object("in_progress", []))
+                 for kind in ("response.created", "response.in_progress")]
+        if not self.tools:
+            lines += [self.event("response.output_item.added", output_index=0, item={
+                "type": "message", "id": self.message_id, "status": "in_progress", "role": "assistant",
+                "content": []}),
+                self.event("response.content_part.added", item_id=self.message_id, output_index=0, content_index=0,
+                           part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+        return lines
+
+    def piece(self, piece: Piece) -> list[str]:
+        if self.tools or not piece.text:
+            return []
+        return [self.event("response.output_text.delta", item_id=self.message_id, output_index=0, content_index=0,
+                           delta=piece.text, logprobs=[])]
+
+    def item_events(self, index: int, item: dict[str, Any]) -> list[str]:
+        lines = []
+        if self.tools:
+            lines.append(self.event("response.output_item.added", output_index=index, item={
+                **item, "status": "in_progress", **({"content": []} if item["type"] == "message" else
+                                                    {"arguments": ""})}))
+        if item["type"] == "message":
+            part = item["content"][0]
+            if self.tools:
+                lines += [self.event("response.content_part.added", item_id=item["id"], output_index=index,
+                                     content_index=0, part={**part, "text": ""}),
+                          self.event("response.output_text.delta", item_id=item["id"], output_index=index,
+                                     content_index=0, delta=part["text"], logprobs=[])]
+            lines += [self.event("response.output_text.done", item_id=item["id"], output_index=index,
+                                 content_index=0, text=part["text"], logprobs=[]),
+                      self.event("response.content_part.done", item_id=item["id"], output_index=index,
+                                 content_index=0, part=part)]
+        else:
+            lines += [self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                                 delta=item["arguments"]),
+                      self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                 name=item["name"], arguments=item["arguments"])]
+        return [*lines, self.event("response.output_item.done", output_index=index, item=item)]
+
+    def final(self, fin: Finished) -> list[str]:
+        output, said = responses_output(fin, self.tools)
+        if not self.tools:
+            output[0]["id"] = self.message_id
+        lines = [line for index, item in enumerate(output) for line in self.item_events(index, item)]
+        status = responses_status(fin, output)
+        obj = self.draft.object(status, output, fin)
+        self.remember(obj, said)
+        return [*lines, self.event("response.completed" if status == "completed" else "response.incomplete",
+                                   response=obj)]
+
+    async def whole(self, fin: Finished) -> dict[str, Any]:
+        output, said = responses_output(fin, self.tools)
+        obj = self.draft.object(responses_status(fin, output), output, fin)
+        self.remember(obj, said)
+        return obj
+
+
 def remember_response(state: AppState, draft: ResponseDraft, obj: dict[str, Any], history: list[dict]) -> None:
     if not draft.body.store:
         return
@@ -6605,15 +6754,11 @@ async def create_response(body: ResponsesBody, request: Request) -> Any:
     build = chat_builder([*system, *earlier, *turn], tools, params, state.settings, preset=model_preset(rec))
     run = GenerationRun(state.admission, rec, build, params, None, request)
     draft = ResponseDraft(body)
-    if not body.stream:
-        fin = await run_to_end(run)
-        output, said = responses_output(fin, tools)
-        obj = draft.object(responses_status(fin, output), output, fin)
+
+    def remember(obj: dict[str, Any], said: list[dict]) -> None:
         remember_response(state, draft, obj, [*earlier, *turn, *said])
-        return obj
-    events = responses_events(run, draft, tools, lambda obj, said: remember_response(
-        state, draft, obj, [*earlier, *turn, *said]))
-    return stream_response(await first_then_rest(events), RESPONSES, watched=True)
+
+    return await respond(run, ResponsesReply(draft, tools, remember), body.stream)
 
 
 @responses_api.get("/v1/responses/{response_id}", openapi_extra=BY_MODEL)
@@ -6622,63 +6767,6 @@ async def get_response(response_id: str, request: Request) -> dict[str, Any]:
     if kept is None:
         raise NotFound(f"No response found with id '{response_id}' (stored responses are kept in memory only)")
     return kept[0]
-
-
-async def responses_events(run: GenerationRun, draft: ResponseDraft, tools: list[dict[str, Any]] | None,
-                           remember: Callable[[dict[str, Any], list[dict]], None]):
-    """The typed events: response.created, response.in_progress; per output item output_item.added,
-    its parts and deltas (output_text.delta; function_call_arguments.delta, whole), the .done events;
-    then response.completed (or response.incomplete). Text streams as it comes when there are no tools."""
-    seq = itertools.count()
-
-    def event(kind: str, **fields: Any) -> str:
-        return typed_sse({"type": kind, "sequence_number": next(seq), **fields})
-
-    message_id, started = f"msg_{new_id()}", False
-    async for ev in run.events():
-        if not started:  # on the first event, so errors before it stay HTTP errors
-            started = True
-            for kind in ("response.created", "response.in_progress"):
-                yield event(kind, response=draft.object("in_progress", []))
-            if not tools:
-                yield event("response.output_item.added", output_index=0, item={
-                    "type": "message", "id": message_id, "status": "in_progress", "role": "assistant", "content": []})
-                yield event("response.content_part.added", item_id=message_id, output_index=0, content_index=0,
-                            part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-        if not isinstance(ev, Finished):
-            if not tools and ev.text:
-                yield event("response.output_text.delta", item_id=message_id, output_index=0, content_index=0,
-                            delta=ev.text, logprobs=[])
-            continue
-        output, said = responses_output(ev, tools)
-        if not tools:
-            output[0]["id"] = message_id
-        for index, item in enumerate(output):
-            if tools:
-                yield event("response.output_item.added", output_index=index, item={
-                    **item, "status": "in_progress", **({"content": []} if item["type"] == "message" else
-                                                        {"arguments": ""})})
-            if item["type"] == "message":
-                part = item["content"][0]
-                if tools:
-                    yield event("response.content_part.added", item_id=item["id"], output_index=index,
-                                content_index=0, part={**part, "text": ""})
-                    yield event("response.output_text.delta", item_id=item["id"], output_index=index,
-                                content_index=0, delta=part["text"], logprobs=[])
-                yield event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                            text=part["text"], logprobs=[])
-                yield event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                            part=part)
-            else:
-                yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                            delta=item["arguments"])
-                yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                            name=item["name"], arguments=item["arguments"])
-            yield event("response.output_item.done", output_index=index, item=item)
-        status = responses_status(ev, output)
-        obj = draft.object(status, output, ev)
-        remember(obj, said)
-        yield event("response.completed" if status == "completed" else "response.incomplete", response=obj)
 
 
 # ============================================================================
