@@ -82,7 +82,7 @@ Environment (one place for each default: `Settings` below; only these names conf
 | AI_SERVER_API_KEY          | API_KEYS' first (own host) | the key the CLI commands send             |
 
 Sections, in order; each uses only those above it (tests/test_map.py checks it):
-  1. Pre-import environment              13. Wire models (native, Ollama, OpenAI) -> GenParams
+  1. Pre-import environment              13. Wire types every API shares (bounds, names, tools)
   2. Imports                             14. Responses: the table of wire APIs (WireAPI: error body, stream
   3. Config (Settings)                       error event, schema, media type; wire_router), NDJSON and SSE
   4. Helpers (names, ids)                15. App state and shared route helpers (matched_route, the
@@ -100,7 +100,8 @@ Sections, in order; each uses only those above it (tests/test_map.py checks it):
  12. Embedded models (smollm2:135m, all-minilm)
 
 Routes: one module-level router per API; `grep -n "^@" app.py` lists every route with the gateway policy it
-declares (openapi_extra; /openapi.json shows it as x-gateway):
+declares (openapi_extra; /openapi.json shows it as x-gateway). Each route section holds its API's wire models
+(converted to GenParams once), its Reply objects and its routes:
   ollama_api (16)     /, /api/version, /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/delete,
                       /api/copy, /api/pull, /api/embed, /api/embeddings, /api/create, /api/blobs/{digest}, /api/push
   native_api (17)     /pull, /jobs, /jobs/{id}, /health, /metrics, /models, /models/{name}, /chat, /status, /diag
@@ -115,11 +116,11 @@ declares (openapi_extra; /openapi.json shows it as x-gateway):
 
 Life of a request: POST /api/chat {"model": "smollm2:135m", "messages": [...], "stream": true}
   CORSMiddleware, HttpMetrics, AccessControl (Origin, Host, key, body cap; refusals in the route's API shape,
-  22) -> api_chat (16): OllamaChatBody (13) -> GenParams and chat_builder (10), converted once ->
+  22) -> api_chat (16): OllamaChatBody (16) -> GenParams and chat_builder (10), converted once ->
   GenerationRun (10): a slot from Admission (9), the model from ModelCache.acquire (loaded by the first
   backend that can, 8-9) -> the prompt built and generated in a worker thread (8a: BatchEngine batches it with
-  other requests); pieces cross to the event loop -> ollama_chat_stream frames NDJSON; stream_response (14)
-  ends a stream that fails after its first byte with the route's WireAPI error event.
+  other requests); pieces cross to the event loop -> respond (14) frames them with OllamaChatReply (16);
+  stream_response ends a stream that fails after its first byte with the route's WireAPI error event.
 The same request through the gateway: GatewayDispatch (21c, the innermost middleware) reads the route's
   policy (BY_MODEL) and JobRelay queues the HTTP request itself on {p}:q:smollm2:135m (HttpJob, 21a); a
   worker holding the model takes it (21b), runs it through its own app (the same api_chat as above) and
@@ -249,7 +250,6 @@ URL_CREDENTIALS_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
 def redact_credentials(text: str) -> str:
     """user:password@ inside any URL in `text` becomes ***@ (HF_ENDPOINT may carry a mirror's login)."""
     return URL_CREDENTIALS_RE.sub(r"\1***@", text)
-
 
 
 def documented_env_names(fields: dict[str, Any]) -> set[str]:
@@ -1113,8 +1113,8 @@ def free_disk_bytes(cache_dir: Path) -> int:
 
 
 def check_disk_space(cache_dir: Path, free: int, needed_bytes: int, others_bytes: int, reserve_bytes: int) -> None:
-    """`others_bytes`: what pulls already running still mean to write (each passed this check alone,
-    and together they overfilled the disk before)."""
+    """`others_bytes`: what pulls already running still mean to write (each would pass this check alone,
+    and together overfill the disk)."""
     if free - needed_bytes - others_bytes < reserve_bytes:
         raise NotEnoughDisk(
             f"not enough disk space in {cache_dir}: the download needs {needed_bytes} more bytes, running pulls "
@@ -1250,7 +1250,6 @@ def read_chat_template(path: Path) -> str | None:
         return (path / "chat_template.jinja").read_text()
     template = read_json(path / "tokenizer_config.json").get("chat_template")
     return template if isinstance(template, str) else None
-
 
 
 @functools.lru_cache(maxsize=256)
@@ -1466,7 +1465,7 @@ class Piece:
 
 
 @dataclasses.dataclass
-class GenResult:
+class DecodeResult:
     text: str
     prompt_tokens: int
     output_tokens: int
@@ -1539,7 +1538,7 @@ class TextStream:
         return self.text[: self.sent]
 
 
-class Generation:
+class DecodeState:
     """One request's decoding state, shared by the worker thread that generates and the
     event loop that streams: text pieces go out through `emit`, `cancel` stops it early."""
 
@@ -1582,7 +1581,7 @@ class Generation:
         return bool(self.max_predict_ns and self.first_ns and "\n" in self.stream.text
                     and time.perf_counter_ns() - self.first_ns > self.max_predict_ns)
 
-    def finish(self, prompt_tokens: int, max_tokens: int, eos_ids: set[int]) -> GenResult:
+    def finish(self, prompt_tokens: int, max_tokens: int, eos_ids: set[int]) -> DecodeResult:
         if tail := self.stream.finish():
             self._emit(tail)
         end = time.perf_counter_ns()
@@ -1591,7 +1590,7 @@ class Generation:
         hit_eos = bool(ids) and ids[-1] in eos_ids
         limit = (len(ids) >= max_tokens or self._out_of_time()) and not (hit_eos or self.stream.stopped)
         stop_type = "word" if self.stream.stopped else "eos" if hit_eos else "limit" if limit else "none"
-        return GenResult(self.stream.output, prompt_tokens, len(ids), list(ids), "length" if limit else "stop",
+        return DecodeResult(self.stream.output, prompt_tokens, len(ids), list(ids), "length" if limit else "stop",
                          first - self.start_ns, end - first, stop_type, self.stream.stop_word, self.cached_tokens,
                          self.logprobs)
 
@@ -1823,7 +1822,7 @@ class Backend:
     def load(self, plan: LoadPlan) -> Loaded:
         raise NotImplementedError
 
-    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
+    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
         raise NotImplementedError
 
     def embed(self, loaded: Loaded, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
@@ -1931,7 +1930,7 @@ class LastScores:
         return scores
 
 
-def hf_decoding_hooks(gen: Generation, processors: list[Any]) -> dict[str, Any]:
+def hf_decoding_hooks(gen: DecodeState, processors: list[Any]) -> dict[str, Any]:
     """generate() kwargs that feed `gen` token by token (with logprobs when asked), apply
     `processors`, and stop when `gen` says so."""
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -2038,7 +2037,7 @@ class Row:
     ids: list[int]
     max_tokens: int
     sampler: RowSampler
-    gen: Generation
+    gen: DecodeState
     eos: set[int]
     generated: int = 0
     cache_prompt: bool = True  # look the prompt up in (and store it into) the prefix cache
@@ -2322,7 +2321,7 @@ class TransformersBackend(Backend):
             loaded.engine = BatchEngine(plan.name, model, self.settings.prefix_cache_bytes)
         return loaded
 
-    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
+    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
         model, tokenizer = loaded.handle, loaded.tokenizer
         eos = eos_token_ids(model, tokenizer)
         if loaded.engine is not None:
@@ -2377,7 +2376,7 @@ def hf_mean_embeddings(model: Any, tokenizer: Any, texts: list[str], normalize: 
 
 
 class PipelineBackend(Backend):
-    """transformers' text-generation pipeline: the seed's path, kept as the last resort."""
+    """transformers' text-generation pipeline: the last resort, for what the other backends cannot load."""
 
     name, module = "pipeline", "transformers"
 
@@ -2390,7 +2389,7 @@ class PipelineBackend(Backend):
         pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
         return Loaded(pipe, tokenizer, **describe_hf_model(model))
 
-    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
+    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
         pipe = loaded.handle
         processors = hf_logits_processors(loaded, pipe.model, params)
         seed_torch(params)
@@ -2428,7 +2427,7 @@ class VllmEngine:
     def call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    async def stream(self, prompt_ids: list[int], sampling: Any, gen: Generation) -> str | None:
+    async def stream(self, prompt_ids: list[int], sampling: Any, gen: DecodeState) -> str | None:
         """Feeds `gen` token by token; aborts in vLLM when gen says stop (stop string, client gone).
         Returns vLLM's finish reason (None when aborted here)."""
         request_id = new_id()
@@ -2503,7 +2502,7 @@ class VllmBackend(Backend):
                       quantized="4bit" if plan.quantization == "q4" else None, device=plan.device, memory_bytes=None,
                       max_positions=config.max_model_len, vocab_size=config.get_vocab_size(), engine=engine)
 
-    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
+    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -2683,7 +2682,7 @@ class LlamaServer:
             level = logging.WARNING if re.search(r"\berror\b|failed|exception", line, re.I) else logging.DEBUG
             log.log(level, "model %s: llama-server[%d]: %s", self.name, proc.pid, line)
 
-    def complete(self, body: dict[str, Any], gen: Generation, tokenizer: Any) -> dict[str, Any]:
+    def complete(self, body: dict[str, Any], gen: DecodeState, tokenizer: Any) -> dict[str, Any]:
         """Streams one /completion into `gen`; returns its last chunk ({} when gen stopped it). Closing
         the connection is how a request is cancelled: llama-server frees the slot when it sees it."""
         port = self.ensure_running()
@@ -2770,7 +2769,7 @@ def stop_process(proc: subprocess.Popen, name: str) -> None:
     log.info("model %s: llama-server pid %d stopped (exit %s)", name, proc.pid, proc.returncode)
 
 
-def close_when_cancelled(gen: Generation, conn: http.client.HTTPConnection, done: threading.Event) -> None:
+def close_when_cancelled(gen: DecodeState, conn: http.client.HTTPConnection, done: threading.Event) -> None:
     """Cancels a request that waits for its first token (a long prompt) as soon as its client leaves."""
     while not done.wait(0.1):
         if gen.cancel.is_set() and conn.sock is not None:
@@ -2804,7 +2803,7 @@ def llama_completion_body(ids: list[int], params: GenParams) -> dict[str, Any]:
     """GenParams as llama-server's /completion fields; every sampler set, so its own defaults (top_k 40,
     min_p 0.05, ...) never apply where ours mean "off"."""
     # A seeded request re-reads its whole prompt: llama.cpp's logits for a cached prefix differ with the
-    # batch size they were computed in, so with prompt reuse the same seed gave another reply.
+    # batch size they are computed in, so with prompt reuse the same seed would give another reply.
     cache_prompt = params.cache_prompt and params.seed is None
     body = {"prompt": ids, "stream": True, "return_tokens": True, "cache_prompt": cache_prompt,
             "n_predict": -1 if params.max_tokens is None else params.max_tokens, "temperature": params.temperature,
@@ -2867,7 +2866,7 @@ class LlamaCppBackend(Backend):
                       memory_bytes=server.memory_bytes(), max_positions=ctx, vocab_size=len(tokenizer), engine=server,
                       note=f"GGUF {quant} served by llama-server {self.version}")
 
-    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
+    def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
         final = loaded.engine.complete(llama_completion_body(prompt.ids, params), gen, loaded.tokenizer)
         result = gen.finish(len(prompt.ids), params.max_tokens, {loaded.tokenizer.eos_token_id})
         if result.stop_type != "word" and final.get("stop_type") in ("eos", "limit"):
@@ -3164,8 +3163,6 @@ def build_backends(settings: Settings) -> list[Backend]:
     return [makers[name]() for name in settings.backends]
 
 
-
-
 class Throughput:
     """Tokens generated per second over the last `window_s` seconds (all requests together), and in all."""
 
@@ -3205,7 +3202,7 @@ class LoadedModel:
     throughput: Throughput = dataclasses.field(default_factory=Throughput)
     num_ctx: int = 0  # the context of its latest generation (/api/ps), 0 before the first
 
-    def generate(self, prompt: Prompt, params: GenParams, gen: Generation) -> GenResult:
+    def generate(self, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
         if self.loaded.engine is not None:  # it schedules concurrent requests itself
             return self.backend.generate(self.loaded, prompt, params, gen)
         with self.lock:  # one generation at a time per model; the RNG seed is per request
@@ -3414,7 +3411,7 @@ class ModelCache:
         # Make room first: GPU memory is precious, and two big models may not fit at once.
         while len(self.loaded) >= self.settings.max_cache_models:
             self.evict(next(iter(self.loaded)))
-        trust = self.settings.remote_code_allowed(rec.repo_id)  # never a request's flag (issue: CSRF -> RCE)
+        trust = self.settings.remote_code_allowed(rec.repo_id)  # never a request's flag (a page could make one: CSRF -> RCE)
         device = pick_device(self.settings.device)
         plan = LoadPlan(rec.name, rec.path, rec.quantization, trust, device,
                         choose_dtype(rec.quantization, self.settings.dtype, device))
@@ -3728,8 +3725,8 @@ def chat_builder(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | N
 def cut_longest_message(render: Callable[[list[dict[str, Any]]], Prompt], messages: list[dict[str, Any]],
                         num_ctx: int, cancel: threading.Event | None = None) -> Prompt:
     """What is left does not fit: cut the start of the longest message's content and render again,
-    so the template around it (role headers, the generation prompt) stays whole. Cutting the start
-    of the token ids instead cut the template's header, and the reply came back empty."""
+    so the template around it (role headers, the generation prompt) stays whole: cutting the start of
+    the token ids would cut the template's header, and the model would answer nothing."""
     messages = [dict(m) for m in messages]
     longest = max(range(len(messages)), key=lambda i: len(messages[i].get("content") or ""))
     content, messages[longest]["content"] = messages[longest].get("content") or "", ""
@@ -3784,7 +3781,7 @@ def token_budget(prompt: Prompt, params: GenParams, num_ctx: int) -> int:
 @dataclasses.dataclass
 class Finished:
     prompt: Prompt
-    result: GenResult
+    result: DecodeResult
     load_ns: int
     total_ns: int
     params: GenParams  # what the engine ran with: the output budget, text biases resolved to token ids
@@ -3808,7 +3805,7 @@ class GenerationRun:
         self.slot = prefer_slot  # llama.cpp's id_slot: the one asked for, then the one it holds once admitted
         self.task_id = next(TASK_IDS)  # llama.cpp's id_task (/slots)
         self.prompt: Prompt | None = None  # once built
-        self.gen: Generation | None = None  # once the model is held
+        self.gen: DecodeState | None = None  # once the model is held
         self.aborted: ServerError | None = None  # why the server ended it (shutdown), if it did
         self._cancelled = asyncio.Event()
 
@@ -3835,9 +3832,9 @@ class GenerationRun:
         """Waits for a slot, holds the model, yields pieces, then Finished. The client is watched
         for as long as the run lasts, by this run alone: its stream is a `stream_response(...,
         watched=True)`, in which Starlette does not read receive() too (ASGI allows one reader; with
-        two, a stream was cancelled after its first token while its client still read). Watching
-        only up to the first event, as before, missed a stream with tools (it sends nothing until
-        the reply is whole) whose client left."""
+        two, a stream is cancelled after its first token while its client still reads). It watches to
+        the end, not only up to the first event: a stream with tools sends nothing until the reply is
+        whole, and its client may leave meanwhile."""
         watcher = asyncio.create_task(cancel_when_disconnected(self.request, self)) if self.request else None
         self.admission.runs.add(self)
         try:
@@ -3861,7 +3858,7 @@ class GenerationRun:
         model, load_ns = await cache.acquire(self.rec)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
-        self.gen = gen = Generation(model.loaded.tokenizer, self.params,
+        self.gen = gen = DecodeState(model.loaded.tokenizer, self.params,
                                     lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text),
                                     model.throughput.add)
         if self._cancelled.is_set():
@@ -3869,7 +3866,7 @@ class GenerationRun:
         metrics = cache.metrics
         metrics.generations.labels(self.rec.name).inc()
 
-        def work() -> tuple[Prompt, GenParams, GenResult]:
+        def work() -> tuple[Prompt, GenParams, DecodeResult]:
             prompt = self.prompt = check_prompt(self.build(model, gen.cancel), model.loaded.vocab_size)
             num_ctx = model.num_ctx = context_size(model.loaded, self.params, cache.settings)
             if prompt.trimmed:
@@ -3905,7 +3902,7 @@ class GenerationRun:
         finally:
             gen.cancel.set()
 
-    def _result(self, future: asyncio.Future) -> tuple[Prompt, GenParams, GenResult]:
+    def _result(self, future: asyncio.Future) -> tuple[Prompt, GenParams, DecodeResult]:
         try:
             return future.result()
         except torch.OutOfMemoryError:
@@ -4355,13 +4352,14 @@ def import_embedded_model(settings: Settings, registry: Registry, name: str) -> 
     return rec
 
 
-def enabled(name: str) -> bool:
+def model_setting_on(name: str) -> bool:
+    """A model-name setting (DEFAULT_MODEL, EMBED_MODEL) names a model: not "", "off", "none" or "0"."""
     return bool(name) and name.lower() not in ("off", "none", "0")
 
 
 def ensure_embedded_models(settings: Settings, registry: Registry) -> None:
     for name in (settings.default_model, settings.embed_model):
-        if not enabled(name) or registry.get_model(name) is not None:
+        if not model_setting_on(name) or registry.get_model(name) is not None:
             continue
         try:
             import_embedded_model(settings, registry, name)
@@ -4370,8 +4368,9 @@ def ensure_embedded_models(settings: Settings, registry: Registry) -> None:
 
 
 # ============================================================================
-# 13. Wire models: native, Ollama and OpenAI requests, converted to GenParams once
+# 13. Wire models every API shares: bounds, model names, tools (each API's bodies are in its own section)
 # ============================================================================
+# Each API's section holds its bodies, their conversion to GenParams (once, at the edge) and its routes.
 class WireModel(BaseModel):
     """Every request body: NaN and Infinity (Python's json reads them) are refused like any other
     out-of-range number, so no request can put a non-finite value into a shared batch."""
@@ -4380,31 +4379,12 @@ class WireModel(BaseModel):
 
 
 # Bounds every API shares: each numeric field is checked where it enters (400 naming the field).
-# Values past them broke co-batched requests (NaN logits, overflow) rather than meaning anything.
+# Values past them mean nothing and break the requests batched with them (NaN logits, overflow).
 MAX_STOPS, MAX_STOP_CHARS = 32, 256  # each stop string is matched against every generated token
 Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]  # Go's int64, as Ollama decodes it
 Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 Stops = Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None
 TokenId = Annotated[int, Field(ge=0, le=2 ** 31 - 1)]
-
-
-class PullBody(WireModel):
-    model: str = Field(min_length=1, max_length=300, description="Hub repo id, e.g. 'org/name'; 'org/name:Q4_K_M' "
-                       "pulls one GGUF quant")
-    quantize: Literal[QUANTIZATIONS] = "auto"  # type: ignore[valid-type]
-    init: bool = Field(False, description="load the model once the download succeeds")
-    revision: str = Field("main", min_length=1, max_length=200)
-    trust_remote_code: bool = False
-
-    @field_validator("model")
-    @classmethod
-    def _repo_id(cls, value: str) -> str:
-        return normalize_pull_name(value)
-
-    @field_validator("revision")
-    @classmethod
-    def _revision(cls, value: str) -> str:
-        return check_revision(value)
 
 
 # The rule is shown in the OpenAPI schema (clients and fuzzers see it) but enforced by
@@ -4413,79 +4393,8 @@ ModelName = Annotated[str, Field(json_schema_extra={"pattern": MODEL_NAME_RE.pat
                       AfterValidator(check_model_name)]
 
 
-class ChatMessage(WireModel):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str = Field(max_length=1_000_000)
-
-
-class ChatBody(WireModel):
-    model: ModelName
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
-    max_tokens: int = Field(512, ge=1, le=32768)
-    temperature: float = Field(0.7, ge=0, le=5)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=2 ** 31 - 1)
-    seed: Seed | None = None
-    stop: Stops = None
-    stream: bool = False
-    keep_alive: float | str | None = None
-
-    def params(self) -> GenParams:
-        return GenParams(self.max_tokens, self.temperature, self.top_p, self.top_k, seed=self.seed,
-                         stop=as_list(self.stop))
-
-
 def as_list(stop: Stops) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
-
-
-class OllamaOptions(WireModel):
-    """Ollama's `options`; unknown keys (numa, mirostat, ...) are accepted and ignored, as Ollama does."""
-
-    model_config = ConfigDict(extra="ignore")
-    num_predict: int | None = Field(None, ge=-2, le=1_000_000)
-    temperature: float | None = Field(None, ge=0, le=100)
-    top_k: int | None = Field(None, ge=0, le=2 ** 31 - 1)
-    top_p: float | None = Field(None, ge=0, le=1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    typical_p: float | None = Field(None, ge=0, le=1)
-    # Past these bounds the logits overflow to inf/NaN (1/1e-40, 1e37 x counts): meaningless, and
-    # before per-row isolation it failed every request in the batch.
-    repeat_penalty: float | None = Field(None, ge=0.01, le=100)
-    repeat_last_n: int | None = Field(None, ge=-1, le=1_000_000)
-    presence_penalty: float | None = Field(None, ge=-100, le=100)
-    frequency_penalty: float | None = Field(None, ge=-100, le=100)
-    seed: Seed | None = None
-    stop: Stops = None
-    num_ctx: int | None = Field(None, ge=4, le=10_000_000)
-
-
-OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.0, "repeat_last_n": 64}
-Format = Literal["json", ""] | dict[str, Any] | None
-
-
-def preset_options(options: OllamaOptions | None, preset: dict[str, Any]) -> OllamaOptions | None:
-    """A created model's PARAMETERs under the request's own options (the request's win)."""
-    if not preset.get("parameters"):
-        return options
-    given = options.model_dump(exclude_none=True) if options else {}
-    return OllamaOptions.model_validate({**preset["parameters"], **given})
-
-
-def ollama_params(options: OllamaOptions | None, fmt: Format, truncate: bool | None) -> GenParams:
-    o = options or OllamaOptions()
-
-    def pick(key: str) -> Any:
-        value = getattr(o, key)
-        return OLLAMA_DEFAULTS[key] if value is None else value
-
-    seed = o.seed if o.seed is not None and o.seed >= 0 else None  # -1: random, as in Ollama
-    return GenParams(max_tokens=o.num_predict if o.num_predict and o.num_predict > 0 else None,
-                     temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"), min_p=o.min_p,
-                     typical_p=o.typical_p, repeat_penalty=pick("repeat_penalty"), repeat_last_n=pick("repeat_last_n"),
-                     presence_penalty=o.presence_penalty or 0.0, frequency_penalty=o.frequency_penalty or 0.0,
-                     seed=seed, stop=as_list(o.stop), num_ctx=o.num_ctx, truncate=truncate is not False,
-                     format=fmt or None)
 
 
 class ToolFunction(WireModel):
@@ -4501,335 +4410,6 @@ class Tool(WireModel):
     function: ToolFunction
 
 
-class OllamaMessage(WireModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str = Field(pattern=r"(?i)^(system|user|assistant|tool)$")
-    content: str | None = Field("", max_length=1_000_000)
-    images: list[str] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_name: str | None = None
-    thinking: str | None = None
-
-    def for_template(self) -> dict[str, Any]:
-        """The message as chat templates read it (tool replies carry the tool's name)."""
-        return {"role": self.role.lower(), "content": self.content or "",
-                **({"tool_calls": self.tool_calls} if self.tool_calls else {}),
-                **({"name": self.tool_name} if self.tool_name else {})}
-
-
-class OllamaInferenceBody(WireModel):
-    """Fields /api/chat and /api/generate share; `stream` defaults to true (Go's nil *bool)."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: ModelName
-    format: Format = None
-    options: OllamaOptions | None = None
-    stream: bool = True
-    keep_alive: float | str | None = None
-    think: bool | Literal["low", "medium", "high", "max"] | None = None
-    truncate: bool | None = None
-    logprobs: bool = False
-    top_logprobs: int = Field(0, ge=0, le=20)
-
-    def logprobs_top(self) -> int | None:
-        """None: no logprobs asked; else how many alternatives each token lists."""
-        return self.top_logprobs if self.logprobs or self.top_logprobs else None
-
-
-class OllamaChatBody(OllamaInferenceBody):
-    messages: list[OllamaMessage] = Field(default_factory=list, max_length=10_000)
-    tools: list[Tool] | None = None
-
-
-class OllamaGenerateBody(OllamaInferenceBody):
-    prompt: str | None = Field("", max_length=4_000_000)
-    width: int | None = Field(None, ge=8, le=4096)  # image models (Ollama's image generation fields)
-    height: int | None = Field(None, ge=8, le=4096)
-    steps: int | None = Field(None, ge=1, le=150)
-    suffix: str | None = Field(None, max_length=4_000_000)
-    system: str | None = None
-    template: str | None = None
-    context: list[TokenId] | None = Field(None, max_length=10_000_000)
-    raw: bool = False
-    images: list[str] | None = None
-
-
-class CreateBody(WireModel):
-    """Ollama's /api/create: a new name from an existing model (`from`) or from uploaded blobs (`files`),
-    with Modelfile settings."""
-
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    model: ModelName | None = None
-    name: ModelName | None = None  # the legacy field
-    from_: str | None = Field(None, alias="from", max_length=400)
-    files: dict[Annotated[str, Field(max_length=400)], Annotated[str, Field(max_length=100)]] | None = Field(
-        None, max_length=10_000)
-    adapters: dict[str, str] | None = None
-    quantize: str | None = None
-    template: str | None = Field(None, max_length=1_000_000)
-    system: str | None = Field(None, max_length=1_000_000)
-    license: str | list[str] | None = None
-    parameters: dict[str, Any] | None = None
-    messages: list[OllamaMessage] | None = Field(None, max_length=10_000)
-    stream: bool = True
-
-
-class ModelNameBody(WireModel):
-    """For /api/show, /api/delete, /api/pull: `model`, or the legacy `name`."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: ModelName | None = None
-    name: ModelName | None = None
-    stream: bool = True
-
-    def target(self) -> str:
-        value = self.model or self.name
-        if not value:
-            raise BadRequest("model is required")
-        return value
-
-
-class CopyBody(WireModel):
-    source: ModelName
-    destination: ModelName
-
-
-class OllamaEmbedBody(WireModel):
-    model_config = ConfigDict(extra="ignore")
-    model: ModelName
-    input: str | list[str] | None = None
-    truncate: bool | None = None
-    dimensions: int | None = Field(None, ge=1, le=1_000_000)
-    keep_alive: float | str | None = None
-
-
-class OllamaLegacyEmbedBody(WireModel):
-    model_config = ConfigDict(extra="ignore")
-    model: ModelName
-    prompt: str = ""
-    keep_alive: float | str | None = None
-
-
-class OpenAIFunctionCall(WireModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str = ""
-    arguments: str | None = None  # a JSON string, as OpenAI sends it
-
-
-class OpenAIToolCall(WireModel):
-    model_config = ConfigDict(extra="ignore")
-    id: str = ""
-    type: str = "function"
-    function: OpenAIFunctionCall = Field(default_factory=OpenAIFunctionCall)
-
-
-class OpenAIContentPart(WireModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str = ""
-
-
-class OpenAIMessage(WireModel):
-    """Typed to the depth the server reads: the fuzzer's untyped dicts (a number for `function`, a
-    dict for `id`, a list for `arguments`) were 500s."""
-
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[OpenAIContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[OpenAIToolCall] | None = None
-    tool_call_id: str | None = None
-
-
-class JsonSchemaFormat(WireModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
-
-
-class ResponseFormat(WireModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str = "text"
-    json_schema: JsonSchemaFormat | None = None
-
-
-class NamedFunction(WireModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str
-
-
-class NamedToolChoice(WireModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str = "function"
-    function: NamedFunction
-
-
-class StreamOptions(WireModel):
-    include_usage: bool = False
-
-
-class OpenAISamplingBody(WireModel):
-    """Fields /v1/chat/completions and /v1/completions share."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: ModelName
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: Seed | None = None
-    stop: Stops = None
-    n: int = Field(1, ge=1, le=1)
-    logit_bias: dict[Annotated[str, Field(pattern=r"^\d{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = \
-        Field(None, max_length=1024, description="token id -> bias added to its logit (-100 bans it)")
-
-
-class OpenAIChatBody(OpenAISamplingBody):
-    messages: list[OpenAIMessage] = Field(min_length=1, max_length=10_000)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-    def logprobs_top(self) -> int | None:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise BadRequest("top_logprobs needs logprobs: true")
-        return (self.top_logprobs or 0) if self.logprobs else None
-
-
-class OpenAICompletionBody(OpenAISamplingBody):
-    prompt: str | list[str] = Field(...)
-    suffix: str | None = None
-    logprobs: int | None = Field(None, ge=0, le=5, description="this many alternatives per token, with its logprob")
-    echo: bool = False
-
-
-class OpenAIEmbeddingBody(WireModel):
-    model_config = ConfigDict(extra="ignore")
-    model: ModelName
-    # Text, or token ids in the model's own vocabulary (as vLLM and llama.cpp read them; OpenAI's are its own).
-    input: str | Annotated[list[str] | list[TokenId] | list[Annotated[list[TokenId], Field(min_length=1)]],
-                           Field(max_length=100_000)]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, le=1_000_000)
-
-
-def openai_params(body: OpenAISamplingBody, max_tokens: int | None) -> GenParams:
-    """OpenAI's defaults (temperature 1, top_p 1, no top-k), as Ollama's compatibility layer uses."""
-    return GenParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-                     top_p=body.top_p if body.top_p else 1.0, top_k=0, repeat_last_n=64,
-                     presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-                     seed=body.seed, stop=as_list(body.stop),
-                     logit_bias={int(t): b for t, b in (body.logit_bias or {}).items()})
-
-
-def response_format_to_format(response_format: ResponseFormat | None) -> str | dict | None:
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        return "json"
-    if response_format.type == "json_schema":
-        schema = response_format.json_schema.schema_ if response_format.json_schema else None
-        if schema is None:
-            raise BadRequest("response_format json_schema needs json_schema.schema (an object)")
-        return schema
-    raise BadRequest(f"response_format type {response_format.type!r} is not supported: use text, "
-                     "json_object or json_schema")
-
-
-def openai_text(content: str | list[OpenAIContentPart] | None) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    parts = []
-    for part in content:
-        if part.type != "text":
-            raise BadRequest(f"content part type {part.type!r} is not supported by this text-only model")
-        parts.append(part.text)
-    return "".join(parts)
-
-
-def openai_messages(messages: list[OpenAIMessage]) -> list[dict[str, Any]]:
-    """OpenAI messages as chat-template dicts: tool-call arguments parsed from JSON strings,
-    a tool result's name found from its tool_call_id."""
-    names: dict[str, str] = {}
-    out = []
-    for m in messages:
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": openai_text(m.content)}
-        if m.tool_calls:
-            calls = []
-            for call in m.tool_calls:
-                fn = call.function
-                try:
-                    args = json.loads(fn.arguments or "{}")
-                except ValueError:
-                    raise BadRequest("invalid tool call arguments: function.arguments must be a JSON string") from None
-                names[call.id] = fn.name
-                calls.append({"type": "function", "function": {"name": fn.name, "arguments": args}})
-            msg["tool_calls"] = calls
-        if m.role == "tool":
-            msg["name"] = m.name or names.get(m.tool_call_id or "", "")
-        out.append(msg)
-    return out
-
-
-class A1111Body(WireModel):
-    """A1111's txt2img/img2img fields that mean something here; its others (hires fix, scripts, face
-    restoration, ...) are accepted and ignored, as clients such as webuiapi send them all."""
-
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
-    prompt: str = Field("", max_length=100_000)
-    negative_prompt: str = Field("", max_length=100_000)
-    seed: int = Field(-1, ge=-1, le=MAX_IMAGE_SEED)
-    sampler_name: str | None = Field(None, max_length=100)
-    sampler_index: str | None = Field(None, max_length=100)  # A1111's old name for sampler_name
-    scheduler: str | None = Field(None, max_length=100)
-    batch_size: int = Field(1, ge=1, le=16)
-    n_iter: int = Field(1, ge=1, le=16)
-    steps: int = Field(20, ge=1, le=150)
-    cfg_scale: float = Field(7.0, ge=0, le=30)
-    width: int = Field(512, ge=8, le=8192)
-    height: int = Field(512, ge=8, le=8192)
-    denoising_strength: float | None = Field(None, ge=0, le=1)
-    override_settings: dict[str, Any] = Field(default_factory=dict)
-
-
-class A1111Img2ImgBody(A1111Body):
-    init_images: list[str] = Field(min_length=1, max_length=16)
-
-
-class UnityImageBody(WireModel):
-    """The Unity API's /generate-image (its SDGenerationRequest)."""
-
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
-    prompt: str = Field(min_length=1, max_length=100_000)
-    negative_prompt: str = Field("", max_length=100_000)
-    steps: int = Field(20, ge=1, le=150)
-    cfg_scale: float = Field(7.0, ge=0, le=30)
-    width: int = Field(512, ge=8, le=8192)
-    height: int = Field(512, ge=8, le=8192)
-    sampler_name: str = Field("DPM++ 2M Karras", max_length=100)
-    seed: int = Field(-1, ge=-1, le=MAX_IMAGE_SEED)
-    batch_size: int = Field(1, ge=1, le=16)
-    n_iter: int = Field(1, ge=1, le=16)
-    model: ModelName | None = None
-
-
-class OpenAIImageBody(WireModel):
-    model: ModelName | None = None
-    prompt: str = Field(min_length=1, max_length=100_000)
-    n: int = Field(1, ge=1, le=10)
-    size: str = Field("512x512", max_length=20)
-    response_format: str | None = Field(None, max_length=20)
-    quality: str | None = None
-    style: str | None = None
-    user: str | None = None
-
-
 def check_image_size(width: int, height: int, settings: Settings, count: int = 1) -> None:
     if width < 8 or height < 8:
         raise BadRequest(f"width and height must be at least 8 (got {width}x{height})")
@@ -4842,24 +4422,6 @@ def check_image_size(width: int, height: int, settings: Settings, count: int = 1
     if count * width * height > 16 * settings.max_image_pixels:
         raise BadRequest(f"{count} images of {width}x{height} are more than 16 x MAX_IMAGE_PIXELS in one request: "
                          "ask for fewer (batch_size x n_iter) or smaller images")
-
-
-def decode_image(data: str | bytes, max_pixels: int) -> Any:
-    """A base64 image (a data: URL too; line breaks allowed) or raw bytes as an RGB PIL image, its size
-    checked before it is decoded; BadRequest when it is not one. Run it off the event loop."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        if isinstance(data, str):
-            text = data.split(",", 1)[1] if data.startswith("data:") else data
-            data = base64.b64decode("".join(text.split()), validate=True)
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > 4 * max_pixels:
-            raise BadRequest(f"an input image of {image.width}x{image.height} is too large: at most "
-                             f"{4 * max_pixels} pixels (4 x MAX_IMAGE_PIXELS)")
-        return image.convert("RGB")
-    except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        raise BadRequest("input images must be base64-encoded PNG or JPEG images") from None
 
 
 # ============================================================================
@@ -4986,7 +4548,6 @@ def wire_router(api: WireAPI, **options: Any) -> APIRouter:
     return APIRouter(route_class=type(f"{api.name.capitalize()}Route", (WireRoute,), {"api": api}), **options)
 
 
-
 async def first_then_rest(events):
     """Awaits the first line before a response starts, so errors raised up to and including
     the first token (unknown model, bad format, load failure) become real HTTP errors."""
@@ -5070,8 +4631,9 @@ async def respond(run: GenerationRun, reply: Reply, stream: bool) -> Any:
     return stream_response(await first_then_rest(lines()), reply.api, watched=True)
 
 
-def asking_logprobs(params: GenParams, top: int | None) -> GenParams:
-    """Engines record logprobs when top_logprobs > 0: at least the chosen token's."""
+def set_top_logprobs(params: GenParams, top: int | None) -> GenParams:
+    """Sets, in place, how many alternatives a request's logprobs list (`top`; None: no logprobs). Engines
+    record logprobs when top_logprobs > 0: at least the chosen token's."""
     params.top_logprobs = max(top, 1) if top is not None else 0
     return params
 
@@ -5131,7 +4693,7 @@ class AppState:
 
 def bnb_probe() -> str | None:
     """bitsandbytes must import *and* quantize: a CPU-only install older than 0.45 imports fine but
-    cannot run, which is how the seed's q4 path failed at load time."""
+    cannot run, and q4 would then fail at load time."""
     if (err := probe_import("bitsandbytes")) is not None:
         return err
     try:
@@ -5148,8 +4710,8 @@ class StartupError(Exception):
 
 
 def open_registry(settings: Settings) -> Registry:
-    """The registry, or a StartupError that says what to do (a corrupt or read-only file ended in a
-    raw traceback before)."""
+    """The registry, or a StartupError that says what to do (a corrupt or read-only file, a folder that
+    cannot be made), never a raw traceback."""
     path = settings.home / "registry.sqlite"
     try:
         settings.home.mkdir(parents=True, exist_ok=True)
@@ -5388,6 +4950,166 @@ ollama_api = wire_router(OLLAMA)
 OLLAMA_API_VERSION = "0.13.0"  # the Ollama API level these routes follow (numeric: Open WebUI parses it)
 
 
+class OllamaOptions(WireModel):
+    """Ollama's `options`; unknown keys (numa, mirostat, ...) are accepted and ignored, as Ollama does."""
+
+    model_config = ConfigDict(extra="ignore")
+    num_predict: int | None = Field(None, ge=-2, le=1_000_000)
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_k: int | None = Field(None, ge=0, le=2 ** 31 - 1)
+    top_p: float | None = Field(None, ge=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    typical_p: float | None = Field(None, ge=0, le=1)
+    # Past these bounds the logits overflow to inf/NaN (1/1e-40, 1e37 x counts): meaningless, and a
+    # fault in one row costs the batch a retry row by row.
+    repeat_penalty: float | None = Field(None, ge=0.01, le=100)
+    repeat_last_n: int | None = Field(None, ge=-1, le=1_000_000)
+    presence_penalty: float | None = Field(None, ge=-100, le=100)
+    frequency_penalty: float | None = Field(None, ge=-100, le=100)
+    seed: Seed | None = None
+    stop: Stops = None
+    num_ctx: int | None = Field(None, ge=4, le=10_000_000)
+
+
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.0, "repeat_last_n": 64}
+
+
+Format = Literal["json", ""] | dict[str, Any] | None
+
+
+def preset_options(options: OllamaOptions | None, preset: dict[str, Any]) -> OllamaOptions | None:
+    """A created model's PARAMETERs under the request's own options (the request's win)."""
+    if not preset.get("parameters"):
+        return options
+    given = options.model_dump(exclude_none=True) if options else {}
+    return OllamaOptions.model_validate({**preset["parameters"], **given})
+
+
+def ollama_params(options: OllamaOptions | None, fmt: Format, truncate: bool | None) -> GenParams:
+    o = options or OllamaOptions()
+
+    def pick(key: str) -> Any:
+        value = getattr(o, key)
+        return OLLAMA_DEFAULTS[key] if value is None else value
+
+    seed = o.seed if o.seed is not None and o.seed >= 0 else None  # -1: random, as in Ollama
+    return GenParams(max_tokens=o.num_predict if o.num_predict and o.num_predict > 0 else None,
+                     temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"), min_p=o.min_p,
+                     typical_p=o.typical_p, repeat_penalty=pick("repeat_penalty"), repeat_last_n=pick("repeat_last_n"),
+                     presence_penalty=o.presence_penalty or 0.0, frequency_penalty=o.frequency_penalty or 0.0,
+                     seed=seed, stop=as_list(o.stop), num_ctx=o.num_ctx, truncate=truncate is not False,
+                     format=fmt or None)
+
+
+class OllamaMessage(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(pattern=r"(?i)^(system|user|assistant|tool)$")
+    content: str | None = Field("", max_length=1_000_000)
+    images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
+    thinking: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (tool replies carry the tool's name)."""
+        return {"role": self.role.lower(), "content": self.content or "",
+                **({"tool_calls": self.tool_calls} if self.tool_calls else {}),
+                **({"name": self.tool_name} if self.tool_name else {})}
+
+
+class OllamaInferenceBody(WireModel):
+    """Fields /api/chat and /api/generate share; `stream` defaults to true (Go's nil *bool)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName
+    format: Format = None
+    options: OllamaOptions | None = None
+    stream: bool = True
+    keep_alive: float | str | None = None
+    think: bool | Literal["low", "medium", "high", "max"] | None = None
+    truncate: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)
+
+    def logprobs_top(self) -> int | None:
+        """None: no logprobs asked; else how many alternatives each token lists."""
+        return self.top_logprobs if self.logprobs or self.top_logprobs else None
+
+
+class OllamaChatBody(OllamaInferenceBody):
+    messages: list[OllamaMessage] = Field(default_factory=list, max_length=10_000)
+    tools: list[Tool] | None = None
+
+
+class OllamaGenerateBody(OllamaInferenceBody):
+    prompt: str | None = Field("", max_length=4_000_000)
+    width: int | None = Field(None, ge=8, le=4096)  # image models (Ollama's image generation fields)
+    height: int | None = Field(None, ge=8, le=4096)
+    steps: int | None = Field(None, ge=1, le=150)
+    suffix: str | None = Field(None, max_length=4_000_000)
+    system: str | None = None
+    template: str | None = None
+    context: list[TokenId] | None = Field(None, max_length=10_000_000)
+    raw: bool = False
+    images: list[str] | None = None
+
+
+class CreateBody(WireModel):
+    """Ollama's /api/create: a new name from an existing model (`from`) or from uploaded blobs (`files`),
+    with Modelfile settings."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model: ModelName | None = None
+    name: ModelName | None = None  # the legacy field
+    from_: str | None = Field(None, alias="from", max_length=400)
+    files: dict[Annotated[str, Field(max_length=400)], Annotated[str, Field(max_length=100)]] | None = Field(
+        None, max_length=10_000)
+    adapters: dict[str, str] | None = None
+    quantize: str | None = None
+    template: str | None = Field(None, max_length=1_000_000)
+    system: str | None = Field(None, max_length=1_000_000)
+    license: str | list[str] | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[OllamaMessage] | None = Field(None, max_length=10_000)
+    stream: bool = True
+
+
+class ModelNameBody(WireModel):
+    """For /api/show, /api/delete, /api/pull: `model`, or the legacy `name`."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName | None = None
+    name: ModelName | None = None
+    stream: bool = True
+
+    def target(self) -> str:
+        value = self.model or self.name
+        if not value:
+            raise BadRequest("model is required")
+        return value
+
+
+class CopyBody(WireModel):
+    source: ModelName
+    destination: ModelName
+
+
+class OllamaEmbedBody(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName
+    input: str | list[str] | None = None
+    truncate: bool | None = None
+    dimensions: int | None = Field(None, ge=1, le=1_000_000)
+    keep_alive: float | str | None = None
+
+
+class OllamaLegacyEmbedBody(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName
+    prompt: str = ""
+    keep_alive: float | str | None = None
+
+
 def ollama_chunk(name: str, done: bool, **fields: Any) -> dict[str, Any]:
     return {"model": name, "created_at": utc_now_iso(), **fields, "done": done}
 
@@ -5525,7 +5247,8 @@ def check_think(rec: ModelRecord, name: str, think: Any) -> bool:
     return True
 
 
-def check_tools(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
+def tool_dicts(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
+    """The request's tools as the chat templates take them (plain dicts), or None."""
     return [t.model_dump(exclude_none=True) for t in tools] if tools else None
 
 
@@ -5599,9 +5322,9 @@ async def api_chat(body: OllamaChatBody, request: Request) -> Any:
     if any(m.images for m in body.messages):
         raise BadRequest(f'"{body.model}" does not support images (a text-only model)')
     think = check_think(rec, body.model, body.think)
-    tools = check_tools(body.tools)
+    tools = tool_dicts(body.tools)
     preset = model_preset(rec)
-    params = asking_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate),
+    params = set_top_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate),
                              body.logprobs_top())
     messages = [m.for_template() for m in body.messages]
 
@@ -5626,7 +5349,7 @@ async def api_generate(body: OllamaGenerateBody, request: Request) -> Any:
         body = body.model_copy(update={"system": body.system or preset.get("system"),
                                        "template": body.template or preset.get("template")})
     top = body.logprobs_top()
-    params = asking_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate), top)
+    params = set_top_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate), top)
     build = generate_builder(body, rec, body.model, params, state.settings)
     run = GenerationRun(state.admission, rec, build, params, keep_alive, request)
     return await respond(run, OllamaGenerateReply(run, body, top), body.stream)
@@ -5983,6 +5706,47 @@ async def pull_progress(state: AppState, job: PullJob):
 native_api = wire_router(NATIVE)  # Ollama-shaped: /chat answers as /api/chat does
 
 
+class PullBody(WireModel):
+    model: str = Field(min_length=1, max_length=300, description="Hub repo id, e.g. 'org/name'; 'org/name:Q4_K_M' "
+                       "pulls one GGUF quant")
+    quantize: Literal[QUANTIZATIONS] = "auto"  # type: ignore[valid-type]
+    init: bool = Field(False, description="load the model once the download succeeds")
+    revision: str = Field("main", min_length=1, max_length=200)
+    trust_remote_code: bool = False
+
+    @field_validator("model")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        return normalize_pull_name(value)
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str) -> str:
+        return check_revision(value)
+
+
+class ChatMessage(WireModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=1_000_000)
+
+
+class ChatBody(WireModel):
+    model: ModelName
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    max_tokens: int = Field(512, ge=1, le=32768)
+    temperature: float = Field(0.7, ge=0, le=5)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=2 ** 31 - 1)
+    seed: Seed | None = None
+    stop: Stops = None
+    stream: bool = False
+    keep_alive: float | str | None = None
+
+    def params(self) -> GenParams:
+        return GenParams(self.max_tokens, self.temperature, self.top_p, self.top_k, seed=self.seed,
+                         stop=as_list(self.stop))
+
+
 @native_api.post("/pull", status_code=202, openapi_extra=PULL)
 async def native_pull(body: PullBody, request: Request) -> dict[str, Any]:
     state = state_of(request)
@@ -6083,10 +5847,177 @@ async def diagnostics(request: Request) -> dict[str, Any]:
 openai_api = wire_router(OPENAI)  # OpenAI's routes here, and its /v1/rerank (19) and /v1/images/* (20)
 
 
+class OpenAIFunctionCall(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = ""
+    arguments: str | None = None  # a JSON string, as OpenAI sends it
+
+
+class OpenAIToolCall(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = ""
+    type: str = "function"
+    function: OpenAIFunctionCall = Field(default_factory=OpenAIFunctionCall)
+
+
+class OpenAIContentPart(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str = ""
+
+
+class OpenAIMessage(WireModel):
+    """Typed to the depth the server reads, so that an ill-typed field (a number for `function`, a dict
+    for `id`, a list for `arguments`) is a 400 naming it."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[OpenAIContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[OpenAIToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class JsonSchemaFormat(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+
+class ResponseFormat(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class NamedFunction(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str = "function"
+    function: NamedFunction
+
+
+class StreamOptions(WireModel):
+    include_usage: bool = False
+
+
+class OpenAISamplingBody(WireModel):
+    """Fields /v1/chat/completions and /v1/completions share."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: Seed | None = None
+    stop: Stops = None
+    n: int = Field(1, ge=1, le=1)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^\d{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = \
+        Field(None, max_length=1024, description="token id -> bias added to its logit (-100 bans it)")
+
+
+class OpenAIChatBody(OpenAISamplingBody):
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=10_000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprobs_top(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class OpenAICompletionBody(OpenAISamplingBody):
+    prompt: str | list[str] = Field(...)
+    suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=5, description="this many alternatives per token, with its logprob")
+    echo: bool = False
+
+
+class OpenAIEmbeddingBody(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName
+    # Text, or token ids in the model's own vocabulary (as vLLM and llama.cpp read them; OpenAI's are its own).
+    input: str | Annotated[list[str] | list[TokenId] | list[Annotated[list[TokenId], Field(min_length=1)]],
+                           Field(max_length=100_000)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=1_000_000)
+
+
+def openai_params(body: OpenAISamplingBody, max_tokens: int | None) -> GenParams:
+    """OpenAI's defaults (temperature 1, top_p 1, no top-k), as Ollama's compatibility layer uses."""
+    return GenParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                     top_p=body.top_p if body.top_p else 1.0, top_k=0, repeat_last_n=64,
+                     presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                     seed=body.seed, stop=as_list(body.stop),
+                     logit_bias={int(t): b for t, b in (body.logit_bias or {}).items()})
+
+
+def response_format_to_format(response_format: ResponseFormat | None) -> str | dict | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return "json"
+    if response_format.type == "json_schema":
+        schema = response_format.json_schema.schema_ if response_format.json_schema else None
+        if schema is None:
+            raise BadRequest("response_format json_schema needs json_schema.schema (an object)")
+        return schema
+    raise BadRequest(f"response_format type {response_format.type!r} is not supported: use text, "
+                     "json_object or json_schema")
+
+
+def openai_text(content: str | list[OpenAIContentPart] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.type != "text":
+            raise BadRequest(f"content part type {part.type!r} is not supported by this text-only model")
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def openai_messages(messages: list[OpenAIMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages as chat-template dicts: tool-call arguments parsed from JSON strings,
+    a tool result's name found from its tool_call_id."""
+    names: dict[str, str] = {}
+    out = []
+    for m in messages:
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": openai_text(m.content)}
+        if m.tool_calls:
+            calls = []
+            for call in m.tool_calls:
+                fn = call.function
+                try:
+                    args = json.loads(fn.arguments or "{}")
+                except ValueError:
+                    raise BadRequest("invalid tool call arguments: function.arguments must be a JSON string") from None
+                names[call.id] = fn.name
+                calls.append({"type": "function", "function": {"name": fn.name, "arguments": args}})
+            msg["tool_calls"] = calls
+        if m.role == "tool":
+            msg["name"] = m.name or names.get(m.tool_call_id or "", "")
+        out.append(msg)
+    return out
+
+
 def openai_chat_request(body: OpenAIChatBody, settings: Settings, rec: ModelRecord):
     """(prompt builder, parameters, tools) for one chat completion."""
-    tools = check_tools(body.tools) if body.tool_choice != "none" else None
-    params = asking_logprobs(openai_params(body, body.max_completion_tokens or body.max_tokens), body.logprobs_top())
+    tools = tool_dicts(body.tools) if body.tool_choice != "none" else None
+    params = set_top_logprobs(openai_params(body, body.max_completion_tokens or body.max_tokens), body.logprobs_top())
     params.format = response_format_to_format(body.response_format)
     if tools and (body.tool_choice == "required" or isinstance(body.tool_choice, NamedToolChoice)):
         # A forced call is enforced by a grammar: the reply must be {"name", "arguments"} JSON.
@@ -6232,7 +6163,7 @@ async def openai_completions(body: OpenAICompletionBody, request: Request) -> An
     state = state_of(request)
     rec = require_generative_model(state, body.model)
     prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt[:1])
-    params = asking_logprobs(openai_params(body, body.max_tokens), body.logprobs)
+    params = set_top_logprobs(openai_params(body, body.max_tokens), body.logprobs)
     build = completion_builder(prompt, body.suffix, rec, body.model, params, state.settings)
     run = GenerationRun(state.admission, rec, build, params, None, request)
     return await respond(run, OpenAICompletionReply(run, body, prompt), body.stream)
@@ -6860,7 +6791,7 @@ def llamacpp_model_name(state: AppState, requested: str | None, embedding: bool 
     s = state.settings
     choices = [requested] if requested else ([s.embed_model] if embedding else []) + [s.llamacpp_model, s.default_model]
     for name in choices:
-        if enabled(name) and (not embedding or requested or find_model(state, name) is not None):
+        if model_setting_on(name) and (not embedding or requested or find_model(state, name) is not None):
             return name
     raise NotFound("no model: send `model`, or set LLAMACPP_MODEL (or DEFAULT_MODEL) to a pulled model")
 
@@ -7236,7 +7167,7 @@ async def apply_template(body: LlamaTemplateBody, request: Request) -> dict[str,
     state = state_of(request)
     rec = llamacpp_model(state, body.model)
     require_generative(rec, body.model or rec.name, "chat")
-    messages, tools = openai_messages(body.messages), check_tools(body.tools)
+    messages, tools = openai_messages(body.messages), tool_dicts(body.tools)
     async with state.models.use(rec) as (model, _):
         prompt = await asyncio.to_thread(render_chat_prompt, model.loaded.tokenizer, messages, tools)
     return {"prompt": prompt.text}
@@ -7425,6 +7356,77 @@ async def template(request: Request, model: str | None = None) -> dict[str, str]
 # 20. Routes: images (A1111's /sdapi/v1/*, the Unity API's /generate-image, OpenAI's /v1/images/*; `grep @images`)
 # ============================================================================
 images_api = wire_router(A1111)
+
+
+class A1111Body(WireModel):
+    """A1111's txt2img/img2img fields that mean something here; its others (hires fix, scripts, face
+    restoration, ...) are accepted and ignored, as clients such as webuiapi send them all."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+    prompt: str = Field("", max_length=100_000)
+    negative_prompt: str = Field("", max_length=100_000)
+    seed: int = Field(-1, ge=-1, le=MAX_IMAGE_SEED)
+    sampler_name: str | None = Field(None, max_length=100)
+    sampler_index: str | None = Field(None, max_length=100)  # A1111's old name for sampler_name
+    scheduler: str | None = Field(None, max_length=100)
+    batch_size: int = Field(1, ge=1, le=16)
+    n_iter: int = Field(1, ge=1, le=16)
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0, le=30)
+    width: int = Field(512, ge=8, le=8192)
+    height: int = Field(512, ge=8, le=8192)
+    denoising_strength: float | None = Field(None, ge=0, le=1)
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class A1111Img2ImgBody(A1111Body):
+    init_images: list[str] = Field(min_length=1, max_length=16)
+
+
+class UnityImageBody(WireModel):
+    """The Unity API's /generate-image (its SDGenerationRequest)."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+    prompt: str = Field(min_length=1, max_length=100_000)
+    negative_prompt: str = Field("", max_length=100_000)
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0, le=30)
+    width: int = Field(512, ge=8, le=8192)
+    height: int = Field(512, ge=8, le=8192)
+    sampler_name: str = Field("DPM++ 2M Karras", max_length=100)
+    seed: int = Field(-1, ge=-1, le=MAX_IMAGE_SEED)
+    batch_size: int = Field(1, ge=1, le=16)
+    n_iter: int = Field(1, ge=1, le=16)
+    model: ModelName | None = None
+
+
+class OpenAIImageBody(WireModel):
+    model: ModelName | None = None
+    prompt: str = Field(min_length=1, max_length=100_000)
+    n: int = Field(1, ge=1, le=10)
+    size: str = Field("512x512", max_length=20)
+    response_format: str | None = Field(None, max_length=20)
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+
+
+def decode_image(data: str | bytes, max_pixels: int) -> Any:
+    """A base64 image (a data: URL too; line breaks allowed) or raw bytes as an RGB PIL image, its size
+    checked before it is decoded; BadRequest when it is not one. Run it off the event loop."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(data, str):
+            text = data.split(",", 1)[1] if data.startswith("data:") else data
+            data = base64.b64decode("".join(text.split()), validate=True)
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > 4 * max_pixels:
+            raise BadRequest(f"an input image of {image.width}x{image.height} is too large: at most "
+                             f"{4 * max_pixels} pixels (4 x MAX_IMAGE_PIXELS)")
+        return image.convert("RGB")
+    except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise BadRequest("input images must be base64-encoded PNG or JPEG images") from None
 
 
 def image_models(state: AppState) -> list[ModelRecord]:
@@ -8896,7 +8898,6 @@ class JsonBodyDefault:
 PUBLIC_PATHS = {"/", "/health", "/api/version"}
 
 
-
 def is_local_host(host_header: str) -> bool:
     """Ollama's DNS-rebinding rule for a loopback-bound server: loopback, private and unspecified
     addresses, localhost, *.localhost, *.local, *.internal and this machine's name."""
@@ -9388,7 +9389,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_cli(settings, args.command, args.args)
     setup_logging(settings.log_level, settings.log_format)
     if args.command == "import-default":
-        names = [n for n in (settings.default_model, settings.embed_model) if enabled(n)]
+        names = [n for n in (settings.default_model, settings.embed_model) if model_setting_on(n)]
         unknown = [n for n in names if n not in EMBEDDED_MODELS]
         if unknown:
             log.error("not embedded models: %s; known: %s", unknown, sorted(EMBEDDED_MODELS))

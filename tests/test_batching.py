@@ -27,7 +27,7 @@ def load(path, quantization="fp32", **settings):
 
 
 def run(backend, loaded, prompt, params):
-    return backend.generate(loaded, prompt, params, app.Generation(loaded.tokenizer, params, lambda text: None))
+    return backend.generate(loaded, prompt, params, app.DecodeState(loaded.tokenizer, params, lambda text: None))
 
 
 def concurrently(fn, args_list):
@@ -108,7 +108,7 @@ def test_a_finished_row_frees_its_place_while_others_run(smollm2):
     started = threading.Event()
 
     def long_request():
-        gen = app.Generation(loaded.tokenizer, long_params, lambda text: started.set())
+        gen = app.DecodeState(loaded.tokenizer, long_params, lambda text: started.set())
         backend.generate(loaded, chat_prompt(loaded, PROMPTS[3]), long_params, gen)
         order.append("long")
 

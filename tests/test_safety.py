@@ -187,7 +187,7 @@ def test_the_batch_engine_isolates_a_failing_row(tmp_path):
 
     def row(ids, sampler=None):
         sampler = sampler or app.RowSampler(loaded, model, params)
-        return app.Row(list(ids), 30, sampler, app.Generation(loaded.tokenizer, params, lambda t: None), set())
+        return app.Row(list(ids), 30, sampler, app.DecodeState(loaded.tokenizer, params, lambda t: None), set())
 
     class FailsAtStep3(app.RowSampler):
         calls = 0

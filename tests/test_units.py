@@ -140,7 +140,7 @@ def plan(path, quantization):
 def generate(backend, loaded, prompt, params):
     """Runs a backend the way the server does; the streamed pieces must add up to the text."""
     pieces = []
-    result = backend.generate(loaded, prompt, params, app.Generation(loaded.tokenizer, params, pieces.append))
+    result = backend.generate(loaded, prompt, params, app.DecodeState(loaded.tokenizer, params, pieces.append))
     assert "".join(p.text for p in pieces) == result.text
     # each piece carries the tokens it came from (tokens of a half character at the end go out with none)
     streamed_ids = [i for p in pieces for i in p.ids]
