@@ -5305,9 +5305,11 @@ def generate_builder(body: OllamaGenerateBody, rec: ModelRecord, name: str, para
 async def ollama_root() -> PlainTextResponse:
     return PlainTextResponse("Ollama is running")
 
+
 @ollama_api.api_route("/api/version", methods=["GET", "HEAD"], openapi_extra=LOCAL)
 async def ollama_version() -> dict[str, str]:
     return {"version": OLLAMA_API_VERSION}
+
 
 @ollama_api.post("/api/chat", openapi_extra=BY_MODEL)
 async def api_chat(body: OllamaChatBody, request: Request) -> Any:
@@ -5331,6 +5333,7 @@ async def api_chat(body: OllamaChatBody, request: Request) -> Any:
     build = chat_builder(messages, tools, params, state.settings, think if think else None, preset)
     run = GenerationRun(state.admission, rec, build, params, keep_alive, request)
     return await respond(run, OllamaChatReply(run, body.model, tools, think, body.logprobs_top()), body.stream)
+
 
 @ollama_api.post("/api/generate", openapi_extra=BY_MODEL)
 async def api_generate(body: OllamaGenerateBody, request: Request) -> Any:
@@ -5360,11 +5363,13 @@ async def ollama_tags(request: Request) -> dict[str, Any]:
     records = state_of(request).registry.list_models()
     return {"models": await asyncio.to_thread(lambda: [tag_entry(r) for r in records])}
 
+
 @ollama_api.post("/api/show", openapi_extra=TO_HOLDER)
 async def ollama_show(body: ModelNameBody, request: Request) -> dict[str, Any]:
     name = body.target()
     rec = require_model(state_of(request), name)
     return await asyncio.to_thread(show_entry, rec)
+
 
 @ollama_api.get("/api/ps", openapi_extra=merged("models", "name"))
 async def ollama_ps(request: Request) -> dict[str, Any]:
@@ -5373,12 +5378,14 @@ async def ollama_ps(request: Request) -> dict[str, Any]:
     entries = [ps_entry(rec, m, state.settings) for rec, m in running if rec is not None]
     return {"models": sorted(entries, key=lambda e: e["expires_at"], reverse=True)}
 
+
 @ollama_api.delete("/api/delete", openapi_extra=TO_EVERY_WORKER)
 async def api_delete(body: ModelNameBody, request: Request) -> dict[str, str]:
     state = state_of(request)
     name = body.target()
     await asyncio.to_thread(delete_model, state, require_model(state, name))
     return {"status": "success"}
+
 
 @ollama_api.post("/api/copy", openapi_extra=TO_EVERY_WORKER)
 async def api_copy(body: CopyBody, request: Request) -> dict[str, str]:
@@ -5391,9 +5398,11 @@ async def api_copy(body: CopyBody, request: Request) -> dict[str, str]:
     log.info("model %s: copied to %s", rec.name, body.destination)
     return {"status": "success"}
 
+
 @ollama_api.post("/api/pull", openapi_extra=PULL)
 async def api_pull(body: ModelNameBody, request: Request) -> Any:
     return await ollama_pull(state_of(request), body.target(), body.stream)
+
 
 @ollama_api.post("/api/embed", openapi_extra=BY_MODEL)
 async def api_embed(body: OllamaEmbedBody, request: Request) -> dict[str, Any]:
@@ -5403,6 +5412,7 @@ async def api_embed(body: OllamaEmbedBody, request: Request) -> dict[str, Any]:
                       keep_alive_of(body.keep_alive))
     return {"model": body.model, "embeddings": fin["vectors"], "total_duration": fin["total_ns"],
             "load_duration": fin["load_ns"], "prompt_eval_count": fin["tokens"]}
+
 
 @ollama_api.post("/api/embeddings", openapi_extra=BY_MODEL)
 async def api_embeddings(body: OllamaLegacyEmbedBody, request: Request) -> dict[str, Any]:
@@ -5422,11 +5432,13 @@ async def api_create(body: CreateBody, request: Request) -> Any:
     return StreamingResponse(aiter_of(*(compact_json({"status": s}) + "\n" for s in [*statuses, "success"])),
                              media_type="application/x-ndjson")
 
+
 @ollama_api.head("/api/blobs/{digest}", openapi_extra=BY_MODEL)
 async def blob_exists(digest: str, request: Request) -> Response:
     if not blob_path(state_of(request).settings, digest).exists():
         raise NotFound(f'blob "{digest}" not found')
     return Response(status_code=200)
+
 
 @ollama_api.post("/api/blobs/{digest}", openapi_extra=BY_MODEL)
 async def upload_blob(digest: str, request: Request) -> Response:
@@ -5459,6 +5471,7 @@ async def upload_blob(digest: str, request: Request) -> Response:
         partial.unlink(missing_ok=True)
     log.info("blob %s: stored (%d bytes)", digest[:19], path.stat().st_size)
     return Response(status_code=201)
+
 
 @ollama_api.post("/api/push", openapi_extra=BY_MODEL)
 async def api_push() -> None:
@@ -5757,11 +5770,13 @@ async def native_pull(body: PullBody, request: Request) -> dict[str, Any]:
     job = state.pulls.submit(body.model, body.revision, body.quantize, body.init, body.trust_remote_code)
     return {"job_id": job.id, "status": job.status, "model": job.model}
 
+
 @native_api.get("/jobs", openapi_extra=merged("jobs", "id"))
 async def list_jobs(request: Request) -> dict[str, Any]:
     state = state_of(request)
     listed = state.registry.list_jobs(state.settings.max_jobs_listed)
     return {"jobs": [(state.pulls.live(j.id) or j).public() for j in listed]}
+
 
 @native_api.get("/jobs/{job_id}", openapi_extra=TO_EVERY_WORKER)
 async def get_job(job_id: str, request: Request) -> dict[str, Any]:
@@ -5770,6 +5785,7 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     if found is None:
         raise NotFound(f"job '{job_id}' not found; GET /jobs lists recent jobs")
     return found.public()
+
 
 @native_api.delete("/jobs/{job_id}", openapi_extra=TO_EVERY_WORKER)
 async def cancel_pull_job(job_id: str, request: Request) -> dict[str, Any]:
@@ -5790,15 +5806,18 @@ async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
     return JSONResponse({"status": reason, **llamacpp_error_body(503, reason)}, status_code=503)
 
+
 @native_api.get("/metrics", openapi_extra=GATEWAY_METRICS)
 async def metrics_exposition(request: Request) -> Response:
     body, content_type = state_of(request).metrics.exposition()
     return Response(body, media_type=content_type)
 
+
 @native_api.get("/models", openapi_extra=merged("models", "name"))
 async def native_models(request: Request) -> dict[str, Any]:
     state = state_of(request)
     return {"models": [model_entry(r, state.models) for r in state.registry.list_models()]}
+
 
 @native_api.delete("/models/{name:path}", openapi_extra=TO_EVERY_WORKER)
 async def native_delete(name: str, request: Request) -> dict[str, Any]:
@@ -5808,6 +5827,7 @@ async def native_delete(name: str, request: Request) -> dict[str, Any]:
         raise model_not_found(name)
     await asyncio.to_thread(delete_model, state, rec)
     return {"deleted": rec.name}
+
 
 @native_api.post("/chat", openapi_extra=BY_MODEL)
 async def native_chat(body: ChatBody, request: Request) -> Any:
@@ -5835,6 +5855,7 @@ async def server_status(request: Request) -> dict[str, Any]:
             **state.admission.status(), **state.models.status(),
             "pulls_active": [j.public() for j in state.pulls.active_jobs()],
             "config": state.settings.public()}
+
 
 @native_api.get("/diag", openapi_extra=BY_MODEL)
 async def diagnostics(request: Request) -> dict[str, Any]:
@@ -6173,9 +6194,11 @@ async def openai_completions(body: OpenAICompletionBody, request: Request) -> An
 async def openai_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [openai_model(r) for r in state_of(request).registry.list_models()]}
 
+
 @openai_api.get("/v1/models/{model:path}", openapi_extra=TO_HOLDER)
 async def openai_model_info(model: str, request: Request) -> dict[str, Any]:
     return openai_model(require_model(state_of(request), model))
+
 
 @openai_api.post("/v1/embeddings", openapi_extra=BY_MODEL)
 async def openai_embeddings(body: OpenAIEmbeddingBody, request: Request) -> dict[str, Any]:
@@ -7874,6 +7897,7 @@ async def retrying(what: str, step: Callable[[], Awaitable[None]], stop: asyncio
             log.exception("redis: %s failed unexpectedly; retrying", what)
             await asyncio.sleep(min(delay, max_delay_s))
             delay = min(delay * 2, max_delay_s)
+
 
 async def live_workers(r: Any, keys: Keys) -> dict[str, dict[str, Any]]:
     """name -> report, for workers whose heartbeat has not expired (the others leave the set)."""
