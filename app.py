@@ -572,6 +572,50 @@ def choose_dtype(quantization: str, setting: str, device: str) -> str:
     return "auto"
 
 
+async def run_in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """asyncio.to_thread, but on a fresh daemon thread that ends with the call:
+    - a stalled download must not keep the process alive at exit (executor threads are joined);
+    - torch work (loads, probes, embeddings): a thread that ran torch ops keeps its own OpenMP
+      team while it lives, and a second live team made every decoding step ~1.5x slower on 2
+      cores (measured: 22 vs 33-39 ms per token). Only the batch engines' threads stay."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def work() -> None:
+        try:
+            result, ok = fn(*args, **kwargs), True
+        except BaseException as exc:  # handed to the awaiting coroutine
+            result, ok = exc, False
+        with contextlib.suppress(RuntimeError):  # the loop may be gone at shutdown
+            loop.call_soon_threadsafe(settle, ok, result)
+
+    threading.Thread(target=work, daemon=True, name=f"run-{getattr(fn, '__name__', 'work')}").start()
+    return await future
+
+
+def in_fresh_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) on a thread that ends with it, from a thread that waits (see run_in_daemon_thread)."""
+    box: list[Any] = []
+
+    def work() -> None:
+        try:
+            box.append((True, fn(*args)))
+        except BaseException as exc:  # re-raised in the caller
+            box.append((False, exc))
+
+    thread = threading.Thread(target=work, daemon=True, name=f"torch-{getattr(fn, '__name__', 'work')}")
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
 # ============================================================================
 # 5. Errors
 # ============================================================================
@@ -1149,50 +1193,6 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (hf_errors.HTTPError, hf_errors.LocalEntryNotFoundError, ConnectionError, TimeoutError))
 
 
-async def run_in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """asyncio.to_thread, but on a fresh daemon thread that ends with the call:
-    - a stalled download must not keep the process alive at exit (executor threads are joined);
-    - torch work (loads, probes, embeddings): a thread that ran torch ops keeps its own OpenMP
-      team while it lives, and a second live team made every decoding step ~1.5x slower on 2
-      cores (measured: 22 vs 33-39 ms per token). Only the batch engines' threads stay."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if not future.done():
-            future.set_result(value) if ok else future.set_exception(value)
-
-    def work() -> None:
-        try:
-            result, ok = fn(*args, **kwargs), True
-        except BaseException as exc:  # handed to the awaiting coroutine
-            result, ok = exc, False
-        with contextlib.suppress(RuntimeError):  # the loop may be gone at shutdown
-            loop.call_soon_threadsafe(settle, ok, result)
-
-    threading.Thread(target=work, daemon=True, name=f"run-{getattr(fn, '__name__', 'work')}").start()
-    return await future
-
-
-def in_fresh_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args) on a thread that ends with it, from a thread that waits (see run_in_daemon_thread)."""
-    box: list[Any] = []
-
-    def work() -> None:
-        try:
-            box.append((True, fn(*args)))
-        except BaseException as exc:  # re-raised in the caller
-            box.append((False, exc))
-
-    thread = threading.Thread(target=work, daemon=True, name=f"torch-{getattr(fn, '__name__', 'work')}")
-    thread.start()
-    thread.join()
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
-
-
 def describe_pull_error(exc: BaseException, repo_id: str, revision: str, settings: Settings) -> str:
     """A message that says what went wrong and what to do; chosen by exception type. Credentials in
     URLs (HF_ENDPOINT's, or any the hub's error quotes) never reach clients: /jobs is readable."""
@@ -1296,54 +1296,6 @@ def parameter_count(path: str) -> int:
             log.warning("model at %s: unreadable safetensors header in %s: %s", path, file.name, exc)
             return 0
     return total
-
-
-def format_parameter_size(count: int) -> str:
-    return f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
-
-
-QUANT_LEVELS = {"q4": "NF4", "q8": "INT8", "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-
-
-def model_details(rec: "ModelRecord") -> dict[str, Any]:
-    index = read_json(Path(rec.path) / "model_index.json")
-    if index:  # diffusers: the family is the pipeline class (StableDiffusionPipeline)
-        family = str(index.get("_class_name", "diffusers"))
-        return {"parent_model": "", "format": "diffusers", "family": family, "families": [family],
-                "parameter_size": format_parameter_size(parameter_count(rec.path)),
-                "quantization_level": QUANT_LEVELS.get(rec.quantization, "")}
-    if is_gguf_path(rec.path):
-        meta = gguf_metadata(rec.path)
-        family = str(meta.get("general.architecture", "unknown"))
-        return {"parent_model": "", "format": "gguf", "family": family, "families": [family],
-                "parameter_size": format_parameter_size(meta["general.parameter_count"]),
-                "quantization_level": meta["file_type_name"]}
-    config = read_json(Path(rec.path) / "config.json")
-    family = config.get("model_type") or (rec.architecture or "unknown").lower()
-    dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
-    return {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
-            "parameter_size": format_parameter_size(parameter_count(rec.path)),
-            "quantization_level": QUANT_LEVELS.get(rec.quantization, DTYPE_LEVELS.get(dtype, dtype.upper()))}
-
-
-def model_info(rec: "ModelRecord") -> dict[str, Any]:
-    """Ollama's GGUF-style keys: a GGUF's own metadata (its vocabulary left out), else filled from config.json."""
-    if is_gguf_path(rec.path):
-        meta = gguf_metadata(rec.path)
-        return {k: v for k, v in meta.items() if k not in ("fim", "file_type_name", "tokenizer.chat_template")}
-    config = read_json(Path(rec.path) / "config.json")
-    arch = config.get("model_type", "unknown")
-    keys = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
-            "block_count": "num_hidden_layers", "attention.head_count": "num_attention_heads",
-            "attention.head_count_kv": "num_key_value_heads", "vocab_size": "vocab_size"}
-    info = {"general.architecture": arch, "general.parameter_count": parameter_count(rec.path)}
-    info.update({f"{arch}.{k}": config[v] for k, v in keys.items() if v in config})
-    return info
-
-
-def model_digest(rec: "ModelRecord") -> str:
-    return content_digest(rec.path, rec.sha)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1657,85 +1609,6 @@ class BanTokens:
         return scores
 
 
-def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
-def hf_logits_processors(loaded: "Loaded", model: Any, params: GenParams) -> list[Any]:
-    processors: list[Any] = []
-    if params.logit_bias:
-        from transformers.generation.logits_process import SequenceBiasLogitsProcessor
-
-        if unknown := sorted(t for t in params.logit_bias if t >= model.config.vocab_size):
-            raise BadRequest(f"logit_bias names token ids {unknown[:5]} outside the vocabulary "
-                             f"(0..{model.config.vocab_size - 1})")
-        processors.append(SequenceBiasLogitsProcessor([[[t], b] for t, b in params.logit_bias.items()]))
-    penalties = RepeatPenalties(params)
-    if penalties.active():
-        processors.append(penalties)
-    if params.ignore_eos:
-        processors.append(BanTokens(eos_token_ids(model, loaded.tokenizer)))
-    if params.format is not None or params.grammar is not None:
-        import xgrammar as xgr
-
-        grammar = compile_grammar(loaded.cache, loaded.tokenizer, model.config.vocab_size, params.format,
-                                  params.grammar)
-        processors.append(xgr.contrib.hf.LogitsProcessor(grammar))
-    return processors
-
-
-def hf_warpers(params: GenParams) -> list[Any]:
-    """The sampling warpers generate() would apply, in its order (temperature, top-k, top-p, min-p, typical)."""
-    from transformers.generation import logits_process as lp
-
-    warpers: list[Any] = [lp.TemperatureLogitsWarper(params.temperature)]
-    if params.top_k:
-        warpers.append(lp.TopKLogitsWarper(params.top_k))
-    if params.top_p is not None and params.top_p < 1.0:
-        warpers.append(lp.TopPLogitsWarper(params.top_p))
-    if params.min_p:
-        warpers.append(lp.MinPLogitsWarper(params.min_p))
-    if params.typical_p is not None and 0 < params.typical_p < 1.0:  # 0 and 1 both mean off
-        warpers.append(lp.TypicalLogitsWarper(params.typical_p))
-    return warpers
-
-
-class NoTokenLeft(BadRequest):
-    """A row's processed logits hold no finite choice: its own settings (penalties, logit_bias, a
-    grammar) ruled out every token. That row ends with this error; the others go on."""
-
-
-class RowSampler:
-    """Picks one row's next token from its logits: that request's own penalties, grammar and
-    sampling settings (greedy at temperature 0), and its own seeded RNG, so rows batched
-    together do not share a random stream."""
-
-    def __init__(self, loaded: "Loaded", model: Any, params: GenParams):
-        self.processors = hf_logits_processors(loaded, model, params)
-        self.warpers = hf_warpers(params) if params.temperature > 0 else []
-        self.plain = not (self.processors or self.warpers)  # greedy: the engine takes argmax for all rows at once
-        self.rng = None
-        if self.warpers and params.seed is not None:
-            self.rng = torch.Generator(device=model.device).manual_seed(params.seed)
-
-    def __call__(self, ids: list[int], logits: torch.Tensor) -> int:
-        scores = logits.float()  # [1, vocab], float32 as generate() does
-        if not self.plain:
-            input_ids = torch.tensor([ids], device=logits.device)
-            for step in (*self.processors, *self.warpers):
-                scores = step(input_ids, scores)
-            if torch.isnan(scores).any() or not torch.isfinite(scores.max()):
-                raise NoTokenLeft("no token can be sampled: this request's penalties, logit_bias or format "
-                                  "ruled out every token (or made the scores NaN); relax them")
-        if not self.warpers:
-            return int(scores.argmax(-1))
-        return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=self.rng))
-
-
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 
@@ -1843,6 +1716,85 @@ class Backend:
 # ============================================================================
 # 8a. Backends: transformers (continuous batching, prefix cache, bitsandbytes) and pipeline
 # ============================================================================
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def hf_logits_processors(loaded: Loaded, model: Any, params: GenParams) -> list[Any]:
+    processors: list[Any] = []
+    if params.logit_bias:
+        from transformers.generation.logits_process import SequenceBiasLogitsProcessor
+
+        if unknown := sorted(t for t in params.logit_bias if t >= model.config.vocab_size):
+            raise BadRequest(f"logit_bias names token ids {unknown[:5]} outside the vocabulary "
+                             f"(0..{model.config.vocab_size - 1})")
+        processors.append(SequenceBiasLogitsProcessor([[[t], b] for t, b in params.logit_bias.items()]))
+    penalties = RepeatPenalties(params)
+    if penalties.active():
+        processors.append(penalties)
+    if params.ignore_eos:
+        processors.append(BanTokens(eos_token_ids(model, loaded.tokenizer)))
+    if params.format is not None or params.grammar is not None:
+        import xgrammar as xgr
+
+        grammar = compile_grammar(loaded.cache, loaded.tokenizer, model.config.vocab_size, params.format,
+                                  params.grammar)
+        processors.append(xgr.contrib.hf.LogitsProcessor(grammar))
+    return processors
+
+
+def hf_warpers(params: GenParams) -> list[Any]:
+    """The sampling warpers generate() would apply, in its order (temperature, top-k, top-p, min-p, typical)."""
+    from transformers.generation import logits_process as lp
+
+    warpers: list[Any] = [lp.TemperatureLogitsWarper(params.temperature)]
+    if params.top_k:
+        warpers.append(lp.TopKLogitsWarper(params.top_k))
+    if params.top_p is not None and params.top_p < 1.0:
+        warpers.append(lp.TopPLogitsWarper(params.top_p))
+    if params.min_p:
+        warpers.append(lp.MinPLogitsWarper(params.min_p))
+    if params.typical_p is not None and 0 < params.typical_p < 1.0:  # 0 and 1 both mean off
+        warpers.append(lp.TypicalLogitsWarper(params.typical_p))
+    return warpers
+
+
+class NoTokenLeft(BadRequest):
+    """A row's processed logits hold no finite choice: its own settings (penalties, logit_bias, a
+    grammar) ruled out every token. That row ends with this error; the others go on."""
+
+
+class RowSampler:
+    """Picks one row's next token from its logits: that request's own penalties, grammar and
+    sampling settings (greedy at temperature 0), and its own seeded RNG, so rows batched
+    together do not share a random stream."""
+
+    def __init__(self, loaded: Loaded, model: Any, params: GenParams):
+        self.processors = hf_logits_processors(loaded, model, params)
+        self.warpers = hf_warpers(params) if params.temperature > 0 else []
+        self.plain = not (self.processors or self.warpers)  # greedy: the engine takes argmax for all rows at once
+        self.rng = None
+        if self.warpers and params.seed is not None:
+            self.rng = torch.Generator(device=model.device).manual_seed(params.seed)
+
+    def __call__(self, ids: list[int], logits: torch.Tensor) -> int:
+        scores = logits.float()  # [1, vocab], float32 as generate() does
+        if not self.plain:
+            input_ids = torch.tensor([ids], device=logits.device)
+            for step in (*self.processors, *self.warpers):
+                scores = step(input_ids, scores)
+            if torch.isnan(scores).any() or not torch.isfinite(scores.max()):
+                raise NoTokenLeft("no token can be sampled: this request's penalties, logit_bias or format "
+                                  "ruled out every token (or made the scores NaN); relax them")
+        if not self.warpers:
+            return int(scores.argmax(-1))
+        return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=self.rng))
+
+
 def bnb_config(quantization: str) -> Any:
     from transformers import BitsAndBytesConfig
 
@@ -4948,6 +4900,54 @@ def delete_model(state: AppState, rec: ModelRecord) -> None:
 # error shapes; each route declares how the gateway serves it (openapi_extra). create_app includes them all.
 ollama_api = wire_router(OLLAMA)
 OLLAMA_API_VERSION = "0.13.0"  # the Ollama API level these routes follow (numeric: Open WebUI parses it)
+
+
+def format_parameter_size(count: int) -> str:
+    return f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
+
+
+QUANT_LEVELS = {"q4": "NF4", "q8": "INT8", "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def model_details(rec: ModelRecord) -> dict[str, Any]:
+    index = read_json(Path(rec.path) / "model_index.json")
+    if index:  # diffusers: the family is the pipeline class (StableDiffusionPipeline)
+        family = str(index.get("_class_name", "diffusers"))
+        return {"parent_model": "", "format": "diffusers", "family": family, "families": [family],
+                "parameter_size": format_parameter_size(parameter_count(rec.path)),
+                "quantization_level": QUANT_LEVELS.get(rec.quantization, "")}
+    if is_gguf_path(rec.path):
+        meta = gguf_metadata(rec.path)
+        family = str(meta.get("general.architecture", "unknown"))
+        return {"parent_model": "", "format": "gguf", "family": family, "families": [family],
+                "parameter_size": format_parameter_size(meta["general.parameter_count"]),
+                "quantization_level": meta["file_type_name"]}
+    config = read_json(Path(rec.path) / "config.json")
+    family = config.get("model_type") or (rec.architecture or "unknown").lower()
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
+    return {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
+            "parameter_size": format_parameter_size(parameter_count(rec.path)),
+            "quantization_level": QUANT_LEVELS.get(rec.quantization, DTYPE_LEVELS.get(dtype, dtype.upper()))}
+
+
+def model_info(rec: ModelRecord) -> dict[str, Any]:
+    """Ollama's GGUF-style keys: a GGUF's own metadata (its vocabulary left out), else filled from config.json."""
+    if is_gguf_path(rec.path):
+        meta = gguf_metadata(rec.path)
+        return {k: v for k, v in meta.items() if k not in ("fim", "file_type_name", "tokenizer.chat_template")}
+    config = read_json(Path(rec.path) / "config.json")
+    arch = config.get("model_type", "unknown")
+    keys = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
+            "block_count": "num_hidden_layers", "attention.head_count": "num_attention_heads",
+            "attention.head_count_kv": "num_key_value_heads", "vocab_size": "vocab_size"}
+    info = {"general.architecture": arch, "general.parameter_count": parameter_count(rec.path)}
+    info.update({f"{arch}.{k}": config[v] for k, v in keys.items() if v in config})
+    return info
+
+
+def model_digest(rec: ModelRecord) -> str:
+    return content_digest(rec.path, rec.sha)
 
 
 class OllamaOptions(WireModel):

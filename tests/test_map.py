@@ -2,7 +2,8 @@
 
 - every environment variable Settings reads is in the docstring's table;
 - every banner section is in the docstring's list of sections;
-- each section uses only the sections above it: no top-level definition reads a name defined further down;
+- each section uses only the sections above it: no top-level definition reads a name defined further down
+  (a string annotation's names included);
 - every route declares how the gateway serves it, and answers errors in its own API's shape.
 """
 
@@ -101,12 +102,23 @@ def global_reads(node: ast.AST, shadowed: frozenset[str] = frozenset()) -> list[
     return [r for child in ast.iter_child_nodes(node) for r in global_reads(child, shadowed)]
 
 
+def annotation_reads(node: ast.AST) -> list[tuple[str, int]]:
+    """Names in string annotations ("Loaded"): a forward reference is a reach forward too."""
+    annotations = [a.annotation for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                   for a in [*n.args.posonlyargs, *n.args.args, *n.args.kwonlyargs] if a.annotation]
+    annotations += [n.returns for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    and n.returns]
+    annotations += [n.annotation for n in ast.walk(node) if isinstance(n, ast.AnnAssign)]
+    return [(n.id, a.lineno) for a in annotations if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            for n in ast.walk(ast.parse(a.value, mode="eval")) if isinstance(n, ast.Name)]
+
+
 def test_no_section_reaches_forward():
     starts, defined = sections(), top_level_names()
     forward = []
     for node in TREE.body:
         here = section_of(node.lineno, starts)
-        for name, line in global_reads(node):
+        for name, line in global_reads(node) + annotation_reads(node):
             if name in defined and section_of(defined[name], starts) > here:
                 where = starts[section_of(defined[name], starts)][1]
                 forward.append(f"line {line} (section {starts[here][1]}) reads {name} (section {where})")
