@@ -4033,8 +4033,9 @@ class PullManager:
         job = PullJob(new_id(), model, revision, quantize, init, trust_remote_code)
         self.registry.put_job(job)
         run = self._active[model.lower()] = self._runs[job.id] = PullRun(job)
-        while len(self._runs) > self.RUNS_KEPT and (oldest := next(iter(self._runs.values()))).task is None:
-            del self._runs[oldest.job.id]
+        ended = [r.job.id for r in self._runs.values() if r.task is None]  # oldest first
+        for job_id in ended[:max(len(self._runs) - self.RUNS_KEPT, 0)]:
+            del self._runs[job_id]
         run.task = asyncio.create_task(self._run(run))
         run.task.add_done_callback(lambda _t: setattr(run, "task", None))
         log.info("pull %s: queued model=%s revision=%s quantize=%s", job.id, model, revision, quantize)
@@ -4410,6 +4411,16 @@ def openai_error_body(status: int, message: str, **_extra: Any) -> dict[str, Any
                       "code": None}}
 
 
+def openai_stream_error_body(status: int, message: str, **_extra: Any) -> dict[str, Any]:
+    """The error event of OpenAI's chat and completion streams (an `error` object, type api_error)."""
+    return {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
+
+
+def ndjson_error_body(status: int, message: str, **_extra: Any) -> dict[str, Any]:
+    """The last line of an Ollama-shaped NDJSON stream that fails: the message alone."""
+    return {"error": message}
+
+
 def responses_error_event(status: int, message: str, **_extra: Any) -> dict[str, Any]:
     """OpenAI Responses' stream error event (its HTTP errors are OpenAI's usual body)."""
     return {"type": "error", "code": None, "message": message, "param": None}
@@ -4477,10 +4488,12 @@ class WireAPI:
         return self.frame((self.stream_error_body or self.error_body)(status, message, **extra))
 
 
-OLLAMA = WireAPI("ollama", ollama_error_body, ndjson_line, OLLAMA_ERROR_SCHEMA, "application/x-ndjson")
+OLLAMA = WireAPI("ollama", ollama_error_body, ndjson_line, OLLAMA_ERROR_SCHEMA, "application/x-ndjson",
+                 ndjson_error_body)
 NATIVE = dataclasses.replace(OLLAMA, name="native")  # /pull, /jobs, /chat, ...: Ollama's shapes
 A1111 = dataclasses.replace(OLLAMA, name="a1111")  # /sdapi/v1/*, /generate-image: {"error": message}
-OPENAI = WireAPI("openai", openai_error_body, sse, OPENAI_ERROR_SCHEMA, "text/event-stream")
+OPENAI = WireAPI("openai", openai_error_body, sse, OPENAI_ERROR_SCHEMA, "text/event-stream",
+                 openai_stream_error_body)
 RESPONSES = WireAPI("responses", openai_error_body, typed_sse, OPENAI_ERROR_SCHEMA, "text/event-stream",
                     responses_error_event)
 ANTHROPIC = WireAPI("anthropic", anthropic_error_body, typed_sse, ANTHROPIC_ERROR_SCHEMA, "text/event-stream")
@@ -5148,10 +5161,12 @@ class OllamaChatReply(Reply):
     def final(self, fin: Finished) -> list[str]:
         final = ollama_chat_final(self.name, fin, self.tools, self.think)
         message = final.pop("message")
-        whole = [ndjson_line(ollama_chunk(self.name, False, message=message,
-                                          **ollama_logprobs(self.run, fin.result.logprobs, self.top)))]
         final["message"] = {"role": "assistant", "content": ""}
-        return [*(whole if self.tools else []), ndjson_line(final)]
+        if not self.tools:
+            return [ndjson_line(final)]
+        return [ndjson_line(ollama_chunk(self.name, False, message=message,  # the reply, tool calls parsed
+                                         **ollama_logprobs(self.run, fin.result.logprobs, self.top))),
+                ndjson_line(final)]
 
     async def whole(self, fin: Finished) -> Response:
         return ndjson_one({**ollama_chat_final(self.name, fin, self.tools, self.think),
@@ -5829,6 +5844,16 @@ async def native_delete(name: str, request: Request) -> dict[str, Any]:
     return {"deleted": rec.name}
 
 
+class NativeChatReply(OllamaChatReply):
+    """The native /chat: Ollama's chat stream; the whole answer as plain JSON."""
+
+    api = NATIVE
+
+    async def whole(self, fin: Finished) -> dict[str, Any]:
+        return {"model": self.name, "created_at": utc_now_iso(),
+                "message": {"role": "assistant", "content": fin.result.text}, "done": True, **ollama_stats(fin)}
+
+
 @native_api.post("/chat", openapi_extra=BY_MODEL)
 async def native_chat(body: ChatBody, request: Request) -> Any:
     state = state_of(request)
@@ -5840,7 +5865,7 @@ async def native_chat(body: ChatBody, request: Request) -> Any:
     params = body.params()
     build = chat_builder(messages, None, params, state.settings, preset=model_preset(rec))
     run = GenerationRun(state.admission, rec, build, params, keep_alive_of(body.keep_alive), request)
-    return await respond(run, OllamaChatReply(run, body.model, None), body.stream)
+    return await respond(run, NativeChatReply(run, body.model, None), body.stream)
 
 
 @native_api.get("/status", openapi_extra=merged(combine="status"))
@@ -7765,7 +7790,7 @@ if ARGV[2] ~= '' then
   if ok and #p == 0 then redis.call('XDEL', KEYS[1], ARGV[2]) end
 end
 return 1
-"""  # metadata: to a worker that holds the model, never queued behind work
+"""
 
 
 class WorkerLost(ServerError):
@@ -7942,7 +7967,7 @@ class WorkerLink:
 # worker stops: left unstarted for another worker), "fenced" (another worker owns it now, or Redis lost it:
 # this worker says nothing more).
 LEASE_TRANSITIONS = {"taken": {"starting", "handed_back", "fenced"}, "starting": {"started", "fenced"},
-                     "started": {"fenced"}}
+                     "started": {"fenced"}, "handed_back": {"fenced"}}
 
 
 class JobLease:
@@ -8070,7 +8095,8 @@ class JobLease:
             with contextlib.suppress(*redis_errors()):
                 await self.emit({"t": "error", "status": 502 if self.started else 503,
                                  "message": "the job queue lost this request; retry it"})
-        self.move("fenced")
+        if self.state != "fenced":  # (the heartbeat and emit_start may both find it lost)
+            self.move("fenced")
         self.cancel.set()
 
     async def hand_back(self) -> None:
