@@ -87,8 +87,9 @@ Sections, in order; each uses only those above it (tests/test_map.py checks it):
   3. Config (Settings)                       error event, schema, media type; wire_router), NDJSON and SSE
   4. Helpers (names, ids)                15. App state and shared route helpers (matched_route, the
   5. Errors, 5b. Metrics                     gateway policies a route declares: BY_MODEL, merged(...), ...)
-  6. Registry and Hub pulls              16. Routes: Ollama (/api/*)
-  7. Decoding (stops, grammars, tools)   17. Routes: native (/pull, /jobs, /models, /chat, /status, ...)
+  6. Registry and Hub pulls              16. Routes: Ollama (/api/chat, /api/generate); 16b. its model
+  7. Decoding (stops, grammars, tools)       management (/api/tags, /api/show, /api/pull, /api/create, ...)
+                                         17. Routes: native (/pull, /jobs, /models, /chat, /status, ...)
   8. Backends: the contract              18. Routes: OpenAI (/v1/*); 18b. Anthropic (/v1/messages);
      8a. transformers + batching,            18c. OpenAI Responses (/v1/responses)
      8b. vLLM, 8c. llama-server (GGUF),  19. Routes: llama.cpp (/completion, /tokenize, /props, /rerank, ...)
@@ -102,8 +103,9 @@ Sections, in order; each uses only those above it (tests/test_map.py checks it):
 Routes: one module-level router per API; `grep -n "^@" app.py` lists every route with the gateway policy it
 declares (openapi_extra; /openapi.json shows it as x-gateway). Each route section holds its API's wire models
 (converted to GenParams once), its Reply objects and its routes:
-  ollama_api (16)     /, /api/version, /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/delete,
-                      /api/copy, /api/pull, /api/embed, /api/embeddings, /api/create, /api/blobs/{digest}, /api/push
+  ollama_api (16)     /, /api/version, /api/chat, /api/generate; (16b) /api/tags, /api/show, /api/ps,
+                      /api/delete, /api/copy, /api/pull, /api/embed, /api/embeddings, /api/create,
+                      /api/blobs/{digest}, /api/push
   native_api (17)     /pull, /jobs, /jobs/{id}, /health, /metrics, /models, /models/{name}, /chat, /status, /diag
   openai_api (18)     /v1/chat/completions, /v1/completions, /v1/models, /v1/models/{model}, /v1/embeddings,
                       /v1/rerank (19), /v1/images/generations and /v1/images/edits (20)
@@ -4907,60 +4909,12 @@ def delete_model(state: AppState, rec: ModelRecord) -> None:
 
 
 # ============================================================================
-# 16. Routes: Ollama (/api/*)
+# 16. Routes: Ollama's generation (/api/chat, /api/generate; the router of every /api/* route)
 # ============================================================================
 # Each API has a module-level router (`grep -n "^@"` lists every route), made by wire_router with the API's
 # error shapes; each route declares how the gateway serves it (openapi_extra). create_app includes them all.
 ollama_api = wire_router(OLLAMA)
 OLLAMA_API_VERSION = "0.13.0"  # the Ollama API level these routes follow (numeric: Open WebUI parses it)
-
-
-def format_parameter_size(count: int) -> str:
-    return f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
-
-
-QUANT_LEVELS = {"q4": "NF4", "q8": "INT8", "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-
-
-def model_details(rec: ModelRecord) -> dict[str, Any]:
-    index = read_json(Path(rec.path) / "model_index.json")
-    if index:  # diffusers: the family is the pipeline class (StableDiffusionPipeline)
-        family = str(index.get("_class_name", "diffusers"))
-        return {"parent_model": "", "format": "diffusers", "family": family, "families": [family],
-                "parameter_size": format_parameter_size(parameter_count(rec.path)),
-                "quantization_level": QUANT_LEVELS.get(rec.quantization, "")}
-    if is_gguf_path(rec.path):
-        meta = gguf_metadata(rec.path)
-        family = str(meta.get("general.architecture", "unknown"))
-        return {"parent_model": "", "format": "gguf", "family": family, "families": [family],
-                "parameter_size": format_parameter_size(meta["general.parameter_count"]),
-                "quantization_level": meta["file_type_name"]}
-    config = read_json(Path(rec.path) / "config.json")
-    family = config.get("model_type") or (rec.architecture or "unknown").lower()
-    dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
-    return {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
-            "parameter_size": format_parameter_size(parameter_count(rec.path)),
-            "quantization_level": QUANT_LEVELS.get(rec.quantization, DTYPE_LEVELS.get(dtype, dtype.upper()))}
-
-
-def model_info(rec: ModelRecord) -> dict[str, Any]:
-    """Ollama's GGUF-style keys: a GGUF's own metadata (its vocabulary left out), else filled from config.json."""
-    if is_gguf_path(rec.path):
-        meta = gguf_metadata(rec.path)
-        return {k: v for k, v in meta.items() if k not in ("fim", "file_type_name", "tokenizer.chat_template")}
-    config = read_json(Path(rec.path) / "config.json")
-    arch = config.get("model_type", "unknown")
-    keys = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
-            "block_count": "num_hidden_layers", "attention.head_count": "num_attention_heads",
-            "attention.head_count_kv": "num_key_value_heads", "vocab_size": "vocab_size"}
-    info = {"general.architecture": arch, "general.parameter_count": parameter_count(rec.path)}
-    info.update({f"{arch}.{k}": config[v] for k, v in keys.items() if v in config})
-    return info
-
-
-def model_digest(rec: ModelRecord) -> str:
-    return content_digest(rec.path, rec.sha)
 
 
 class OllamaOptions(WireModel):
@@ -5065,62 +5019,6 @@ class OllamaGenerateBody(OllamaInferenceBody):
     context: list[TokenId] | None = Field(None, max_length=10_000_000)
     raw: bool = False
     images: list[str] | None = None
-
-
-class CreateBody(WireModel):
-    """Ollama's /api/create: a new name from an existing model (`from`) or from uploaded blobs (`files`),
-    with Modelfile settings."""
-
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    model: ModelName | None = None
-    name: ModelName | None = None  # the legacy field
-    from_: str | None = Field(None, alias="from", max_length=400)
-    files: dict[Annotated[str, Field(max_length=400)], Annotated[str, Field(max_length=100)]] | None = Field(
-        None, max_length=10_000)
-    adapters: dict[str, str] | None = None
-    quantize: str | None = None
-    template: str | None = Field(None, max_length=1_000_000)
-    system: str | None = Field(None, max_length=1_000_000)
-    license: str | list[str] | None = None
-    parameters: dict[str, Any] | None = None
-    messages: list[OllamaMessage] | None = Field(None, max_length=10_000)
-    stream: bool = True
-
-
-class ModelNameBody(WireModel):
-    """For /api/show, /api/delete, /api/pull: `model`, or the legacy `name`."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: ModelName | None = None
-    name: ModelName | None = None
-    stream: bool = True
-
-    def target(self) -> str:
-        value = self.model or self.name
-        if not value:
-            raise BadRequest("model is required")
-        return value
-
-
-class CopyBody(WireModel):
-    source: ModelName
-    destination: ModelName
-
-
-class OllamaEmbedBody(WireModel):
-    model_config = ConfigDict(extra="ignore")
-    model: ModelName
-    input: str | list[str] | None = None
-    truncate: bool | None = None
-    dimensions: int | None = Field(None, ge=1, le=1_000_000)
-    keep_alive: float | str | None = None
-
-
-class OllamaLegacyEmbedBody(WireModel):
-    model_config = ConfigDict(extra="ignore")
-    model: ModelName
-    prompt: str = ""
-    keep_alive: float | str | None = None
 
 
 def ollama_chunk(name: str, done: bool, **fields: Any) -> dict[str, Any]:
@@ -5373,125 +5271,111 @@ async def api_generate(body: OllamaGenerateBody, request: Request) -> Any:
     return await respond(run, OllamaGenerateReply(run, body, top), body.stream)
 
 
-@ollama_api.api_route("/api/tags", methods=["GET", "HEAD"], openapi_extra=merged("models", "name"))
-async def ollama_tags(request: Request) -> dict[str, Any]:
-    records = state_of(request).registry.list_models()
-    return {"models": await asyncio.to_thread(lambda: [tag_entry(r) for r in records])}
+# ============================================================================
+# 16b. Routes: Ollama's model management (/api/tags, /api/show, /api/ps, /api/pull, /api/create, /api/blobs, ...)
+# ============================================================================
+class CreateBody(WireModel):
+    """Ollama's /api/create: a new name from an existing model (`from`) or from uploaded blobs (`files`),
+    with Modelfile settings."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model: ModelName | None = None
+    name: ModelName | None = None  # the legacy field
+    from_: str | None = Field(None, alias="from", max_length=400)
+    files: dict[Annotated[str, Field(max_length=400)], Annotated[str, Field(max_length=100)]] | None = Field(
+        None, max_length=10_000)
+    adapters: dict[str, str] | None = None
+    quantize: str | None = None
+    template: str | None = Field(None, max_length=1_000_000)
+    system: str | None = Field(None, max_length=1_000_000)
+    license: str | list[str] | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[OllamaMessage] | None = Field(None, max_length=10_000)
+    stream: bool = True
 
 
-@ollama_api.post("/api/show", openapi_extra=TO_HOLDER)
-async def ollama_show(body: ModelNameBody, request: Request) -> dict[str, Any]:
-    name = body.target()
-    rec = require_model(state_of(request), name)
-    return await asyncio.to_thread(show_entry, rec)
+class ModelNameBody(WireModel):
+    """For /api/show, /api/delete, /api/pull: `model`, or the legacy `name`."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName | None = None
+    name: ModelName | None = None
+    stream: bool = True
+
+    def target(self) -> str:
+        value = self.model or self.name
+        if not value:
+            raise BadRequest("model is required")
+        return value
 
 
-@ollama_api.get("/api/ps", openapi_extra=merged("models", "name"))
-async def ollama_ps(request: Request) -> dict[str, Any]:
-    state = state_of(request)
-    running = [(state.registry.get_model(n), m) for n, m in state.models.loaded.items()]
-    entries = [ps_entry(rec, m, state.settings) for rec, m in running if rec is not None]
-    return {"models": sorted(entries, key=lambda e: e["expires_at"], reverse=True)}
+class CopyBody(WireModel):
+    source: ModelName
+    destination: ModelName
 
 
-@ollama_api.delete("/api/delete", openapi_extra=TO_EVERY_WORKER)
-async def api_delete(body: ModelNameBody, request: Request) -> dict[str, str]:
-    state = state_of(request)
-    name = body.target()
-    await asyncio.to_thread(delete_model, state, require_model(state, name))
-    return {"status": "success"}
+class OllamaEmbedBody(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName
+    input: str | list[str] | None = None
+    truncate: bool | None = None
+    dimensions: int | None = Field(None, ge=1, le=1_000_000)
+    keep_alive: float | str | None = None
 
 
-@ollama_api.post("/api/copy", openapi_extra=TO_EVERY_WORKER)
-async def api_copy(body: CopyBody, request: Request) -> dict[str, str]:
-    state = state_of(request)
-    rec = require_model(state, body.source, f'model "{body.source}" not found')
-    if (taken := find_model(state, body.destination)) is not None:
-        raise Conflict(f"model '{display_name(taken.name)}' already exists: delete it first "
-                       "(DELETE /api/delete), or copy to another name")
-    state.registry.put_model(dataclasses.replace(rec, name=body.destination, created_at=utc_now_iso()))
-    log.info("model %s: copied to %s", rec.name, body.destination)
-    return {"status": "success"}
+class OllamaLegacyEmbedBody(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName
+    prompt: str = ""
+    keep_alive: float | str | None = None
 
 
-@ollama_api.post("/api/pull", openapi_extra=PULL)
-async def api_pull(body: ModelNameBody, request: Request) -> Any:
-    return await ollama_pull(state_of(request), body.target(), body.stream)
+def format_parameter_size(count: int) -> str:
+    return f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
 
 
-@ollama_api.post("/api/embed", openapi_extra=BY_MODEL)
-async def api_embed(body: OllamaEmbedBody, request: Request) -> dict[str, Any]:
-    state = state_of(request)
-    texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
-    fin = await embed(state, body.model, texts, True, body.truncate is not False, body.dimensions,
-                      keep_alive_of(body.keep_alive))
-    return {"model": body.model, "embeddings": fin["vectors"], "total_duration": fin["total_ns"],
-            "load_duration": fin["load_ns"], "prompt_eval_count": fin["tokens"]}
+QUANT_LEVELS = {"q4": "NF4", "q8": "INT8", "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
-@ollama_api.post("/api/embeddings", openapi_extra=BY_MODEL)
-async def api_embeddings(body: OllamaLegacyEmbedBody, request: Request) -> dict[str, Any]:
-    texts = [body.prompt] if body.prompt else []
-    fin = await embed(state_of(request), body.model, texts, False, True, None, keep_alive_of(body.keep_alive))
-    return {"embedding": fin["vectors"][0] if fin["vectors"] else []}
+def model_details(rec: ModelRecord) -> dict[str, Any]:
+    index = read_json(Path(rec.path) / "model_index.json")
+    if index:  # diffusers: the family is the pipeline class (StableDiffusionPipeline)
+        family = str(index.get("_class_name", "diffusers"))
+        return {"parent_model": "", "format": "diffusers", "family": family, "families": [family],
+                "parameter_size": format_parameter_size(parameter_count(rec.path)),
+                "quantization_level": QUANT_LEVELS.get(rec.quantization, "")}
+    if is_gguf_path(rec.path):
+        meta = gguf_metadata(rec.path)
+        family = str(meta.get("general.architecture", "unknown"))
+        return {"parent_model": "", "format": "gguf", "family": family, "families": [family],
+                "parameter_size": format_parameter_size(meta["general.parameter_count"]),
+                "quantization_level": meta["file_type_name"]}
+    config = read_json(Path(rec.path) / "config.json")
+    family = config.get("model_type") or (rec.architecture or "unknown").lower()
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
+    return {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
+            "parameter_size": format_parameter_size(parameter_count(rec.path)),
+            "quantization_level": QUANT_LEVELS.get(rec.quantization, DTYPE_LEVELS.get(dtype, dtype.upper()))}
 
 
-# /api/create, the blobs it is made from, and /api/push (refused).
+def model_info(rec: ModelRecord) -> dict[str, Any]:
+    """Ollama's GGUF-style keys: a GGUF's own metadata (its vocabulary left out), else filled from config.json."""
+    if is_gguf_path(rec.path):
+        meta = gguf_metadata(rec.path)
+        return {k: v for k, v in meta.items() if k not in ("fim", "file_type_name", "tokenizer.chat_template")}
+    config = read_json(Path(rec.path) / "config.json")
+    arch = config.get("model_type", "unknown")
+    keys = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
+            "block_count": "num_hidden_layers", "attention.head_count": "num_attention_heads",
+            "attention.head_count_kv": "num_key_value_heads", "vocab_size": "vocab_size"}
+    info = {"general.architecture": arch, "general.parameter_count": parameter_count(rec.path)}
+    info.update({f"{arch}.{k}": config[v] for k, v in keys.items() if v in config})
+    return info
 
 
-@ollama_api.post("/api/create", openapi_extra=BY_MODEL)
-async def api_create(body: CreateBody, request: Request) -> Any:
-    statuses = await asyncio.to_thread(create_model, state_of(request), body)
-    if not body.stream:
-        return {"status": "success"}
-    return StreamingResponse(aiter_of(*(compact_json({"status": s}) + "\n" for s in [*statuses, "success"])),
-                             media_type="application/x-ndjson")
-
-
-@ollama_api.head("/api/blobs/{digest}", openapi_extra=BY_MODEL)
-async def blob_exists(digest: str, request: Request) -> Response:
-    if not blob_path(state_of(request).settings, digest).exists():
-        raise NotFound(f'blob "{digest}" not found')
-    return Response(status_code=200)
-
-
-@ollama_api.post("/api/blobs/{digest}", openapi_extra=BY_MODEL)
-async def upload_blob(digest: str, request: Request) -> Response:
-    """The raw body is the file; its sha256 must be the digest. Streamed to disk, never held in
-    memory; a partial upload (mismatch, client gone) leaves nothing behind."""
-    state = state_of(request)
-    path = blob_path(state.settings, digest)
-    if path.exists():
-        return Response(status_code=200)
-    length = request.headers.get("content-length", "")
-    free = shutil.disk_usage(path.parent).free
-    if length.isdigit() and int(length) > free - state.settings.pull_min_free_bytes:
-        raise ServerError(f"not enough disk for a {int(length)}-byte blob ({free} bytes free, "
-                          f"PULL_MIN_FREE_BYTES {state.settings.pull_min_free_bytes} kept)", status=507)
-    partial, sha, room = path.with_name(f"{path.name}.{new_id()}.partial"), hashlib.sha256(), \
-        free - state.settings.pull_min_free_bytes
-    try:
-        with open(partial, "wb") as out:
-            async for chunk in request.stream():
-                room -= len(chunk)
-                if room < 0:  # a body without Content-Length is counted as it comes
-                    raise ServerError(f"not enough disk for this blob (PULL_MIN_FREE_BYTES "
-                                      f"{state.settings.pull_min_free_bytes} kept)", status=507)
-                sha.update(chunk)
-                await asyncio.to_thread(out.write, chunk)
-        if (got := f"sha256:{sha.hexdigest()}") != digest:
-            raise BadRequest(f'digest mismatch, expected "{digest}", got "{got}"')
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    log.info("blob %s: stored (%d bytes)", digest[:19], path.stat().st_size)
-    return Response(status_code=201)
-
-
-@ollama_api.post("/api/push", openapi_extra=BY_MODEL)
-async def api_push() -> None:
-    raise BadRequest("push is not supported: ai-server pulls from the Hugging Face Hub and publishes nowhere; "
-                     "upload a model with huggingface_hub (`hf upload`) instead")
+def model_digest(rec: ModelRecord) -> str:
+    return content_digest(rec.path, rec.sha)
 
 
 def tag_entry(rec: ModelRecord) -> dict[str, Any]:
@@ -5726,6 +5610,127 @@ async def pull_progress(state: AppState, job: PullJob):
         return
     for status in ("verifying sha256 digest", "writing manifest", "success"):
         yield compact_json({"status": status}) + "\n"
+
+
+@ollama_api.api_route("/api/tags", methods=["GET", "HEAD"], openapi_extra=merged("models", "name"))
+async def ollama_tags(request: Request) -> dict[str, Any]:
+    records = state_of(request).registry.list_models()
+    return {"models": await asyncio.to_thread(lambda: [tag_entry(r) for r in records])}
+
+
+@ollama_api.post("/api/show", openapi_extra=TO_HOLDER)
+async def ollama_show(body: ModelNameBody, request: Request) -> dict[str, Any]:
+    name = body.target()
+    rec = require_model(state_of(request), name)
+    return await asyncio.to_thread(show_entry, rec)
+
+
+@ollama_api.get("/api/ps", openapi_extra=merged("models", "name"))
+async def ollama_ps(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    running = [(state.registry.get_model(n), m) for n, m in state.models.loaded.items()]
+    entries = [ps_entry(rec, m, state.settings) for rec, m in running if rec is not None]
+    return {"models": sorted(entries, key=lambda e: e["expires_at"], reverse=True)}
+
+
+@ollama_api.delete("/api/delete", openapi_extra=TO_EVERY_WORKER)
+async def api_delete(body: ModelNameBody, request: Request) -> dict[str, str]:
+    state = state_of(request)
+    name = body.target()
+    await asyncio.to_thread(delete_model, state, require_model(state, name))
+    return {"status": "success"}
+
+
+@ollama_api.post("/api/copy", openapi_extra=TO_EVERY_WORKER)
+async def api_copy(body: CopyBody, request: Request) -> dict[str, str]:
+    state = state_of(request)
+    rec = require_model(state, body.source, f'model "{body.source}" not found')
+    if (taken := find_model(state, body.destination)) is not None:
+        raise Conflict(f"model '{display_name(taken.name)}' already exists: delete it first "
+                       "(DELETE /api/delete), or copy to another name")
+    state.registry.put_model(dataclasses.replace(rec, name=body.destination, created_at=utc_now_iso()))
+    log.info("model %s: copied to %s", rec.name, body.destination)
+    return {"status": "success"}
+
+
+@ollama_api.post("/api/pull", openapi_extra=PULL)
+async def api_pull(body: ModelNameBody, request: Request) -> Any:
+    return await ollama_pull(state_of(request), body.target(), body.stream)
+
+
+@ollama_api.post("/api/embed", openapi_extra=BY_MODEL)
+async def api_embed(body: OllamaEmbedBody, request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    texts = [body.input] if isinstance(body.input, str) else list(body.input or [])
+    fin = await embed(state, body.model, texts, True, body.truncate is not False, body.dimensions,
+                      keep_alive_of(body.keep_alive))
+    return {"model": body.model, "embeddings": fin["vectors"], "total_duration": fin["total_ns"],
+            "load_duration": fin["load_ns"], "prompt_eval_count": fin["tokens"]}
+
+
+@ollama_api.post("/api/embeddings", openapi_extra=BY_MODEL)
+async def api_embeddings(body: OllamaLegacyEmbedBody, request: Request) -> dict[str, Any]:
+    texts = [body.prompt] if body.prompt else []
+    fin = await embed(state_of(request), body.model, texts, False, True, None, keep_alive_of(body.keep_alive))
+    return {"embedding": fin["vectors"][0] if fin["vectors"] else []}
+
+
+# /api/create, the blobs it is made from, and /api/push (refused).
+
+
+@ollama_api.post("/api/create", openapi_extra=BY_MODEL)
+async def api_create(body: CreateBody, request: Request) -> Any:
+    statuses = await asyncio.to_thread(create_model, state_of(request), body)
+    if not body.stream:
+        return {"status": "success"}
+    return StreamingResponse(aiter_of(*(compact_json({"status": s}) + "\n" for s in [*statuses, "success"])),
+                             media_type="application/x-ndjson")
+
+
+@ollama_api.head("/api/blobs/{digest}", openapi_extra=BY_MODEL)
+async def blob_exists(digest: str, request: Request) -> Response:
+    if not blob_path(state_of(request).settings, digest).exists():
+        raise NotFound(f'blob "{digest}" not found')
+    return Response(status_code=200)
+
+
+@ollama_api.post("/api/blobs/{digest}", openapi_extra=BY_MODEL)
+async def upload_blob(digest: str, request: Request) -> Response:
+    """The raw body is the file; its sha256 must be the digest. Streamed to disk, never held in
+    memory; a partial upload (mismatch, client gone) leaves nothing behind."""
+    state = state_of(request)
+    path = blob_path(state.settings, digest)
+    if path.exists():
+        return Response(status_code=200)
+    length = request.headers.get("content-length", "")
+    free = shutil.disk_usage(path.parent).free
+    if length.isdigit() and int(length) > free - state.settings.pull_min_free_bytes:
+        raise ServerError(f"not enough disk for a {int(length)}-byte blob ({free} bytes free, "
+                          f"PULL_MIN_FREE_BYTES {state.settings.pull_min_free_bytes} kept)", status=507)
+    partial, sha, room = path.with_name(f"{path.name}.{new_id()}.partial"), hashlib.sha256(), \
+        free - state.settings.pull_min_free_bytes
+    try:
+        with open(partial, "wb") as out:
+            async for chunk in request.stream():
+                room -= len(chunk)
+                if room < 0:  # a body without Content-Length is counted as it comes
+                    raise ServerError(f"not enough disk for this blob (PULL_MIN_FREE_BYTES "
+                                      f"{state.settings.pull_min_free_bytes} kept)", status=507)
+                sha.update(chunk)
+                await asyncio.to_thread(out.write, chunk)
+        if (got := f"sha256:{sha.hexdigest()}") != digest:
+            raise BadRequest(f'digest mismatch, expected "{digest}", got "{got}"')
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    log.info("blob %s: stored (%d bytes)", digest[:19], path.stat().st_size)
+    return Response(status_code=201)
+
+
+@ollama_api.post("/api/push", openapi_extra=BY_MODEL)
+async def api_push() -> None:
+    raise BadRequest("push is not supported: ai-server pulls from the Hugging Face Hub and publishes nowhere; "
+                     "upload a model with huggingface_hub (`hf upload`) instead")
 
 
 # ============================================================================
