@@ -4820,6 +4820,11 @@ def gateway_hop(scope: dict) -> dict[str, Any]:
     return route.openapi_extra["x-gateway"] if full and isinstance(route, WireRoute) else LOCAL["x-gateway"]
 
 
+def takes_form(scope: dict) -> bool:
+    """The request's route reads a multipart form (declared BY_MODEL_FORM: OpenAI's image uploads)."""
+    return bool(gateway_hop(scope).get("form"))
+
+
 def validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -8943,7 +8948,7 @@ class JsonBodyDefault:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
             ctype = dict(scope["headers"]).get(b"content-type", b"").lower()
-            upload = gateway_hop(scope).get("form") and ctype.startswith(b"multipart/form-data")
+            upload = takes_form(scope) and ctype.startswith(b"multipart/form-data")
             if not ctype.startswith(b"application/json") and not upload:
                 # In place: outer middleware read the route from this same scope dict afterwards.
                 scope["headers"] = [h for h in scope["headers"] if h[0] != b"content-type"] + [self.JSON]
