@@ -3534,12 +3534,38 @@ def render_chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: li
         messages = [{"role": "system", "content": tool_system_prompt(tools)}, *messages]
         tools = None
     if template:
-        extra = {"enable_thinking": think} if think is not None else {}
-        text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                             add_generation_prompt=True, **extra)
+        text = apply_chat_template(tokenizer, messages, tools, think)
         return Prompt(text, tokenizer(text, add_special_tokens=False)["input_ids"])
     text = plain_chat_prompt(messages)
     return Prompt(text, tokenizer(text)["input_ids"])
+
+
+def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                        think: bool | None) -> str:
+    """The template's text. A system turn after the first message is rendered where it stands when the
+    template allows it; a template that wants one system message first gets them folded into that one. A
+    conversation the template still refuses (its own raise_exception) is a 400 that says why."""
+    from jinja2.exceptions import TemplateError
+
+    extra = {"enable_thinking": think} if think is not None else {}
+    tries = [messages]
+    if any(m.get("role") == "system" for m in messages[1:]):
+        tries.append(fold_system_turns(messages))
+    for i, conversation in enumerate(tries):
+        try:
+            return tokenizer.apply_chat_template(conversation, tools=tools or None, tokenize=False,
+                                                 add_generation_prompt=True, **extra)
+        except TemplateError as exc:
+            if i == len(tries) - 1:
+                raise BadRequest(f"the model's chat template refuses this conversation: {exc}") from None
+    raise AssertionError("unreachable")
+
+
+def fold_system_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every system turn's text in one system message, first; the other turns in their order."""
+    system = "\n\n".join(m["content"] for m in messages if m.get("role") == "system" and m.get("content"))
+    rest = [m for m in messages if m.get("role") != "system"]
+    return [{"role": "system", "content": system}, *rest] if system else rest
 
 
 def compact_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -6280,8 +6306,11 @@ class AnthropicBlock(WireModel):
 
 
 class AnthropicMessage(WireModel):
+    """A turn; a `system` turn inside `messages` is an instruction given mid-conversation (Claude Code sends
+    one on every request)."""
+
     model_config = ConfigDict(extra="ignore")
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: str | Annotated[list[AnthropicBlock], Field(max_length=10_000)]
 
 
@@ -6344,6 +6373,9 @@ def anthropic_messages(body: AnthropicBody) -> list[dict[str, Any]]:
     names: dict[str, str] = {}
     for m in body.messages:
         blocks = [AnthropicBlock(type="text", text=m.content)] if isinstance(m.content, str) else m.content
+        if m.role == "system":
+            out.append({"role": "system", "content": anthropic_text(blocks)})
+            continue
         if m.role == "assistant":
             calls = [{"type": "function", "function": {"name": b.name, "arguments": b.input or {}}}
                      for b in blocks if b.type == "tool_use"]

@@ -102,6 +102,22 @@ def test_count_tokens(claude):
     assert 0 < short.input_tokens < longer.input_tokens
 
 
+def test_a_system_turn_inside_messages_as_claude_code_sends_it(claude):
+    """Claude Code (2.1.154 on) puts a {"role": "system"} turn inside `messages` on every request, its content
+    a string or text blocks: an instruction mid-conversation, rendered where it stands."""
+    turns = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi! How can I help?"},
+             {"role": "system", "content": [{"type": "text", "text": "Answer in one word."}]},
+             {"role": "user", "content": FRANCE}]
+    msg = claude.messages.create(model=SMOL, max_tokens=10, extra_body=GREEDY, system="You are a geography teacher.",
+                                 messages=turns)
+    assert msg.content[0].text and msg.usage.input_tokens > 20
+    counted = claude.messages.count_tokens(model=SMOL, system="You are a geography teacher.", messages=turns)
+    without = claude.messages.count_tokens(model=SMOL, system="You are a geography teacher.",
+                                           messages=[t for t in turns if t["role"] != "system"])
+    assert counted.input_tokens > without.input_tokens  # the system turn is in the prompt
+    assert counted.input_tokens == msg.usage.input_tokens
+
+
 def test_errors_have_anthropics_shape(claude, server):
     with pytest.raises(anthropic.NotFoundError) as err:
         claude.messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}])

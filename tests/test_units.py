@@ -133,6 +133,22 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
+def test_a_system_turn_mid_conversation_is_folded_only_for_a_template_that_wants_it_first(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    turns = [{"role": "system", "content": "A"}, {"role": "user", "content": "hi"}, {"role": "system", "content": "B"}]
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    assert app.render_chat_prompt(tok, turns).text == "<system>A<user>hi<system>B"  # rendered where it stands
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'system' and not loop.first %}"
+                         "{{ raise_exception('System message must be first') }}{% endif %}"
+                         "<{{ m.role }}>{{ m.content }}{% endfor %}")
+    assert app.render_chat_prompt(tok, turns).text == "<system>A\n\nB<user>hi"  # folded into the first
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(app.BadRequest, match="refuses this conversation: Conversation roles must alternate"):
+        app.render_chat_prompt(tok, turns[1:])
+
+
 def plan(path, quantization):
     return app.LoadPlan("tiny", str(path), quantization, False, "cpu", app.choose_dtype(quantization, "fp32", "cpu"))
 
