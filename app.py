@@ -6127,9 +6127,11 @@ class OpenAIChatReply(Reply):
         return {"logprobs": {"content": logprob_entries(self.run.tokenizer, lps, self.top)}}
 
     def chunk(self, delta: dict[str, Any], finish: str | None, lps: list[TokenLogprob] | None = None) -> str:
-        return sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.body.model,
-                    "system_fingerprint": "fp_ai_server",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **self.logprobs(lps)}]})
+        return sse(self.chunk_object([{"index": 0, "delta": delta, "finish_reason": finish, **self.logprobs(lps)}]))
+
+    def chunk_object(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.body.model,
+                "system_fingerprint": "fp_ai_server", "choices": choices}
 
     def calls(self, fin: Finished) -> tuple[str, list[dict[str, Any]]]:
         text, calls = reply_with_tools(fin.result.text, self.tools)
@@ -6152,9 +6154,7 @@ class OpenAIChatReply(Reply):
             lines.append(self.chunk({"role": "assistant", "content": ""}, None))
         lines.append(self.chunk({}, openai_finish_reason(fin, calls)))
         if self.body.stream_options and self.body.stream_options.include_usage:
-            lines.append(sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                              "model": self.body.model, "system_fingerprint": "fp_ai_server", "choices": [],
-                              "usage": openai_usage(fin)}))
+            lines.append(sse({**self.chunk_object([]), "usage": openai_usage(fin)}))
         return [*lines, "data: [DONE]\n\n"]
 
     async def whole(self, fin: Finished) -> dict[str, Any]:
