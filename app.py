@@ -6319,7 +6319,7 @@ class AnthropicTool(WireModel):
     name: str = Field(min_length=1, max_length=200)
     description: str | None = None
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
-    type: str | None = None  # "custom" or absent; Anthropic's server tools (web_search, ...) are refused
+    type: str | None = None  # "custom" or absent; Anthropic's server tools (web_search, ...) are left out
 
 
 class AnthropicToolChoice(WireModel):
@@ -6398,11 +6398,12 @@ def anthropic_messages(body: AnthropicBody) -> list[dict[str, Any]]:
 def anthropic_tools(body: AnthropicBody) -> list[dict[str, Any]] | None:
     if not body.tools or (body.tool_choice and body.tool_choice.type == "none"):
         return None
-    if server_tools := [t.name for t in body.tools if t.type not in (None, "custom")]:
-        raise BadRequest(f"server tools are not supported here: {server_tools}; send client tools (name, "
-                         "description, input_schema)")
+    if server_tools := [f"{t.name} ({t.type})" for t in body.tools if t.type not in (None, "custom")]:
+        log.info("model %s: server tools left out of the prompt (this server cannot run them): %s", body.model,
+                 ", ".join(server_tools))
     return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
-                                              "parameters": t.input_schema}} for t in body.tools]
+                                              "parameters": t.input_schema}}
+            for t in body.tools if t.type in (None, "custom")] or None
 
 
 def anthropic_params(body: AnthropicBody, tools: list[dict[str, Any]] | None) -> GenParams:
@@ -6586,9 +6587,11 @@ def responses_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]
             except (ValueError, TypeError):
                 raise BadRequest("a function_call item needs string call_id and name, and arguments as a JSON "
                                  "object in a string") from None
+            if isinstance(space := item.get("namespace"), str) and space:
+                name = f"{space}.{name}"  # as the tool was offered (responses_tools)
             names[call_id] = name
             out.append({"role": "assistant", "content": "",
-                        "tool_calls": [{"type": "function", "function": {"name": item.get("name", ""), "arguments": args}}]})
+                        "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}]})
         elif kind == "function_call_output":
             output, call_id = item.get("output"), item.get("call_id", "")
             if not isinstance(call_id, str):
@@ -6602,17 +6605,39 @@ def responses_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]
 
 
 def responses_tools(body: ResponsesBody) -> list[dict[str, Any]] | None:
+    """Function tools, and the members of each `namespace` tool as functions named `namespace.member`
+    (Codex sends its sub-agent tools so); hosted tools this server cannot run (web_search, file_search,
+    code_interpreter, ...) are left out of the prompt, with a log line, as Ollama does."""
     if not body.tools or body.tool_choice == "none":
         return None
-    if other := [t.get("type") for t in body.tools if t.get("type") != "function"]:
-        raise BadRequest(f"only function tools are supported here, not {other}")
+    functions, hosted = [], []
+    for tool in body.tools:
+        kind = tool.get("type")
+        if kind == "function":
+            functions.append(tool)
+        elif kind == "namespace" and isinstance(tool.get("name"), str) and isinstance(tool.get("tools"), list):
+            functions += [{**member, "name": f"{tool['name']}.{member.get('name')}"} for member in tool["tools"]
+                          if isinstance(member, dict) and member.get("type", "function") == "function"]
+        else:
+            hosted.append(str(kind))
+    if hosted:
+        log.info("model %s: hosted tools left out of the prompt (this server cannot run them): %s",
+                 body.model, ", ".join(hosted))
     try:  # the same checks as every API's function tools
         return [Tool(function=ToolFunction(name=t.get("name"), description=t.get("description") or "",
                                            parameters=t.get("parameters") or {"type": "object"})).model_dump()
-                for t in body.tools]
+                for t in functions] or None
     except ValidationError as exc:
         raise BadRequest("invalid tools: a function tool needs a string `name` (and `parameters` an object): "
                          + "; ".join(e["msg"] for e in exc.errors())) from None
+
+
+def responses_call(name: str, tools: list[dict[str, Any]]) -> dict[str, str]:
+    """A function_call item's name: a namespace member's un-prefixed again, with its `namespace`."""
+    space, dot, member = name.partition(".")
+    if dot and member and not any(t["function"]["name"] == space for t in tools):
+        return {"name": member, "namespace": space}
+    return {"name": name}
 
 
 def responses_params(body: ResponsesBody, tools: list[dict[str, Any]] | None) -> GenParams:
@@ -6639,8 +6664,8 @@ def responses_output(fin: Finished, tools: list[dict[str, Any]] | None) -> tuple
         items.append({"type": "message", "id": f"msg_{new_id()}", "status": "completed", "role": "assistant",
                       "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
     items += [{"type": "function_call", "id": f"fc_{new_id()}", "call_id": f"call_{new_id()}",
-               "name": c["function"]["name"], "arguments": compact_json(c["function"]["arguments"]),
-               "status": "completed"} for c in calls]
+               **responses_call(c["function"]["name"], tools or []),
+               "arguments": compact_json(c["function"]["arguments"]), "status": "completed"} for c in calls]
     said = [{"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}]
     return items, said
 
@@ -9269,11 +9294,17 @@ def cli_base_url(settings: Settings) -> str:
     return f"{parsed.scheme}://{host}:{parsed.port or settings.port}{parsed.path.rstrip('/')}"
 
 
+def cli_key(settings: Settings) -> str | None:
+    """AI_SERVER_API_KEY; else the server's own first key, only when talking to this machine's server
+    (OLLAMA_HOST may name another)."""
+    if settings.client_api_key:
+        return settings.client_api_key.get_secret_value()
+    return None if settings.server_url.strip() else next(iter(settings.all_api_keys()), None)
+
+
 def cli_call(settings: Settings, method: str, path: str, body: dict[str, Any] | None = None):
     """The server's answer: one JSON object, or for NDJSON an iterator of them (read as they come)."""
-    # The server's own first key only when talking to this machine's server: OLLAMA_HOST may name another.
-    key = settings.client_api_key.get_secret_value() if settings.client_api_key else \
-        None if settings.server_url.strip() else next(iter(settings.all_api_keys()), None)
+    key = cli_key(settings)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(cli_base_url(settings) + path, data=data, method=method, headers=headers)
@@ -9431,6 +9462,74 @@ def run_cli(settings: Settings, command: str, args: list[str]) -> int:
     return 0
 
 
+# --- `launch`: a coding agent pointed at this server (as `ollama launch`) --------------------------------
+# The agent's own binary, run with the environment and config overrides that point it at this server and a
+# model: nothing is written to the user's ~/.claude or ~/.codex. scripts/setup.sh --agents installs the pinned
+# CLIs (scripts/agents/package.json) into AGENTS_DIR; an agent on PATH is used first.
+AGENTS = {"claude": "@anthropic-ai/claude-code", "codex": "@openai/codex"}
+
+
+def agents_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ai-server" / "agents"
+
+
+def find_agent(agent: str) -> str | None:
+    if found := shutil.which(agent):
+        return found
+    binary = agents_dir() / "node_modules" / ".bin" / agent
+    return str(binary) if binary.is_file() else None
+
+
+def agent_command(settings: Settings, agent: str, model: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The agent's argv and the environment it runs in: this server's URL and key, and `model` for every
+    role the agent has (Claude Code's main, fast and subagent models; Codex's one)."""
+    base = cli_base_url(settings)
+    token = cli_key(settings) or "ai-server"  # the agents insist on a key; a server without API_KEYS ignores it
+    binary = find_agent(agent)
+    if binary is None:
+        raise CliError(f"Error: {agent} is not installed: run scripts/setup.sh --agents (npm install of "
+                       f"{AGENTS[agent]} into {agents_dir()}), or put `{agent}` on PATH", 2)
+    if agent == "claude":
+        env = {"ANTHROPIC_BASE_URL": base, "ANTHROPIC_AUTH_TOKEN": token, "ANTHROPIC_API_KEY": "",
+               "ANTHROPIC_MODEL": model, "ANTHROPIC_SMALL_FAST_MODEL": model, "CLAUDE_CODE_SUBAGENT_MODEL": model,
+               **{f"ANTHROPIC_DEFAULT_{tier}_MODEL": model for tier in ("OPUS", "SONNET", "HAIKU")},
+               "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+        return [binary, *args], env
+    provider = ('model_providers.ai_server={name="ai-server", base_url="%s/v1", wire_api="responses", '
+                'env_key="AI_SERVER_API_KEY"}' % base)
+    overrides = ["-c", 'model_provider="ai_server"', "-c", provider, "-c", "analytics.enabled=false", "-m", model]
+    # codex's own options go after its subcommand (exec, review, ...) when one is given
+    at = 1 if args and not args[0].startswith("-") and args[0] in CODEX_SUBCOMMANDS else 0
+    return [binary, *args[:at], *overrides, *args[at:]], {"AI_SERVER_API_KEY": token}
+
+
+CODEX_SUBCOMMANDS = ("exec", "e", "review", "resume", "fork")
+
+
+def cli_launch(settings: Settings, args: list[str]) -> int:
+    """`launch claude|codex [--model M] [-- AGENT ARGS...]`: checks that the server answers and has the model,
+    then runs the agent in the foreground; its exit code is launch's."""
+    parser = argparse.ArgumentParser(prog="app.py launch", description="run a coding agent on this server")
+    parser.add_argument("agent", choices=sorted(AGENTS))
+    parser.add_argument("--model", default=settings.default_model or None,
+                        help="the model the agent uses (default: DEFAULT_MODEL)")
+    passthrough = args[args.index("--") + 1:] if "--" in args else []
+    ours = parser.parse_args(args[:args.index("--")] if "--" in args else args)
+    if not ours.model:
+        print("Error: name a model: launch AGENT --model MODEL (`python app.py list` shows them)", file=sys.stderr)
+        return 2
+    try:
+        cli_call(settings, "POST", "/api/show", {"model": ours.model})  # the server is up and has the model
+        argv, env = agent_command(settings, ours.agent, ours.model, passthrough)
+    except CliError as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    print(f"launching {ours.agent} on {ours.model} at {cli_base_url(settings)}", file=sys.stderr)
+    with contextlib.suppress(KeyboardInterrupt):
+        return subprocess.run(argv, env={**os.environ, **env}).returncode
+    return 130
+
+
 CLI_USAGE = {"pull": "MODEL", "list": "", "ps": "", "show": "MODEL", "rm": "MODEL [MODEL...]", "cp": "SOURCE DEST",
              "stop": "MODEL", "run": "MODEL [PROMPT...]"}
 
@@ -9451,11 +9550,21 @@ AI_SERVER_HOST:AI_SERVER_PORT); exit 0 done, 1 the server refused (its message o
   rm MODEL...      delete (files go with the last name)      cp SRC DST  a second name for the same files
   stop MODEL       unload it now                             run MODEL [PROMPT...]  answer a prompt, or chat
                                                                          (no prompt; /bye ends it)
+  launch claude|codex [--model MODEL] [-- AGENT ARGS...]
+                   run Claude Code or Codex CLI on this server and MODEL (default DEFAULT_MODEL), as
+                   `ollama launch` does; scripts/setup.sh --agents installs both
 
 Everything else is configured by environment variables: see the Configuration table in README.md."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:  # its own options, and the agent's after `--`
+        try:
+            return cli_launch(Settings(), argv[1:])
+        except ValueError as exc:
+            print(f"ai-server: invalid configuration:\n{exc}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="app.py", description="ai-server: one server for local Hugging Face "
                                      "models", epilog=CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "worker", "import-default",

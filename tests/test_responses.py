@@ -82,8 +82,27 @@ def test_function_tools_and_their_outputs(oai):
         kinds = [e.type for e in stream]
         final = stream.get_final_response()
     assert "response.function_call_arguments.done" in kinds and final.output[-1].type == "function_call"
-    with pytest.raises(openai.BadRequestError, match="only function tools"):
-        oai.responses.create(model=SMOL, input="x", tools=[{"type": "web_search"}])
+
+
+def test_namespace_tools_are_expanded_and_hosted_tools_left_out(oai):
+    """Codex's default tools: a `namespace` tool (its members offered as `namespace.member`, the call's name
+    un-prefixed again with its `namespace`) and hosted `web_search`, which this server cannot run: left out of
+    the prompt, never a 400 (issue 22)."""
+    spaced = {"type": "namespace", "name": "weather", "description": "Weather tools",
+              "tools": [{k: v for k, v in WEATHER.items()}]}
+    hosted = [{"type": "web_search", "external_web_access": False}, {"type": "file_search"},
+              {"type": "code_interpreter", "container": {"type": "auto"}}]
+    call = oai.responses.create(model=SMOL, input="What is the weather in Paris?", tools=[spaced, *hosted],
+                                tool_choice="required", temperature=0, max_output_tokens=60)
+    fc = next(item for item in call.output if item.type == "function_call")
+    assert fc.name == "get_weather" and fc.namespace == "weather" and "city" in json.loads(fc.arguments)
+    # Codex sends the call back with its namespace: the history names the tool as it was offered.
+    back = [{"type": "function_call", "call_id": fc.call_id, "name": fc.name, "namespace": "weather",
+             "arguments": fc.arguments}, {"type": "function_call_output", "call_id": fc.call_id, "output": "22 C"}]
+    answer = oai.responses.create(model=SMOL, input=back, tools=[spaced, *hosted], temperature=0, max_output_tokens=20)
+    assert answer.output[0].type == "message" and answer.output_text
+    only_hosted = oai.responses.create(model=SMOL, input=FRANCE, tools=hosted, temperature=0, max_output_tokens=20)
+    assert "Paris" in only_hosted.output_text
 
 
 def test_json_schema_output(oai):
