@@ -1640,6 +1640,84 @@ def reply_with_tools(text: str, tools: list[dict[str, Any]] | None) -> tuple[str
     return parse_tool_calls(text, {t["function"]["name"] for t in tools})
 
 
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_KEYS = ("name", "arguments", "parameters")  # what a reply that is one JSON tool call starts with
+
+
+class ToolCallWatch:
+    """A streamed reply with tools declared: its text goes out as it is made; from where the output starts to
+    look like a tool call (<tool_call>, or a reply that opens with a JSON object: the forced-call grammar's
+    shape) it is held back, and parsed when the reply ends. A false start (`<tool_call>` not followed by an
+    object, an object whose first key is no tool call's, a name no tool has) goes out as text. Without tools
+    every piece passes through. `feed` returns the piece to send now, if any; `finish` what is left."""
+
+    def __init__(self, tools: list[dict[str, Any]] | None):
+        self.names = {t["function"]["name"] for t in tools or ()}
+        self.text = ""
+        self.sent = 0  # characters of self.text gone out as text
+        self.scan = 0  # where the next tool call may start
+        self.held: int | None = None  # where the held-back tool call starts
+        self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None  # of the text not sent yet
+
+    def feed(self, piece: Piece) -> Piece | None:
+        self.text += piece.text
+        if not self.names:
+            self.sent = len(self.text)
+            return piece
+        self.ids += piece.ids
+        if piece.logprobs is not None:
+            self.logprobs = [*(self.logprobs or []), *piece.logprobs]
+        end = self._releasable()
+        if end <= self.sent:
+            return None
+        out = Piece(self.text[self.sent:end], self.ids, self.logprobs)
+        self.sent, self.ids, self.logprobs = end, [], None
+        return out
+
+    def finish(self, text: str) -> tuple[str, list[dict[str, Any]], list[TokenLogprob] | None]:
+        """(the text not sent yet, less the tool calls in it; the calls; its logprobs), from the finished
+        reply's whole text."""
+        if not self.names:
+            return text[self.sent:], [], None
+        rest, calls = parse_tool_calls(text[self.sent:], self.names)
+        return rest, calls, self.logprobs
+
+    def _releasable(self) -> int:
+        text = self.text
+        while True:
+            if self.held is None:
+                lead = len(text) - len(text.lstrip())
+                if self.scan <= lead:  # nothing but white space yet: the reply may be one JSON call
+                    if lead == len(text):
+                        return self.sent
+                    if text[lead] == "{":
+                        self.held = lead
+                if self.held is None:
+                    start = text.find(TOOL_CALL_OPEN, self.scan)
+                    if start < 0:  # keep back an end that may grow into the opening tag
+                        return len(text) - held_back(text[self.scan:], [TOOL_CALL_OPEN])
+                    self.held = start
+            if not self._false_start(text[self.held:]):
+                return self.held
+            self.scan, self.held = self.held + 1, None
+
+    def _false_start(self, held: str) -> bool:
+        if held.startswith(TOOL_CALL_OPEN):
+            after = held[len(TOOL_CALL_OPEN):].lstrip()
+            return bool(after) and after[0] != "{"
+        m = re.match(r'\{\s*(?:"((?:[^"\\]|\\.)*)("?))?', held)
+        key, closed = m.group(1), m.group(2)
+        if key is None:  # no key yet: anything but white space after the brace is no tool call
+            return len(held) > m.end()
+        if not closed:
+            return not any(k.startswith(key) for k in TOOL_CALL_KEYS)
+        if key not in TOOL_CALL_KEYS:
+            return True
+        name = re.match(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"', held)
+        return bool(name) and name.group(1) not in self.names
+
+
 def tool_choice_schema(tools: list[dict[str, Any]], name: str | None) -> dict[str, Any]:
     """The JSON schema a forced tool call must follow: {"name": <tool>, "arguments": <its params>}."""
     options = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
@@ -3765,6 +3843,14 @@ class Finished:
     load_ns: int
     total_ns: int
     params: GenParams  # what the engine ran with: the output budget, text biases resolved to token ids
+    asked: int | None = None  # the output budget the request asked for (None: unlimited)
+
+    @property
+    def context_full(self) -> bool:
+        """The reply ended at the end of the context window, before the budget the request asked for."""
+        budget = self.params.max_tokens
+        return (self.result.done_reason == "length" and budget is not None and self.result.output_tokens >= budget
+                and (self.asked is None or self.asked <= 0 or budget < self.asked))
 
 
 TASK_IDS = itertools.count()
@@ -3878,7 +3964,7 @@ class GenerationRun:
             prompt, params, result = self._result(future)
             metrics.prompt_tokens.labels(self.rec.name).inc(result.prompt_tokens)
             metrics.generated_tokens.labels(self.rec.name).inc(result.output_tokens)
-            yield Finished(prompt, result, load_ns, time.perf_counter_ns() - start, params)
+            yield Finished(prompt, result, load_ns, time.perf_counter_ns() - start, params, self.params.max_tokens)
         finally:
             gen.cancel.set()
 
@@ -5072,29 +5158,33 @@ def ollama_chat_final(name: str, fin: Finished, tools: list[dict] | None, think:
 
 
 class OllamaChatReply(Reply):
-    """/api/chat's (and the native /chat's) NDJSON chunks; with tools the reply is held back and parsed
-    whole (a tool call is JSON), then sent in one chunk before the final one."""
+    """/api/chat's (and the native /chat's) NDJSON chunks. With tools, text streams as it is made and only what
+    looks like a tool call is held back (ToolCallWatch); the calls go in one chunk before the final one."""
 
     api = OLLAMA
 
     def __init__(self, run: GenerationRun, name: str, tools: list[dict] | None, think: bool = False,
                  top: int | None = None):
         self.run, self.name, self.tools, self.think, self.top = run, name, tools, think, top
+        self.watch = ToolCallWatch(tools)
 
     def piece(self, piece: Piece) -> list[str]:
-        if self.tools:
+        if (out := self.watch.feed(piece)) is None:
             return []
-        return [ndjson_line(ollama_chunk(self.name, False, message={"role": "assistant", "content": piece.text},
-                                         **ollama_logprobs(self.run, piece.logprobs, self.top)))]
+        return [ndjson_line(ollama_chunk(self.name, False, message={"role": "assistant", "content": out.text},
+                                         **ollama_logprobs(self.run, out.logprobs, self.top)))]
 
     def final(self, fin: Finished) -> list[str]:
         final = ollama_chat_final(self.name, fin, self.tools, self.think)
-        message = final.pop("message")
+        thinking = final.pop("message").get("thinking")
         final["message"] = {"role": "assistant", "content": ""}
-        if not self.tools:
+        rest, calls, logprobs = self.watch.finish(fin.result.text)
+        if not (rest or calls):
             return [ndjson_line(final)]
-        return [ndjson_line(ollama_chunk(self.name, False, message=message,  # the reply, tool calls parsed
-                                         **ollama_logprobs(self.run, fin.result.logprobs, self.top))),
+        message = {"role": "assistant", "content": rest, **({"tool_calls": calls} if calls else {}),
+                   **({"thinking": thinking} if thinking and self.tools else {})}
+        return [ndjson_line(ollama_chunk(self.name, False, message=message,
+                                         **ollama_logprobs(self.run, logprobs, self.top))),
                 ndjson_line(final)]
 
     async def whole(self, fin: Finished) -> Response:
@@ -6112,7 +6202,8 @@ def openai_chat_request(body: OpenAIChatBody, settings: Settings, rec: ModelReco
 
 class OpenAIChatReply(Reply):
     """Chat completions: the whole object, or chat.completion.chunk events (the first delta carries the
-    role); with tools the reply is held back and parsed whole, then sent as one delta."""
+    role); with tools, text streams and only what looks like a tool call is held back (ToolCallWatch), then
+    sent, parsed, as one delta."""
 
     api = OPENAI
 
@@ -6120,6 +6211,7 @@ class OpenAIChatReply(Reply):
         self.run, self.body, self.tools = run, body, tools
         self.id, self.created, self.top = f"chatcmpl-{new_id()}", int(time.time()), body.logprobs_top()
         self.first = True  # the next delta is the first: it carries the role
+        self.watch = ToolCallWatch(tools)
 
     def logprobs(self, lps: list[TokenLogprob] | None) -> dict[str, Any]:
         if self.top is None:
@@ -6138,20 +6230,20 @@ class OpenAIChatReply(Reply):
         return text, openai_tool_calls(calls)
 
     def piece(self, piece: Piece) -> list[str]:
-        if self.tools:
+        if (out := self.watch.feed(piece)) is None:
             return []
-        delta = {"role": "assistant", "content": piece.text} if self.first else {"content": piece.text}
+        delta = {"role": "assistant", "content": out.text} if self.first else {"content": out.text}
         self.first = False
-        return [self.chunk(delta, None, piece.logprobs)]
+        return [self.chunk(delta, None, out.logprobs)]
 
     def final(self, fin: Finished) -> list[str]:
-        text, calls = self.calls(fin)
+        rest, found, logprobs = self.watch.finish(fin.result.text)
+        calls = openai_tool_calls(found)
         lines = []
-        if self.tools:
-            delta = {"role": "assistant", "content": text or None} if self.first else {"content": text}
-            lines.append(self.chunk({**delta, **({"tool_calls": calls} if calls else {})}, None, fin.result.logprobs))
-        elif self.first:
-            lines.append(self.chunk({"role": "assistant", "content": ""}, None))
+        if rest or calls or self.first:
+            lines.append(self.chunk({**({"role": "assistant"} if self.first else {}),
+                                     "content": rest or (None if calls else ""),
+                                     **({"tool_calls": calls} if calls else {})}, None, logprobs))
         lines.append(self.chunk({}, openai_finish_reason(fin, calls)))
         if self.body.stream_options and self.body.stream_options.include_usage:
             lines.append(sse({**self.chunk_object([]), "usage": openai_usage(fin)}))
@@ -6417,17 +6509,25 @@ def anthropic_params(body: AnthropicBody, tools: list[dict[str, Any]] | None) ->
     return params
 
 
-def anthropic_content(fin: Finished, tools: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]], str, str | None]:
-    """(content blocks, stop_reason, stop_sequence) of a finished reply."""
-    text, calls = reply_with_tools(fin.result.text, tools)
-    blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not calls else []
-    blocks += [{"type": "tool_use", "id": f"toolu_{new_id()[:24]}", "name": c["function"]["name"],
-                "input": c["function"]["arguments"]} for c in calls]
-    if calls:
-        return blocks, "tool_use", None
+def anthropic_tool_uses(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"type": "tool_use", "id": f"toolu_{new_id()[:24]}", "name": c["function"]["name"],
+             "input": c["function"]["arguments"]} for c in calls]
+
+
+def anthropic_blocks(text: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return ([{"type": "text", "text": text}] if text or not calls else []) + anthropic_tool_uses(calls)
+
+
+def anthropic_stop(fin: Finished, called: bool) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence): a context window that ended the reply is not max_tokens (Claude Code
+    would ask the model to resume, for minutes)."""
+    if called:
+        return "tool_use", None
     if fin.result.stop_type == "word":
-        return blocks, "stop_sequence", fin.result.stopping_word
-    return blocks, "max_tokens" if fin.result.done_reason == "length" else "end_turn", None
+        return "stop_sequence", fin.result.stopping_word
+    if fin.result.done_reason == "length":
+        return "model_context_window_exceeded" if fin.context_full else "max_tokens", None
+    return "end_turn", None
 
 
 def anthropic_usage(fin: Finished) -> dict[str, int]:
@@ -6438,55 +6538,61 @@ def anthropic_usage(fin: Finished) -> dict[str, int]:
 class AnthropicReply(Reply):
     """Anthropic's message, or its stream: message_start, then per block content_block_start, its deltas
     (text_delta, or one input_json_delta for a tool call, which is parsed whole), content_block_stop; then
-    message_delta (stop_reason, usage) and message_stop. Text streams as it comes without tools."""
+    message_delta (stop_reason, usage) and message_stop. Text streams as it is made; with tools only what
+    looks like a tool call is held back (ToolCallWatch)."""
 
     api = ANTHROPIC
 
     def __init__(self, run: GenerationRun, model: str, tools: list[dict[str, Any]] | None):
-        self.run, self.tools = run, tools
+        self.run, self.tools, self.watch = run, tools, ToolCallWatch(tools)
         self.head = {"id": f"msg_{new_id()[:24]}", "type": "message", "role": "assistant", "model": model}
+        self.index = 0  # of the block being sent
+        self.text_open = False
 
     async def start(self) -> list[str]:
         prompt_tokens = len(self.run.prompt.ids) if self.run.prompt else 0
-        lines = [typed_sse({"type": "message_start", "message": {
+        return [typed_sse({"type": "message_start", "message": {
             **self.head, "content": [], "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})]
-        if not self.tools:
-            lines.append(typed_sse({"type": "content_block_start", "index": 0,
+
+    def text(self, text: str) -> list[str]:
+        lines = []
+        if not self.text_open:
+            self.text_open = True
+            lines.append(typed_sse({"type": "content_block_start", "index": self.index,
                                     "content_block": {"type": "text", "text": ""}}))
+        if text:
+            lines.append(typed_sse({"type": "content_block_delta", "index": self.index,
+                                    "delta": {"type": "text_delta", "text": text}}))
         return lines
 
     def piece(self, piece: Piece) -> list[str]:
-        if self.tools or not piece.text:
-            return []
-        return [typed_sse({"type": "content_block_delta", "index": 0,
-                           "delta": {"type": "text_delta", "text": piece.text}})]
+        out = self.watch.feed(piece)
+        return self.text(out.text) if out is not None and out.text else []
 
     def final(self, fin: Finished) -> list[str]:
-        content, reason, sequence = anthropic_content(fin, self.tools)
-        lines = []
-        for i, block in enumerate(content if self.tools else []):
-            if block["type"] == "text":
-                lines += [typed_sse({"type": "content_block_start", "index": i,
-                                     "content_block": {"type": "text", "text": ""}}),
-                          typed_sse({"type": "content_block_delta", "index": i,
-                                     "delta": {"type": "text_delta", "text": block["text"]}})]
-            else:
-                lines += [typed_sse({"type": "content_block_start", "index": i,
-                                     "content_block": {**block, "input": {}}}),
-                          typed_sse({"type": "content_block_delta", "index": i, "delta": {
-                              "type": "input_json_delta", "partial_json": compact_json(block["input"])}})]
-            lines.append(typed_sse({"type": "content_block_stop", "index": i}))
-        if not self.tools:
-            lines.append(typed_sse({"type": "content_block_stop", "index": 0}))
+        rest, calls, _ = self.watch.finish(fin.result.text)
+        lines = self.text(rest) if rest or not (calls or self.text_open) else []
+        if self.text_open:
+            lines.append(typed_sse({"type": "content_block_stop", "index": self.index}))
+            self.index += 1
+        for block in anthropic_tool_uses(calls):
+            lines += [typed_sse({"type": "content_block_start", "index": self.index,
+                                 "content_block": {**block, "input": {}}}),
+                      typed_sse({"type": "content_block_delta", "index": self.index, "delta": {
+                          "type": "input_json_delta", "partial_json": compact_json(block["input"])}}),
+                      typed_sse({"type": "content_block_stop", "index": self.index})]
+            self.index += 1
+        reason, sequence = anthropic_stop(fin, bool(calls))
         return [*lines, typed_sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
                                    "usage": anthropic_usage(fin)}),
                 typed_sse({"type": "message_stop"})]
 
     async def whole(self, fin: Finished) -> dict[str, Any]:
-        content, reason, sequence = anthropic_content(fin, self.tools)
-        return {**self.head, "content": content, "stop_reason": reason, "stop_sequence": sequence,
-                "usage": anthropic_usage(fin)}
+        text, calls = reply_with_tools(fin.result.text, self.tools)
+        reason, sequence = anthropic_stop(fin, bool(calls))
+        return {**self.head, "content": anthropic_blocks(text, calls), "stop_reason": reason,
+                "stop_sequence": sequence, "usage": anthropic_usage(fin)}
 
 
 @anthropic_api.post("/v1/messages", openapi_extra=BY_MODEL)
@@ -6656,12 +6762,13 @@ def responses_params(body: ResponsesBody, tools: list[dict[str, Any]] | None) ->
     return params
 
 
-def responses_output(fin: Finished, tools: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]], list[dict]]:
+def responses_output(text: str, calls: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                     message_id: str | None = None) -> tuple[list[dict[str, Any]], list[dict]]:
     """(output items, the assistant's chat messages for a later previous_response_id)."""
-    text, calls = reply_with_tools(fin.result.text, tools)
     items: list[dict[str, Any]] = []
     if text or not calls:
-        items.append({"type": "message", "id": f"msg_{new_id()}", "status": "completed", "role": "assistant",
+        items.append({"type": "message", "id": message_id or f"msg_{new_id()}", "status": "completed",
+                      "role": "assistant",
                       "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
     items += [{"type": "function_call", "id": f"fc_{new_id()}", "call_id": f"call_{new_id()}",
                **responses_call(c["function"]["name"], tools or []),
@@ -6702,8 +6809,9 @@ def responses_status(fin: Finished, output: list[dict[str, Any]]) -> str:
 class ResponsesReply(Reply):
     """The response object, or its typed events: response.created, response.in_progress; per output item
     output_item.added, its parts and deltas (output_text.delta; function_call_arguments.delta, whole), the
-    .done events; then response.completed (or response.incomplete). Text streams as it comes when there are
-    no tools. The finished response is remembered (`remember`) for a later previous_response_id."""
+    .done events; then response.completed (or response.incomplete). Text streams as it is made; with tools only
+    what looks like a tool call is held back (ToolCallWatch). The finished response is remembered (`remember`)
+    for a later previous_response_id."""
 
     api = RESPONSES
 
@@ -6711,56 +6819,55 @@ class ResponsesReply(Reply):
                  remember: Callable[[dict[str, Any], list[dict]], None]):
         self.draft, self.tools, self.remember = draft, tools, remember
         self.message_id, self.seq = f"msg_{new_id()}", itertools.count()
+        self.watch = ToolCallWatch(tools)
+        self.opened = False  # the message item has been announced (output_item.added, content_part.added)
 
     def event(self, kind: str, **fields: Any) -> str:
         return typed_sse({"type": kind, "sequence_number": next(self.seq), **fields})
 
     async def start(self) -> list[str]:
-        lines = [self.event(kind, response=self.draft.object("in_progress", []))
-                 for kind in ("response.created", "response.in_progress")]
-        if not self.tools:
+        return [self.event(kind, response=self.draft.object("in_progress", []))
+                for kind in ("response.created", "response.in_progress")]
+
+    def text(self, text: str) -> list[str]:
+        lines = []
+        if not self.opened:
+            self.opened = True
             lines += [self.event("response.output_item.added", output_index=0, item={
                 "type": "message", "id": self.message_id, "status": "in_progress", "role": "assistant",
                 "content": []}),
                 self.event("response.content_part.added", item_id=self.message_id, output_index=0, content_index=0,
                            part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+        if text:
+            lines.append(self.event("response.output_text.delta", item_id=self.message_id, output_index=0,
+                                    content_index=0, delta=text, logprobs=[]))
         return lines
 
     def piece(self, piece: Piece) -> list[str]:
-        if self.tools or not piece.text:
-            return []
-        return [self.event("response.output_text.delta", item_id=self.message_id, output_index=0, content_index=0,
-                           delta=piece.text, logprobs=[])]
+        out = self.watch.feed(piece)
+        return self.text(out.text) if out is not None and out.text else []
 
     def item_events(self, index: int, item: dict[str, Any]) -> list[str]:
-        lines = []
-        if self.tools:
-            lines.append(self.event("response.output_item.added", output_index=index, item={
-                **item, "status": "in_progress", **({"content": []} if item["type"] == "message" else
-                                                    {"arguments": ""})}))
         if item["type"] == "message":
             part = item["content"][0]
-            if self.tools:
-                lines += [self.event("response.content_part.added", item_id=item["id"], output_index=index,
-                                     content_index=0, part={**part, "text": ""}),
-                          self.event("response.output_text.delta", item_id=item["id"], output_index=index,
-                                     content_index=0, delta=part["text"], logprobs=[])]
-            lines += [self.event("response.output_text.done", item_id=item["id"], output_index=index,
-                                 content_index=0, text=part["text"], logprobs=[]),
-                      self.event("response.content_part.done", item_id=item["id"], output_index=index,
-                                 content_index=0, part=part)]
-        else:
-            lines += [self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                                 delta=item["arguments"]),
-                      self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                                 name=item["name"], arguments=item["arguments"])]
-        return [*lines, self.event("response.output_item.done", output_index=index, item=item)]
+            return [self.event("response.output_text.done", item_id=item["id"], output_index=index,
+                               content_index=0, text=part["text"], logprobs=[]),
+                    self.event("response.content_part.done", item_id=item["id"], output_index=index,
+                               content_index=0, part=part),
+                    self.event("response.output_item.done", output_index=index, item=item)]
+        return [self.event("response.output_item.added", output_index=index,
+                           item={**item, "status": "in_progress", "arguments": ""}),
+                self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                           delta=item["arguments"]),
+                self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                           name=item["name"], arguments=item["arguments"]),
+                self.event("response.output_item.done", output_index=index, item=item)]
 
     def final(self, fin: Finished) -> list[str]:
-        output, said = responses_output(fin, self.tools)
-        if not self.tools:
-            output[0]["id"] = self.message_id
-        lines = [line for index, item in enumerate(output) for line in self.item_events(index, item)]
+        rest, calls, _ = self.watch.finish(fin.result.text)
+        lines = self.text(rest) if rest or not (calls or self.opened) else []
+        output, said = responses_output(fin.result.text[:self.watch.sent] + rest, calls, self.tools, self.message_id)
+        lines += [line for index, item in enumerate(output) for line in self.item_events(index, item)]
         status = responses_status(fin, output)
         obj = self.draft.object(status, output, fin)
         self.remember(obj, said)
@@ -6768,7 +6875,7 @@ class ResponsesReply(Reply):
                                    response=obj)]
 
     async def whole(self, fin: Finished) -> dict[str, Any]:
-        output, said = responses_output(fin, self.tools)
+        output, said = responses_output(*reply_with_tools(fin.result.text, self.tools), self.tools)
         obj = self.draft.object(responses_status(fin, output), output, fin)
         self.remember(obj, said)
         return obj
