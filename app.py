@@ -744,7 +744,7 @@ class ModelRecord:
     trust_remote_code: bool
     source: str  # "hub", "embedded" or "created" (POST /api/create from uploaded files)
     created_at: str
-    # POST /api/create's Modelfile settings, JSON: system, template, parameters, messages ("{}": none).
+    # POST /api/create's Modelfile settings, JSON: system, template, parameters, messages, from ("{}": none).
     preset: str = "{}"
 
 
@@ -5031,7 +5031,10 @@ def delete_model(state: AppState, rec: ModelRecord) -> None:
 # Each API has a module-level router (`grep -n "^@"` lists every route), made by wire_router with the API's
 # error shapes; each route declares how the gateway serves it (openapi_extra). create_app includes them all.
 ollama_api = wire_router(OLLAMA)
-OLLAMA_API_VERSION = "0.13.0"  # the Ollama API level these routes follow (numeric: Open WebUI parses it)
+# The Ollama release that added the newest API this server follows: /api/version reports it (numeric: Open WebUI
+# parses it; `codex --oss` needs >= 0.13.4). tests/test_compat.py checks each route here is served.
+OLLAMA_API_LEVELS = {"0.14.0": ("POST", "/v1/messages")}  # Anthropic's Messages API
+OLLAMA_API_VERSION = max(OLLAMA_API_LEVELS, key=lambda v: tuple(map(int, v.split("."))))
 
 
 class OllamaOptions(WireModel):
@@ -5083,6 +5086,23 @@ def ollama_params(options: OllamaOptions | None, fmt: Format, truncate: bool | N
                      presence_penalty=o.presence_penalty or 0.0, frequency_penalty=o.frequency_penalty or 0.0,
                      seed=seed, stop=as_list(o.stop), num_ctx=o.num_ctx, truncate=truncate is not False,
                      format=fmt or None)
+
+
+# A wire field's GenParams name, where the two differ (for preset_sampling: what did a request set?)
+GENPARAM_OF_FIELD = {"max_output_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
+                     "stop_sequences": "stop", "response_format": "format"}
+
+
+def preset_sampling(params: GenParams, rec: ModelRecord, body: WireModel) -> GenParams:
+    """A created model's PARAMETERs (POST /api/create) under another API's request: each one for a setting the
+    request left out, as Ollama applies a Modelfile's parameters under its OpenAI and Anthropic routes (neither
+    Claude Code nor Codex sends a temperature)."""
+    if not (parameters := model_preset(rec).get("parameters")):
+        return params
+    sent = {GENPARAM_OF_FIELD.get(f, f) for f in body.model_fields_set}
+    preset, plain = ollama_params(OllamaOptions.model_validate(parameters), None, None), ollama_params(None, None, None)
+    return dataclasses.replace(params, **{f.name: getattr(preset, f.name) for f in dataclasses.fields(GenParams)
+                                          if f.name not in sent and getattr(preset, f.name) != getattr(plain, f.name)})
 
 
 class OllamaMessage(WireModel):
@@ -5460,22 +5480,23 @@ DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 def model_details(rec: ModelRecord) -> dict[str, Any]:
+    parent = model_preset(rec).get("from", "")  # the model a created one was made from
     index = read_json(Path(rec.path) / "model_index.json")
     if index:  # diffusers: the family is the pipeline class (StableDiffusionPipeline)
         family = str(index.get("_class_name", "diffusers"))
-        return {"parent_model": "", "format": "diffusers", "family": family, "families": [family],
+        return {"parent_model": parent, "format": "diffusers", "family": family, "families": [family],
                 "parameter_size": format_parameter_size(parameter_count(rec.path)),
                 "quantization_level": QUANT_LEVELS.get(rec.quantization, "")}
     if is_gguf_path(rec.path):
         meta = gguf_metadata(rec.path)
         family = str(meta.get("general.architecture", "unknown"))
-        return {"parent_model": "", "format": "gguf", "family": family, "families": [family],
+        return {"parent_model": parent, "format": "gguf", "family": family, "families": [family],
                 "parameter_size": format_parameter_size(meta["general.parameter_count"]),
                 "quantization_level": meta["file_type_name"]}
     config = read_json(Path(rec.path) / "config.json")
     family = config.get("model_type") or (rec.architecture or "unknown").lower()
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
-    return {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
+    return {"parent_model": parent, "format": "safetensors", "family": family, "families": [family],
             "parameter_size": format_parameter_size(parameter_count(rec.path)),
             "quantization_level": QUANT_LEVELS.get(rec.quantization, DTYPE_LEVELS.get(dtype, dtype.upper()))}
 
@@ -5563,8 +5584,8 @@ def create_model(state: AppState, body: CreateBody) -> list[str]:
                        "delete it first, or create another name")
     if body.from_:
         base = require_model(state, body.from_, f'model "{body.from_}" not found, try pulling it first')
-        rec = dataclasses.replace(base, name=name, created_at=utc_now_iso(),
-                                  preset=compact_json(preset_of(body, model_preset(base))))
+        preset = {**preset_of(body, model_preset(base)), "from": display_name(base.name)}  # Ollama's parent_model
+        rec = dataclasses.replace(base, name=name, created_at=utc_now_iso(), preset=compact_json(preset))
         replace_created(state, taken, rec)
         log.info("model %s: created from %s", name, base.name)
         return [f"using existing model {display_name(base.name)}", "writing manifest"]
@@ -5610,6 +5631,25 @@ def create_model(state: AppState, body: CreateBody) -> list[str]:
     return [*statuses, "writing manifest"]
 
 
+def modelfile(rec: ModelRecord, preset: dict[str, Any], template: str, params: list[str]) -> str:
+    """The Modelfile that would create this model, as `ollama show --modelfile` writes it: FROM, TEMPLATE,
+    SYSTEM, a PARAMETER line per value and a MESSAGE line per preset turn."""
+    def quoted(text: str) -> str:
+        return f'"""{text}"""'
+
+    lines = ["# Modelfile generated by ai-server"]
+    if parent := preset.get("from"):
+        lines += ["# To build a new Modelfile based on this, replace FROM with:", f"# FROM {parent}"]
+    lines += ["", f"FROM {rec.path}"]
+    if template:
+        lines.append(f"TEMPLATE {quoted(template)}")
+    if preset.get("system"):
+        lines.append(f"SYSTEM {quoted(preset['system'])}")
+    lines += [f"PARAMETER {p}" for p in params]
+    lines += [f"MESSAGE {m['role']} {quoted(m.get('content') or '')}" for m in preset.get("messages") or []]
+    return "\n".join(lines) + "\n"
+
+
 def show_entry(rec: ModelRecord) -> dict[str, Any]:
     preset = model_preset(rec)
     template = preset.get("template") or read_chat_template(Path(rec.path)) or ""
@@ -5617,7 +5657,7 @@ def show_entry(rec: ModelRecord) -> dict[str, Any]:
     params = [f'stop "{eos}"'] if isinstance(eos, str) else []
     params += [f"{k} {json.dumps(x) if isinstance(x, str) else x}" for k, v in (preset.get("parameters") or {}).items()
                for x in (v if isinstance(v, list) else [v])]
-    return {"license": "", "modelfile": f"# Modelfile generated by ai-server\nFROM {rec.path}\n",
+    return {"license": "", "modelfile": modelfile(rec, preset, template, params),
             "parameters": "\n".join(params), "template": template, "system": preset.get("system", ""),
             **({"messages": preset["messages"]} if preset.get("messages") else {}),
             "details": model_details(rec), "model_info": model_info(rec),
@@ -6196,7 +6236,7 @@ def openai_chat_request(body: OpenAIChatBody, settings: Settings, rec: ModelReco
         forced = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
         params.format = tool_choice_schema(tools, forced)
     messages = openai_messages(body.messages)
-
+    params = preset_sampling(params, rec, body)
     return chat_builder(messages, tools, params, settings, preset=model_preset(rec)), params, tools
 
 
@@ -6600,7 +6640,7 @@ async def anthropic_create_message(body: AnthropicBody, request: Request) -> Any
     state = state_of(request)
     rec = require_generative_model(state, body.model, "chat")
     tools = anthropic_tools(body)
-    params = anthropic_params(body, tools)
+    params = preset_sampling(anthropic_params(body, tools), rec, body)
     build = chat_builder(anthropic_messages(body), tools, params, state.settings, preset=model_preset(rec))
     run = GenerationRun(state.admission, rec, build, params, None, request)
     return await respond(run, AnthropicReply(run, body.model, tools), body.stream)
@@ -6903,7 +6943,7 @@ async def create_response(body: ResponsesBody, request: Request) -> Any:
     turn = responses_messages(body.input)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     tools = responses_tools(body)
-    params = responses_params(body, tools)
+    params = preset_sampling(responses_params(body, tools), rec, body)
     build = chat_builder([*system, *earlier, *turn], tools, params, state.settings, preset=model_preset(rec))
     run = GenerationRun(state.admission, rec, build, params, None, request)
     draft = ResponseDraft(body)

@@ -17,6 +17,8 @@ import pytest
 
 from conftest import ROOT, ServerProcess, copy_home
 
+import app
+
 FRANCE = "What is the capital of France? Answer in one sentence."
 GREEDY = {"temperature": 0, "num_predict": 40}
 CITY_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
@@ -61,6 +63,19 @@ def test_ollama_list_show_and_version(client, server):
     assert client.show("all-minilm").capabilities == ["embedding"]
     assert httpx.get(f"{server.url}/api/version").json()["version"].count(".") == 2
     assert httpx.get(f"{server.url}/").text == "Ollama is running"
+
+
+def test_api_version_is_the_ollama_level_the_routes_follow(server):
+    """/api/version names the Ollama release that added the newest API served here (issue 22: `codex --oss`
+    refused 0.13.0, and wants at least 0.13.4); each route OLLAMA_API_LEVELS names must be served."""
+    def level(v: str) -> tuple[int, ...]:
+        return tuple(map(int, v.split(".")))
+
+    version = httpx.get(f"{server.url}/api/version").json()["version"]
+    assert version == max(app.OLLAMA_API_LEVELS, key=level) and level(version) >= (0, 13, 4)
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    for method, path in app.OLLAMA_API_LEVELS.values():
+        assert method.lower() in paths.get(path, {}), f"{method} {path} is not served"
 
 
 def test_ollama_chat_streaming_and_not(client):
@@ -568,6 +583,22 @@ def test_create_from_a_model_with_a_modelfile(client, server):
     shown = server.client.post("/api/show", json={"model": "geo"}).json()  # (the client's model has no `system`)
     assert shown["system"] == "You are a geography teacher. Answer in one word." and "temperature 0" in shown["parameters"]
     assert client.show("geo").parameters == shown["parameters"]
+    # Its Modelfile, as `ollama show --modelfile` has it, and the model it came from (issue 22).
+    lines = shown["modelfile"].splitlines()
+    assert shown["details"]["parent_model"] == "smollm2:135m" and "# FROM smollm2:135m" in lines
+    assert 'SYSTEM """You are a geography teacher. Answer in one word."""' in lines
+    assert {"PARAMETER temperature 0", "PARAMETER num_predict 12"} <= set(lines)
+    assert ['MESSAGE user """Capital of Italy?"""', 'MESSAGE assistant """Rome"""'] == [
+        line for line in lines if line.startswith("MESSAGE")]
+    assert any(line.startswith('TEMPLATE """') for line in lines)
+    # Its PARAMETERs hold under the OpenAI and Anthropic APIs too, for what a request leaves out, as in Ollama:
+    # temperature 0 (neither coding agent sends one) gives the same reply twice.
+    chat = {"model": "geo", "messages": [{"role": "user", "content": "Capital of France?"}]}
+    replies = [server.client.post("/v1/chat/completions", json=chat).json() for _ in range(2)]
+    assert replies[0]["choices"][0]["message"] == replies[1]["choices"][0]["message"]
+    assert replies[0]["usage"]["completion_tokens"] <= 12  # num_predict 12
+    anth = [server.client.post("/v1/messages", json={**chat, "max_tokens": 40}).json() for _ in range(2)]
+    assert anth[0]["content"] == anth[1]["content"] and anth[0]["content"][0]["text"]
     ask = [{"role": "user", "content": "Capital of France?"}]
     first, again = client.chat(model="geo", messages=ask), client.chat(model="geo", messages=ask)
     plain = client.chat(model="smollm2:135m", messages=ask, options={"temperature": 0, "num_predict": 12})
