@@ -710,6 +710,47 @@ def test_litellm_acompletion_on_ollama_chat(server):
     assert "Paris" in r["content"] and r["streamed"] == r["content"] and 0 < r["completion_tokens"] <= 20
 
 
+LITELLM_TOOLS_SCRIPT = """
+import asyncio, json, sys
+import litellm
+
+async def main(url, tool):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model="openai/smollm2:135m", api_base=url + "/v1", api_key="unused", tools=[tool], temperature=0,
+              max_tokens=60)
+    r = await litellm.acompletion(**kw, messages=ask, tool_choice="required")
+    call = r.choices[0].message.tool_calls[0]
+    chunks = [c async for c in await litellm.acompletion(**kw, messages=ask, tool_choice="required", stream=True)]
+    built = litellm.stream_chunk_builder(chunks, messages=ask).choices[0].message.tool_calls[0]
+    # The round trip: the call and the tool's result go back; the model answers (ollama_chat/, tools declared).
+    back = [*ask, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "22 C and sunny"}]
+    parts = [c.choices[0].delta.content or "" async for c in await litellm.acompletion(
+        model="ollama_chat/smollm2:135m", api_base=url, messages=back, tools=[tool], temperature=0, max_tokens=20,
+        stream=True)]
+    print(json.dumps({"call": [call.function.name, json.loads(call.function.arguments)],
+                      "streamed_call": [built.function.name, json.loads(built.function.arguments)],
+                      "answer_parts": parts}))
+
+asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
+"""
+
+
+@pytest.mark.skipif(not LITELLM.exists(), reason="LiteLLM's venv is missing: scripts/setup.sh --dev makes .venv-litellm")
+def test_litellm_tool_calls(server):
+    """LiteLLM with `tools=` (it imports its MCP handler then: requirements-litellm.txt has `mcp`, issue 22): a
+    forced call through its `openai/` provider, whole and streamed, then the tool's result sent back through
+    `ollama_chat/` with the tools still declared, and the answer streamed in pieces."""
+    out = subprocess.run([str(LITELLM), "-c", LITELLM_TOOLS_SCRIPT, server.url, json.dumps(WEATHER_TOOL)],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, args in (r["call"], r["streamed_call"]):
+        assert name == "get_weather" and isinstance(args["city"], str)
+    assert len([p for p in r["answer_parts"] if p]) > 1, r["answer_parts"]
+
+
 def test_create_and_new_routes_refuse_bad_input_with_a_4xx(client, server):
     """Found by a review: long strings were refused by a list cap on str | list fields, and untyped
     inputs reached code that raised (500s). Each is now served or a 400 that says what to fix."""
