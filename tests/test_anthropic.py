@@ -95,6 +95,35 @@ def test_tools_tool_use_and_tool_result(claude):
     assert final.content[-1].input == use.input
 
 
+def test_server_tools_are_left_out_and_the_context_window_has_its_own_stop_reason(claude, server):
+    """Issue 22. Anthropic's server tools (web_search, ...) run on Anthropic's side: this server leaves them out
+    of the prompt, never a 400. A reply the context window ends, not max_tokens (Claude Code asks for 32 000),
+    says model_context_window_exceeded; Claude Code would otherwise send "resume" turns for minutes."""
+    hosted = {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}
+    ask = [{"role": "user", "content": FRANCE}]
+    msg = claude.messages.create(model=SMOL, max_tokens=20, extra_body=GREEDY, tools=[hosted], messages=ask)
+    assert msg.content[0].type == "text" and "Paris" in msg.content[0].text
+    assert claude.messages.count_tokens(model=SMOL, tools=[hosted], messages=ask).input_tokens == \
+        claude.messages.count_tokens(model=SMOL, messages=ask).input_tokens
+    r = server.client.post("/api/create", json={"model": "short-window", "from": SMOL, "parameters": {"num_ctx": 96}})
+    assert r.status_code == 200, r.text
+    story = [{"role": "user", "content": "Write a long story about a dragon."}]
+    try:
+        full = claude.messages.create(model="short-window", max_tokens=32000, extra_body=GREEDY, messages=story,
+                                      timeout=300)  # (the SDK wants a stream, or a timeout, above ~21 000 tokens)
+        assert full.stop_reason == "model_context_window_exceeded", full
+        assert full.usage.input_tokens + full.usage.output_tokens >= 90
+        with claude.messages.stream(model="short-window", max_tokens=32000, extra_body=GREEDY, messages=story) as s:
+            assert s.get_final_message().stop_reason == "model_context_window_exceeded"
+        capped = claude.messages.create(model="short-window", max_tokens=3, extra_body=GREEDY, messages=story)
+        assert capped.stop_reason == "max_tokens"
+        openai_style = server.client.post("/v1/chat/completions", json={"model": "short-window", "messages": story,
+                                                                        "max_tokens": 32000, "temperature": 0})
+        assert openai_style.json()["choices"][0]["finish_reason"] == "length"
+    finally:
+        server.client.request("DELETE", "/api/delete", json={"model": "short-window"})
+
+
 def test_count_tokens(claude):
     short = claude.messages.count_tokens(model=SMOL, messages=[{"role": "user", "content": "hi"}])
     longer = claude.messages.count_tokens(model=SMOL, system="You are a helpful assistant.", tools=[WEATHER],
