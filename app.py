@@ -5,6 +5,7 @@ Run:   python app.py serve            (port 8005; imports the embedded models on
        python app.py serve --role gateway   (the APIs; jobs go to workers over Redis Streams, REDIS_URL)
        python app.py worker           (runs the gateway's jobs on its own models; /health, /metrics only)
        python app.py import-default   (the one-time imports, without serving)
+       python app.py launch claude|codex [--model M] [-- ARGS]   (a coding agent on this server, as ollama launch)
        python app.py --help
 
 APIs: native (/pull, /jobs, /models, /chat), Ollama's (/api/*, NDJSON streams), OpenAI's (/v1/*, SSE
