@@ -112,3 +112,24 @@ def test_errors_and_exit_codes_a_script_can_use(server):
                                timeout=300, env={**os.environ, "AI_SERVER_URL": server.url,
                                                  "AI_SERVER_API_KEY": "wrong", "OLLAMA_HOST": ""})
     assert wrong_key.returncode == 1 and "API key" in wrong_key.stderr
+
+
+def test_launch_says_what_to_do_when_it_cannot_start(server, tmp_path):
+    """`launch` (issue 22) checks the server and the model before it runs an agent, and says what to do when
+    the agent is not installed (the agents themselves run in tests/test_agents.py)."""
+    no_model = cli(server, "launch", "claude", "--model", "no/such-model")
+    assert no_model.returncode == 1 and "not found" in no_model.stderr
+    default = cli(server, "launch", "codex")  # DEFAULT_MODEL (smollm2:135m) is not on this server
+    assert default.returncode == 1 and "smollm2:135m" in default.stderr
+    down = cli(None, "launch", "claude", url=f"http://127.0.0.1:{free_port()}")
+    assert down.returncode == 3 and "could not connect" in down.stderr
+    assert cli(server, "launch", "cursor").returncode == 2  # not an agent it knows
+    assert cli(server, "pull", "tiny/llama-h").returncode == 0
+    try:  # no agent on PATH, none installed in the cache folder
+        env = {**os.environ, "AI_SERVER_URL": server.url, "AI_SERVER_API_KEY": "cli-key", "OLLAMA_HOST": "",
+               "PATH": os.path.dirname(sys.executable), "XDG_CACHE_HOME": str(tmp_path)}
+        missing = subprocess.run([sys.executable, str(ROOT / "app.py"), "launch", "claude", "--model", "tiny/llama-h"],
+                                 capture_output=True, text=True, env=env, timeout=120)
+        assert missing.returncode == 2 and "scripts/setup.sh --agents" in missing.stderr, missing.stderr
+    finally:
+        cli(server, "rm", "tiny/llama-h")
