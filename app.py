@@ -3601,6 +3601,21 @@ def tool_system_prompt(tools: list[dict[str, Any]]) -> str:
             f"Tools: {json.dumps(tools, separators=(',', ':'))}")
 
 
+def calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant turn's tool calls written into its text, in the syntax tool_system_prompt teaches, for a
+    template that knows nothing of tools: it would render the turn empty, and the model would never see the
+    call it made before the tool's answer."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    written = "".join("<tool_call>" + json.dumps({"name": c["function"].get("name"),
+                                                  "arguments": c["function"].get("arguments") or {}}) + "</tool_call>"
+                      for c in calls if isinstance(c, dict) and isinstance(c.get("function"), dict))
+    text = message.get("content") or ""
+    return {**{k: v for k, v in message.items() if k != "tool_calls"},
+            "content": f"{text}\n{written}" if text else written}
+
+
 def template_takes_tools(tokenizer: Any) -> bool:
     return "tools" in (getattr(tokenizer, "chat_template", None) or "")
 
@@ -3609,9 +3624,11 @@ def render_chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: li
                        think: bool | None = None) -> Prompt:
     """The chat template when the model has one (it adds its own special tokens), else plain text."""
     template = getattr(tokenizer, "chat_template", None)
-    if tools and not template_takes_tools(tokenizer):
-        messages = [{"role": "system", "content": tool_system_prompt(tools)}, *messages]
-        tools = None
+    if not template_takes_tools(tokenizer):
+        messages = [calls_as_text(m) for m in messages]
+        if tools:
+            messages = [{"role": "system", "content": tool_system_prompt(tools)}, *messages]
+            tools = None
     if template:
         text = apply_chat_template(tokenizer, messages, tools, think)
         return Prompt(text, tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -347,3 +347,22 @@ def test_scheduler_numbers_slots_and_gives_the_preferred_one_when_free():
         assert await queued == 0 and scheduler.holders["m"] == ["d", "c", "a"]
 
     asyncio.run(run())
+
+
+def test_a_template_without_tools_sees_the_calls_made_before():
+    """SmolLM2's template knows nothing of tools: an assistant turn with only tool_calls rendered empty, so the
+    model never saw its own call before the tool's answer (found with the agents, issue 22)."""
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    turn = app.calls_as_text({"role": "assistant", "content": "", "tool_calls": [call]})
+    assert turn == {"role": "assistant", "content": '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+                                                    "</tool_call>"}
+    said = app.calls_as_text({"role": "assistant", "content": "Let me look.", "tool_calls": [call]})
+    assert said["content"].startswith("Let me look.\n<tool_call>") and "tool_calls" not in said
+    assert app.calls_as_text({"role": "user", "content": "hi"}) == {"role": "user", "content": "hi"}
+    parsed = app.parse_tool_calls(turn["content"], {"get_weather"})  # the syntax the reply parser reads back
+    tok = make_tokenizer()  # a ChatML template without tools
+    assert not app.template_takes_tools(tok)
+    history = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+               {"role": "tool", "content": "22 C"}]
+    assert '"city": "Paris"' in app.render_chat_prompt(tok, history).text
+    assert parsed == ("", [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}])
