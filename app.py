@@ -9660,8 +9660,9 @@ def agent_command(settings: Settings, agent: str, model: str, args: list[str]) -
                **{f"ANTHROPIC_DEFAULT_{tier}_MODEL": model for tier in ("OPUS", "SONNET", "HAIKU")},
                "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
         return [binary, *args], env
+    # A long prompt on a CPU can take minutes to read before the first event: more than Codex's 5-minute idle wait.
     provider = ('model_providers.ai_server={name="ai-server", base_url="%s/v1", wire_api="responses", '
-                'env_key="AI_SERVER_API_KEY"}' % base)
+                'env_key="AI_SERVER_API_KEY", stream_idle_timeout_ms=1800000}' % base)
     overrides = ["-c", 'model_provider="ai_server"', "-c", provider, "-c", "analytics.enabled=false", "-m", model]
     # codex's own options go after its subcommand (exec, review, ...) when one is given
     at = 1 if args and not args[0].startswith("-") and args[0] in CODEX_SUBCOMMANDS else 0
