@@ -1643,6 +1643,7 @@ def reply_with_tools(text: str, tools: list[dict[str, Any]] | None) -> tuple[str
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_KEYS = ("name", "arguments", "parameters")  # what a reply that is one JSON tool call starts with
+TOOL_CALL_JUDGED = 512  # characters of a held call that tell a call from a false start (names are <= 200)
 
 
 class ToolCallWatch:
@@ -1658,6 +1659,7 @@ class ToolCallWatch:
         self.sent = 0  # characters of self.text gone out as text
         self.scan = 0  # where the next tool call may start
         self.held: int | None = None  # where the held-back tool call starts
+        self.opening = True  # nothing but white space yet
         self.ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None  # of the text not sent yet
 
@@ -1685,21 +1687,24 @@ class ToolCallWatch:
         return rest, calls, self.logprobs
 
     def _releasable(self) -> int:
+        """Where the text that may go out ends. Each piece costs what it adds, not the reply so far: the scan
+        for an opening tag moves on, and a held call is judged on its first characters only."""
         text = self.text
         while True:
-            if self.held is None:
+            if self.held is None and self.opening:  # the start of the reply: it may be one JSON call
                 lead = len(text) - len(text.lstrip())
-                if self.scan <= lead:  # nothing but white space yet: the reply may be one JSON call
-                    if lead == len(text):
-                        return self.sent
-                    if text[lead] == "{":
-                        self.held = lead
-                if self.held is None:
-                    start = text.find(TOOL_CALL_OPEN, self.scan)
-                    if start < 0:  # keep back an end that may grow into the opening tag
-                        return len(text) - held_back(text[self.scan:], [TOOL_CALL_OPEN])
-                    self.held = start
-            if not self._false_start(text[self.held:]):
+                if lead == len(text):
+                    return self.sent
+                self.opening = False
+                if text[lead] == "{":
+                    self.held = lead
+            if self.held is None:
+                start = text.find(TOOL_CALL_OPEN, self.scan)
+                if start < 0:  # keep back an end that may grow into the opening tag
+                    self.scan = max(self.scan, len(text) - len(TOOL_CALL_OPEN) + 1)
+                    return len(text) - held_back(text[self.scan:], [TOOL_CALL_OPEN])
+                self.held = start
+            if not self._false_start(text[self.held:self.held + TOOL_CALL_JUDGED]):
                 return self.held
             self.scan, self.held = self.held + 1, None
 

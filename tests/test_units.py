@@ -366,3 +366,34 @@ def test_a_template_without_tools_sees_the_calls_made_before():
                {"role": "tool", "content": "22 C"}]
     assert '"city": "Paris"' in app.render_chat_prompt(tok, history).text
     assert parsed == ("", [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}])
+
+
+@pytest.mark.parametrize("reply, sent, calls", [
+    ("Hello world!", "Hello world!", []),
+    ('Sure <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>', "Sure ", ["get_weather"]),
+    ('{"name": "get_weather", "arguments": {"city": "Paris"}}', "", ["get_weather"]),  # the forced-call shape
+    ('{"answer": 1} more', '{"answer": 1} more', []),  # an object, but no call: a false start
+    ('{"name": "nope", "arguments": {}} x', '{"name": "nope", "arguments": {}} x', []),  # no such tool
+    ("  Hi <tool_callx> and <tool_call> hello there", "  Hi <tool_callx> and <tool_call> hello there", []),
+    ("a <b", "a <b", []),
+])
+def test_tool_call_watch_streams_text_and_holds_back_only_calls(reply, sent, calls):
+    """Issue 22: with tools declared a reply streams; only what looks like a call is held back, token by token
+    (here: character by character, the worst case for a tag split across pieces)."""
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    watch = app.ToolCallWatch(tools)
+    out = [p.text for c in reply if (p := watch.feed(app.Piece(c, [0]))) is not None]
+    rest, found, _ = watch.finish(reply)
+    assert "".join(out) == sent and [c["function"]["name"] for c in found] == calls
+    if not calls:
+        assert rest == "" and len(out) >= 3  # all of it went out as it came, in pieces
+
+
+def test_tool_call_watch_without_tools_passes_every_piece_and_a_cut_call_is_text():
+    watch = app.ToolCallWatch(None)
+    piece = app.Piece("Hi", [1])
+    assert watch.feed(piece) is piece and watch.finish("Hi") == ("", [], None)
+    cut = '<tool_call>{"name": "get_weather", "argu'  # the token limit ended it mid-call
+    watch = app.ToolCallWatch([{"type": "function", "function": {"name": "get_weather"}}])
+    assert all(watch.feed(app.Piece(c, [0])) is None for c in cut)
+    assert watch.finish(cut) == (cut, [], None)
