@@ -82,11 +82,15 @@ def test_tools_tool_use_and_tool_result(claude):
     use = next(b for b in msg.content if b.type == "tool_use")
     assert use.name == "get_weather" and isinstance(use.input, dict) and "city" in use.input
     assert use.id.startswith("toolu_")
-    # The answer to the call goes back as a tool_result block; the reply is text again.
-    follow = claude.messages.create(model=SMOL, max_tokens=30, extra_body=GREEDY, tools=[WEATHER], messages=[
+    # The answer to the call goes back as a tool_result block, after the call (in the prompt as the model wrote
+    # it: a 135M model offered the tool again repeats the call, so none is offered); the reply is text again.
+    follow = claude.messages.create(model=SMOL, max_tokens=30, extra_body=GREEDY, tools=[WEATHER],
+                                    tool_choice={"type": "none"}, messages=[
         *ask, {"role": "assistant", "content": [b.model_dump() for b in msg.content]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "22 C and sunny"}]}])
     assert follow.content and follow.content[0].type == "text" and follow.content[0].text
+    alone = claude.messages.count_tokens(model=SMOL, messages=ask)
+    assert follow.usage.input_tokens > alone.input_tokens + msg.usage.output_tokens  # the call and its result
     # Streamed: the call arrives as a tool_use block whose input comes as input_json_delta.
     with claude.messages.stream(model=SMOL, max_tokens=60, extra_body=GREEDY, tools=[WEATHER],
                                 tool_choice={"type": "any"}, messages=ask) as stream:
