@@ -6801,10 +6801,11 @@ def responses_tools(body: ResponsesBody) -> list[dict[str, Any]] | None:
                          + "; ".join(e["msg"] for e in exc.errors())) from None
 
 
-def responses_call(name: str, tools: list[dict[str, Any]]) -> dict[str, str]:
-    """A function_call item's name: a namespace member's un-prefixed again, with its `namespace`."""
+def responses_call(name: str, offered: list[dict[str, Any]]) -> dict[str, str]:
+    """A function_call item's name: a member of an offered `namespace` tool un-prefixed again, with its
+    `namespace`; any other name (a function tool's, dots and all) as it is."""
     space, dot, member = name.partition(".")
-    if dot and member and not any(t["function"]["name"] == space for t in tools):
+    if dot and any(t.get("type") == "namespace" and t.get("name") == space for t in offered):
         return {"name": member, "namespace": space}
     return {"name": name}
 
@@ -6825,16 +6826,17 @@ def responses_params(body: ResponsesBody, tools: list[dict[str, Any]] | None) ->
     return params
 
 
-def responses_output(text: str, calls: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+def responses_output(text: str, calls: list[dict[str, Any]], offered: list[dict[str, Any]] | None,
                      message_id: str | None = None) -> tuple[list[dict[str, Any]], list[dict]]:
-    """(output items, the assistant's chat messages for a later previous_response_id)."""
+    """(output items, the assistant's chat messages for a later previous_response_id); `offered`: the
+    request's tools, as sent."""
     items: list[dict[str, Any]] = []
     if text or not calls:
         items.append({"type": "message", "id": message_id or f"msg_{new_id()}", "status": "completed",
                       "role": "assistant",
                       "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
     items += [{"type": "function_call", "id": f"fc_{new_id()}", "call_id": f"call_{new_id()}",
-               **responses_call(c["function"]["name"], tools or []),
+               **responses_call(c["function"]["name"], offered or []),
                "arguments": compact_json(c["function"]["arguments"]), "status": "completed"} for c in calls]
     said = [{"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}]
     return items, said
@@ -6929,7 +6931,8 @@ class ResponsesReply(Reply):
     def final(self, fin: Finished) -> list[str]:
         rest, calls, _ = self.watch.finish(fin.result.text)
         lines = self.text(rest) if rest or not (calls or self.opened) else []
-        output, said = responses_output(fin.result.text[:self.watch.sent] + rest, calls, self.tools, self.message_id)
+        output, said = responses_output(fin.result.text[:self.watch.sent] + rest, calls, self.draft.body.tools,
+                                        self.message_id)
         lines += [line for index, item in enumerate(output) for line in self.item_events(index, item)]
         status = responses_status(fin, output)
         obj = self.draft.object(status, output, fin)
@@ -6938,7 +6941,7 @@ class ResponsesReply(Reply):
                                    response=obj)]
 
     async def whole(self, fin: Finished) -> dict[str, Any]:
-        output, said = responses_output(*reply_with_tools(fin.result.text, self.tools), self.tools)
+        output, said = responses_output(*reply_with_tools(fin.result.text, self.tools), self.draft.body.tools)
         obj = self.draft.object(responses_status(fin, output), output, fin)
         self.remember(obj, said)
         return obj
@@ -9637,6 +9640,7 @@ def run_cli(settings: Settings, command: str, args: list[str]) -> int:
 # model: nothing is written to the user's ~/.claude or ~/.codex. scripts/setup.sh --agents installs the pinned
 # CLIs (scripts/agents/package.json) into AGENTS_DIR; an agent on PATH is used first.
 AGENTS = {"claude": "@anthropic-ai/claude-code", "codex": "@openai/codex"}
+CODEX_SUBCOMMANDS = ("exec", "e", "review", "resume", "fork")  # codex's own options go after these
 
 
 def agents_dir() -> Path:
@@ -9669,12 +9673,9 @@ def agent_command(settings: Settings, agent: str, model: str, args: list[str]) -
     provider = ('model_providers.ai_server={name="ai-server", base_url="%s/v1", wire_api="responses", '
                 'env_key="AI_SERVER_API_KEY", stream_idle_timeout_ms=1800000}' % base)
     overrides = ["-c", 'model_provider="ai_server"', "-c", provider, "-c", "analytics.enabled=false", "-m", model]
-    # codex's own options go after its subcommand (exec, review, ...) when one is given
-    at = 1 if args and not args[0].startswith("-") and args[0] in CODEX_SUBCOMMANDS else 0
+    at = 1 if args[:1] and args[0] in CODEX_SUBCOMMANDS else 0
     return [binary, *args[:at], *overrides, *args[at:]], {"AI_SERVER_API_KEY": token}
 
-
-CODEX_SUBCOMMANDS = ("exec", "e", "review", "resume", "fork")
 
 
 def cli_launch(settings: Settings, args: list[str]) -> int:
