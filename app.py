@@ -5064,9 +5064,11 @@ OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                       429: "rate_limit_error"}
 
 
-def openai_error_body(status: int, message: str, **_extra: Any) -> dict[str, Any]:
-    return {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"), "param": None,
-                      "code": None}}
+def openai_error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
+    """OpenAI's error object; `param` names the request field at fault, where the error says which."""
+    param = extra.get("param")
+    return {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"),
+                      "param": param if isinstance(param, str) else None, "code": None}}
 
 
 def openai_stream_error_body(status: int, message: str, **_extra: Any) -> dict[str, Any]:

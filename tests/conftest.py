@@ -44,7 +44,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "AI_SERVER_HOME": str(home), "HF_HUB_CACHE": str(home / "hf-cache"),
                     "HF_ENDPOINT": hub_url, "HF_HUB_DISABLE_XET": "1", "AI_SERVER_PORT": str(self.port),
-                    "DEFAULT_MODEL": "", "EMBED_MODEL": "", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **env}
+                    "DEFAULT_MODEL": "", "EMBED_MODEL": "", "STT_MODEL": "", "TTS_MODEL": "",
+                    "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **env}
         self.proc: subprocess.Popen | None = None
         self.client = httpx.Client(base_url=self.url, timeout=300)
 
@@ -133,7 +134,8 @@ def fresh_repo(hub, request):
 def smollm2_home(tmp_path_factory) -> Path:
     """A home with the embedded default model imported by the real CLI (`app.py import-default`)."""
     home = tmp_path_factory.mktemp("smollm2-home")
-    env = {**os.environ, "AI_SERVER_HOME": str(home), "DEFAULT_MODEL": "smollm2:135m", "EMBED_MODEL": "all-minilm"}
+    env = {**os.environ, "AI_SERVER_HOME": str(home), "DEFAULT_MODEL": "smollm2:135m", "EMBED_MODEL": "all-minilm",
+           "STT_MODEL": "", "TTS_MODEL": ""}
     subprocess.run([sys.executable, str(ROOT / "app.py"), "import-default"], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     return home

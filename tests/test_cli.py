@@ -21,7 +21,7 @@ def test_python_m_uvicorn_app_app_serves(hub, tmp_path):
     port = free_port()
     env = {**os.environ, "AI_SERVER_HOME": str(tmp_path / "home"), "HF_ENDPOINT": hub.url,
            "HF_HUB_CACHE": str(tmp_path / "home" / "hf-cache"), "DEFAULT_MODEL": "", "EMBED_MODEL": "",
-           "AI_SERVER_PORT": "1"}  # uvicorn's --port wins: it is where the socket is
+           "STT_MODEL": "", "TTS_MODEL": "", "AI_SERVER_PORT": "1"}  # uvicorn's --port wins: it is where the socket is
     log = open(tmp_path / "uvicorn.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
