@@ -130,3 +130,72 @@ def tiny_cross_encoder_files(seed: int = 0) -> dict[str, bytes]:
         BertForSequenceClassification(cfg).save_pretrained(folder)
         tok.save_pretrained(folder)
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|translate|>", "<|transcribe|>",
+                    "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
+
+
+def make_tiny_whisper(out: Path, seed: int = 0) -> Path:
+    """A random multilingual Whisper (1+1 layers, 32 wide) with a byte-level BPE trained here, the 80-bin
+    feature extractor and the generation config Whisper's generate needs (languages, tasks, no timestamps)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                              WhisperProcessor, WhisperTokenizerFast)
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=WHISPER_SPECIALS,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = WhisperTokenizerFast(tokenizer_object=tk, unk_token="<|endoftext|>", bos_token="<|endoftext|>",
+                               eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    ids = {t: tk.token_to_id(t) for t in WHISPER_SPECIALS}
+    cfg = WhisperConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+                        max_source_positions=1500, max_target_positions=64,
+                        decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids["<|endoftext|>"],
+                        pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"], begin_suppress_tokens=[],
+                        suppress_tokens=[])
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(cfg)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"], no_timestamps_token_id=ids["<|notimestamps|>"],
+        lang_to_id={"<|en|>": ids["<|en|>"], "<|de|>": ids["<|de|>"]},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]}, is_multilingual=True,
+        begin_suppress_tokens=[], suppress_tokens=[], max_length=32)
+    model.save_pretrained(out)
+    WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tok).save_pretrained(out)
+    return out
+
+
+def make_tiny_vits(out: Path, seed: int = 0) -> Path:
+    """A random VITS (MMS-TTS's architecture: 1 layer, 16 wide, 16 kHz) with a character vocabulary."""
+    import json
+
+    import torch
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    chars = list(" abcdefghijklmnopqrstuvwxyz.,!?'")
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = Path(tmp) / "vocab.json"
+        vocab.write_text(json.dumps({c: i for i, c in enumerate(["<pad>", *chars])}))
+        tok = VitsTokenizer(str(vocab), phonemize=False, add_blank=True, pad_token="<pad>", unk_token="<pad>")
+    cfg = VitsConfig(vocab_size=len(chars) + 1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     ffn_dim=32, flow_size=16, spectrogram_bins=33, upsample_initial_channel=16,
+                     upsample_rates=[4, 4], upsample_kernel_sizes=[8, 8], resblock_kernel_sizes=[3],
+                     resblock_dilation_sizes=[[1, 3]], prior_encoder_num_flows=1, prior_encoder_num_wavenet_layers=1,
+                     posterior_encoder_num_wavenet_layers=1, duration_predictor_num_flows=1,
+                     duration_predictor_filter_channels=16, depth_separable_num_layers=1, sampling_rate=16000)
+    torch.manual_seed(seed)
+    VitsModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def folder_files(make, seed: int = 0) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make(Path(tmp) / "m", seed)
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}

