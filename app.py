@@ -4491,6 +4491,28 @@ class ImageResult:
     interrupted: bool
 
 
+@contextlib.asynccontextmanager
+async def admitted(admission: Admission, queue: Scheduler, jobs: list[Any], job: ImageJob | AudioJob,
+                   rec: ModelRecord, request: Request | None, keep_alive_s: float | None):
+    """An image or audio job's turn at its model: listed in `jobs` (/status, /progress) from the start, a slot
+    of `queue` (bounded, FIFO; a waiting job whose client left never runs), then the model held. Yields
+    (model, load_ns). A client that leaves sets the job's cancel (`request` None: its reader watches)."""
+    cancelled = asyncio.Event()
+    watcher = asyncio.create_task(cancel_job_when_disconnected(request, job, cancelled)) if request else None
+    jobs.append(job)
+    try:
+        slot = await queue.enter(rec.name, cancelled)
+        try:
+            async with admission.cache.use(rec, keep_alive_s) as held:
+                yield held
+        finally:
+            queue.leave(rec.name, slot)
+    finally:
+        jobs.remove(job)
+        if watcher is not None:
+            watcher.cancel()
+
+
 async def run_images(admission: Admission, rec: ModelRecord, params: ImageParams, keep_alive_s: float | None,
                      request: Request | None, job: ImageJob | None = None) -> ImageResult:
     """One image request: a slot of the model (bounded queue, FIFO; a waiting request whose client left
@@ -4498,25 +4520,14 @@ async def run_images(admission: Admission, rec: ModelRecord, params: ImageParams
     the next step; /sdapi/v1/interrupt ends it early with the images made so far."""
     start = time.perf_counter_ns()
     job = job or ImageJob(rec.name, params.n_iter * params.denoising_steps(20))
-    cancelled = asyncio.Event()
-    watcher = asyncio.create_task(cancel_job_when_disconnected(request, job, cancelled)) if request else None
-    admission.image_jobs.append(job)
-    try:
-        slot = await admission.image_queue.enter(rec.name, cancelled)
-        try:
-            async with admission.cache.use(rec, keep_alive_s) as (model, load_ns):
-                if not isinstance(model.backend, DiffusersBackend):
-                    raise BadRequest(f"'{rec.name}' is not an image model")
-                job.started = time.monotonic()
-                future = asyncio.get_running_loop().run_in_executor(admission.threads, model.images, params, job,
-                                                                    admission.cache.metrics)
-                images = await finish_despite_cancel(future, job)
-        finally:
-            admission.image_queue.leave(rec.name, slot)
-    finally:
-        admission.image_jobs.remove(job)
-        if watcher is not None:
-            watcher.cancel()
+    async with admitted(admission, admission.image_queue, admission.image_jobs, job, rec, request,
+                        keep_alive_s) as (model, load_ns):
+        if not isinstance(model.backend, DiffusersBackend):
+            raise BadRequest(f"'{rec.name}' is not an image model")
+        job.started = time.monotonic()
+        future = asyncio.get_running_loop().run_in_executor(admission.threads, model.images, params, job,
+                                                            admission.cache.metrics)
+        images = await finish_despite_cancel(future, job)
     if job.cancel.is_set() and not job.interrupted:
         raise ClientGone("request canceled")
     log.info("model %s: %d image(s), %d steps in %.2f s", rec.name, len(images), job.step,
@@ -4559,8 +4570,6 @@ async def run_audio(admission: Admission, rec: ModelRecord, job: AudioJob, work:
     at its next window or sentence; the model and the slot stay held until the thread is done."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    cancelled = asyncio.Event()
-    watcher = asyncio.create_task(cancel_job_when_disconnected(request, job, cancelled)) if request else None
 
     def produce(model: LoadedModel) -> None:
         try:
@@ -4573,29 +4582,20 @@ async def run_audio(admission: Admission, rec: ModelRecord, job: AudioJob, work:
         else:
             loop.call_soon_threadsafe(items.put_nowait, ("end", None))
 
-    admission.audio_jobs.append(job)
-    try:
-        slot = await admission.audio_queue.enter(rec.name, cancelled)
+    async with admitted(admission, admission.audio_queue, admission.audio_jobs, job, rec, request,
+                        keep_alive_s) as (model, _):
+        job.started = time.monotonic()
+        future = loop.run_in_executor(admission.threads, produce, model)
+        item = ("item", None)
         try:
-            async with admission.cache.use(rec, keep_alive_s) as (model, _):
-                job.started = time.monotonic()
-                future = loop.run_in_executor(admission.threads, produce, model)
-                item = ("item", None)
-                try:
-                    while (item := await items.get())[0] == "item":
-                        yield item[1]
-                    if item[0] == "error":
-                        raise item[1]
-                finally:
-                    if item[0] == "item":  # the reader stopped (or was cancelled) before the end
-                        job.cancel.set()
-                    await finish_despite_cancel(future, job)
+            while (item := await items.get())[0] == "item":
+                yield item[1]
+            if item[0] == "error":
+                raise item[1]
         finally:
-            admission.audio_queue.leave(rec.name, slot)
-    finally:
-        admission.audio_jobs.remove(job)
-        if watcher is not None:
-            watcher.cancel()
+            if item[0] == "item":  # the reader stopped (or was cancelled) before the end
+                job.cancel.set()
+            await finish_despite_cancel(future, job)
     if job.cancel.is_set():
         raise ClientGone("request canceled")
     elapsed = time.monotonic() - job.started
@@ -8522,11 +8522,19 @@ async def transcription_request(request: Request, task: Literal["transcribe", "t
                                 ) -> tuple[ModelRecord, TranscribeParams, str, bool]:
     """A transcription's multipart form as (model, params, response_format, stream): every field checked
     before the audio is decoded."""
-    state = state_of(request)
     try:
         form = await request.form(max_files=1, max_fields=32)
     except Exception as exc:  # python-multipart's and Starlette's parse errors have no common base
         raise BadRequest(f"send the audio as multipart/form-data with file and model fields ({exc})") from None
+    try:
+        return await transcription_fields(request, form, task)
+    finally:
+        await form.close()  # an upload over 1 MB is spooled to a temporary file
+
+
+async def transcription_fields(request: Request, form: Any, task: Literal["transcribe", "translate"]
+                               ) -> tuple[ModelRecord, TranscribeParams, str, bool]:
+    state = state_of(request)
     upload = form.get("file")
     if not hasattr(upload, "read"):
         raise BadRequest("file is required: send the audio as a multipart file field named 'file'", param="file")
@@ -8557,9 +8565,7 @@ async def transcription_request(request: Request, task: Literal["transcribe", "t
         raise BadRequest(f"language must be an ISO-639-1 code such as en, de or fr (got '{language}')",
                          param="language")
     rec = audio_model(state, form_text(form, "model"), "transcription")
-    data = await upload.read()
-    await form.close()
-    audio = await asyncio.to_thread(decode_audio, data, state.settings.max_audio_s)
+    audio = await asyncio.to_thread(decode_audio, await upload.read(), state.settings.max_audio_s)
     params = TranscribeParams(audio, task, language.lower() if language else None, form_text(form, "prompt"),
                               temperature, "word" in granularities)
     return rec, params, fmt, stream

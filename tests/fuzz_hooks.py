@@ -13,6 +13,7 @@ tests/test_hardening.py::test_schemathesis_finds_no_server_errors (CI) and scrip
      /v1/messages, /v1/messages/count_tokens, /v1/responses),
      /api/show, GET /v1/models/{model}                     -> FUZZ_MODEL (tiny/llama-a)
      /api/embed, /api/embeddings, /v1/embeddings           -> FUZZ_EMBED_MODEL (all-minilm)
+     /v1/audio/speech (and its voice)                      -> FUZZ_SPEECH_MODEL (piper:en_US-joe-medium)
      /api/copy: source -> FUZZ_MODEL, destination          -> FUZZ_COPY (fuzz/copy)
      DELETE /api/delete, DELETE /models/{name}             -> FUZZ_COPY
      POST /pull, POST /api/pull                            -> FUZZ_PULL (tiny/llama-b, on the test hub)
@@ -51,6 +52,7 @@ MODEL = os.environ.get("FUZZ_MODEL", "tiny/llama-a")
 EMBED_MODEL = os.environ.get("FUZZ_EMBED_MODEL", "all-minilm")
 COPY = os.environ.get("FUZZ_COPY", "fuzz/copy")
 PULL = os.environ.get("FUZZ_PULL", "tiny/llama-b")
+SPEECH_MODEL, VOICE = os.environ.get("FUZZ_SPEECH_MODEL", "piper:en_US-joe-medium"), "en_US-joe-medium"
 SHARE = float(os.environ.get("FUZZ_REAL_SHARE", "0.5"))
 TEXT_SHARE = 0.75  # of the swapped generation cases, those whose empty prompt gets some text
 PROMPT = "Why is the sky blue? Answer in one word."
@@ -71,6 +73,7 @@ TARGETS: dict[tuple[str, str], dict[str, str]] = {
     ("DELETE", "/models/{name}"): {"path:name": COPY},
     ("POST", "/pull"): {"model": PULL},
     ("POST", "/api/pull"): {f: PULL for f in NAME_FIELDS},
+    ("POST", "/v1/audio/speech"): {"model": SPEECH_MODEL, "voice": VOICE},
 }
 # Operations whose target must never be one of the fuzz run's own models, and what to use instead.
 GUARDED = {("DELETE", "/api/delete"): COPY, ("DELETE", "/models/{name}"): COPY,

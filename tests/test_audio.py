@@ -186,6 +186,28 @@ def test_every_speech_format_decodes(audio_server, fmt):
         assert wer(FOX, heard) <= 0.2, (fmt, heard)
 
 
+@pytest.mark.parametrize("container,codec", [("ipod", "aac"), ("mp4", "aac"), ("webm", "libopus"), ("ogg", "libopus")])
+def test_uploads_in_every_container_openai_takes(audio_server, container, codec):
+    """m4a, mp4, webm and ogg uploads (what browsers and phones record) are heard as the wav is."""
+    import av
+    import numpy as np
+
+    with av.open(io.BytesIO(clips()["quick_brown_fox"][0])) as c:
+        samples = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    out = io.BytesIO()
+    with av.open(out, "w", format=container) as c:
+        stream = c.add_stream(codec, rate=48000, layout="mono")
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=48000,
+                                      frame_size=stream.codec_context.frame_size or None)
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout="mono")
+        frame.sample_rate = 16000
+        for piece in [*resampler.resample(frame), *resampler.resample(None)]:
+            c.mux(stream.encode(piece))
+        c.mux(stream.encode(None))
+    heard = transcribe(audio_server, out.getvalue(), name=f"fox.{container}").json()["text"]
+    assert wer(FOX, heard) <= 0.2, (container, heard)
+
+
 def test_speed_and_sse_sentence_by_sentence(audio_server):
     slow = decoded_seconds(speak(audio_server, speed=0.5).content)
     fast = decoded_seconds(speak(audio_server, speed=2.0).content)

