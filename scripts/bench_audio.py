@@ -3,15 +3,15 @@ of audio) of transcription (faster-whisper, whisper:tiny.en) and of speech (Pipe
 how much of the in-process speed the server keeps. Rounds are interleaved (server, in-process, server, ...);
 every round is printed, then the medians.
 
-    .venv/bin/python scripts/bench_audio.py [--rounds 3] [--seconds 30] [--out bench-results/audio.json]
+    .venv/bin/python scripts/bench_audio.py [--rounds 3] [--out bench-results/audio.json]
 
-Needs scripts/setup.sh --dev (the embedded models and pytest-audioeval's clips). Run it on a quiet machine.
+The audio transcribed is a story Piper speaks once (~40 s). Needs scripts/setup.sh (the embedded models).
+Run it on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,30 +34,28 @@ TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand mi
         "west. Please remember to bring your umbrella tomorrow, because it might rain in the afternoon.")
 
 
-def package_dir(name: str) -> Path:
-    return Path(list(importlib.util.find_spec(name).submodule_search_locations)[0])
+STORY = ("Once upon a time, in a small village by the river, there lived an old clockmaker named Elias. Every "
+         "morning he opened his shop before sunrise and listened to the ticking of a hundred clocks. Children "
+         "pressed their noses against the window to watch him work. One winter, a traveler arrived with a broken "
+         "pocket watch that had belonged to her grandmother. Elias studied it for three days and nights. He "
+         "discovered a tiny note hidden behind the gears, folded many times. The note described a garden beneath "
+         "the old bridge, where tulips bloomed even in the snow. The traveler thanked him, paid with a silver "
+         "coin, and walked toward the bridge as the church bells rang at noon.")
 
 
-def speech_clip(seconds: float) -> bytes:
-    """pytest-audioeval's English clips, one after the other with short pauses, to `seconds`, as 16-bit WAV."""
-    import av
+def speech_clip(voice_path: Path) -> tuple[bytes, float]:
+    """A story spoken once by the Piper voice (no repeats: a repeated clip sends Whisper down its temperature
+    fallback, whose sampling makes every run different), as 16-bit WAV; (bytes, seconds)."""
+    import wave
 
-    pieces = []
-    for wav in sorted((package_dir("pytest_audioeval") / "samples" / "audio" / "en").glob("*.wav")):
-        with av.open(str(wav)) as c:
-            pieces.append(np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]))
-            pieces.append(np.zeros(8000, np.float32))
-    audio = np.concatenate(pieces)
-    audio = np.tile(audio, int(np.ceil(seconds * 16000 / len(audio))))[:int(seconds * 16000)]
+    from piper import PiperVoice
+
+    voice = PiperVoice.load(voice_path)
     out = io.BytesIO()
-    with av.open(out, "w", format="wav") as c:
-        stream = c.add_stream("pcm_s16le", rate=16000, layout="mono")
-        frame = av.AudioFrame.from_ndarray((audio * 32767).astype(np.int16).reshape(1, -1), format="s16",
-                                           layout="mono")
-        frame.sample_rate = 16000
-        c.mux(stream.encode(frame))
-        c.mux(stream.encode(None))
-    return out.getvalue()
+    with wave.open(out, "wb") as w:
+        voice.synthesize_wav(STORY, w)
+        seconds = w.getnframes() / w.getframerate()
+    return out.getvalue(), seconds
 
 
 def free_port() -> int:
@@ -70,13 +67,11 @@ def free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=30.0, help="length of the audio transcribed")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
     import app
 
-    clip, stt_seconds = speech_clip(args.seconds), args.seconds
     home = Path(tempfile.mkdtemp(prefix="bench-audio-"))
     port = free_port()
     env = {**os.environ, "AI_SERVER_HOME": str(home), "AI_SERVER_PORT": str(port), "DEFAULT_MODEL": "",
@@ -101,6 +96,7 @@ def main() -> None:
         whisper = WhisperModel(str(models / "whisper-tiny.en"), device="cpu", compute_type="int8",
                                local_files_only=True)
         voice = PiperVoice.load(models / "piper-en_US-joe-medium" / "en_US-joe-medium.onnx")
+        clip, stt_seconds = speech_clip(models / "piper-en_US-joe-medium" / "en_US-joe-medium.onnx")
 
         def stt_server() -> float:
             r = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", clip)},
