@@ -282,7 +282,9 @@ def test_interrupted_pull_is_failed_after_restart(start_server, hub):
 def test_health_status_diag(shared_server):
     assert shared_server.client.get("/health").json() == {"status": "ok"}
     status = shared_server.client.get("/status").json()
-    assert [b["name"] for b in status["backends"]] == ["transformers", "pipeline", "diffusers"]  # + image models
+    assert [(b["name"], b["available"]) for b in status["backends"]] == [  # the chain, then image and speech
+        (name, True) for name in ("transformers", "pipeline", "diffusers", "faster-whisper", "transformers-asr",
+                                  "piper", "transformers-tts")]
     assert status["bitsandbytes"]["usable"] is True
     assert status["config"]["max_cache_models"] == 2 and "hf_token" not in status["config"]
     diag = shared_server.client.get("/diag").json()
