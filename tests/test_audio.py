@@ -6,7 +6,6 @@ The clients are the `openai` package and raw HTTP; audio is checked by decoding 
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, package_dir
 from models import folder_files, make_tiny_vits, make_tiny_whisper
 
 WHISPER = "Systran/faster-whisper-tiny.en"
@@ -26,13 +25,6 @@ VOICES = "rhasspy/piper-voices"
 VOICE = "en_US-joe-medium"
 VOICE_MODEL = f"{VOICES}:{VOICE}"
 FOX = "The quick brown fox jumps over the lazy dog."
-
-
-def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{name} is not installed: scripts/setup.sh --dev installs it (requirements-models.txt)")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def clips() -> dict[str, tuple[bytes, str]]:

