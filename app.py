@@ -1319,9 +1319,11 @@ ASR_TYPES, ASR_SUFFIXES = ("whisper",), ("ForCTC", "ForSpeechSeq2Seq")
 TTS_TYPES, TTS_SUFFIXES = ("vits",), ("ForTextToSpeech", "ForTextToWaveform")
 
 
+@functools.lru_cache(maxsize=256)
 def model_format(path: str) -> str:
     """What kind of files a model is, so the loader knows which backends can read it: "gguf", "diffusers",
-    "ct2" (faster-whisper), "piper" (ONNX voices) or "hf" (a transformers folder)."""
+    "ct2" (faster-whisper), "piper" (ONNX voices) or "hf" (a transformers folder). Cached per path, as
+    model_capabilities is: every listing asks it of every model, and a pulled folder does not change."""
     if is_gguf_path(path):
         return "gguf"
     folder = Path(path)

@@ -239,6 +239,7 @@ def test_voices_capabilities_and_metrics(audio_server):
         {"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "/v1/audio/speech" in r.json()["error"]["message"]
     transcribe(audio_server, clips()["hello_world"][0])
+    speak(audio_server, "Hello.")
     metrics = audio_server.client.get("/metrics").text
     heard = re.search(rf'ai_server_audio_seconds_total{{direction="in",model="{WHISPER}"}} ([\d.]+)', metrics)
     assert heard and float(heard.group(1)) > 1, metrics[-3000:]
