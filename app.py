@@ -73,6 +73,10 @@ Environment (one place for each default: `Settings` below; only these names conf
 | VLLM_PIPELINE_PARALLEL_SIZE| 1                          | vLLM pipeline stages (nodes, with Ray)    |
 | VLLM_DISTRIBUTED_EXECUTOR_BACKEND | vLLM's choice       | ray (a Ray cluster's nodes) or mp         |
 | MAX_IMAGE_PIXELS           | 2048*2048                  | largest image (width x height) asked for  |
+|                            |                            | (an input image: 4x that)                 |
+| MAX_PROMPT_IMAGES          | 8                          | images one chat request may carry         |
+| FETCH_IMAGE_URLS           | 0                          | 1: fetch http(s) image URLs in chat (never|
+|                            |                            | private addresses); 0: 400, send base64   |
 | MAX_JOBS_LISTED            | 100                        | pull jobs GET /jobs lists (newest first)  |
 | LOG_LEVEL                  | INFO                       | logging level                             |
 | AI_SERVER_ROLE             | all                        | all, gateway or worker (section 21)       |
@@ -93,8 +97,8 @@ Sections, in order; each uses only those above it (tests/test_map.py checks it):
   4. Helpers (names, ids)                15. App state and shared route helpers (matched_route, the
   5. Errors, 5b. Metrics                     gateway policies a route declares: BY_MODEL, merged(...), ...)
   6. Registry and Hub pulls              16. Routes: Ollama (/api/chat, /api/generate); 16b. its model
-  7. Decoding (stops, grammars, tools)       management (/api/tags, /api/show, /api/pull, /api/create, ...)
-                                         17. Routes: native (/pull, /jobs, /models, /chat, /status, ...)
+     6b. Pictures (images in prompts)        management (/api/tags, /api/show, /api/pull, /api/create, ...)
+  7. Decoding (stops, grammars, tools)   17. Routes: native (/pull, /jobs, /models, /chat, /status, ...)
   8. Backends: the contract              18. Routes: OpenAI (/v1/*); 18b. Anthropic (/v1/messages);
      8a. transformers + batching,            18c. OpenAI Responses (/v1/responses)
      8b. vLLM, 8c. llama-server (GGUF),  19. Routes: llama.cpp (/completion, /tokenize, /props, /rerank, ...)
@@ -177,6 +181,7 @@ import math
 import platform
 import queue
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -338,6 +343,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024, validation_alias="MAX_BODY_BYTES")  # OpenAI's upload cap
     max_audio_s: float = Field(3600.0, gt=0, validation_alias="MAX_AUDIO_SECONDS")  # decoded length of one upload
     max_image_pixels: int = Field(2048 * 2048, ge=64 * 64, validation_alias="MAX_IMAGE_PIXELS")
+    max_prompt_images: int = Field(8, ge=1, le=256, validation_alias="MAX_PROMPT_IMAGES")  # vLLM's limit_mm_per_prompt
+    fetch_image_urls: bool = Field(False, validation_alias="FETCH_IMAGE_URLS")  # http(s) image URLs in chat
     max_queue: int = Field(512, ge=0, validation_alias=AliasChoices("MAX_QUEUE", "OLLAMA_MAX_QUEUE"))
     num_parallel: int = Field(16, ge=1, validation_alias=AliasChoices("NUM_PARALLEL", "OLLAMA_NUM_PARALLEL"))
     batching: bool = Field(True, validation_alias="BATCHING")  # 0: one request at a time per model
@@ -959,6 +966,39 @@ def choose_gguf(repo_id: str, models: list[GgufModel], tag: str | None) -> GgufM
                        f"(pull '{repo_id}:{have[0]}', for example)", quants=have)
 
 
+def choose_projector(model_path: str, candidates: list[str]) -> str | None:
+    """A GGUF model's vision projector among a repo's (or a folder's) `.gguf` paths, as llama.cpp's `-hf`
+    picks it: a file whose path holds "mmproj", in the deepest folder it shares with the model, then the one
+    whose quant bits are nearest the model's (F16 beside BF16, Q8_0 beside Q8_0); None when there is none."""
+    folder = model_path.split("/")[:-1]
+    bits = gguf_bits(gguf_quant_of(model_path))
+
+    def rank(path: str) -> tuple[int, int, str]:
+        parts = path.split("/")[:-1]
+        shared = next((i for i, (a, b) in enumerate(zip(parts, folder)) if a != b), min(len(parts), len(folder)))
+        return -shared, abs(gguf_bits(gguf_quant_of(path)) - bits), path
+
+    found = [c for c in candidates if c.lower().endswith(".gguf") and "mmproj" in c.lower()]
+    return min(found, key=rank) if found else None
+
+
+def snapshot_root(path: Path) -> Path:
+    """The snapshot folder a pulled file sits in (…/snapshots/<sha>/), else the file's own folder."""
+    return next((p for p in path.parents if p.parent.name == "snapshots"), path.parent)
+
+
+def gguf_projector(path: str) -> Path | None:
+    """The vision projector pulled with a GGUF model (the same rule as at the pull, over the files here)."""
+    if not is_gguf_path(path) or "mmproj" in Path(path).name.lower():
+        return None
+    root = snapshot_root(Path(path))
+    with contextlib.suppress(OSError, ValueError):
+        chosen = choose_projector(Path(path).relative_to(root).as_posix(),
+                                  [p.relative_to(root).as_posix() for p in root.rglob("*.gguf")])
+        return root / chosen if chosen else None
+    return None
+
+
 MAX_VOICES_UNTAGGED = 4  # a pull without a tag takes every voice of a repo that has at most this many
 
 
@@ -1131,8 +1171,9 @@ def plan_snapshot(api: HfApi, name: str, revision: str) -> SnapshotPlan:
     voices = [f.path.removesuffix(".json") for f in files if f.path.endswith(".onnx.json")]
     tag_names_gguf = tag is not None and (models or not voices)  # else it names a voice
     chosen = choose_gguf(repo_id, models, tag) if tag_names_gguf or (models and not hf_weights) else None
-    if chosen is not None:
-        files = [f for f in files if f.path in chosen.paths or f.path.endswith(GGUF_TEXT_SUFFIXES)]
+    if chosen is not None:  # its file(s), its vision projector if the repo has one, the small text files
+        projector = choose_projector(chosen.paths[0], [f.path for f in files])
+        files = [f for f in files if f.path in chosen.paths or f.path == projector or f.path.endswith(GGUF_TEXT_SUFFIXES)]
     elif models:  # transformers weights and GGUF quants side by side: the pull is the former only
         files = [f for f in files if not f.path.lower().endswith(".gguf")]
     if chosen is None and voices:  # Piper voices: the ones the tag names (rhasspy/piper-voices holds hundreds)
@@ -1336,8 +1377,9 @@ def model_format(path: str) -> str:
 
 @functools.lru_cache(maxsize=256)
 def model_capabilities(path: str) -> tuple[str, ...]:
-    """What a model folder can do, read from its files (no load): Ollama's capability names, and
-    "transcription" (speech to text) and "speech" (text to speech) as vLLM and speaches list them."""
+    """What a model folder can do, read from its files (no load): Ollama's capability names ("vision": it
+    takes images in chat), and "transcription" (speech to text) and "speech" (text to speech) as vLLM and
+    speaches list them."""
     folder = Path(path)
     if (folder / "modules.json").exists():  # a sentence-transformers folder
         return ("embedding",)
@@ -1362,6 +1404,9 @@ def model_capabilities(path: str) -> tuple[str, ...]:
         fim = all(t in vocab or t in added for t in FIM_TOKENS)
     if fim:
         caps.append("insert")
+    if gguf_projector(path) if is_gguf_path(path) else (
+            "vision_config" in config or "vision_config" in (config.get("thinker_config") or {})):
+        caps.append("vision")  # a transformers VLM (LLaVA, Gemma 3, Qwen-VL, omni), or a GGUF with its mmproj
     template = read_chat_template(folder) or ""
     if "<think>" in template or "enable_thinking" in template:
         caps.append("thinking")
@@ -1453,6 +1498,114 @@ def delete_model_files(rec: ModelRecord, settings: Settings, repo_shared: bool =
 
 
 # ============================================================================
+# 6b. Pictures: images in prompts, decoded and bounded; URLs fetched only when the operator allows it
+# ============================================================================
+MEDIA_MARKER = "<__media__>"  # where /completion's multimodal_data go in its prompt_string (llama.cpp's default)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # PIL decoders a client may reach (never EPS, PDF, ...)
+IMAGE_FETCH_BYTES, IMAGE_FETCH_TIMEOUT_S, IMAGE_FETCH_REDIRECTS = 20 * 2**20, 10.0, 3
+
+
+def decode_image(data: str | bytes, max_pixels: int) -> Any:
+    """A base64 image (a data: URL too; line breaks allowed) or raw bytes as an RGB PIL image, its size
+    checked before it is decoded; BadRequest when it is not one. Run it off the event loop."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(data, str):
+            text = data.split(",", 1)[1] if data.startswith("data:") else data
+            data = base64.b64decode("".join(text.split()), validate=True)
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        if image.width * image.height > 4 * max_pixels:
+            raise BadRequest(f"an input image of {image.width}x{image.height} is too large: at most "
+                             f"{4 * max_pixels} pixels (4 x MAX_IMAGE_PIXELS)")
+        return image.convert("RGB")
+    except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise BadRequest("invalid image input: send a base64-encoded PNG, JPEG, WebP, GIF or BMP image") from None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Picture:
+    """An image a chat request carries, as every engine takes it: decoded (RGB, PIL), with the bytes it came
+    as (llama-server is sent those) and their digest (the prefix cache tells prompts with images apart by it)."""
+
+    image: Any
+    data: bytes
+    digest: str
+
+
+def is_public_address(address: str) -> bool:
+    """Whether a fetch may connect here: a global unicast address (no loopback, private, link-local,
+    metadata 169.254.169.254, shared or reserved one; an IPv4-mapped IPv6 address is judged as IPv4)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def fetch_image(url: str, public: Callable[[str], bool] = is_public_address) -> bytes:
+    """An http(s) image URL's bytes (FETCH_IMAGE_URLS=1): each hop's host resolved and every address it
+    resolves to checked by `public`, the connection made to the address checked (a second DNS answer cannot
+    swap it; TLS still verifies the host's name), redirects followed under the same rule, at most
+    IMAGE_FETCH_BYTES in IMAGE_FETCH_TIMEOUT_S. The URL is never logged (it may hold credentials)."""
+    import httpx
+
+    deadline = time.monotonic() + IMAGE_FETCH_TIMEOUT_S
+    for _ in range(IMAGE_FETCH_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BadRequest("invalid image input: an image URL must be an http(s) URL or a data: URI")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            addresses = [info[4][0] for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)]
+        except OSError:
+            raise BadRequest(f"the image URL's host {parts.hostname!r} does not resolve") from None
+        if not addresses or not all(public(a) for a in addresses):
+            raise BadRequest(f"the image URL's host {parts.hostname!r} is a loopback, private or link-local address: "
+                             "this server does not fetch those; send the image as base64")
+        host = f"[{addresses[0]}]" if ":" in addresses[0] else addresses[0]
+        pinned = urllib.parse.urlunsplit((parts.scheme, f"{host}:{port}", parts.path or "/", parts.query, ""))
+        named = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        remaining = max(deadline - time.monotonic(), 0.1)
+        try:
+            with httpx.Client(timeout=remaining, follow_redirects=False) as client, client.stream(
+                    "GET", pinned, headers={"Host": named}, extensions={"sni_hostname": parts.hostname}) as reply:
+                if reply.is_redirect and "location" in reply.headers:
+                    url = urllib.parse.urljoin(url, reply.headers["location"])
+                    continue
+                if reply.status_code != 200:
+                    raise BadRequest(f"the image URL answered HTTP {reply.status_code}")
+                data = bytearray()
+                for chunk in reply.iter_bytes():
+                    data += chunk
+                    if len(data) > IMAGE_FETCH_BYTES or time.monotonic() > deadline:
+                        raise BadRequest(f"the image URL gave more than {IMAGE_FETCH_BYTES} bytes or took more than "
+                                         f"{IMAGE_FETCH_TIMEOUT_S:.0f} s: send the image as base64")
+                return bytes(data)
+        except httpx.HTTPError as exc:
+            raise BadRequest(f"the image URL could not be fetched ({type(exc).__name__})") from None
+    raise BadRequest(f"the image URL redirected more than {IMAGE_FETCH_REDIRECTS} times")
+
+
+def picture_of(source: str, settings: Settings, fetch: Callable[[str], bytes] = fetch_image) -> Picture:
+    """One image as a client sent it (raw base64, a data: URI, or an http(s) URL when FETCH_IMAGE_URLS=1)
+    as a Picture; BadRequest that says what to send instead. Blocking: run it off the event loop."""
+    if source.startswith(("http://", "https://")):
+        if not settings.fetch_image_urls:
+            raise BadRequest("image URLs are not fetched by this server: send the image as base64 (a "
+                             "data:image/png;base64,... URI), or have the operator set FETCH_IMAGE_URLS=1")
+        data = fetch(source)
+    else:
+        header, comma, payload = source.partition(",") if source.startswith("data:") else ("", "", source)
+        if source.startswith("data:") and (not comma or not header.endswith(";base64")):
+            raise BadRequest("invalid image input: a data: URI must be base64 (data:image/png;base64,...)")
+        try:
+            data = base64.b64decode("".join(payload.split()), validate=True)
+        except ValueError:
+            raise BadRequest("invalid image input: the image is not valid base64") from None
+    return Picture(decode_image(data, settings.max_image_pixels), data, hashlib.sha256(data).hexdigest())
+
+
+# ============================================================================
 # 7. Decoding: incremental text, stop strings, penalties, grammars, tool calls
 # ============================================================================
 MIN_SAMPLING_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS
@@ -1498,6 +1651,8 @@ class Prompt:
     ids: list[int]
     truncated: bool = False  # tokens or messages were dropped to fit the context
     trimmed: str = ""  # what was dropped to leave the reply room, for the log (never the text)
+    pictures: list[Picture] = dataclasses.field(default_factory=list)  # its images, in the order they appear
+    media: dict[str, Any] | None = None  # what a transformers processor made of them (pixel_values, ...)
 
 
 @dataclasses.dataclass
@@ -1863,6 +2018,8 @@ class Loaded:
     vocab_size: int | None = None  # token ids a prompt may hold: 0 .. vocab_size - 1
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-model helpers (grammar compiler)
     engine: Any = None  # what runs concurrent requests (BatchEngine, vLLM's AsyncLLM); None: one at a time
+    processor: Any = None  # a transformers vision model's (images -> pixel_values); `tokenizer` is its tokenizer
+    media_marker: str | None = None  # llama-server with a vision projector: an image's place in a prompt's text
     note: str | None = None  # how the weights were turned into what runs (a GGUF dequantized), for /status
 
 
@@ -2024,6 +2181,35 @@ def load_hf(plan: LoadPlan) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def load_hf_vision(plan: LoadPlan) -> tuple[Any, Any]:
+    """A vision-language model and its processor (images and text; its tokenizer inside), from local files:
+    AutoModelForImageTextToText, or an omni model's thinker (text out: its talker is dropped)."""
+    import transformers
+
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(plan.path, local_files_only=True,
+                                                               trust_remote_code=plan.trust_remote_code)
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
+        if probe_import("torchvision") is None:
+            raise
+        raise RuntimeError(f"this model's processor needs torchvision ({type(exc).__name__}: {exc}); install the "
+                           f"torchvision release built for torch {torch.__version__} (pip install torchvision from "
+                           "the index torch came from; setup_cuda_pytorch.ps1 on Windows), then load it again") from None
+    omni = "thinker_config" in read_json(Path(plan.path) / "config.json")
+    auto = transformers.AutoModelForMultimodalLM if omni else transformers.AutoModelForImageTextToText
+    model = auto.from_pretrained(plan.path, **hf_model_kwargs(plan))
+    if omni:  # text out: the talker (speech out) would only take memory
+        model.disable_talker()
+        model = model.thinker
+    return model.eval(), processor
+
+
+def media_on(model: Any, media: dict[str, Any] | None) -> dict[str, Any]:
+    """A processor's tensors where the model runs: floats in its dtype (pixel values), ids as they are."""
+    return {k: v.to(model.device, dtype=model.dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+            for k, v in (media or {}).items()}
+
+
 def gguf_tokenizer(path: str) -> Any:
     """The Hugging Face tokenizer transformers builds from a GGUF's own vocabulary and chat template."""
     from transformers import AutoTokenizer
@@ -2037,7 +2223,7 @@ def describe_hf_model(model: Any) -> dict[str, Any]:
     quantized = "4bit" if "Linear4bit" in kinds else "8bit" if "Linear8bitLt" in kinds else None
     return {"dtype": str(model.dtype).removeprefix("torch."), "quantized": quantized,
             "device": str(model.device), "memory_bytes": int(model.get_memory_footprint()),
-            "max_positions": getattr(model.config, "max_position_embeddings", None),
+            "max_positions": getattr(model.config.get_text_config(), "max_position_embeddings", None),
             "vocab_size": model.get_input_embeddings().num_embeddings}
 
 
@@ -2116,6 +2302,9 @@ def batchable(model: Any) -> bool:
 
     if getattr(model.config, "is_encoder_decoder", False):
         return False
+    rope = getattr(model.config.get_text_config(), "rope_scaling", None) or {}
+    if isinstance(rope, dict) and "mrope_section" in rope:  # Qwen-VL's 3-D positions: not one position per token
+        return False
     try:
         layers = DynamicCache(config=model.config).layers
     except Exception:  # a config the cache cannot read: the per-request path still works
@@ -2188,6 +2377,8 @@ class Row:
     eos: set[int]
     generated: int = 0
     cache_prompt: bool = True  # look the prompt up in (and store it into) the prefix cache
+    media: dict[str, Any] | None = None  # its images as the model takes them (pixel_values, ...): prefilled alone
+    media_key: int = 0  # < 0: its images' stand-in for their tokens in prefix-cache keys (see BatchEngine._key)
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -2255,11 +2446,14 @@ class BatchEngine:
     Why not transformers' ContinuousBatchingManager: measured in .specs/plans/batching.md."""
 
     PREFILL_TOKENS = 8192  # padded prompt tokens prefilled in one forward pass
+    SEQUENCE_MEDIA = ("token_type_ids", "mm_token_type_ids")  # media per prompt token: no prefix is reused then
 
     def __init__(self, name: str, model: Any, prefix_cache_bytes: int):
         from transformers import DynamicCache
 
         self.name, self.model, self.new_cache = name, model, DynamicCache
+        config = model.config
+        self.image_token = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
         self.prefix = PrefixCache(prefix_cache_bytes)
         self.logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.inbox: queue.SimpleQueue[Row | None] = queue.SimpleQueue()
@@ -2326,20 +2520,44 @@ class BatchEngine:
                 self._end(row, exc)
             free_torch_memory()
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+                 media: dict[str, Any] | None = None) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, **self.logits_kw)
+                         use_cache=True, **self.logits_kw, **(media or {}))
         return out.logits[:, -1, :]
 
+    def _key(self, row: Row) -> list[int]:
+        """The row's tokens as the prefix cache knows them. An image's tokens are the same ids whatever the
+        image, so in a row with images they stand as its pictures' digest (media_key): a prompt with other
+        images shares only the text before them, one with the same images (the chat's next turn) all of it."""
+        return [row.media_key if t == self.image_token else t for t in row.ids] if row.media_key else row.ids
+
+    def _reusable(self, row: Row) -> tuple[int, KV | None, dict[str, Any] | None]:
+        """(n, KV of the row's first n tokens, the media the rest still needs) from the prefix cache; n is 0
+        when nothing is. A prefix may not end inside the images: it is cut back to their start."""
+        if row.media is not None and any(k in row.media for k in self.SEQUENCE_MEDIA):
+            return 0, None, None
+        n, kv = self.prefix.lookup(self._key(row))
+        spots = [i for i, t in enumerate(row.ids) if t == self.image_token] if row.media is not None else []
+        if kv is None or not spots or n <= spots[0]:
+            return n, kv, row.media
+        if n > spots[-1]:
+            return n, kv, None  # every image is in the reused prefix
+        if spots[0] == 0:
+            return 0, None, None
+        return spots[0], [(k[..., :spots[0], :], v[..., :spots[0], :]) for k, v in kv], row.media
+
     def _admit(self, rows: list[Row]) -> None:
-        """Prefill new rows: those with a cached prefix alone from it, the others together."""
+        """Prefill new rows: those with a cached prefix or images alone, the others together."""
         fresh: list[Row] = []
         for row in rows:
             if row.gen.cancel.is_set():  # its client left while it waited
                 self._end(row)
-            elif row.cache_prompt and (found := self.prefix.lookup(row.ids))[1] is not None:
+            elif row.cache_prompt and (found := self._reusable(row))[1] is not None:
                 row.gen.cached_tokens = found[0]
-                self._prefill([row], self.new_cache(ddp_cache_data=found[1]), found[0])
+                self._prefill([row], self.new_cache(ddp_cache_data=found[1]), found[0], found[2])
+            elif row.media is not None:  # the vision encoder runs here, once; its rows then decode as any other
+                self._prefill([row], self.new_cache(config=self.model.config), 0, row.media)
             else:
                 fresh.append(row)
         while fresh:
@@ -2348,16 +2566,17 @@ class BatchEngine:
                 group.append(fresh.pop(0))
             self._prefill(group, self.new_cache(config=self.model.config), 0)
 
-    def _prefill(self, rows: list[Row], cache: Any, reused: int) -> None:
+    def _prefill(self, rows: list[Row], cache: Any, reused: int, media: dict[str, Any] | None = None) -> None:
         """One forward pass over the rows' prompts after their first `reused` tokens (cached),
-        left-padded; samples each row's first token, then the rows join the running batch."""
+        left-padded (with one row's images, `media`); samples each row's first token, then the rows
+        join the running batch."""
         device = self.model.device
         width = max(len(r.ids) for r in rows) - reused
         ids = torch.tensor([[0] * (width + reused - len(r.ids)) + r.ids[reused:] for r in rows], device=device)
         mask = torch.tensor([[0] * (width + reused - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
         positions = (mask.cumsum(dim=1)[:, reused:] - 1).clamp(min=0)
         try:
-            logits = self._forward(ids, mask, positions, cache)
+            logits = self._forward(ids, mask, positions, cache, media)
         except Exception as exc:  # nothing was sampled yet: retry each row alone, so only the one at fault fails
             if len(rows) == 1:
                 raise
@@ -2420,7 +2639,7 @@ class BatchEngine:
     def _store(self, row: Row, kv: KV) -> None:
         """The row's KV covers all its tokens but the last sampled one (never fed back)."""
         if self.prefix.max_bytes > 0:
-            self.prefix.store(row.ids[:-1], [(k.clone(), v.clone()) for k, v in kv])
+            self.prefix.store(self._key(row)[:-1], [(k.clone(), v.clone()) for k, v in kv])
 
     @staticmethod
     def _end(row: Row, error: BaseException | None = None) -> None:
@@ -2460,8 +2679,13 @@ class TransformersBackend(Backend):
     def load(self, plan: LoadPlan) -> Loaded:
         if is_gguf_path(plan.path):
             check_dequantized_fits(plan)
-        model, tokenizer = load_hf(plan)
-        loaded = Loaded(model, tokenizer, **describe_hf_model(model))
+        processor = None
+        if "vision" in model_capabilities(plan.path) and not is_gguf_path(plan.path):
+            model, processor = load_hf_vision(plan)
+            tokenizer = processor.tokenizer
+        else:
+            model, tokenizer = load_hf(plan)
+        loaded = Loaded(model, tokenizer, **describe_hf_model(model), processor=processor)
         if is_gguf_path(plan.path):
             loaded.note = f"GGUF {plan.quantization} dequantized to {loaded.dtype} by transformers (no llama-server)"
         if self.settings.batching and batchable(model):
@@ -2471,15 +2695,17 @@ class TransformersBackend(Backend):
     def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
         model, tokenizer = loaded.handle, loaded.tokenizer
         eos = eos_token_ids(model, tokenizer)
+        media = media_on(model, prompt.media) if prompt.media else None
         if loaded.engine is not None:
+            key = -1 - int(hashlib.sha256("".join(p.digest for p in prompt.pictures).encode()).hexdigest()[:15], 16)
             loaded.engine.run(Row(list(prompt.ids), params.max_tokens, RowSampler(loaded, model, params), gen, eos,
-                                  cache_prompt=params.cache_prompt))
+                                  cache_prompt=params.cache_prompt, media=media, media_key=key if media else 0))
             return gen.finish(len(prompt.ids), params.max_tokens, eos)
         input_ids = torch.tensor([prompt.ids], device=model.device)
         processors = hf_logits_processors(loaded, model, params)
         seed_torch(params)
         with torch.inference_mode():
-            model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+            model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **(media or {}),
                            generation_config=hf_generation_config(model, tokenizer, params),
                            **hf_decoding_hooks(gen, processors))
         return gen.finish(len(prompt.ids), params.max_tokens, eos)
@@ -2737,7 +2963,9 @@ def loopback_port() -> int:
 @dataclasses.dataclass(frozen=True)
 class LlamaLaunch:
     """How one llama-server is started: its binary, the GGUF file, `slots` requests of `ctx` tokens each
-    (one unified KV cache, -kvu), the layers on the GPU (-ngl), its prompt cache in RAM (MiB)."""
+    (one unified KV cache, -kvu), the layers on the GPU (-ngl), its prompt cache in RAM (MiB), and a vision
+    model's projector (--mmproj) with the marker its prompts put where an image goes (LLAMA_MEDIA_MARKER,
+    random per launch: text a client wrote can never be taken for one)."""
 
     binary: Path
     gguf: str
@@ -2745,11 +2973,14 @@ class LlamaLaunch:
     ctx: int
     gpu_layers: str
     cache_mib: int
+    mmproj: str | None = None
+    marker: str = dataclasses.field(default_factory=lambda: f"<__media_{secrets.token_hex(8)}__>")
 
     def args(self, port: int) -> list[str]:
         return [str(self.binary), "-m", self.gguf, "--host", "127.0.0.1", "--port", str(port),
                 "-np", str(self.slots), "-c", str(self.slots * self.ctx), "-kvu", "--jinja", "--no-webui",
-                "-ngl", self.gpu_layers, "--cache-ram", str(self.cache_mib), "--log-colors", "off"]
+                "-ngl", self.gpu_layers, "--cache-ram", str(self.cache_mib), "--log-colors", "off",
+                *(["--mmproj", self.mmproj] if self.mmproj else [])]
 
 
 class LlamaServer:
@@ -2795,6 +3026,7 @@ class LlamaServer:
         port = loopback_port()
         proc = LLAMA_SPAWNER.submit(subprocess.Popen, self.launch.args(port), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                    env={**os.environ, "LLAMA_MEDIA_MARKER": self.launch.marker},
                                     preexec_fn=die_with_parent).result(timeout=60)
         threading.Thread(target=self._pump_log, args=(proc,), name=f"llama-log-{proc.pid}", daemon=True).start()
         deadline = time.monotonic() + LLAMA_SERVER_START_S
@@ -3004,18 +3236,29 @@ class LlamaCppBackend(Backend):
         trained = gguf_context_length(meta)
         ctx = min(self.settings.context_length, trained) if trained else self.settings.context_length
         tokenizer = gguf_tokenizer(plan.path)  # ours: prompts are rendered and counted here, sent as token ids
-        server = LlamaServer(plan.name, LlamaLaunch(self.binary, plan.path, self.settings.num_parallel, ctx,
-                                                    llama_gpu_layers(self.settings.llama_gpu_layers, plan.device),
-                                                    max(0, self.settings.prefix_cache_bytes // 2**20)))
+        projector = gguf_projector(plan.path)
+        launch = LlamaLaunch(self.binary, plan.path, self.settings.num_parallel, ctx,
+                             llama_gpu_layers(self.settings.llama_gpu_layers, plan.device),
+                             max(0, self.settings.prefix_cache_bytes // 2**20), str(projector) if projector else None)
+        server = LlamaServer(plan.name, launch)
         server.ensure_running()
         quant = meta["file_type_name"]
+        seeing = f", vision projector {projector.name}" if projector else ""
         return Loaded(server, tokenizer, dtype=quant, quantized=quant, device=plan.device,
                       memory_bytes=server.memory_bytes(), max_positions=ctx, vocab_size=len(tokenizer), engine=server,
-                      note=f"GGUF {quant} served by llama-server {self.version}")
+                      note=f"GGUF {quant} served by llama-server {self.version}{seeing}",
+                      media_marker=launch.marker if projector else None)
 
     def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
-        final = loaded.engine.complete(llama_completion_body(prompt.ids, params), gen, loaded.tokenizer)
+        """Token ids, or with images the prompt's text (its markers where they go) and their bytes."""
+        body = llama_completion_body(prompt.ids, params)
+        if prompt.pictures:
+            body["prompt"] = {"prompt_string": prompt.text,
+                              "multimodal_data": [base64.b64encode(p.data).decode() for p in prompt.pictures]}
+        final = loaded.engine.complete(body, gen, loaded.tokenizer)
         result = gen.finish(len(prompt.ids), params.max_tokens, {loaded.tokenizer.eos_token_id})
+        if prompt.pictures and final.get("tokens_evaluated"):
+            result.prompt_tokens = final["tokens_evaluated"]  # an image's tokens are counted by llama-server alone
         if result.stop_type != "word" and final.get("stop_type") in ("eos", "limit"):
             result.stop_type = final["stop_type"]
             result.done_reason = "length" if final["stop_type"] == "limit" else "stop"
@@ -4083,15 +4326,85 @@ def template_takes_tools(tokenizer: Any) -> bool:
     return "tools" in (getattr(tokenizer, "chat_template", None) or "")
 
 
+def tools_for_template(templater: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """(messages, tools) as a template that knows nothing of tools takes them: the tools described in a
+    system message, earlier calls written into their turns' text."""
+    if template_takes_tools(templater):
+        return messages, tools
+    messages = [calls_as_text(m) for m in messages]
+    return ([{"role": "system", "content": tool_system_prompt(tools)}, *messages], None) if tools else (messages, None)
+
+
+def render_prompt(loaded: Loaded, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                  think: bool | None = None) -> Prompt:
+    """A chat's prompt for the engine that runs it: a vision model's through its processor (the images as
+    pixel values), llama-server's with its media marker where each image goes, else text alone. A message's
+    images (Pictures) are in its "images" list, before its text."""
+    if loaded.processor is not None:
+        return render_vision_prompt(loaded.processor, messages, tools, think)
+    pictures = [p for m in messages for p in m.get("images") or ()]
+    if pictures and loaded.media_marker is None:
+        raise cannot_see()
+    if pictures:
+        messages = [{**m, "content": f"{loaded.media_marker}\n" * len(m["images"]) + (m.get("content") or "")}
+                    if m.get("images") else m for m in messages]
+    return dataclasses.replace(render_chat_prompt(loaded.tokenizer, messages, tools, think), pictures=pictures)
+
+
+def render_vision_prompt(processor: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                         think: bool | None) -> Prompt:
+    """The processor's chat template over content parts (an image part per picture, then the text), then the
+    processor itself: the text's image tokens expanded to the image's size, and the images' pixel values."""
+    messages, tools = tools_for_template(processor, messages, tools)
+    pictures = [p for m in messages for p in m.get("images") or ()]
+    parts = [{**{k: v for k, v in m.items() if k != "images"},
+              "content": [*({"type": "image"} for _ in m.get("images") or ()),
+                          *([{"type": "text", "text": m["content"]}] if m.get("content") else [])]} for m in messages]
+    if getattr(processor, "chat_template", None):
+        text = apply_chat_template(processor, parts, tools, think)
+    else:
+        image_token = getattr(processor, "image_token", "<image>")
+        text = plain_chat_prompt([{**m, "content": image_token * len(m.get("images") or ()) + (m.get("content") or "")}
+                                  for m in messages])
+    return processed_prompt(processor, text, pictures)
+
+
+def cannot_see() -> BadRequest:
+    return BadRequest("this model's engine cannot take images: serve it with the transformers backend "
+                      "(AI_SERVER_BACKENDS=transformers), or a GGUF with its vision projector (mmproj)")
+
+
+def processed_prompt(processor: Any, text: str, pictures: list[Picture]) -> Prompt:
+    """A vision processor over a prompt's text and images: the text's image tokens expanded to each image's
+    size, the images' pixel values (and what else the model takes) beside the ids."""
+    try:
+        inputs = processor(text=[text], images=[p.image for p in pictures] or None, return_tensors="pt",
+                           add_special_tokens=False)
+    except ValueError as exc:  # the text's image tokens and the images do not match, say
+        raise BadRequest(f"this model's processor refuses the prompt with its images: {exc}") from None
+    ids = inputs.pop("input_ids")[0].tolist()
+    inputs.pop("attention_mask", None)
+    return Prompt(text, ids, pictures=pictures, media=dict(inputs) if pictures else None)
+
+
+def marked_prompt(loaded: Loaded, text: str, pictures: list[Picture]) -> Prompt:
+    """A raw prompt (no template) whose MEDIA_MARKERs say where its pictures go, as the model's engine takes
+    it: the processor's image token in their place, or llama-server's own marker."""
+    if loaded.processor is not None:
+        return processed_prompt(loaded.processor, text.replace(
+            MEDIA_MARKER, getattr(loaded.processor, "image_token", None) or "<image>"), pictures)
+    if loaded.media_marker is None:
+        raise cannot_see()
+    text = text.replace(MEDIA_MARKER, loaded.media_marker)
+    return Prompt(text, loaded.tokenizer(text, add_special_tokens=False)["input_ids"], pictures=pictures)
+
+
 def render_chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                        think: bool | None = None) -> Prompt:
     """The chat template when the model has one (it adds its own special tokens), else plain text."""
     template = getattr(tokenizer, "chat_template", None)
-    if not template_takes_tools(tokenizer):
-        messages = [calls_as_text(m) for m in messages]
-        if tools:
-            messages = [{"role": "system", "content": tool_system_prompt(tools)}, *messages]
-            tools = None
+    messages, tools = tools_for_template(tokenizer, messages, tools)
     if template:
         text = apply_chat_template(tokenizer, messages, tools, think)
         return Prompt(text, tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -4253,10 +4566,10 @@ def chat_builder(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | N
         raise BadRequest("the conversation is empty: send at least one message")
 
     def build(model: Any, cancel: threading.Event) -> Prompt:
-        tok = model.loaded.tokenizer
-        num_ctx = context_size(model.loaded, params, settings)
-        return fit_chat(lambda ms, ts: render_chat_prompt(tok, ms, ts, think), messages, num_ctx, params.truncate,
-                        cancel, tools=tools, native_tools=template_takes_tools(tok),
+        loaded = model.loaded
+        num_ctx = context_size(loaded, params, settings)
+        return fit_chat(lambda ms, ts: render_prompt(loaded, ms, ts, think), messages, num_ctx, params.truncate,
+                        cancel, tools=tools, native_tools=template_takes_tools(loaded.processor or loaded.tokenizer),
                         reserve=reply_reserve(params, num_ctx))
     return build
 
@@ -4287,7 +4600,7 @@ def cut_longest_message(render: Callable[[list[dict[str, Any]]], Prompt], messag
 def fit_ids(prompt: Prompt, num_ctx: int, truncate: bool) -> Prompt:
     if len(prompt.ids) < num_ctx:
         return prompt
-    if not truncate:
+    if not truncate or prompt.pictures:  # an image's tokens cannot be cut
         raise too_long(len(prompt.ids), num_ctx)
     return Prompt(prompt.text, prompt.ids[-(num_ctx - 1):], truncated=True)
 
@@ -5404,6 +5717,30 @@ def require_generative(rec: ModelRecord, name: str, verb: str = "generate") -> N
         raise BadRequest(f'"{name}" does not support {verb}')
 
 
+async def take_pictures(state: AppState, rec: ModelRecord, name: str,
+                        messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chat-template dicts with their images (each message's "images": what a wire API sent) decoded
+    into Pictures, once, off the event loop: the one seam every chat route passes. A 400 when the model has
+    no vision, for more than MAX_PROMPT_IMAGES, or for an image that is not one (or a URL not fetched)."""
+    count = sum(len(m.get("images") or ()) for m in messages)
+    if not count:
+        return messages
+    if "vision" not in model_capabilities(rec.path):
+        raise BadRequest(f'"{name}" does not support images: it has no vision. Pull a vision model (a LLaVA, Gemma 3, '
+                         "SmolVLM or Qwen-VL, or a GGUF repo with its mmproj file) and send the images to it")
+    if count > state.settings.max_prompt_images:
+        raise BadRequest(f"At most {state.settings.max_prompt_images} image(s) may be provided in one prompt "
+                         f"(MAX_PROMPT_IMAGES); this one has {count}")
+
+    def decode() -> list[dict[str, Any]]:
+        return [{**m, "images": [picture_of(source, state.settings) for source in m["images"]]} if m.get("images")
+                else m for m in messages]
+
+    messages = await asyncio.to_thread(decode)
+    log.info("model %s: %d image(s) in the prompt", rec.name, count)
+    return messages
+
+
 def require_generative_model(state: AppState, name: str, verb: str = "generate") -> ModelRecord:
     rec = require_model(state, name)
     require_generative(rec, name, verb)
@@ -5670,6 +6007,7 @@ class OllamaMessage(WireModel):
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates read it (tool replies carry the tool's name)."""
         return {"role": self.role.lower(), "content": self.content or "",
+                **({"images": self.images} if self.images else {}),
                 **({"tool_calls": self.tool_calls} if self.tool_calls else {}),
                 **({"name": self.tool_name} if self.tool_name else {})}
 
@@ -5883,13 +6221,13 @@ def completion_builder(prompt: str, suffix: str | None, rec: ModelRecord, name: 
 
 
 def generate_builder(body: OllamaGenerateBody, rec: ModelRecord, name: str, params: GenParams,
-                     settings: Settings) -> Callable[[LoadedModel, threading.Event], Prompt]:
-    """The prompt of /api/generate (raw, FIM suffix, template or chat template), fitted to the context
-    of `params`: the request's options over a created model's preset."""
+                     settings: Settings, pictures: list[Picture]) -> Callable[[LoadedModel, threading.Event], Prompt]:
+    """The prompt of /api/generate (raw, FIM suffix, template or chat template; `pictures`: its images),
+    fitted to the context of `params`: the request's options over a created model's preset."""
     if body.raw and (body.template or body.system or body.context):
         raise BadRequest("raw mode does not support template, system, or context")
-    if body.images:
-        raise BadRequest(f'"{name}" does not support images (a text-only model)')
+    if pictures and (body.raw or body.suffix or body.template):
+        raise BadRequest("images go through the model's chat template: send them without raw, suffix or template")
     if body.suffix or body.raw:
         return completion_builder(body.prompt or "", body.suffix, rec, name, params, settings)
 
@@ -5900,10 +6238,11 @@ def generate_builder(body: OllamaGenerateBody, rec: ModelRecord, name: str, para
             rendered = Prompt(text, tok(text)["input_ids"])
         else:
             messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
-                       [{"role": "user", "content": prompt}]
-            rendered = render_chat_prompt(tok, messages)
+                       [{"role": "user", "content": prompt, **({"images": pictures} if pictures else {})}]
+            rendered = render_prompt(model.loaded, messages)
         ids = (body.context or []) + rendered.ids  # context: the previous exchange, as returned below
-        return fit_ids(Prompt(rendered.text, ids), context_size(model.loaded, params, settings), params.truncate)
+        return fit_ids(dataclasses.replace(rendered, ids=ids), context_size(model.loaded, params, settings),
+                       params.truncate)
 
     return build
 
@@ -5928,15 +6267,12 @@ async def api_chat(body: OllamaChatBody, request: Request) -> Any:
         return ndjson_one(ollama_chunk(body.model, True, message={"role": "assistant", "content": ""},
                                        done_reason=reason))
     require_generative(rec, body.model, "chat")
-    if any(m.images for m in body.messages):
-        raise BadRequest(f'"{body.model}" does not support images (a text-only model)')
     think = check_think(rec, body.model, body.think)
     tools = tool_dicts(body.tools)
     preset = model_preset(rec)
     params = set_top_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate),
                              body.logprobs_top())
-    messages = [m.for_template() for m in body.messages]
-
+    messages = await take_pictures(state, rec, body.model, [m.for_template() for m in body.messages])
     build = chat_builder(messages, tools, params, state.settings, think if think else None, preset)
     run = GenerationRun(state.admission, rec, build, params, keep_alive, request)
     return await respond(run, OllamaChatReply(run, body.model, tools, think, body.logprobs_top()), body.stream)
@@ -5960,7 +6296,8 @@ async def api_generate(body: OllamaGenerateBody, request: Request) -> Any:
                                        "template": body.template or preset.get("template")})
     top = body.logprobs_top()
     params = set_top_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate), top)
-    build = generate_builder(body, rec, body.model, params, state.settings)
+    turn = await take_pictures(state, rec, body.model, [{"role": "user", "images": body.images}])
+    build = generate_builder(body, rec, body.model, params, state.settings, turn[0].get("images") or [])
     run = GenerationRun(state.admission, rec, build, params, keep_alive, request)
     return await respond(run, OllamaGenerateReply(run, body, top), body.stream)
 
@@ -6479,6 +6816,7 @@ class PullBody(WireModel):
 class ChatMessage(WireModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=1_000_000)
+    images: list[str] | None = Field(None, max_length=256)  # base64 (Ollama's)
 
 
 class ChatBody(WireModel):
@@ -6584,7 +6922,7 @@ async def native_chat(body: ChatBody, request: Request) -> Any:
     if rec is None:
         raise model_not_found(body.model)
     require_generative(rec, body.model, "chat")
-    messages = [m.model_dump() for m in body.messages]
+    messages = await take_pictures(state, rec, body.model, [m.model_dump(exclude_none=True) for m in body.messages])
     params = body.params()
     build = chat_builder(messages, None, params, state.settings, preset=model_preset(rec))
     run = GenerationRun(state.admission, rec, build, params, keep_alive_of(body.keep_alive), request)
@@ -6633,6 +6971,7 @@ class OpenAIContentPart(WireModel):
     model_config = ConfigDict(extra="ignore")
     type: str
     text: str = ""
+    image_url: str | dict[str, Any] | None = None  # {"url": "data:image/png;base64,..."}, or the URL alone
 
 
 class OpenAIMessage(WireModel):
@@ -6748,15 +7087,23 @@ def response_format_to_format(response_format: ResponseFormat | None) -> str | d
                      "json_object or json_schema")
 
 
-def openai_text(content: str | list[OpenAIContentPart] | None) -> str:
+def openai_content(content: str | list[OpenAIContentPart] | None) -> dict[str, Any]:
+    """A message's content as a chat-template dict's: its text, and its image_url parts' images (a data:
+    URI, raw base64, or an http(s) URL: taken_pictures decodes them)."""
     if content is None or isinstance(content, str):
-        return content or ""
-    parts = []
+        return {"content": content or ""}
+    texts, images = [], []
     for part in content:
-        if part.type != "text":
-            raise BadRequest(f"content part type {part.type!r} is not supported by this text-only model")
-        parts.append(part.text)
-    return "".join(parts)
+        if part.type == "text":
+            texts.append(part.text)
+        elif part.type == "image_url":
+            url = part.image_url.get("url") if isinstance(part.image_url, dict) else part.image_url
+            if not isinstance(url, str) or not url:
+                raise BadRequest("an image_url part needs image_url.url: the image as a data:image/...;base64 URI")
+            images.append(url)
+        else:
+            raise BadRequest(f"content part type {part.type!r} is not supported: send text and image_url parts")
+    return {"content": "".join(texts), **({"images": images} if images else {})}
 
 
 def openai_messages(messages: list[OpenAIMessage]) -> list[dict[str, Any]]:
@@ -6765,7 +7112,7 @@ def openai_messages(messages: list[OpenAIMessage]) -> list[dict[str, Any]]:
     names: dict[str, str] = {}
     out = []
     for m in messages:
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": openai_text(m.content)}
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, **openai_content(m.content)}
         if m.tool_calls:
             calls = []
             for call in m.tool_calls:
@@ -6783,8 +7130,8 @@ def openai_messages(messages: list[OpenAIMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def openai_chat_request(body: OpenAIChatBody, settings: Settings, rec: ModelRecord):
-    """(prompt builder, parameters, tools) for one chat completion."""
+def openai_chat_request(body: OpenAIChatBody, messages: list[dict[str, Any]], settings: Settings, rec: ModelRecord):
+    """(prompt builder, parameters, tools) for one chat completion of `messages` (its own, images taken)."""
     tools = tool_dicts(body.tools) if body.tool_choice != "none" else None
     params = set_top_logprobs(openai_params(body, body.max_completion_tokens or body.max_tokens), body.logprobs_top())
     params.format = response_format_to_format(body.response_format)
@@ -6792,7 +7139,6 @@ def openai_chat_request(body: OpenAIChatBody, settings: Settings, rec: ModelReco
         # A forced call is enforced by a grammar: the reply must be {"name", "arguments"} JSON.
         forced = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
         params.format = tool_choice_schema(tools, forced)
-    messages = openai_messages(body.messages)
     params = preset_sampling(params, rec, body)
     return chat_builder(messages, tools, params, settings, preset=model_preset(rec)), params, tools
 
@@ -6862,7 +7208,8 @@ class OpenAIChatReply(Reply):
 async def chat_completions(body: OpenAIChatBody, request: Request) -> Any:
     state = state_of(request)
     rec = require_generative_model(state, body.model, "chat")
-    build, params, tools = openai_chat_request(body, state.settings, rec)
+    messages = await take_pictures(state, rec, body.model, openai_messages(body.messages))
+    build, params, tools = openai_chat_request(body, messages, state.settings, rec)
     run = GenerationRun(state.admission, rec, build, params, None, request)
     return await respond(run, OpenAIChatReply(run, body, tools), body.stream)
 
@@ -6969,7 +7316,10 @@ def openai_model(rec: ModelRecord) -> dict[str, Any]:
     name = display_name(rec.name)
     created = int(datetime.fromisoformat(rec.created_at.replace("Z", "+00:00")).timestamp())
     owner = name.split("/", 1)[0] if "/" in name else "library"
-    return {"id": name, "object": "model", "created": created, "owned_by": owner}
+    caps = model_capabilities(rec.path)  # what it takes in, as llama-server's /v1/models says it
+    takes = ["audio"] if "transcription" in caps else ["text", "image"] if "vision" in caps else ["text"]
+    return {"id": name, "object": "model", "created": created, "owned_by": owner,
+            "architecture": {"input_modalities": takes}}
 
 
 # ============================================================================
@@ -6992,6 +7342,7 @@ class AnthropicBlock(WireModel):
     tool_use_id: str | None = Field(None, max_length=200)
     content: str | list[dict[str, Any]] | None = None
     is_error: bool | None = None
+    source: dict[str, Any] | None = None  # an image's: {"type": "base64", "media_type", "data"}
 
 
 class AnthropicMessage(WireModel):
@@ -7045,18 +7396,33 @@ def anthropic_text(content: str | list[AnthropicBlock] | list[dict[str, Any]] | 
     if content is None or isinstance(content, str):
         return content or ""
     blocks = [b if isinstance(b, dict) else b.model_dump() for b in content]
-    if any(b.get("type") == "image" for b in blocks):
-        raise BadRequest("image content blocks are not supported: this server's chat models are text-only")
     texts = [b.get("text") or "" for b in blocks if b.get("type") == "text"]
     if not all(isinstance(t, str) for t in texts):
         raise BadRequest("a text block's `text` must be a string")
     return "".join(texts)
 
 
+def anthropic_images(content: str | list[AnthropicBlock] | list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The image blocks' images of some content, as a chat-template dict's "images" (data: URIs)."""
+    blocks = [b if isinstance(b, dict) else b.model_dump() for b in content or () if not isinstance(content, str)]
+    images = []
+    for b in (b for b in blocks if b.get("type") == "image"):
+        source = b.get("source") if isinstance(b.get("source"), dict) else {}
+        if source.get("type") == "url" and isinstance(source.get("url"), str):
+            images.append(source["url"])
+        elif source.get("type") == "base64" and isinstance(source.get("data"), str):
+            images.append(f"data:{source.get('media_type') or 'image/png'};base64,{source['data']}")
+        else:
+            raise BadRequest(f"invalid image source type: {source.get('type')}. Only base64 images are supported")
+    return {"images": images} if images else {}
+
+
 def anthropic_messages(body: AnthropicBody) -> list[dict[str, Any]]:
     """Anthropic's turns as chat-template dicts: system first; an assistant's tool_use blocks become
     tool calls; a user's tool_result blocks become tool messages, named from the call they answer."""
     out: list[dict[str, Any]] = []
+    if anthropic_images(body.system) or any(m.role == "system" and anthropic_images(m.content) for m in body.messages):
+        raise BadRequest("image blocks go in user turns, not in the system prompt")
     if system := anthropic_text(body.system):
         out.append({"role": "system", "content": system})
     names: dict[str, str] = {}
@@ -7078,9 +7444,10 @@ def anthropic_messages(body: AnthropicBody) -> list[dict[str, Any]]:
         results = [b for b in blocks if b.type == "tool_result"]
         for b in results:
             out.append({"role": "tool", "name": names.get(b.tool_use_id or "", ""),
-                        "content": anthropic_text(b.content)})
-        if (text := anthropic_text([b for b in blocks if b.type != "tool_result"])) or not results:
-            out.append({"role": "user", "content": text})
+                        "content": anthropic_text(b.content), **anthropic_images(b.content)})
+        rest = [b for b in blocks if b.type != "tool_result"]
+        if (text := anthropic_text(rest)) or anthropic_images(rest) or not results:
+            out.append({"role": "user", "content": text, **anthropic_images(rest)})
     return out
 
 
@@ -7198,7 +7565,8 @@ async def anthropic_create_message(body: AnthropicBody, request: Request) -> Any
     rec = require_generative_model(state, body.model, "chat")
     tools = anthropic_tools(body)
     params = preset_sampling(anthropic_params(body, tools), rec, body)
-    build = chat_builder(anthropic_messages(body), tools, params, state.settings, preset=model_preset(rec))
+    messages = await take_pictures(state, rec, body.model, anthropic_messages(body))
+    build = chat_builder(messages, tools, params, state.settings, preset=model_preset(rec))
     run = GenerationRun(state.admission, rec, build, params, None, request)
     return await respond(run, AnthropicReply(run, body.model, tools), body.stream)
 
@@ -7210,8 +7578,9 @@ async def anthropic_count_tokens(body: AnthropicCountBody, request: Request) -> 
     rec = require_generative_model(state, body.model, "chat")
     full = AnthropicBody(**body.model_dump(), max_tokens=1)
     tools = anthropic_tools(full)
+    messages = await take_pictures(state, rec, body.model, anthropic_messages(full))
     async with state.models.use(rec) as (model, _):
-        prompt = await asyncio.to_thread(render_chat_prompt, model.loaded.tokenizer, anthropic_messages(full), tools)
+        prompt = await asyncio.to_thread(render_prompt, model.loaded, messages, tools)
     return {"input_tokens": len(prompt.ids)}
 
 
@@ -7254,16 +7623,22 @@ class ResponsesBody(WireModel):
     metadata: dict[str, str] | None = None
 
 
-def responses_content_text(content: Any) -> str:
+def responses_content(content: Any) -> dict[str, Any]:
+    """An input message's content as a chat-template dict's: its text parts joined, its input_image parts'
+    images (image_url: a data: URI, or an http(s) URL)."""
     if isinstance(content, str):
-        return content
-    parts = content if isinstance(content, list) else []
-    if any(isinstance(p, dict) and p.get("type") in ("input_image", "input_file", "input_audio") for p in parts):
-        raise BadRequest("only text input is supported (input_text parts): this server's chat models are text-only")
-    texts = [p.get("text") or "" for p in parts if isinstance(p, dict)]
+        return {"content": content}
+    parts = [p for p in (content if isinstance(content, list) else []) if isinstance(p, dict)]
+    if any(p.get("type") in ("input_file", "input_audio") for p in parts):
+        raise BadRequest("input_file and input_audio parts are not supported: send input_text and input_image parts")
+    images = [p.get("image_url") for p in parts if p.get("type") == "input_image"]
+    if not all(isinstance(i, str) and i for i in images):
+        raise BadRequest("an input_image part needs image_url: the image as a data:image/...;base64 URI (file_id "
+                         "is not supported)")
+    texts = [p.get("text") or "" for p in parts if p.get("type") != "input_image"]
     if not all(isinstance(t, str) for t in texts):
         raise BadRequest("a content part's `text` must be a string")
-    return "".join(texts)
+    return {"content": "".join(texts), **({"images": images} if images else {})}
 
 
 def responses_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -7279,8 +7654,7 @@ def responses_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
                 raise BadRequest(f"input message role must be user, assistant, system or developer, not {role!r}")
-            out.append({"role": "system" if role == "developer" else role,
-                        "content": responses_content_text(item.get("content"))})
+            out.append({"role": "system" if role == "developer" else role, **responses_content(item.get("content"))})
         elif kind == "function_call":
             call_id, name = item.get("call_id", ""), item.get("name", "")
             try:
@@ -7300,7 +7674,7 @@ def responses_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]
             if not isinstance(call_id, str):
                 raise BadRequest("a function_call_output item needs a string call_id")
             out.append({"role": "tool", "name": names.get(call_id, ""),
-                        "content": output if isinstance(output, str) else responses_content_text(output)})
+                        **({"content": output} if isinstance(output, str) else responses_content(output))})
         elif kind != "reasoning":  # reasoning items (a model's own notes) carry nothing a prompt needs
             raise BadRequest(f"input items of type '{kind}' are not supported: send messages, function_call and "
                              "function_call_output items")
@@ -7500,7 +7874,7 @@ async def create_response(body: ResponsesBody, request: Request) -> Any:
             raise BadRequest(f"Previous response with id '{body.previous_response_id}' not found (this server keeps "
                              f"the last {RESPONSES_KEPT} stored responses, in memory)")
         earlier = kept[1]
-    turn = responses_messages(body.input)
+    turn = await take_pictures(state, rec, body.model, responses_messages(body.input))
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     tools = responses_tools(body)
     params = preset_sampling(responses_params(body, tools), rec, body)
@@ -7573,8 +7947,17 @@ class LlamaSamplingBody(LlamaCppBody):
     n_keep: int = Field(0, ge=-1)  # context shift is not done here (a prompt too long is a 400): accepted
 
 
+class LlamaMultimodalPrompt(WireModel):
+    """llama.cpp's multimodal prompt: the text, with /props' media_marker where each image goes, and the images."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt_string: str = Field(min_length=1, max_length=4_000_000)
+    multimodal_data: list[str] = Field(default_factory=list, max_length=256)  # base64, as many as markers
+
+
 class LlamaCompletionBody(LlamaSamplingBody):
-    prompt: str | list[Any] = Field(..., description="a string, token ids, a mix of both, or a list of those")
+    prompt: str | list[Any] | LlamaMultimodalPrompt = Field(
+        ..., description="a string, token ids, a mix of both, a list of those, or {prompt_string, multimodal_data}")
 
 
 class LlamaInfillBody(LlamaSamplingBody):
@@ -7713,12 +8096,18 @@ def context_exceeded(n_tokens: int, n_ctx: int) -> BadRequest:
                       "increasing it", type="exceed_context_size_error", n_prompt_tokens=n_tokens, n_ctx=n_ctx)
 
 
-def llamacpp_builder(parts: list[str | int], params: GenParams,
-                     settings: Settings) -> Callable[[LoadedModel, threading.Event], Prompt]:
+def llamacpp_builder(parts: list[str | int], params: GenParams, settings: Settings,
+                     pictures: list[Picture] | None = None) -> Callable[[LoadedModel, threading.Event], Prompt]:
     """The prompt as llama.cpp makes it: the client's text (templated already) tokenized with the
-    model's special tokens; no truncation (a prompt that does not fit is a 400, as llama.cpp answers)."""
+    model's special tokens, or with `pictures` (multimodal_data) a text whose media markers say where they
+    go; no truncation (a prompt that does not fit is a 400, as llama.cpp answers)."""
     def build(model: LoadedModel, _cancel: threading.Event) -> Prompt:
         tok = model.loaded.tokenizer
+        if pictures:
+            prompt = marked_prompt(model.loaded, str(parts[0]), pictures)
+            if len(prompt.ids) >= context_size(model.loaded, params, settings):
+                raise context_exceeded(len(prompt.ids), context_size(model.loaded, params, settings))
+            return prompt
         ids = tokenize_mixed(tok, parts, add_special=True)
         n_ctx = context_size(model.loaded, params, settings)
         if len(ids) >= n_ctx:
@@ -7916,7 +8305,18 @@ async def llamacpp_generate(request: Request, body: LlamaSamplingBody, prompts: 
 @llamacpp_api.post("/completion", openapi_extra=BY_MODEL)
 @llamacpp_api.post("/completions", include_in_schema=False, openapi_extra=BY_MODEL)
 async def completion(body: LlamaCompletionBody, request: Request) -> Any:
-    settings = state_of(request).settings
+    state = state_of(request)
+    settings = state.settings
+    if isinstance(body.prompt, LlamaMultimodalPrompt):  # images: where each goes, marked in the text
+        text, sources = body.prompt.prompt_string, body.prompt.multimodal_data
+        if text.count(MEDIA_MARKER) != len(sources):
+            raise BadRequest(f"prompt_string holds {text.count(MEDIA_MARKER)} media markers ({MEDIA_MARKER}, /props' "
+                             f"media_marker) and multimodal_data {len(sources)} items: put one marker where each goes")
+        rec = llamacpp_model(state, body.model)
+        taken = await take_pictures(state, rec, body.model or rec.name, [{"images": sources}])
+        pictures = taken[0].get("images") or []
+        return await llamacpp_generate(request, body, [[text]],
+                                       lambda parts, params: llamacpp_builder(parts, params, settings, pictures))
     return await llamacpp_generate(request, body, split_prompts(body.prompt),
                                    lambda parts, params: llamacpp_builder(parts, params, settings))
 
@@ -7989,9 +8389,9 @@ async def apply_template(body: LlamaTemplateBody, request: Request) -> dict[str,
     state = state_of(request)
     rec = llamacpp_model(state, body.model)
     require_generative(rec, body.model or rec.name, "chat")
-    messages, tools = openai_messages(body.messages), tool_dicts(body.tools)
+    messages, tools = await take_pictures(state, rec, rec.name, openai_messages(body.messages)), tool_dicts(body.tools)
     async with state.models.use(rec) as (model, _):
-        prompt = await asyncio.to_thread(render_chat_prompt, model.loaded.tokenizer, messages, tools)
+        prompt = await asyncio.to_thread(render_prompt, model.loaded, messages, tools)
     return {"prompt": prompt.text}
 
 
@@ -8086,12 +8486,13 @@ async def props(request: Request, model: str | None = None) -> dict[str, Any]:
     held = state.models.loaded.get(rec.name)
     tokens = read_json(Path(rec.path) / "tokenizer_config.json")
     template = read_chat_template(Path(rec.path)) or ""
+    vision = "vision" in model_capabilities(rec.path)  # /completion then takes multimodal_data
     return {"default_generation_settings": {"params": llamacpp_settings(llamacpp_params(LlamaSamplingBody()), None,
                                                                         False, full=False),
                                             "n_ctx": model_context_length(rec, state.settings)},
             "total_slots": state.settings.num_parallel, "model_alias": display_name(rec.name),
             "model_ftype": (held.loaded.dtype if held else rec.quantization).upper(), "model_path": rec.path,
-            "modalities": {"vision": False, "video": False, "audio": False}, "media_marker": "",
+            "modalities": {"vision": vision, "video": False, "audio": False}, "media_marker": MEDIA_MARKER if vision else "",
             "endpoint_slots": True, "endpoint_props": False, "endpoint_metrics": True, "ui": False,
             "ui_settings": {}, "chat_template": template, "chat_template_caps": chat_template_caps(template),
             "bos_token": token_text(tokens.get("bos_token")), "eos_token": token_text(tokens.get("eos_token")),
@@ -8231,24 +8632,6 @@ class OpenAIImageBody(WireModel):
     quality: str | None = None
     style: str | None = None
     user: str | None = None
-
-
-def decode_image(data: str | bytes, max_pixels: int) -> Any:
-    """A base64 image (a data: URL too; line breaks allowed) or raw bytes as an RGB PIL image, its size
-    checked before it is decoded; BadRequest when it is not one. Run it off the event loop."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        if isinstance(data, str):
-            text = data.split(",", 1)[1] if data.startswith("data:") else data
-            data = base64.b64decode("".join(text.split()), validate=True)
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > 4 * max_pixels:
-            raise BadRequest(f"an input image of {image.width}x{image.height} is too large: at most "
-                             f"{4 * max_pixels} pixels (4 x MAX_IMAGE_PIXELS)")
-        return image.convert("RGB")
-    except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        raise BadRequest("input images must be base64-encoded PNG or JPEG images") from None
 
 
 def image_models(state: AppState) -> list[ModelRecord]:

@@ -14,11 +14,10 @@ THINKING_TEMPLATE = CHAT_TEMPLATE.replace(
     "<|im_start|>assistant\n{% if enable_thinking %}<think>{% endif %}{% endif %}")
 CORPUS = ["hello world, the quick brown fox jumps over the lazy dog. one two three four five six seven."] * 50
 
-
 FIM = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]
 
-
-def make_tokenizer(chat_template: bool | str = True, fim: bool = False):
+def make_tokenizer(chat_template: bool | str = True, fim: bool = False, special: dict[str, str] | None = None):
+    """`special`: named extra special tokens, e.g. {"image_token": "<image>"} (tok.image_token, tok.image_token_id)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -29,11 +28,11 @@ def make_tokenizer(chat_template: bool | str = True, fim: bool = False):
         vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *(FIM if fim else [])],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+                                  unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  **({"extra_special_tokens": special} if special else {}))
     if chat_template:
         tok.chat_template = chat_template if isinstance(chat_template, str) else CHAT_TEMPLATE
     return tok
-
 
 def make_tiny_model(out: Path, seed: int = 0, chat_template: bool | str = True, fim: bool = False,
                     max_positions: int = 512) -> Path:
@@ -51,18 +50,15 @@ def make_tiny_model(out: Path, seed: int = 0, chat_template: bool | str = True, 
     tok.save_pretrained(out)
     return out
 
-
 def tiny_model_files(seed: int = 0, chat_template: bool | str = True, fim: bool = False,
                      max_positions: int = 512) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_tiny_model(Path(tmp), seed, chat_template, fim, max_positions)
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
-
 def corrupt(files: dict[str, bytes]) -> dict[str, bytes]:
     """Same repo, but weights that no loader can read."""
     return {**files, "model.safetensors": b"\x00" * 4096}
-
 
 def make_tiny_diffusion(out: Path, seed: int = 0) -> Path:
     """A random Stable Diffusion pipeline with the tiny configs diffusers' own tests use (UNet and VAE of
@@ -97,12 +93,10 @@ def make_tiny_diffusion(out: Path, seed: int = 0) -> Path:
     pipe.save_pretrained(out)
     return out
 
-
 def tiny_diffusion_files(seed: int = 0) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         root = make_tiny_diffusion(Path(tmp) / "sd", seed)
         return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
 
 def tiny_cross_encoder_files(seed: int = 0) -> dict[str, bytes]:
     """A 2-layer BertForSequenceClassification with one label (a cross-encoder, as
@@ -131,10 +125,8 @@ def tiny_cross_encoder_files(seed: int = 0) -> dict[str, bytes]:
         tok.save_pretrained(folder)
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
-
 WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|translate|>", "<|transcribe|>",
                     "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
-
 
 def make_tiny_whisper(out: Path, seed: int = 0) -> Path:
     """A random multilingual Whisper (1+1 layers, 32 wide) with a byte-level BPE trained here, the 80-bin
@@ -170,7 +162,6 @@ def make_tiny_whisper(out: Path, seed: int = 0) -> Path:
     WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tok).save_pretrained(out)
     return out
 
-
 def make_tiny_vits(out: Path, seed: int = 0) -> Path:
     """A random VITS (MMS-TTS's architecture: 1 layer, 16 wide, 16 kHz) with a character vocabulary."""
     import json
@@ -194,8 +185,82 @@ def make_tiny_vits(out: Path, seed: int = 0) -> Path:
     tok.save_pretrained(out)
     return out
 
-
 def folder_files(make, seed: int = 0) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make(Path(tmp) / "m", seed)
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+VISION_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+def make_tiny_llava(out: Path, seed: int = 0) -> Path:
+    """A random LLaVA (2-layer CLIP vision tower, 28 px images in 14 px patches: 4 image tokens; 2-layer
+    Llama) with the tokenizer above plus an `<image>` token and a chat template taking image parts."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    tok = make_tokenizer(VISION_TEMPLATE, special={"image_token": "<image>"})
+    images = ImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(images, tok, chat_template=VISION_TEMPLATE, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    cfg = LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 28, "patch_size": 14},
+        text_config={"model_type": "llama", "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 512, "bos_token_id": tok.bos_token_id,
+                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+        image_token_id=tok.image_token_id)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(cfg).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+def make_tiny_gemma3(out: Path, seed: int = 0) -> Path:
+    """A random Gemma 3 (2-layer SigLIP tower on 56 px images, pooled to 4 image tokens; 2-layer text model)
+    with the tokenizer above plus Gemma's image tokens; image parts render as `<start_of_image>`. Unlike
+    LLaVA-with-CLIP, llama.cpp's convert_hf_to_gguf.py can make its mmproj (tests/vision_files.py)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    try:
+        from transformers import Gemma3ImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import Gemma3ImageProcessor as ImageProcessor
+
+    template = VISION_TEMPLATE.replace("<image>", "<start_of_image>")
+    tok = make_tokenizer(template, special={"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
+                                            "eoi_token": "<end_of_image>"})
+    processor = Gemma3Processor(ImageProcessor(size={"height": 56, "width": 56}), tok, chat_template=template,
+                                image_seq_length=4)
+    cfg = Gemma3Config(
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 56, "patch_size": 14},
+        text_config={"model_type": "gemma3_text", "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                     "query_pre_attn_scalar": 16, "sliding_window": 512, "max_position_embeddings": 512,
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                     "pad_token_id": tok.pad_token_id},
+        mm_tokens_per_image=4, boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,
+        image_token_index=tok.image_token_id)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(cfg)
+    # Gemma zero-initializes the image projection: images would all look alike.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=cfg.initializer_range)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    # The hub's layout (vision_tower.vision_model.*), which transformers reads and llama.cpp's converter maps;
+    # transformers 5 writes vision_tower.* instead.
+    weights = out / "model.safetensors"
+    save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in load_file(weights).items()},
+              weights, metadata={"format": "pt"})
+    return out

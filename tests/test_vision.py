@@ -1,0 +1,257 @@
+"""Images in chat, on every wire API: a tiny random LLaVA (CLIP vision tower, Llama text model, made here)
+published on the local hub, pulled through /pull and served by the transformers backend (the batch engine
+prefills image rows). Real clients: `ollama`, `openai` (chat image_url, Responses input_image), `anthropic`;
+llama.cpp's /completion with multimodal_data over raw HTTP. The image must reach the model: two images give
+two greedy answers, and the prompt grows by the image's tokens."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import anthropic
+import httpx
+import ollama
+import openai
+import pytest
+from models import folder_files, make_tiny_llava
+
+import app
+
+VLM = "tiny/llava"
+TEXT = "tiny/llama-a"  # a text-only model (conftest's hub)
+IMAGE_TOKENS = 4  # 28 px images in 14 px patches
+ASK = "describe"
+
+
+def png(color: str, size: int = 64, fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(out, fmt)
+    return out.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def data_uri(data: bytes, kind: str = "png") -> str:
+    return f"data:image/{kind};base64,{b64(data)}"
+
+
+RED, BLUE = png("red"), png("blue")
+
+
+@pytest.fixture(scope="module")
+def server(hub, tmp_path_factory):
+    hub.add_repo(VLM, folder_files(make_tiny_llava))
+    tmp = tmp_path_factory.mktemp("vision")
+    from conftest import ServerProcess
+
+    s = ServerProcess(tmp / "home", hub.url, tmp / "server.log", AI_SERVER_BACKENDS="transformers",
+                      MAX_PROMPT_IMAGES="3").start()
+    s.pull_ok(VLM)
+    s.pull_ok(TEXT)
+    yield s
+    s.stop()
+
+
+def ollama_answer(server, image: bytes | None, **extra) -> ollama.ChatResponse:
+    message = {"role": "user", "content": ASK, **({"images": [b64(image)]} if image else {})}
+    return ollama.Client(host=server.url).chat(model=VLM, messages=[message],
+                                               options={"temperature": 0, "num_predict": 8}, **extra)
+
+
+@pytest.fixture(scope="module")
+def expected(server) -> dict[str, ollama.ChatResponse]:
+    return {"red": ollama_answer(server, RED), "blue": ollama_answer(server, BLUE), "none": ollama_answer(server, None)}
+
+
+def test_the_model_reports_vision_on_every_api(server):
+    show = ollama.Client(host=server.url).show(VLM)
+    assert "vision" in show.capabilities and "completion" in show.capabilities
+    tags = {m["name"]: m for m in server.client.get("/api/tags").json()["models"]}
+    assert "vision" in tags[f"{VLM}:latest"]["capabilities"] and "vision" not in tags[f"{TEXT}:latest"]["capabilities"]
+    models = {m["id"]: m for m in server.client.get("/v1/models").json()["data"]}
+    assert models[f"{VLM}:latest"]["architecture"]["input_modalities"] == ["text", "image"]
+    assert models[f"{TEXT}:latest"]["architecture"]["input_modalities"] == ["text"]
+    props = server.client.get("/props", params={"model": VLM}).json()
+    assert props["modalities"]["vision"] is True and props["media_marker"] == "<__media__>"
+    assert server.client.get("/props", params={"model": TEXT}).json()["modalities"]["vision"] is False
+
+
+def test_the_image_reaches_the_model(expected):
+    """Two images, two greedy answers; the prompt holds the image's tokens."""
+    red, blue, none = expected["red"], expected["blue"], expected["none"]
+    assert red.message.content != blue.message.content
+    assert red.prompt_eval_count == blue.prompt_eval_count == none.prompt_eval_count + IMAGE_TOKENS
+
+
+def test_every_api_gives_the_same_answer_for_the_same_image(server, expected):
+    want = expected["blue"].message.content
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+    chat = oa.chat.completions.create(model=VLM, temperature=0, max_tokens=8, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(BLUE)}}, {"type": "text", "text": ASK}]}])
+    assert chat.choices[0].message.content == want
+    assert chat.usage.prompt_tokens == expected["blue"].prompt_eval_count
+    responses = oa.responses.create(model=VLM, temperature=0, max_output_tokens=8, input=[{"role": "user", "content": [
+        {"type": "input_image", "image_url": data_uri(BLUE)}, {"type": "input_text", "text": ASK}]}])
+    assert responses.output_text == want
+    claude = anthropic.Anthropic(base_url=server.url, api_key="x").messages.create(
+        model=VLM, max_tokens=8, extra_body={"temperature": 0}, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64(BLUE)}},
+            {"type": "text", "text": ASK}]}])
+    assert claude.content[0].text == want
+    generate = ollama.Client(host=server.url).generate(model=VLM, prompt=ASK, images=[BLUE],
+                                                       options={"temperature": 0, "num_predict": 8})
+    assert generate.response == want
+    # llama.cpp's /completion: the template's text by hand, the media marker where the image goes
+    marker = server.client.get("/props", params={"model": VLM}).json()["media_marker"]
+    completion = server.client.post("/completion", json={
+        "model": VLM, "n_predict": 8, "temperature": 0,
+        "prompt": {"prompt_string": f"<|im_start|>user\n{marker}{ASK}<|im_end|>\n<|im_start|>assistant\n",
+                   "multimodal_data": [b64(BLUE)]}})
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["content"] == want
+    # a JPEG and a WebP of the same picture are read too
+    for kind, fmt in (("jpeg", "JPEG"), ("webp", "WEBP")):
+        r = oa.chat.completions.create(model=VLM, temperature=0, max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": data_uri(png("blue", fmt=fmt), kind)}, {"type": "text", "text": ASK}]}])
+        assert r.choices[0].message.content
+
+
+@pytest.mark.parametrize("case, status, says", [
+    ("http_url", 400, "send the image as base64"),
+    ("bad_base64", 400, "invalid image input"),
+    ("not_an_image", 400, "invalid image input"),
+    ("too_many", 400, "At most 3 image(s)"),
+    ("text_model", 400, "has no vision"),
+    ("bomb", 400, "too large"),
+])
+def test_bad_images_are_a_400_in_each_apis_shape(server, case, status, says):
+    from PIL import Image
+
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, "PNG")  # 81 M pixels in a few kB
+    source = {"http_url": "http://example.com/cat.png", "bad_base64": "data:image/png;base64,@@@@",
+              "not_an_image": data_uri(b"GIF89a not really"), "bomb": data_uri(bomb.getvalue())}.get(case, data_uri(RED))
+    count = 4 if case == "too_many" else 1
+    model = TEXT if case == "text_model" else VLM
+    # OpenAI's shape
+    r = server.client.post("/v1/chat/completions", json={"model": model, "max_tokens": 4, "messages": [{
+        "role": "user", "content": [*[{"type": "image_url", "image_url": {"url": source}}] * count,
+                                    {"type": "text", "text": ASK}]}]})
+    assert r.status_code == status and says in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    # Ollama's
+    raw = source.split(",", 1)[-1] if source.startswith("data:") else source
+    r = server.client.post("/api/chat", json={"model": model, "stream": False, "messages": [
+        {"role": "user", "content": ASK, "images": [raw] * count}]})
+    assert r.status_code == status and says in r.json()["error"], r.text
+    # Anthropic's
+    r = server.client.post("/v1/messages", json={"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": [
+        *[{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": raw}}] * count,
+        {"type": "text", "text": ASK}]}]})
+    if case != "http_url":  # a base64 block cannot hold a URL
+        assert r.status_code == status and says in r.json()["error"]["message"], r.text
+        assert r.json()["type"] == "error"
+
+
+def test_other_image_sources_say_what_to_send(server):
+    r = server.client.post("/v1/messages", json={"model": VLM, "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "file", "file_id": "f1"}}, {"type": "text", "text": ASK}]}]})
+    assert r.status_code == 400 and "Only base64 images are supported" in r.json()["error"]["message"]
+    r = server.client.post("/v1/responses", json={"model": VLM, "input": [{"role": "user", "content": [
+        {"type": "input_image", "file_id": "file-1"}]}]})
+    assert r.status_code == 400 and "data:image" in r.json()["error"]["message"]
+    r = server.client.post("/completion", json={"model": VLM, "prompt": {"prompt_string": "no marker here",
+                                                                          "multimodal_data": [b64(RED)]}})
+    assert r.status_code == 400 and "media markers" in r.json()["error"]["message"]
+
+
+def test_vision_and_text_requests_batch_together(server, expected):
+    """8 image and 8 text requests at once on one model: each gets its own answer; the rows are freed."""
+    text_want = ollama.Client(host=server.url).chat(model=VLM, messages=[{"role": "user", "content": "hello"}],
+                                                    options={"temperature": 0, "num_predict": 8}).message.content
+
+    def one(i: int) -> tuple[str, str]:
+        if i % 2:
+            return "text", ollama.Client(host=server.url).chat(
+                model=VLM, messages=[{"role": "user", "content": "hello"}],
+                options={"temperature": 0, "num_predict": 8}).message.content
+        color = "red" if i % 4 == 0 else "blue"
+        return color, ollama_answer(server, RED if color == "red" else BLUE).message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(16)))
+    for kind, text in answers:
+        assert text == (text_want if kind == "text" else expected[kind].message.content), (kind, text)
+    assert running_rows(server) == 0
+
+
+def running_rows(server) -> int:
+    return next(m for m in server.client.get("/status").json()["cache"]
+                if m["name"].startswith(VLM))["batching"]["running_rows"]
+
+
+def test_a_vision_client_that_leaves_frees_its_row(server):
+    with httpx.stream("POST", f"{server.url}/api/chat", timeout=60, json={
+            "model": VLM, "options": {"num_predict": 2000, "temperature": 0},
+            "messages": [{"role": "user", "content": ASK, "images": [b64(RED)]}]}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+    for _ in range(100):
+        if running_rows(server) == 0:
+            break
+        threading.Event().wait(0.1)
+    assert running_rows(server) == 0
+    assert "generation cancelled" in server.log()
+
+
+class ImageHost(http.server.BaseHTTPRequestHandler):
+    """Serves a PNG at /cat.png and a redirect to 127.0.0.1 at /away."""
+
+    target = ""
+
+    def do_GET(self):  # noqa: N802
+        if self.path == "/away":
+            self.send_response(302)
+            self.send_header("Location", self.target)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()
+        self.wfile.write(RED)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_image_urls_are_fetched_only_when_allowed_and_never_from_private_addresses(start_server):
+    host = http.server.ThreadingHTTPServer(("127.0.0.2", 0), ImageHost)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    ImageHost.target = f"http://127.0.0.1:{host.server_address[1]}/cat.png"
+    here = f"http://127.0.0.2:{host.server_address[1]}"
+    try:
+        # The real server, fetching on: a loopback URL is refused before any connection
+        s = start_server(FETCH_IMAGE_URLS="1")
+        s.pull_ok(VLM)
+        r = s.client.post("/v1/chat/completions", json={"model": VLM, "max_tokens": 4, "messages": [{
+            "role": "user", "content": [{"type": "image_url", "image_url": {"url": f"{here}/cat.png"}}]}]})
+        assert r.status_code == 400 and "loopback, private or link-local" in r.json()["error"]["message"]
+        # The fetcher itself, with 127.0.0.2 taken as public (no public address can be reached here): the
+        # image comes; a redirect to 127.0.0.1 is refused at its hop
+        assert app.fetch_image(f"{here}/cat.png", public=lambda a: a == "127.0.0.2") == RED
+        with pytest.raises(app.BadRequest, match="loopback, private or link-local"):
+            app.fetch_image(f"{here}/away", public=lambda a: a == "127.0.0.2")
+    finally:
+        host.shutdown()
+    for address, public in (("127.0.0.1", False), ("10.0.0.8", False), ("169.254.169.254", False),
+                            ("192.168.1.1", False), ("::1", False), ("::ffff:127.0.0.1", False), ("fd00::1", False),
+                            ("8.8.8.8", True), ("2606:4700::1111", True)):
+        assert app.is_public_address(address) is public, address
