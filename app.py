@@ -968,15 +968,16 @@ def choose_gguf(repo_id: str, models: list[GgufModel], tag: str | None) -> GgufM
 
 def choose_projector(model_path: str, candidates: list[str]) -> str | None:
     """A GGUF model's vision projector among a repo's (or a folder's) `.gguf` paths, as llama.cpp's `-hf`
-    picks it: a file whose path holds "mmproj", in the deepest folder it shares with the model, then the one
-    whose quant bits are nearest the model's (F16 beside BF16, Q8_0 beside Q8_0); None when there is none."""
+    picks it: a file whose path holds "mmproj", in the deepest folder it shares with the model (and the least
+    deep below that), then the one whose quant bits are nearest the model's (F16 for BF16, Q8_0 for Q8_0);
+    None when there is none."""
     folder = model_path.split("/")[:-1]
     bits = gguf_bits(gguf_quant_of(model_path))
 
-    def rank(path: str) -> tuple[int, int, str]:
+    def rank(path: str) -> tuple[int, int, int, str]:
         parts = path.split("/")[:-1]
         shared = next((i for i, (a, b) in enumerate(zip(parts, folder)) if a != b), min(len(parts), len(folder)))
-        return -shared, abs(gguf_bits(gguf_quant_of(path)) - bits), path
+        return -shared, len(parts) - shared, abs(gguf_bits(gguf_quant_of(path)) - bits), path
 
     found = [c for c in candidates if c.lower().endswith(".gguf") and "mmproj" in c.lower()]
     return min(found, key=rank) if found else None

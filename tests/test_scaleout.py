@@ -8,6 +8,8 @@ with a password and an append-only file (so a restart keeps the queues). The cli
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import os
 import re
@@ -26,9 +28,10 @@ import httpx
 import ollama
 import openai
 import pytest
+from PIL import Image
 
 from conftest import ServerProcess, free_port, package_dir
-from models import tiny_diffusion_files
+from models import folder_files, make_tiny_llava, tiny_diffusion_files
 
 MODEL = "tiny/llama-a"
 PASSWORD = "s3cret-redis-pw"
@@ -298,6 +301,26 @@ def test_speech_through_the_gateway(cluster, hub):
     assert r.status_code == 400 and "not a transcription model" in r.json()["error"]["message"]
     for repo in ("gw/whisper", "gw/voice"):
         gw.client.request("DELETE", "/api/delete", json={"model": repo})
+
+
+def test_images_in_chat_through_the_gateway(cluster, hub):
+    """An image chat is an HTTP request like any other: a vision model pulled onto wb alone answers it through the
+    gateway; a body over MAX_BODY_BYTES is a 413 that names the setting."""
+    hub.add_repo("gw/llava", folder_files(make_tiny_llava))
+    gw = cluster.gateway
+    r = gw.client.post("/api/pull", json={"model": "gw/llava", "worker": "wb", "stream": False})
+    assert r.status_code == 200, r.text
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(picture, "PNG")
+    body = {"model": "gw/llava", "stream": False, "options": {"temperature": 0, "num_predict": 4}, "messages": [
+        {"role": "user", "content": "describe", "images": [base64.b64encode(picture.getvalue()).decode()]}]}
+    r = gw.client.post("/api/chat", json=body)
+    assert r.status_code == 200 and r.headers["x-ai-worker"] == "wb", r.text
+    assert r.json()["prompt_eval_count"] > 4 and r.json()["message"]["content"]
+    huge = {**body, "messages": [{**body["messages"][0], "images": ["A" * (26 * 2**20)]}]}
+    r = gw.client.post("/api/chat", json=huge)
+    assert r.status_code == 413 and "MAX_BODY_BYTES" in r.json()["error"], r.text
+    gw.client.request("DELETE", "/api/delete", json={"model": "gw/llava"})
 
 
 def stream_lines(url: str, body: dict, leave_after: int | None = None, timeout: float = 120) -> dict:

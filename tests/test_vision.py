@@ -7,8 +7,11 @@ two greedy answers, and the prompt grows by the image's tokens."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import io
+import os
+import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +20,9 @@ import httpx
 import ollama
 import openai
 import pytest
+from conftest import free_port
 from models import folder_files, make_tiny_llava
+from test_gguf import BINARY, needs_binary
 
 import app
 
@@ -255,3 +260,91 @@ def test_image_urls_are_fetched_only_when_allowed_and_never_from_private_address
                             ("192.168.1.1", False), ("::1", False), ("::ffff:127.0.0.1", False), ("fd00::1", False),
                             ("8.8.8.8", True), ("2606:4700::1111", True)):
         assert app.is_public_address(address) is public, address
+
+
+def test_gemma3_sees_through_generate(server, hub):
+    """Gemma 3 (sliding-window layers: not batched) runs its images through model.generate."""
+    from models import make_tiny_gemma3
+
+    hub.add_repo("tiny/gemma3", folder_files(make_tiny_gemma3))
+    server.pull_ok("tiny/gemma3")
+    client = ollama.Client(host=server.url)
+    answers = [client.chat(model="tiny/gemma3", options={"temperature": 0, "num_predict": 8}, messages=[
+        {"role": "user", "content": ASK, **({"images": [b64(image)]} if image else {})}]) for image in (RED, BLUE, None)]
+    assert answers[0].message.content != answers[1].message.content
+    assert answers[0].prompt_eval_count == answers[2].prompt_eval_count + 10  # "\n\n", <boi>, 4 image tokens, <eoi>, "\n\n"
+    assert "vision" in client.show("tiny/gemma3").capabilities
+
+
+# --- GGUF: the tiny Gemma 3 converted by llama.cpp's convert_hf_to_gguf.py (text model + mmproj), served by
+# the real llama-server with --mmproj
+GGUF_REPO = "test/tiny-gemma3-GGUF"
+
+
+@pytest.fixture(scope="module")
+def gguf_vision(hub, tmp_path_factory):
+    from models import make_tiny_gemma3
+    from vision_files import gemma3_gguf
+
+    tmp = tmp_path_factory.mktemp("gemma3-gguf")
+    model, mmproj = gemma3_gguf(make_tiny_gemma3(tmp / "hf"), tmp)
+    # Two projector files: the pull takes the one whose quant is nearest the model's (Q8_0), as llama.cpp's -hf
+    hub.add_repo(GGUF_REPO, {model.name: model.read_bytes(), mmproj.name: mmproj.read_bytes(),
+                             "mmproj-tiny-gemma3-Q8_0.gguf": mmproj.read_bytes(), "README.md": b"# test\n"})
+    return model, mmproj
+
+
+@needs_binary
+def test_a_gguf_vision_model_runs_on_llama_server_with_its_projector(gguf_vision, hub, start_server, tmp_path):
+    model, mmproj = gguf_vision
+    s = start_server(AI_SERVER_BACKENDS="llamacpp", LLAMA_SERVER=str(BINARY))
+    s.pull_ok(f"hf.co/{GGUF_REPO}:Q8_0")
+    name = f"hf.co/{GGUF_REPO}:Q8_0"
+    fetched = {p.name for p in (s.home / "hf-cache").rglob("*.gguf")}
+    assert fetched == {model.name, "mmproj-tiny-gemma3-Q8_0.gguf"}, fetched
+    client = ollama.Client(host=s.url)
+    assert "vision" in client.show(name).capabilities
+    answers = [client.chat(model=name, options={"temperature": 0, "num_predict": 8}, messages=[
+        {"role": "user", "content": ASK, **({"images": [b64(image)]} if image else {})}]) for image in (RED, BLUE, None)]
+    assert answers[0].message.content != answers[1].message.content
+    assert answers[0].prompt_eval_count == answers[2].prompt_eval_count + 7  # <boi>, 4 image embeddings, <eoi>, and "\n" after it
+    assert "--mmproj" in s.log() or "mmproj" in s.client.get("/status").json()["cache"][0]["note"]
+    # The same files on bare llama-server give the same greedy text for the same image and prompt
+    text = f"<|im_start|>user\n<__media__>{ASK}<|im_end|>\n<|im_start|>assistant\n"
+    ours = s.client.post("/completion", json={"model": name, "n_predict": 8, "temperature": 0, "prompt": {
+        "prompt_string": text, "multimodal_data": [b64(BLUE)]}})
+    assert ours.status_code == 200, ours.text
+    port = free_port()
+    bare = subprocess.Popen([str(BINARY), "-m", str(model), "--mmproj", str(mmproj), "-c", "512", "--host",
+                             "127.0.0.1", "--port", str(port)], env={**os.environ, "LLAMA_MEDIA_MARKER": "<__media__>"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            threading.Event().wait(0.1)
+        theirs = httpx.post(f"http://127.0.0.1:{port}/completion", timeout=60, json={
+            "n_predict": 8, "temperature": 0, "prompt": {"prompt_string": text, "multimodal_data": [b64(BLUE)]}}).json()
+    finally:
+        bare.terminate()
+        bare.wait()
+    assert ours.json()["content"] == theirs["content"]
+    assert ours.json()["tokens_evaluated"] == theirs["tokens_evaluated"]
+    # The same model pulled from a repo without a projector has no vision: our 400, not llama-server's 500
+    hub.add_repo(f"{GGUF_REPO}-text", {model.name: model.read_bytes()})
+    s.pull_ok(f"hf.co/{GGUF_REPO}-text:Q8_0")
+    r = s.client.post("/v1/chat/completions", json={"model": f"hf.co/{GGUF_REPO}-text:Q8_0", "max_tokens": 2,
+                                                     "messages": [{"role": "user", "content": [
+                                                         {"type": "image_url", "image_url": {"url": data_uri(RED)}}]}]})
+    assert r.status_code == 400 and "has no vision" in r.json()["error"]["message"], r.text
+
+
+def test_the_projector_is_picked_as_llama_cpp_picks_it():
+    files = ["m/Q4/model-Q4_K_M.gguf", "m/mmproj-F32.gguf", "m/Q4/mmproj-BF16.gguf", "m/Q4/mmproj-Q8_0.gguf",
+             "other/mmproj-F16.gguf"]
+    assert app.choose_projector("m/Q4/model-Q4_K_M.gguf", files) == "m/Q4/mmproj-Q8_0.gguf"  # same folder, nearest bits
+    assert app.choose_projector("m/model-F16.gguf", files) == "m/mmproj-F32.gguf"  # deepest shared folder first
+    assert app.choose_projector("x/model-BF16.gguf", ["mmproj-F16.gguf", "mmproj-Q4_0.gguf"]) == "mmproj-F16.gguf"
+    assert app.choose_projector("model-Q4_0.gguf", ["model-Q8_0.gguf"]) is None
+    assert [m.quant for m in app.gguf_models([(f, 1) for f in files])] == ["Q4_K_M"]  # projectors are no model
