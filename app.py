@@ -2021,6 +2021,7 @@ class Loaded:
     engine: Any = None  # what runs concurrent requests (BatchEngine, vLLM's AsyncLLM); None: one at a time
     processor: Any = None  # a transformers vision model's (images -> pixel_values); `tokenizer` is its tokenizer
     media_marker: str | None = None  # llama-server with a vision projector: an image's place in a prompt's text
+    image_parts: bool = False  # vLLM with a vision model: images as the template's image tokens, the engine expands
     note: str | None = None  # how the weights were turned into what runs (a GGUF dequantized), for /status
 
 
@@ -2801,21 +2802,27 @@ class VllmEngine:
     def call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    async def stream(self, prompt_ids: list[int], sampling: Any, gen: DecodeState) -> str | None:
+    async def stream(self, prompt: Prompt, sampling: Any, gen: DecodeState) -> tuple[str | None, int]:
         """Feeds `gen` token by token; aborts in vLLM when gen says stop (stop string, client gone).
-        Returns vLLM's finish reason (None when aborted here)."""
+        Returns vLLM's finish reason (None when aborted here) and the prompt's tokens as vLLM counted them
+        (its images' included). Images go beside the ids as PIL images (multi_modal_data): vLLM's processor
+        expands each image token of the ids to the image's size."""
         request_id = new_id()
-        async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id):
+        inputs = {"prompt_token_ids": prompt.ids,
+                  **({"multi_modal_data": {"image": [p.image for p in prompt.pictures]}} if prompt.pictures else {})}
+        counted = len(prompt.ids)
+        async for out in self.llm.generate(inputs, sampling, request_id):
+            counted = len(out.prompt_token_ids or ()) or counted
             choice = out.outputs[0]
             gen.cached_tokens = out.num_cached_tokens or 0
             if choice.token_ids:
                 gen.push(list(choice.token_ids), vllm_logprobs(choice.token_ids, choice.logprobs, gen.top_logprobs))
             if out.finished:
-                return choice.finish_reason
+                return choice.finish_reason, counted
             if gen.should_stop():
                 await self.llm.abort(request_id)
-                return None
-        return None
+                return None, counted
+        return None, counted
 
     def close(self) -> None:
         async def shutdown() -> None:  # on its own loop, so its output task is cancelled, not orphaned
@@ -2866,7 +2873,10 @@ class VllmBackend(Backend):
             gpu_memory_utilization=s.vllm_gpu_memory_utilization, tensor_parallel_size=s.vllm_tensor_parallel_size,
             max_num_seqs=s.num_parallel, enable_prefix_caching=True,
             # Graph capture pays off on GPUs; on CPU it more than doubles the start (86 s vs 35 s here).
-            enforce_eager=plan.device == "cpu" if eager is None else eager, **quant)
+            enforce_eager=plan.device == "cpu" if eager is None else eager, **quant,
+            # vLLM's default differs by version (999 for newer Qwen-VL): ours is MAX_PROMPT_IMAGES, said once
+            **({"limit_mm_per_prompt": {"image": s.max_prompt_images}} if "vision" in model_capabilities(plan.path)
+               else {}))
 
     def load(self, plan: LoadPlan) -> Loaded:
         engine = VllmEngine(self.engine_args(plan))
@@ -2874,7 +2884,8 @@ class VllmBackend(Backend):
         tokenizer = engine.llm.tokenizer
         return Loaded(engine, getattr(tokenizer, "tokenizer", tokenizer), dtype=str(config.dtype).removeprefix("torch."),
                       quantized="4bit" if plan.quantization == "q4" else None, device=plan.device, memory_bytes=None,
-                      max_positions=config.max_model_len, vocab_size=config.get_vocab_size(), engine=engine)
+                      max_positions=config.max_model_len, vocab_size=config.get_vocab_size(), engine=engine,
+                      image_parts="vision" in model_capabilities(plan.path))
 
     def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
         from vllm import SamplingParams
@@ -2895,8 +2906,8 @@ class VllmBackend(Backend):
             logit_bias=params.logit_bias or None, ignore_eos=params.ignore_eos,
             logprobs=params.top_logprobs or None, output_kind=RequestOutputKind.DELTA)
         engine: VllmEngine = loaded.engine
-        reason = engine.call(engine.stream(prompt.ids, sampling, gen))
-        result = gen.finish(len(prompt.ids), params.max_tokens, {loaded.tokenizer.eos_token_id})
+        reason, counted = engine.call(engine.stream(prompt, sampling, gen))
+        result = gen.finish(counted, params.max_tokens, {loaded.tokenizer.eos_token_id})
         result.done_reason = "length" if reason == "length" else "stop"
         return result
 
@@ -4345,6 +4356,10 @@ def render_prompt(loaded: Loaded, messages: list[dict[str, Any]], tools: list[di
     if loaded.processor is not None:
         return render_vision_prompt(loaded.processor, messages, tools, think)
     pictures = [p for m in messages for p in m.get("images") or ()]
+    if pictures and loaded.image_parts:  # vLLM: the template's own image tokens; its processor expands them
+        messages, tools = tools_for_template(loaded.tokenizer, messages, tools)
+        text = apply_chat_template(loaded.tokenizer, as_image_parts(messages), tools, think)
+        return Prompt(text, loaded.tokenizer(text, add_special_tokens=False)["input_ids"], pictures=pictures)
     if pictures and loaded.media_marker is None:
         raise cannot_see()
     if pictures:
@@ -4359,16 +4374,20 @@ def render_vision_prompt(processor: Any, messages: list[dict[str, Any]], tools: 
     processor itself: the text's image tokens expanded to the image's size, and the images' pixel values."""
     messages, tools = tools_for_template(processor, messages, tools)
     pictures = [p for m in messages for p in m.get("images") or ()]
-    parts = [{**{k: v for k, v in m.items() if k != "images"},
-              "content": [*({"type": "image"} for _ in m.get("images") or ()),
-                          *([{"type": "text", "text": m["content"]}] if m.get("content") else [])]} for m in messages]
     if getattr(processor, "chat_template", None):
-        text = apply_chat_template(processor, parts, tools, think)
+        text = apply_chat_template(processor, as_image_parts(messages), tools, think)
     else:
         image_token = getattr(processor, "image_token", "<image>")
         text = plain_chat_prompt([{**m, "content": image_token * len(m.get("images") or ()) + (m.get("content") or "")}
                                   for m in messages])
     return processed_prompt(processor, text, pictures)
+
+
+def as_image_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as vision chat templates read them: content parts, an image part per picture, then the text."""
+    return [{**{k: v for k, v in m.items() if k != "images"},
+             "content": [*({"type": "image"} for _ in m.get("images") or ()),
+                         *([{"type": "text", "text": m["content"]}] if m.get("content") else [])]} for m in messages]
 
 
 def cannot_see() -> BadRequest:

