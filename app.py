@@ -13,6 +13,8 @@ streams), Anthropic's Messages API (/v1/messages) and llama.cpp's server API (/c
 /props, /rerank, ... for LLM for Unity and other llama.cpp clients), all on the same models; images from diffusers pipelines through A1111's
 /sdapi/v1/*, the Unity API's /generate-image, OpenAI's /v1/images/* and Ollama's /api/generate; speech to
 text (faster-whisper, transformers' ASR) and text to speech (Piper, transformers' TTS) through OpenAI's /v1/audio/*.
+Vision models (transformers VLMs, vLLM's, GGUFs with their mmproj on llama-server) take images in chat on every
+chat API: each converts its image fields once into its messages, and take_pictures (15) checks and decodes them.
 
 Models are pulled explicitly (POST /pull, through huggingface_hub.snapshot_download) and
 loaded only from local files, by the first backend that works: vLLM when importable (its async

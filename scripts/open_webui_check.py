@@ -16,6 +16,13 @@ sends one chat message as a user would, waits for the answer, saves a screenshot
 answer and what ai-server logged about the prompt (its `prompt trimmed ...` line, if any). Before the
 fix, the browser's built-in tools (36, ~26 KB) filled SmolLM2's context and the answer was one token.
 Exit 0 when the answer has more than a few words.
+
+With `--image PATH` (and a vision model, e.g. `--model tiny/llava`: tests/models.py's make_tiny_llava
+pulled from a tests/hub.py LocalHub) it attaches the picture as a user does ("+" menu, "Upload Files",
+the file chooser), waits for its thumbnail, then sends the message. Open WebUI 0.12.4 allows images
+unless its own model settings say `capabilities.vision: false` (the default is allowed; it does not read
+Ollama's /api/show `capabilities`). Exit 0 when an answer appeared in the page and `--server-log` (then
+required) shows ai-server's `model ...: N image(s) in the prompt` line for the chat.
 """
 from __future__ import annotations
 
@@ -49,7 +56,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("/tmp/owui"), help="screenshot, logs and Open WebUI's data")
     ap.add_argument("--server-log", type=Path, help="ai-server's log, to show what it said about the prompt")
     ap.add_argument("--message", default="What is the capital of France?")
+    ap.add_argument("--image", type=Path, help="a picture to attach to the message (needs --server-log)")
     args = ap.parse_args()
+    if args.image and not (args.server_log and args.server_log.exists()):
+        ap.error("--image needs --server-log: ai-server's log is how the check sees that the image arrived")
+    if args.image and not args.image.is_file():
+        ap.error(f"--image {args.image}: no such file")
     args.out.mkdir(parents=True, exist_ok=True)
     wait_http(f"{args.server}/api/version", 10)
     env = {**os.environ, "OLLAMA_BASE_URL": args.server, "WEBUI_AUTH": "False", "ENABLE_OPENAI_API": "False",
@@ -91,6 +103,9 @@ def drive(args: argparse.Namespace) -> int:
             else:
                 page.keyboard.press("Escape")
             page.wait_for_timeout(1000)
+        if args.image:
+            attach(page, args)
+        log_start = args.server_log.stat().st_size if args.server_log and args.server_log.exists() else 0
         box.click()
         page.keyboard.type(args.message)
         page.keyboard.press("Enter")
@@ -105,12 +120,56 @@ def drive(args: argparse.Namespace) -> int:
         shot = args.out / "open-webui.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
-    print(f"answer ({len(answer.split())} words): {answer!r}\nscreenshot: {shot}")
+    print(f"answer ({len(answer.split())} words, {len(answer)} chars): {answer!r}\nscreenshot: {shot}")
+    images = []
     if args.server_log and args.server_log.exists():
-        for line in args.server_log.read_text(errors="replace").splitlines():
-            if "prompt trimmed" in line:
-                print("ai-server:", line)
-    return 0 if len(answer.split()) > 3 else 1
+        with open(args.server_log, "rb") as f:
+            f.seek(0 if not args.image else log_start)  # with an image: only what this chat logged
+            for line in f.read().decode(errors="replace").splitlines():
+                if "prompt trimmed" in line or "image(s) in the prompt" in line:
+                    print("ai-server:", line)
+                if re.search(rf"model {re.escape(args.model)}\S*: [1-9]\d* image\(s\) in the prompt", line):
+                    images.append(line)
+    if not args.image:
+        return 0 if len(answer.split()) > 3 else 1
+    if not images:
+        print(f"FAIL: ai-server's log has no '{args.model}: N image(s) in the prompt' line since the message "
+              "was sent: the image did not reach the model")
+    if not answer.strip():
+        print("FAIL: no answer appeared in the page")
+    return 0 if images and answer.strip() else 1
+
+
+def attach(page, args: argparse.Namespace) -> None:
+    """Attach args.image as a user does: the "+" menu's "Upload Files" opens the file chooser. Returns
+    once the thumbnail shows and the upload has finished; exits (1) when Open WebUI refuses it."""
+    with page.expect_response(lambda r: "/api/v1/files" in r.url and r.request.method == "POST",
+                              timeout=120_000) as upload:
+        try:
+            page.locator("#input-menu-button").click(timeout=10_000)
+            with page.expect_file_chooser(timeout=10_000) as chooser:
+                page.get_by_text("Upload Files", exact=True).click(timeout=10_000)
+            chooser.value.set_files(str(args.image))
+        except Exception as e:  # the menu changed: the chat's hidden file input is what it opens
+            print(f"the '+' menu's Upload Files did not open a file chooser ({type(e).__name__}); "
+                  "setting the chat's file input instead")
+            page.keyboard.press("Escape")
+            page.locator("#files-input").set_input_files(str(args.image))
+    if not upload.value.ok:
+        page.screenshot(path=str(args.out / "attach.png"))
+        raise SystemExit(f"FAIL: Open WebUI's upload answered {upload.value.status}: {upload.value.text()[:500]}")
+    thumb = page.locator(f'img[alt=""], img[alt="{args.image.name}"]').last
+    try:
+        thumb.wait_for(timeout=30_000)
+    except Exception:
+        page.screenshot(path=str(args.out / "attach.png"))
+        toasts = page.locator("[data-sonner-toast]")
+        why = toasts.all_inner_texts() if toasts.count() else []
+        raise SystemExit(f"FAIL: the attachment did not show in the chat input (toasts: {why}); "
+                         f"screenshot {args.out / 'attach.png'}")
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(args.out / "attached.png"))
+    print(f"attached {args.image} ({args.image.stat().st_size} bytes); screenshot {args.out / 'attached.png'}")
 
 
 if __name__ == "__main__":
