@@ -14,7 +14,8 @@ streams), Anthropic's Messages API (/v1/messages) and llama.cpp's server API (/c
 /sdapi/v1/*, the Unity API's /generate-image, OpenAI's /v1/images/* and Ollama's /api/generate; speech to
 text (faster-whisper, transformers' ASR) and text to speech (Piper, transformers' TTS) through OpenAI's /v1/audio/*.
 Vision models (transformers VLMs, vLLM's, GGUFs with their mmproj on llama-server) take images in chat on every
-chat API: each converts its image fields once into its messages, and take_pictures (15) checks and decodes them.
+chat API, and models that hear (Qwen2-Audio, omni models) sound: each API converts its media fields once into its
+messages, and take_media (15) checks and decodes them.
 
 Models are pulled explicitly (POST /pull, through huggingface_hub.snapshot_download) and
 loaded only from local files, by the first backend that works: vLLM when importable (its async
@@ -76,7 +77,8 @@ Environment (one place for each default: `Settings` below; only these names conf
 | VLLM_DISTRIBUTED_EXECUTOR_BACKEND | vLLM's choice       | ray (a Ray cluster's nodes) or mp         |
 | MAX_IMAGE_PIXELS           | 2048*2048                  | largest image (width x height) asked for  |
 |                            |                            | (an input image: 4x that)                 |
-| MAX_PROMPT_IMAGES          | 8                          | images one chat request may carry         |
+| MAX_PROMPT_IMAGES          | 8                          | images (and sound clips) one chat request |
+|                            |                            | may carry                                 |
 | FETCH_IMAGE_URLS           | 0                          | 1: fetch http(s) image URLs in chat (never|
 |                            |                            | private addresses); 0: 400, send base64   |
 | MAX_JOBS_LISTED            | 100                        | pull jobs GET /jobs lists (newest first)  |
@@ -99,7 +101,8 @@ Sections, in order; each uses only those above it (tests/test_map.py checks it):
   4. Helpers (names, ids)                15. App state and shared route helpers (matched_route, the
   5. Errors, 5b. Metrics                     gateway policies a route declares: BY_MODEL, merged(...), ...)
   6. Registry and Hub pulls              16. Routes: Ollama (/api/chat, /api/generate); 16b. its model
-     6b. Pictures (images in prompts)        management (/api/tags, /api/show, /api/pull, /api/create, ...)
+     6b. Media in prompts (pictures,         management (/api/tags, /api/show, /api/pull, /api/create, ...)
+     sounds)
   7. Decoding (stops, grammars, tools)   17. Routes: native (/pull, /jobs, /models, /chat, /status, ...)
   8. Backends: the contract              18. Routes: OpenAI (/v1/*); 18b. Anthropic (/v1/messages);
      8a. transformers + batching,            18c. OpenAI Responses (/v1/responses)
@@ -1407,9 +1410,11 @@ def model_capabilities(path: str) -> tuple[str, ...]:
         fim = all(t in vocab or t in added for t in FIM_TOKENS)
     if fim:
         caps.append("insert")
-    if gguf_projector(path) if is_gguf_path(path) else (
-            "vision_config" in config or "vision_config" in (config.get("thinker_config") or {})):
+    thinker = config.get("thinker_config") or {}  # an omni model's
+    if gguf_projector(path) if is_gguf_path(path) else ("vision_config" in config or "vision_config" in thinker):
         caps.append("vision")  # a transformers VLM (LLaVA, Gemma 3, Qwen-VL, omni), or a GGUF with its mmproj
+    if "audio_config" in config or "audio_config" in thinker:
+        caps.append("audio")  # it hears: sound in chat (Qwen2-Audio, the omni models)
     template = read_chat_template(folder) or ""
     if "<think>" in template or "enable_thinking" in template:
         caps.append("thinking")
@@ -1501,7 +1506,7 @@ def delete_model_files(rec: ModelRecord, settings: Settings, repo_shared: bool =
 
 
 # ============================================================================
-# 6b. Pictures: images in prompts, decoded and bounded; URLs fetched only when the operator allows it
+# 6b. Media in prompts: pictures (decoded, bounded; URLs fetched only when the operator allows it) and sounds
 # ============================================================================
 MEDIA_MARKER = "<__media__>"  # where /completion's multimodal_data go in its prompt_string (llama.cpp's default)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # PIL decoders a client may reach (never EPS, PDF, ...)
@@ -1534,6 +1539,32 @@ class Picture:
     image: Any
     data: bytes
     digest: str
+
+
+ASR_RATE = 16_000  # what every Whisper and CTC model hears, and what a Sound holds
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sound:
+    """A sound clip a chat request carries (for models that hear): 16 kHz mono float32 samples, with the bytes it
+    came as and their digest, as Picture."""
+
+    samples: Any
+    data: bytes
+    digest: str
+
+
+# How the bytes of an Ollama `images` entry say it is sound (Ollama's llm/media.go tells them apart the same way)
+AUDIO_MAGIC = (b"RIFF", b"ID3", b"fLaC", b"OggS", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
+
+
+def is_audio_base64(source: str) -> bool:
+    """Whether a base64 media entry (raw, or a data: URI) holds sound, read from its first bytes."""
+    head = source.partition(",")[2] if source.startswith("data:") else source
+    with contextlib.suppress(ValueError):
+        start = base64.b64decode("".join(head[:24].split())[:16], validate=True)
+        return start.startswith(AUDIO_MAGIC) and (not start.startswith(b"RIFF") or start[8:12] == b"WAVE")
+    return False
 
 
 def is_public_address(address: str) -> bool:
@@ -1655,7 +1686,13 @@ class Prompt:
     truncated: bool = False  # tokens or messages were dropped to fit the context
     trimmed: str = ""  # what was dropped to leave the reply room, for the log (never the text)
     pictures: list[Picture] = dataclasses.field(default_factory=list)  # its images, in the order they appear
+    sounds: list[Sound] = dataclasses.field(default_factory=list)  # its sound clips, likewise
     media: dict[str, Any] | None = None  # what a transformers processor made of them (pixel_values, ...)
+
+    @property
+    def media_digest(self) -> str:
+        """One digest of every picture and sound: prompts with the same media share it."""
+        return hashlib.sha256("".join(m.digest for m in (*self.pictures, *self.sounds)).encode()).hexdigest()
 
 
 @dataclasses.dataclass
@@ -2023,7 +2060,7 @@ class Loaded:
     engine: Any = None  # what runs concurrent requests (BatchEngine, vLLM's AsyncLLM); None: one at a time
     processor: Any = None  # a transformers vision model's (images -> pixel_values); `tokenizer` is its tokenizer
     media_marker: str | None = None  # llama-server with a vision projector: an image's place in a prompt's text
-    image_parts: bool = False  # vLLM with a vision model: images as the template's image tokens, the engine expands
+    image_parts: bool = False  # vLLM with a model that sees or hears: media as the template's tokens, vLLM expands
     note: str | None = None  # how the weights were turned into what runs (a GGUF dequantized), for /status
 
 
@@ -2185,9 +2222,10 @@ def load_hf(plan: LoadPlan) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def load_hf_vision(plan: LoadPlan) -> tuple[Any, Any]:
-    """A vision-language model and its processor (images and text; its tokenizer inside), from local files:
-    AutoModelForImageTextToText, or an omni model's thinker (text out: its talker is dropped)."""
+def load_hf_multimodal(plan: LoadPlan) -> tuple[Any, Any]:
+    """A model that sees or hears and its processor (images, sound and text; its tokenizer inside), from local
+    files: AutoModelForMultimodalLM (AutoModelForImageTextToText's models and the audio ones), an omni model's
+    thinker (text out: its talker is dropped)."""
     import transformers
 
     try:
@@ -2199,10 +2237,8 @@ def load_hf_vision(plan: LoadPlan) -> tuple[Any, Any]:
         raise RuntimeError(f"this model's processor needs torchvision ({type(exc).__name__}: {exc}); install the "
                            f"torchvision release built for torch {torch.__version__} (pip install torchvision from "
                            "the index torch came from; setup_cuda_pytorch.ps1 on Windows), then load it again") from None
-    omni = "thinker_config" in read_json(Path(plan.path) / "config.json")
-    auto = transformers.AutoModelForMultimodalLM if omni else transformers.AutoModelForImageTextToText
-    model = auto.from_pretrained(plan.path, **hf_model_kwargs(plan))
-    if omni:  # text out: the talker (speech out) would only take memory
+    model = transformers.AutoModelForMultimodalLM.from_pretrained(plan.path, **hf_model_kwargs(plan))
+    if hasattr(model, "thinker"):  # an omni model, text out: the talker (speech out) would only take memory
         model.disable_talker()
         model = model.thinker
     return model.eval(), processor
@@ -2456,8 +2492,9 @@ class BatchEngine:
         from transformers import DynamicCache
 
         self.name, self.model, self.new_cache = name, model, DynamicCache
-        config = model.config
-        self.image_token = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+        config = model.config  # the ids that stand for an image's or a sound's place in a prompt
+        self.media_tokens = {getattr(config, k, None) for k in ("image_token_id", "image_token_index", "audio_token_id",
+                                                                "audio_token_index")} - {None}
         self.prefix = PrefixCache(prefix_cache_bytes)
         self.logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.inbox: queue.SimpleQueue[Row | None] = queue.SimpleQueue()
@@ -2534,7 +2571,7 @@ class BatchEngine:
         """The row's tokens as the prefix cache knows them. An image's tokens are the same ids whatever the
         image, so in a row with images they stand as its pictures' digest (media_key): a prompt with other
         images shares only the text before them, one with the same images (the chat's next turn) all of it."""
-        return [row.media_key if t == self.image_token else t for t in row.ids] if row.media_key else row.ids
+        return [row.media_key if t in self.media_tokens else t for t in row.ids] if row.media_key else row.ids
 
     def _reusable(self, row: Row) -> tuple[int, KV | None, dict[str, Any] | None]:
         """(n, KV of the row's first n tokens, the media the rest still needs) from the prefix cache; n is 0
@@ -2542,7 +2579,7 @@ class BatchEngine:
         if row.media is not None and any(k in row.media for k in self.SEQUENCE_MEDIA):
             return 0, None, None
         n, kv = self.prefix.lookup(self._key(row))
-        spots = [i for i, t in enumerate(row.ids) if t == self.image_token] if row.media is not None else []
+        spots = [i for i, t in enumerate(row.ids) if t in self.media_tokens] if row.media is not None else []
         if kv is None or not spots or n <= spots[0]:
             return n, kv, row.media
         if n > spots[-1]:
@@ -2684,8 +2721,8 @@ class TransformersBackend(Backend):
         if is_gguf_path(plan.path):
             check_dequantized_fits(plan)
         processor = None
-        if "vision" in model_capabilities(plan.path) and not is_gguf_path(plan.path):
-            model, processor = load_hf_vision(plan)
+        if {"vision", "audio"} & set(model_capabilities(plan.path)) and not is_gguf_path(plan.path):
+            model, processor = load_hf_multimodal(plan)
             tokenizer = processor.tokenizer
         else:
             model, tokenizer = load_hf(plan)
@@ -2701,7 +2738,7 @@ class TransformersBackend(Backend):
         eos = eos_token_ids(model, tokenizer)
         media = media_on(model, prompt.media) if prompt.media else None
         if loaded.engine is not None:
-            key = -1 - int(hashlib.sha256("".join(p.digest for p in prompt.pictures).encode()).hexdigest()[:15], 16)
+            key = -1 - int(prompt.media_digest[:15], 16)
             loaded.engine.run(Row(list(prompt.ids), params.max_tokens, RowSampler(loaded, model, params), gen, eos,
                                   cache_prompt=params.cache_prompt, media=media, media_key=key if media else 0))
             return gen.finish(len(prompt.ids), params.max_tokens, eos)
@@ -2810,8 +2847,9 @@ class VllmEngine:
         (its images' included). Images go beside the ids as PIL images (multi_modal_data): vLLM's processor
         expands each image token of the ids to the image's size."""
         request_id = new_id()
-        inputs = {"prompt_token_ids": prompt.ids,
-                  **({"multi_modal_data": {"image": [p.image for p in prompt.pictures]}} if prompt.pictures else {})}
+        media = {**({"image": [p.image for p in prompt.pictures]} if prompt.pictures else {}),
+                 **({"audio": [(a.samples, ASR_RATE) for a in prompt.sounds]} if prompt.sounds else {})}
+        inputs = {"prompt_token_ids": prompt.ids, **({"multi_modal_data": media} if media else {})}
         counted = len(prompt.ids)
         async for out in self.llm.generate(inputs, sampling, request_id):
             counted = len(out.prompt_token_ids or ()) or counted
@@ -2877,8 +2915,9 @@ class VllmBackend(Backend):
             # Graph capture pays off on GPUs; on CPU it more than doubles the start (86 s vs 35 s here).
             enforce_eager=plan.device == "cpu" if eager is None else eager, **quant,
             # vLLM's default differs by version (999 for newer Qwen-VL): ours is MAX_PROMPT_IMAGES, said once
-            **({"limit_mm_per_prompt": {"image": s.max_prompt_images}} if "vision" in model_capabilities(plan.path)
-               else {}))
+            **({"limit_mm_per_prompt": {k: s.max_prompt_images for k, cap in (("image", "vision"), ("audio", "audio"))
+                                        if cap in model_capabilities(plan.path)}}
+               if {"vision", "audio"} & set(model_capabilities(plan.path)) else {}))
 
     def load(self, plan: LoadPlan) -> Loaded:
         engine = VllmEngine(self.engine_args(plan))
@@ -2887,7 +2926,7 @@ class VllmBackend(Backend):
         return Loaded(engine, getattr(tokenizer, "tokenizer", tokenizer), dtype=str(config.dtype).removeprefix("torch."),
                       quantized="4bit" if plan.quantization == "q4" else None, device=plan.device, memory_bytes=None,
                       max_positions=config.max_model_len, vocab_size=config.get_vocab_size(), engine=engine,
-                      image_parts="vision" in model_capabilities(plan.path))
+                      image_parts=bool({"vision", "audio"} & set(model_capabilities(plan.path))))
 
     def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
         from vllm import SamplingParams
@@ -3563,7 +3602,6 @@ class DiffusersBackend(Backend):
 # One request, whatever API it came from: audio in as decoded samples (never a file name or a URL), audio out
 # as float samples that the route encodes. Decoding and encoding go through PyAV (FFmpeg's libraries, no
 # shell-out): faster-whisper decodes with it too.
-ASR_RATE = 16_000  # what every Whisper and CTC model hears
 PCM_RATE = 24_000  # OpenAI's `pcm`: 24 kHz, 16-bit signed little-endian, mono
 # FFmpeg's demuxers an upload may be read with: audio files only. A playlist demuxer (hls, concat) would open
 # the files and URLs the upload names.
@@ -3572,6 +3610,18 @@ SPEECH_FORMATS = {  # response_format -> (container, codec, media type); wav and
     "mp3": ("mp3", "libmp3lame", "audio/mpeg"), "opus": ("ogg", "libopus", "audio/ogg"),
     "aac": ("adts", "aac", "audio/aac"), "flac": ("flac", "flac", "audio/flac"),
     "wav": ("", "", "audio/wav"), "pcm": ("", "", "audio/pcm")}
+
+
+def sound_of(source: str, max_s: float) -> Sound:
+    """A sound clip a chat request carries (raw base64 or a data: URI, never a URL) as a Sound."""
+    if not isinstance(source, str) or source.startswith(("http://", "https://")):
+        raise BadRequest("audio in chat is sent as base64 data (input_audio.data), not as a URL")
+    try:
+        data = base64.b64decode("".join(source.partition(",")[2].split() if source.startswith("data:") else
+                                        source.split()), validate=True)
+    except ValueError:
+        raise BadRequest("invalid audio input: the audio is not valid base64") from None
+    return Sound(decode_audio(data, max_s), data, hashlib.sha256(data).hexdigest())
 
 
 def decode_audio(data: bytes, max_s: float) -> np.ndarray:
@@ -4352,62 +4402,71 @@ def tools_for_template(templater: Any, messages: list[dict[str, Any]], tools: li
 
 def render_prompt(loaded: Loaded, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                   think: bool | None = None) -> Prompt:
-    """A chat's prompt for the engine that runs it: a vision model's through its processor (the images as
-    pixel values), llama-server's with its media marker where each image goes, else text alone. A message's
-    images (Pictures) are in its "images" list, before its text."""
+    """A chat's prompt for the engine that runs it: a multimodal model's through its processor (images as pixel
+    values, sounds as audio features), vLLM's with the template's own media tokens, llama-server's with its
+    media marker where each image goes, else text alone. A message's media are in its "images" (Pictures) and
+    "audio" (Sounds) lists, placed before its text."""
     if loaded.processor is not None:
-        return render_vision_prompt(loaded.processor, messages, tools, think)
-    pictures = [p for m in messages for p in m.get("images") or ()]
-    if pictures and loaded.image_parts:  # vLLM: the template's own image tokens; its processor expands them
+        return render_media_prompt(loaded.processor, messages, tools, think)
+    pictures, sounds = media_of(messages)
+    if (pictures or sounds) and loaded.image_parts:  # vLLM: the template's own media tokens; its processor expands
         messages, tools = tools_for_template(loaded.tokenizer, messages, tools)
-        text = apply_chat_template(loaded.tokenizer, as_image_parts(messages), tools, think)
-        return Prompt(text, loaded.tokenizer(text, add_special_tokens=False)["input_ids"], pictures=pictures)
-    if pictures and loaded.media_marker is None:
-        raise cannot_see()
+        text = apply_chat_template(loaded.tokenizer, as_media_parts(messages), tools, think)
+        return Prompt(text, loaded.tokenizer(text, add_special_tokens=False)["input_ids"], pictures=pictures,
+                      sounds=sounds)
+    if sounds or (pictures and loaded.media_marker is None):
+        raise cannot_take("sound" if sounds else "images")
     if pictures:
         messages = [{**m, "content": f"{loaded.media_marker}\n" * len(m["images"]) + (m.get("content") or "")}
                     if m.get("images") else m for m in messages]
     return dataclasses.replace(render_chat_prompt(loaded.tokenizer, messages, tools, think), pictures=pictures)
 
 
-def render_vision_prompt(processor: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                         think: bool | None) -> Prompt:
-    """The processor's chat template over content parts (an image part per picture, then the text), then the
-    processor itself: the text's image tokens expanded to the image's size, and the images' pixel values."""
+def media_of(messages: list[dict[str, Any]]) -> tuple[list[Picture], list[Sound]]:
+    return [p for m in messages for p in m.get("images") or ()], [a for m in messages for a in m.get("audio") or ()]
+
+
+def render_media_prompt(processor: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                        think: bool | None) -> Prompt:
+    """The processor's chat template over content parts (an image part per picture, an audio part per sound,
+    then the text), then the processor itself: the media tokens expanded to each item's size, beside the ids
+    the images' pixel values and the sounds' features."""
     messages, tools = tools_for_template(processor, messages, tools)
-    pictures = [p for m in messages for p in m.get("images") or ()]
     if getattr(processor, "chat_template", None):
-        text = apply_chat_template(processor, as_image_parts(messages), tools, think)
+        text = apply_chat_template(processor, as_media_parts(messages), tools, think)
     else:
-        image_token = getattr(processor, "image_token", "<image>")
-        text = plain_chat_prompt([{**m, "content": image_token * len(m.get("images") or ()) + (m.get("content") or "")}
-                                  for m in messages])
-    return processed_prompt(processor, text, pictures)
+        image, audio = getattr(processor, "image_token", "<image>"), getattr(processor, "audio_token", "<audio>")
+        text = plain_chat_prompt([{**m, "content": image * len(m.get("images") or ()) + audio * len(
+            m.get("audio") or ()) + (m.get("content") or "")} for m in messages])
+    return processed_prompt(processor, text, *media_of(messages))
 
 
-def as_image_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as vision chat templates read them: content parts, an image part per picture, then the text."""
-    return [{**{k: v for k, v in m.items() if k != "images"},
+def as_media_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as multimodal chat templates read them: content parts, an image part per picture, an audio
+    part per sound, then the text."""
+    return [{**{k: v for k, v in m.items() if k not in ("images", "audio")},
              "content": [*({"type": "image"} for _ in m.get("images") or ()),
+                         *({"type": "audio"} for _ in m.get("audio") or ()),
                          *([{"type": "text", "text": m["content"]}] if m.get("content") else [])]} for m in messages]
 
 
-def cannot_see() -> BadRequest:
-    return BadRequest("this model's engine cannot take images: serve it with the transformers backend "
-                      "(AI_SERVER_BACKENDS=transformers), or a GGUF with its vision projector (mmproj)")
+def cannot_take(what: str) -> BadRequest:
+    return BadRequest(f"this model's engine cannot take {what}: serve it with the transformers backend "
+                      "(AI_SERVER_BACKENDS=transformers), or, for images, a GGUF with its vision projector (mmproj)")
 
 
-def processed_prompt(processor: Any, text: str, pictures: list[Picture]) -> Prompt:
-    """A vision processor over a prompt's text and images: the text's image tokens expanded to each image's
-    size, the images' pixel values (and what else the model takes) beside the ids."""
+def processed_prompt(processor: Any, text: str, pictures: list[Picture], sounds: list[Sound] = ()) -> Prompt:
+    """A multimodal processor over a prompt's text and media: the text's media tokens expanded to each item's
+    size, the images' pixel values and the sounds' features (and what else the model takes) beside the ids."""
+    given = {**({"images": [p.image for p in pictures]} if pictures else {}),
+             **({"audio": [a.samples for a in sounds]} if sounds else {})}
     try:
-        inputs = processor(text=[text], images=[p.image for p in pictures] or None, return_tensors="pt",
-                           add_special_tokens=False)
-    except ValueError as exc:  # the text's image tokens and the images do not match, say
-        raise BadRequest(f"this model's processor refuses the prompt with its images: {exc}") from None
+        inputs = processor(text=[text], return_tensors="pt", add_special_tokens=False, **given)
+    except ValueError as exc:  # the text's media tokens and the media do not match, say
+        raise BadRequest(f"this model's processor refuses the prompt with its media: {exc}") from None
     ids = inputs.pop("input_ids")[0].tolist()
     inputs.pop("attention_mask", None)
-    return Prompt(text, ids, pictures=pictures, media=dict(inputs) if pictures else None)
+    return Prompt(text, ids, pictures=pictures, sounds=list(sounds), media=dict(inputs) if given else None)
 
 
 def marked_prompt(loaded: Loaded, text: str, pictures: list[Picture]) -> Prompt:
@@ -4417,7 +4476,7 @@ def marked_prompt(loaded: Loaded, text: str, pictures: list[Picture]) -> Prompt:
         return processed_prompt(loaded.processor, text.replace(
             MEDIA_MARKER, getattr(loaded.processor, "image_token", None) or "<image>"), pictures)
     if loaded.media_marker is None:
-        raise cannot_see()
+        raise cannot_take("images")
     text = text.replace(MEDIA_MARKER, loaded.media_marker)
     return Prompt(text, loaded.tokenizer(text, add_special_tokens=False)["input_ids"], pictures=pictures)
 
@@ -5739,27 +5798,42 @@ def require_generative(rec: ModelRecord, name: str, verb: str = "generate") -> N
         raise BadRequest(f'"{name}" does not support {verb}')
 
 
-async def take_pictures(state: AppState, rec: ModelRecord, name: str,
-                        messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chat-template dicts with their images (each message's "images": what a wire API sent) decoded
-    into Pictures, once, off the event loop: the one seam every chat route passes. A 400 when the model has
-    no vision, for more than MAX_PROMPT_IMAGES, or for an image that is not one (or a URL not fetched)."""
-    count = sum(len(m.get("images") or ()) for m in messages)
-    if not count:
+def sorted_media(message: dict[str, Any]) -> dict[str, Any]:
+    """A message whose "images" entries that hold sound (Ollama sends audio in `images`) moved to its "audio"."""
+    sources = message.get("images") or []
+    heard = [x for x in sources if isinstance(x, str) and not x.startswith(("http://", "https://", "data:image/"))
+             and is_audio_base64(x)]
+    if not heard:
+        return message
+    return {**message, "images": [x for x in sources if x not in heard], "audio": [*(message.get("audio") or []), *heard]}
+
+
+async def take_media(state: AppState, rec: ModelRecord, name: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chat-template dicts with their media (each message's "images" and "audio": what a wire API sent)
+    decoded into Pictures and Sounds, once, off the event loop: the one seam every chat route passes. A 400 when
+    the model cannot see (or hear) them, for more than MAX_PROMPT_IMAGES items, or for an item that is not
+    what it says (or a URL this server does not fetch)."""
+    messages = [sorted_media(m) for m in messages]
+    images, sounds = (sum(len(m.get(k) or ()) for m in messages) for k in ("images", "audio"))
+    if not images and not sounds:
         return messages
-    if "vision" not in model_capabilities(rec.path):
+    caps = model_capabilities(rec.path)
+    if images and "vision" not in caps:
         raise BadRequest(f'"{name}" does not support images: it has no vision. Pull a vision model (a LLaVA, Gemma 3, '
                          "SmolVLM or Qwen-VL, or a GGUF repo with its mmproj file) and send the images to it")
-    if count > state.settings.max_prompt_images:
-        raise BadRequest(f"At most {state.settings.max_prompt_images} image(s) may be provided in one prompt "
-                         f"(MAX_PROMPT_IMAGES); this one has {count}")
+    if sounds and "audio" not in caps:
+        raise BadRequest(f'"{name}" does not support audio input: it cannot hear. Pull a model that does (Qwen2-Audio, '
+                         "an omni model), or transcribe the audio first with /v1/audio/transcriptions")
+    if images + sounds > state.settings.max_prompt_images:
+        raise BadRequest(f"At most {state.settings.max_prompt_images} image(s) or sound clips may be provided in one "
+                         f"prompt (MAX_PROMPT_IMAGES); this one has {images + sounds}")
 
-    def decode() -> list[dict[str, Any]]:
-        return [{**m, "images": [picture_of(source, state.settings) for source in m["images"]]} if m.get("images")
-                else m for m in messages]
+    def decode(m: dict[str, Any]) -> dict[str, Any]:
+        return {**m, **({"images": [picture_of(x, state.settings) for x in m["images"]]} if m.get("images") else {}),
+                **({"audio": [sound_of(x, state.settings.max_audio_s) for x in m["audio"]]} if m.get("audio") else {})}
 
-    messages = await asyncio.to_thread(decode)
-    log.info("model %s: %d image(s) in the prompt", rec.name, count)
+    messages = await asyncio.to_thread(lambda: [decode(m) for m in messages])
+    log.info("model %s: %d image(s) and %d sound clip(s) in the prompt", rec.name, images, sounds)
     return messages
 
 
@@ -6243,12 +6317,12 @@ def completion_builder(prompt: str, suffix: str | None, rec: ModelRecord, name: 
 
 
 def generate_builder(body: OllamaGenerateBody, rec: ModelRecord, name: str, params: GenParams,
-                     settings: Settings, pictures: list[Picture]) -> Callable[[LoadedModel, threading.Event], Prompt]:
-    """The prompt of /api/generate (raw, FIM suffix, template or chat template; `pictures`: its images),
-    fitted to the context of `params`: the request's options over a created model's preset."""
+                     settings: Settings, media: dict[str, Any]) -> Callable[[LoadedModel, threading.Event], Prompt]:
+    """The prompt of /api/generate (raw, FIM suffix, template or chat template; `media`: its "images" and
+    "audio", taken), fitted to the context of `params`: the request's options over a created model's preset."""
     if body.raw and (body.template or body.system or body.context):
         raise BadRequest("raw mode does not support template, system, or context")
-    if pictures and (body.raw or body.suffix or body.template):
+    if media and (body.raw or body.suffix or body.template):
         raise BadRequest("images go through the model's chat template: send them without raw, suffix or template")
     if body.suffix or body.raw:
         return completion_builder(body.prompt or "", body.suffix, rec, name, params, settings)
@@ -6260,7 +6334,7 @@ def generate_builder(body: OllamaGenerateBody, rec: ModelRecord, name: str, para
             rendered = Prompt(text, tok(text)["input_ids"])
         else:
             messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
-                       [{"role": "user", "content": prompt, **({"images": pictures} if pictures else {})}]
+                       [{"role": "user", "content": prompt, **media}]
             rendered = render_prompt(model.loaded, messages)
         ids = (body.context or []) + rendered.ids  # context: the previous exchange, as returned below
         return fit_ids(dataclasses.replace(rendered, ids=ids), context_size(model.loaded, params, settings),
@@ -6294,7 +6368,7 @@ async def api_chat(body: OllamaChatBody, request: Request) -> Any:
     preset = model_preset(rec)
     params = set_top_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate),
                              body.logprobs_top())
-    messages = await take_pictures(state, rec, body.model, [m.for_template() for m in body.messages])
+    messages = await take_media(state, rec, body.model, [m.for_template() for m in body.messages])
     build = chat_builder(messages, tools, params, state.settings, think if think else None, preset)
     run = GenerationRun(state.admission, rec, build, params, keep_alive, request)
     return await respond(run, OllamaChatReply(run, body.model, tools, think, body.logprobs_top()), body.stream)
@@ -6318,8 +6392,9 @@ async def api_generate(body: OllamaGenerateBody, request: Request) -> Any:
                                        "template": body.template or preset.get("template")})
     top = body.logprobs_top()
     params = set_top_logprobs(ollama_params(preset_options(body.options, preset), body.format, body.truncate), top)
-    turn = await take_pictures(state, rec, body.model, [{"role": "user", "images": body.images}])
-    build = generate_builder(body, rec, body.model, params, state.settings, turn[0].get("images") or [])
+    turn = await take_media(state, rec, body.model, [{"role": "user", "images": body.images}])
+    media = {k: v for k, v in turn[0].items() if k in ("images", "audio") and v}
+    build = generate_builder(body, rec, body.model, params, state.settings, media)
     run = GenerationRun(state.admission, rec, build, params, keep_alive, request)
     return await respond(run, OllamaGenerateReply(run, body, top), body.stream)
 
@@ -6944,7 +7019,7 @@ async def native_chat(body: ChatBody, request: Request) -> Any:
     if rec is None:
         raise model_not_found(body.model)
     require_generative(rec, body.model, "chat")
-    messages = await take_pictures(state, rec, body.model, [m.model_dump(exclude_none=True) for m in body.messages])
+    messages = await take_media(state, rec, body.model, [m.model_dump(exclude_none=True) for m in body.messages])
     params = body.params()
     build = chat_builder(messages, None, params, state.settings, preset=model_preset(rec))
     run = GenerationRun(state.admission, rec, build, params, keep_alive_of(body.keep_alive), request)
@@ -6994,6 +7069,7 @@ class OpenAIContentPart(WireModel):
     type: str
     text: str = ""
     image_url: str | dict[str, Any] | None = None  # {"url": "data:image/png;base64,..."}, or the URL alone
+    input_audio: dict[str, Any] | None = None  # {"data": base64, "format": "wav"}
 
 
 class OpenAIMessage(WireModel):
@@ -7110,22 +7186,28 @@ def response_format_to_format(response_format: ResponseFormat | None) -> str | d
 
 
 def openai_content(content: str | list[OpenAIContentPart] | None) -> dict[str, Any]:
-    """A message's content as a chat-template dict's: its text, and its image_url parts' images (a data:
-    URI, raw base64, or an http(s) URL: taken_pictures decodes them)."""
+    """A message's content as a chat-template dict's: its text, its image_url parts' images (a data: URI, raw
+    base64, or an http(s) URL) and its input_audio parts' sound (base64): take_media decodes them."""
     if content is None or isinstance(content, str):
         return {"content": content or ""}
-    texts, images = [], []
+    texts, images, audio = [], [], []
     for part in content:
         if part.type == "text":
             texts.append(part.text)
+        elif part.type == "input_audio":
+            data = (part.input_audio or {}).get("data")
+            if not isinstance(data, str) or not data:
+                raise BadRequest("an input_audio part needs input_audio.data: the audio file, base64")
+            audio.append(data)
         elif part.type == "image_url":
             url = part.image_url.get("url") if isinstance(part.image_url, dict) else part.image_url
             if not isinstance(url, str) or not url:
                 raise BadRequest("an image_url part needs image_url.url: the image as a data:image/...;base64 URI")
             images.append(url)
         else:
-            raise BadRequest(f"content part type {part.type!r} is not supported: send text and image_url parts")
-    return {"content": "".join(texts), **({"images": images} if images else {})}
+            raise BadRequest(f"content part type {part.type!r} is not supported: send text, image_url and input_audio "
+                             "parts")
+    return {"content": "".join(texts), **({"images": images} if images else {}), **({"audio": audio} if audio else {})}
 
 
 def openai_messages(messages: list[OpenAIMessage]) -> list[dict[str, Any]]:
@@ -7230,7 +7312,7 @@ class OpenAIChatReply(Reply):
 async def chat_completions(body: OpenAIChatBody, request: Request) -> Any:
     state = state_of(request)
     rec = require_generative_model(state, body.model, "chat")
-    messages = await take_pictures(state, rec, body.model, openai_messages(body.messages))
+    messages = await take_media(state, rec, body.model, openai_messages(body.messages))
     build, params, tools = openai_chat_request(body, messages, state.settings, rec)
     run = GenerationRun(state.admission, rec, build, params, None, request)
     return await respond(run, OpenAIChatReply(run, body, tools), body.stream)
@@ -7339,7 +7421,8 @@ def openai_model(rec: ModelRecord) -> dict[str, Any]:
     created = int(datetime.fromisoformat(rec.created_at.replace("Z", "+00:00")).timestamp())
     owner = name.split("/", 1)[0] if "/" in name else "library"
     caps = model_capabilities(rec.path)  # what it takes in, as llama-server's /v1/models says it
-    takes = ["audio"] if "transcription" in caps else ["text", "image"] if "vision" in caps else ["text"]
+    takes = ["audio"] if "transcription" in caps else [
+        "text", *(["image"] if "vision" in caps else []), *(["audio"] if "audio" in caps else [])]
     return {"id": name, "object": "model", "created": created, "owned_by": owner,
             "architecture": {"input_modalities": takes}}
 
@@ -7587,7 +7670,7 @@ async def anthropic_create_message(body: AnthropicBody, request: Request) -> Any
     rec = require_generative_model(state, body.model, "chat")
     tools = anthropic_tools(body)
     params = preset_sampling(anthropic_params(body, tools), rec, body)
-    messages = await take_pictures(state, rec, body.model, anthropic_messages(body))
+    messages = await take_media(state, rec, body.model, anthropic_messages(body))
     build = chat_builder(messages, tools, params, state.settings, preset=model_preset(rec))
     run = GenerationRun(state.admission, rec, build, params, None, request)
     return await respond(run, AnthropicReply(run, body.model, tools), body.stream)
@@ -7600,7 +7683,7 @@ async def anthropic_count_tokens(body: AnthropicCountBody, request: Request) -> 
     rec = require_generative_model(state, body.model, "chat")
     full = AnthropicBody(**body.model_dump(), max_tokens=1)
     tools = anthropic_tools(full)
-    messages = await take_pictures(state, rec, body.model, anthropic_messages(full))
+    messages = await take_media(state, rec, body.model, anthropic_messages(full))
     async with state.models.use(rec) as (model, _):
         prompt = await asyncio.to_thread(render_prompt, model.loaded, messages, tools)
     return {"input_tokens": len(prompt.ids)}
@@ -7647,20 +7730,24 @@ class ResponsesBody(WireModel):
 
 def responses_content(content: Any) -> dict[str, Any]:
     """An input message's content as a chat-template dict's: its text parts joined, its input_image parts'
-    images (image_url: a data: URI, or an http(s) URL)."""
+    images (image_url: a data: URI, or an http(s) URL), its input_audio parts' sound (input_audio.data)."""
     if isinstance(content, str):
         return {"content": content}
     parts = [p for p in (content if isinstance(content, list) else []) if isinstance(p, dict)]
-    if any(p.get("type") in ("input_file", "input_audio") for p in parts):
-        raise BadRequest("input_file and input_audio parts are not supported: send input_text and input_image parts")
+    if any(p.get("type") == "input_file" for p in parts):
+        raise BadRequest("input_file parts are not supported: send input_text, input_image and input_audio parts")
+    audio = [(p.get("input_audio") or {}).get("data") if isinstance(p.get("input_audio"), dict) else None
+             for p in parts if p.get("type") == "input_audio"]
+    if not all(isinstance(a, str) and a for a in audio):
+        raise BadRequest("an input_audio part needs input_audio.data: the audio file, base64")
     images = [p.get("image_url") for p in parts if p.get("type") == "input_image"]
     if not all(isinstance(i, str) and i for i in images):
         raise BadRequest("an input_image part needs image_url: the image as a data:image/...;base64 URI (file_id "
                          "is not supported)")
-    texts = [p.get("text") or "" for p in parts if p.get("type") != "input_image"]
+    texts = [p.get("text") or "" for p in parts if p.get("type") not in ("input_image", "input_audio")]
     if not all(isinstance(t, str) for t in texts):
         raise BadRequest("a content part's `text` must be a string")
-    return {"content": "".join(texts), **({"images": images} if images else {})}
+    return {"content": "".join(texts), **({"images": images} if images else {}), **({"audio": audio} if audio else {})}
 
 
 def responses_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -7896,7 +7983,7 @@ async def create_response(body: ResponsesBody, request: Request) -> Any:
             raise BadRequest(f"Previous response with id '{body.previous_response_id}' not found (this server keeps "
                              f"the last {RESPONSES_KEPT} stored responses, in memory)")
         earlier = kept[1]
-    turn = await take_pictures(state, rec, body.model, responses_messages(body.input))
+    turn = await take_media(state, rec, body.model, responses_messages(body.input))
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     tools = responses_tools(body)
     params = preset_sampling(responses_params(body, tools), rec, body)
@@ -8335,7 +8422,10 @@ async def completion(body: LlamaCompletionBody, request: Request) -> Any:
             raise BadRequest(f"prompt_string holds {text.count(MEDIA_MARKER)} media markers ({MEDIA_MARKER}, /props' "
                              f"media_marker) and multimodal_data {len(sources)} items: put one marker where each goes")
         rec = llamacpp_model(state, body.model)
-        taken = await take_pictures(state, rec, body.model or rec.name, [{"images": sources}])
+        taken = await take_media(state, rec, body.model or rec.name, [{"images": sources}])
+        if taken[0].get("audio"):
+            raise BadRequest("sound in multimodal_data is not supported here: send it to /v1/chat/completions as an "
+                             "input_audio part")
         pictures = taken[0].get("images") or []
         return await llamacpp_generate(request, body, [[text]],
                                        lambda parts, params: llamacpp_builder(parts, params, settings, pictures))
@@ -8411,7 +8501,7 @@ async def apply_template(body: LlamaTemplateBody, request: Request) -> dict[str,
     state = state_of(request)
     rec = llamacpp_model(state, body.model)
     require_generative(rec, body.model or rec.name, "chat")
-    messages, tools = await take_pictures(state, rec, rec.name, openai_messages(body.messages)), tool_dicts(body.tools)
+    messages, tools = await take_media(state, rec, rec.name, openai_messages(body.messages)), tool_dicts(body.tools)
     async with state.models.use(rec) as (model, _):
         prompt = await asyncio.to_thread(render_prompt, model.loaded, messages, tools)
     return {"prompt": prompt.text}

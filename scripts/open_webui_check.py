@@ -22,7 +22,7 @@ pulled from a tests/hub.py LocalHub) it attaches the picture as a user does ("+"
 the file chooser), waits for its thumbnail, then sends the message. Open WebUI 0.12.4 allows images
 unless its own model settings say `capabilities.vision: false` (the default is allowed; it does not read
 Ollama's /api/show `capabilities`). Exit 0 when an answer appeared in the page and `--server-log` (then
-required) shows ai-server's `model ...: N image(s) in the prompt` line for the chat.
+required) shows ai-server's `model ...: N image(s) and M sound clip(s) in the prompt` line for the chat.
 """
 from __future__ import annotations
 
@@ -126,14 +126,14 @@ def drive(args: argparse.Namespace) -> int:
         with open(args.server_log, "rb") as f:
             f.seek(0 if not args.image else log_start)  # with an image: only what this chat logged
             for line in f.read().decode(errors="replace").splitlines():
-                if "prompt trimmed" in line or "image(s) in the prompt" in line:
+                if "prompt trimmed" in line or args.image and "image(s) and" in line:
                     print("ai-server:", line)
-                if re.search(rf"model {re.escape(args.model)}\S*: [1-9]\d* image\(s\) in the prompt", line):
+                if re.search(rf"model {re.escape(args.model)}\S*: [1-9]\d* image\(s\) and", line):
                     images.append(line)
     if not args.image:
         return 0 if len(answer.split()) > 3 else 1
     if not images:
-        print(f"FAIL: ai-server's log has no '{args.model}: N image(s) in the prompt' line since the message "
+        print(f"FAIL: ai-server's log has no '{args.model}: N image(s) and ...' line since the message "
               "was sent: the image did not reach the model")
     if not answer.strip():
         print("FAIL: no answer appeared in the page")
@@ -142,31 +142,44 @@ def drive(args: argparse.Namespace) -> int:
 
 def attach(page, args: argparse.Namespace) -> None:
     """Attach args.image as a user does: the "+" menu's "Upload Files" opens the file chooser. Returns
-    once the thumbnail shows and the upload has finished; exits (1) when Open WebUI refuses it."""
-    with page.expect_response(lambda r: "/api/v1/files" in r.url and r.request.method == "POST",
-                              timeout=120_000) as upload:
-        try:
-            page.locator("#input-menu-button").click(timeout=10_000)
-            with page.expect_file_chooser(timeout=10_000) as chooser:
-                page.get_by_text("Upload Files", exact=True).click(timeout=10_000)
-            chooser.value.set_files(str(args.image))
-        except Exception as e:  # the menu changed: the chat's hidden file input is what it opens
-            print(f"the '+' menu's Upload Files did not open a file chooser ({type(e).__name__}); "
-                  "setting the chat's file input instead")
-            page.keyboard.press("Escape")
-            page.locator("#files-input").set_input_files(str(args.image))
-    if not upload.value.ok:
+    once the upload has finished and the thumbnail shows; exits (1) when Open WebUI refuses it."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    sent, done, toasts = [], [], []
+
+    def is_upload(request) -> bool:
+        return "/api/v1/files" in request.url and request.method == "POST"
+
+    page.on("request", lambda r: sent.append(r) if is_upload(r) else None)
+    page.on("response", lambda r: done.append(r) if is_upload(r.request) else None)
+
+    def refused(why: str) -> SystemExit:
         page.screenshot(path=str(args.out / "attach.png"))
-        raise SystemExit(f"FAIL: Open WebUI's upload answered {upload.value.status}: {upload.value.text()[:500]}")
-    thumb = page.locator(f'img[alt=""], img[alt="{args.image.name}"]').last
+        return SystemExit(f"FAIL: {why} (Open WebUI said: {toasts}); screenshot {args.out / 'attach.png'}")
+
     try:
-        thumb.wait_for(timeout=30_000)
-    except Exception:
-        page.screenshot(path=str(args.out / "attach.png"))
-        toasts = page.locator("[data-sonner-toast]")
-        why = toasts.all_inner_texts() if toasts.count() else []
-        raise SystemExit(f"FAIL: the attachment did not show in the chat input (toasts: {why}); "
-                         f"screenshot {args.out / 'attach.png'}")
+        page.locator("#input-menu-button").click(timeout=10_000)
+        with page.expect_file_chooser(timeout=10_000) as chooser:
+            page.get_by_text("Upload Files", exact=True).click(timeout=10_000)
+        chooser.value.set_files(str(args.image))
+    except PlaywrightTimeout as e:  # the menu changed: the chat's hidden file input is what it opens
+        print(f"the '+' menu's Upload Files did not open a file chooser ({e.message.splitlines()[0]}); "
+              "setting the chat's file input instead")
+        page.keyboard.press("Escape")
+        page.locator("#files-input").set_input_files(str(args.image))
+    started = time.monotonic()
+    while not done and time.monotonic() - started < (120 if sent else 10):
+        page.wait_for_timeout(500)  # a refusal is a toast ("Selected model(s) do not support image inputs")
+        toasts += [t for t in page.locator("[data-sonner-toast]").all_inner_texts() if t not in toasts]
+    if not done:
+        raise refused("Open WebUI did not upload the picture" if not sent else "the upload did not finish")
+    if not done[-1].ok:
+        raise refused(f"Open WebUI's upload answered {done[-1].status}: {done[-1].text()[:500]}")
+    form = page.locator("#chat-input").locator("xpath=ancestor::form[1]")  # the thumbnail shows in the input
+    try:
+        form.locator("img").last.wait_for(timeout=30_000)
+    except PlaywrightTimeout:
+        raise refused("the attachment did not show in the chat input") from None
     page.wait_for_timeout(1000)
     page.screenshot(path=str(args.out / "attached.png"))
     print(f"attached {args.image} ({args.image.stat().st_size} bytes); screenshot {args.out / 'attached.png'}")

@@ -264,3 +264,33 @@ def make_tiny_gemma3(out: Path, seed: int = 0) -> Path:
     save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in load_file(weights).items()},
               weights, metadata={"format": "pt"})
     return out
+
+
+def make_tiny_qwen2_audio(out: Path, seed: int = 0) -> Path:
+    """A random Qwen2-Audio (1-layer Whisper-style encoder, 80 mel bins; 2-layer Qwen2) with the tokenizer above
+    plus its audio tokens; audio parts render as `<|audio_bos|><|AUDIO|><|audio_eos|>` (2 s of sound: 50 tokens)."""
+    import torch
+    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
+                              WhisperFeatureExtractor)
+
+    template = VISION_TEMPLATE.replace("{% if p['type'] == 'image' %}<image>",
+                                       "{% if p['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>")
+    tok = make_tokenizer(template, special={"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>",
+                                            "audio_eos_token": "<|audio_eos|>"})
+    processor = Qwen2AudioProcessor(WhisperFeatureExtractor(feature_size=80), tok, chat_template=template)
+    cfg = Qwen2AudioConfig(
+        audio_config={"model_type": "qwen2_audio_encoder", "d_model": 32, "encoder_layers": 1,
+                      "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "num_mel_bins": 80,
+                      "max_source_positions": 1500},
+        text_config={"model_type": "qwen2", "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 2048, "bos_token_id": tok.bos_token_id,
+                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+        audio_token_index=tok.audio_token_id)
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(cfg)
+    # At its default scale the projected audio barely moves a random model: every clip would read alike.
+    torch.nn.init.normal_(model.model.multi_modal_projector.linear.weight, std=1.0)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -348,3 +348,77 @@ def test_the_projector_is_picked_as_llama_cpp_picks_it():
     assert app.choose_projector("x/model-BF16.gguf", ["mmproj-F16.gguf", "mmproj-Q4_0.gguf"]) == "mmproj-F16.gguf"
     assert app.choose_projector("model-Q4_0.gguf", ["model-Q8_0.gguf"]) is None
     assert [m.quant for m in app.gguf_models([(f, 1) for f in files])] == ["Q4_K_M"]  # projectors are no model
+
+
+# --- Sound in chat: a tiny random Qwen2-Audio (tests/models.py), on the same seam as images
+HEARS = "tiny/qwen2-audio"
+
+
+def tone(hz: float, seconds: float = 2.0) -> bytes:
+    """A sine tone as a 16 kHz mono WAV file."""
+    import math
+    import struct
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"".join(struct.pack("<h", int(12000 * math.sin(2 * math.pi * hz * i / 16000)))
+                               for i in range(int(16000 * seconds))))
+    return out.getvalue()
+
+
+LOW, HIGH = tone(200), tone(1800)
+
+
+@pytest.fixture(scope="module")
+def hearing(server, hub):
+    from models import make_tiny_qwen2_audio
+
+    hub.add_repo(HEARS, folder_files(make_tiny_qwen2_audio))
+    server.pull_ok(HEARS)
+    return server
+
+
+def test_sound_reaches_a_model_that_hears_on_every_api(hearing):
+    server = hearing
+    show = ollama.Client(host=server.url).show(HEARS)
+    assert "audio" in show.capabilities and "vision" not in show.capabilities
+    models = {m["id"]: m for m in server.client.get("/v1/models").json()["data"]}
+    assert models[f"{HEARS}:latest"]["architecture"]["input_modalities"] == ["text", "audio"]
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+
+    def chat(clip: bytes | None):
+        parts = [{"type": "input_audio", "input_audio": {"data": b64(clip), "format": "wav"}}] if clip else []
+        return oa.chat.completions.create(model=HEARS, temperature=0, max_tokens=8, messages=[
+            {"role": "user", "content": [*parts, {"type": "text", "text": ASK}]}])
+
+    low, high, none = chat(LOW), chat(HIGH), chat(None)
+    assert low.choices[0].message.content != high.choices[0].message.content
+    assert low.usage.prompt_tokens == high.usage.prompt_tokens == none.usage.prompt_tokens + 2 + 50  # bos, eos, 2 s of 50 frames
+    want = high.choices[0].message.content
+    # Ollama sends sound in `images`; its bytes say it is audio
+    r = ollama.Client(host=server.url).chat(model=HEARS, options={"temperature": 0, "num_predict": 8}, messages=[
+        {"role": "user", "content": ASK, "images": [b64(HIGH)]}])
+    assert r.message.content == want
+    responses = oa.responses.create(model=HEARS, temperature=0, max_output_tokens=8, input=[{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": b64(HIGH), "format": "wav"}},
+        {"type": "input_text", "text": ASK}]}])
+    assert responses.output_text == want
+    assert "1 sound clip(s) in the prompt" in server.log()
+
+
+def test_sound_is_refused_where_it_cannot_be_heard(hearing):
+    server = hearing
+    r = server.client.post("/v1/chat/completions", json={"model": VLM, "max_tokens": 2, "messages": [{"role": "user",
+        "content": [{"type": "input_audio", "input_audio": {"data": b64(LOW), "format": "wav"}}]}]})
+    assert r.status_code == 400 and "cannot hear" in r.json()["error"]["message"], r.text
+    r = server.client.post("/api/chat", json={"model": HEARS, "stream": False, "messages": [
+        {"role": "user", "content": ASK, "images": [b64(RED)]}]})
+    assert r.status_code == 400 and "has no vision" in r.json()["error"], r.text
+    r = server.client.post("/v1/chat/completions", json={"model": HEARS, "max_tokens": 2, "messages": [{"role": "user",
+        "content": [{"type": "input_audio", "input_audio": {"data": b64(b"RIFF0000WAVEnot audio at all"),
+                                                              "format": "wav"}}]}]})
+    assert r.status_code == 400 and "could not be decoded" in r.json()["error"]["message"], r.text
