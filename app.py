@@ -774,6 +774,7 @@ class ModelRecord:
     created_at: str
     # POST /api/create's Modelfile settings, JSON: system, template, parameters, messages, from ("{}": none).
     preset: str = "{}"
+    base: str = ""  # a LoRA adapter's base model (its name here); "" for a model of its own
 
 
 JOB_TRANSITIONS = {"queued": {"running", "failed"}, "running": {"succeeded", "failed"}}
@@ -819,7 +820,7 @@ CREATE TABLE IF NOT EXISTS models (
     name TEXT PRIMARY KEY COLLATE NOCASE, repo_id TEXT NOT NULL, revision TEXT NOT NULL,
     sha TEXT NOT NULL, path TEXT NOT NULL, size_bytes INTEGER NOT NULL, quantization TEXT NOT NULL,
     architecture TEXT, trust_remote_code INTEGER NOT NULL, source TEXT NOT NULL, created_at TEXT NOT NULL,
-    preset TEXT NOT NULL DEFAULT '{}');
+    preset TEXT NOT NULL DEFAULT '{}', base TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, model TEXT NOT NULL, revision TEXT NOT NULL, quantize TEXT NOT NULL,
     init INTEGER NOT NULL, trust_remote_code INTEGER NOT NULL, status TEXT NOT NULL,
@@ -840,9 +841,11 @@ class Registry:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(models)")}
-            if "preset" not in columns:  # a registry from before /api/create (one way: older code can't read it)
-                with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
-                    self._db.execute("ALTER TABLE models ADD COLUMN preset TEXT NOT NULL DEFAULT '{}'")
+            # Columns newer than a registry (one way: older code can't read it): presets (/api/create), adapters' bases
+            for column, default in (("preset", "'{}'"), ("base", "''")):
+                if column not in columns:
+                    with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
+                        self._db.execute(f"ALTER TABLE models ADD COLUMN {column} TEXT NOT NULL DEFAULT {default}")
 
     def close(self) -> None:
         with self._lock:
@@ -1369,7 +1372,7 @@ TTS_TYPES, TTS_SUFFIXES = ("vits",), ("ForTextToSpeech", "ForTextToWaveform")
 @functools.lru_cache(maxsize=256)
 def model_format(path: str) -> str:
     """What kind of files a model is, so the loader knows which backends can read it: "gguf", "diffusers",
-    "ct2" (faster-whisper), "piper" (ONNX voices) or "hf" (a transformers folder). Cached per path, as
+    "ct2" (faster-whisper), "piper" (ONNX voices), "peft" (a LoRA adapter) or "hf" (a transformers folder). Cached per path, as
     model_capabilities is: every listing asks it of every model, and a pulled folder does not change."""
     if is_gguf_path(path):
         return "gguf"
@@ -1378,6 +1381,8 @@ def model_format(path: str) -> str:
         return "diffusers"
     if is_whisper_ct2(folder):
         return "ct2"
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return "peft"  # a LoRA adapter: served on its base model (ModelCache.acquire)
     return "piper" if piper_voice_files(folder) else "hf"
 
 
@@ -1456,6 +1461,28 @@ def parameter_count(path: str) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
+def adapter_base(registry: Registry, folder: Path) -> ModelRecord:
+    """The pulled model a LoRA adapter applies to: its adapter_config.json's base_model_name_or_path, matched by
+    repo (or by name) among the transformers models here. BadRequest naming the base to pull when there is none:
+    a base is never fetched behind the user's back."""
+    config = read_json(folder / "adapter_config.json")
+    wanted, kind = config.get("base_model_name_or_path"), config.get("peft_type", "LORA")
+    if kind != "LORA":
+        raise BadRequest(f"this adapter is {kind}: only LoRA adapters are served")
+    if not isinstance(wanted, str) or not wanted:
+        raise BadRequest("this adapter's adapter_config.json names no base model (base_model_name_or_path)")
+    found = [r for r in registry.list_models() if not r.base and model_format(r.path) == "hf" and (
+        r.repo_id.lower() == wanted.lower() or r.name in name_candidates(wanted))]
+    if not found:
+        raise BadRequest(f"this is a LoRA adapter of '{wanted}', which is not pulled here: pull '{wanted}' first, "
+                         "then the adapter")
+    base = found[0]
+    made_for = ((config.get("auto_mapping") or {}).get("base_model_class") or "").removeprefix("Peft")
+    if made_for and base.architecture and made_for != base.architecture:
+        raise BadRequest(f"this adapter was made for a {made_for}, and '{base.name}' is a {base.architecture}")
+    return base
+
+
 def content_digest(path: str, sha: str) -> str:
     """What a model's files hold, not when they came: a pulled snapshot's files are links to blobs
     named by their content hash (LFS sha256 or git blob id), so the same files give the same digest
@@ -1672,6 +1699,7 @@ class GenParams:
     top_logprobs: int = 0  # >0: each token's logprob and this many alternatives (llama.cpp's n_probs)
     cache_prompt: bool = True  # reuse (and keep) the prompt's KV in the prefix cache
     max_predict_ms: float = 0.0  # >0: stop this long after the first token once a newline came (llama.cpp)
+    adapter: str | None = None  # the LoRA adapter (its model name) the request runs with on its base; None: the base
 
     def __post_init__(self) -> None:
         # A temperature this small is greedy (vLLM's rule); dividing logits by 1e-40 made them inf.
@@ -2059,6 +2087,7 @@ class Loaded:
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-model helpers (grammar compiler)
     engine: Any = None  # what runs concurrent requests (BatchEngine, vLLM's AsyncLLM); None: one at a time
     processor: Any = None  # a transformers vision model's (images -> pixel_values); `tokenizer` is its tokenizer
+    adapters: dict[str, int] = dataclasses.field(default_factory=dict)  # LoRA adapters attached: name -> bytes
     media_marker: str | None = None  # llama-server with a vision projector: an image's place in a prompt's text
     image_parts: bool = False  # vLLM with a model that sees or hears: media as the template's tokens, vLLM expands
     note: str | None = None  # how the weights were turned into what runs (a GGUF dequantized), for /status
@@ -2096,6 +2125,12 @@ class Backend:
     def speak(self, loaded: Loaded, params: Any, job: Any) -> tuple[int, Iterator[Any]]:
         """(sample rate, float samples a sentence at a time): text-to-speech backends (8f)."""
         raise BadRequest("this model does not speak")
+
+    def add_adapter(self, loaded: Loaded, name: str, path: str) -> None:
+        """Attaches a LoRA adapter beside the loaded weights (never a second copy of them), for the requests
+        that name it (GenParams.adapter); the others keep the base's outputs."""
+        raise BadRequest(f"'{name}' is a LoRA adapter; its base model runs on {self.name}, which serves none here: "
+                         "serve the base with the transformers backend (AI_SERVER_BACKENDS=transformers)")
 
     def prompt_logprobs(self, loaded: Loaded, ids: list[int], n: int) -> list[TokenLogprob]:
         """Each prompt token's logprob given the tokens before it (OpenAI's `echo` with `logprobs`)."""
@@ -2419,6 +2454,7 @@ class Row:
     cache_prompt: bool = True  # look the prompt up in (and store it into) the prefix cache
     media: dict[str, Any] | None = None  # its images as the model takes them (pixel_values, ...): prefilled alone
     media_key: int = 0  # < 0: its images' stand-in for their tokens in prefix-cache keys (see BatchEngine._key)
+    adapter: str | None = None  # the LoRA adapter its tokens run through; None: the base model
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -2428,6 +2464,16 @@ class Row:
         self.generated += 1
         self.gen.push([token], [logprob] if logprob else None)
         return token in self.eos or self.generated >= self.max_tokens or self.gen.should_stop()
+
+
+@dataclasses.dataclass(eq=False)
+class Chore:
+    """Work that must run on an engine's thread between its steps (a LoRA adapter attached to the model it is
+    stepping), and an event its caller sleeps on."""
+
+    fn: Callable[[], Any]
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    error: BaseException | None = None
 
 
 def left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -2497,7 +2543,8 @@ class BatchEngine:
                                                                 "audio_token_index")} - {None}
         self.prefix = PrefixCache(prefix_cache_bytes)
         self.logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-        self.inbox: queue.SimpleQueue[Row | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Row | Chore | None] = queue.SimpleQueue()
+        self.peft = False  # LoRA adapters attached (self.model is then their PeftModel): rows say which they use
         self.batch: Batch | None = None  # the running rows
         self.steps = 0
         self.thread = threading.Thread(target=self._run, name=f"batch-{name}", daemon=True)
@@ -2509,6 +2556,14 @@ class BatchEngine:
         row.done.wait()
         if row.error is not None:
             raise row.error
+
+    def call(self, fn: Callable[[], Any]) -> None:
+        """Runs `fn` on the engine's thread between two steps (no forward pass is running); blocks until done."""
+        chore = Chore(fn)
+        self.inbox.put(chore)
+        chore.done.wait()
+        if chore.error is not None:
+            raise chore.error
 
     def close(self) -> None:
         self.inbox.put(None)
@@ -2522,7 +2577,13 @@ class BatchEngine:
     def _run(self) -> None:
         with torch.inference_mode():
             while (new := self._take(block=self.batch is None)) is not None:
-                if new:
+                for chore in (c for c in new if isinstance(c, Chore)):
+                    try:
+                        chore.fn()
+                    except Exception as exc:  # its caller gets it
+                        chore.error = exc
+                    chore.done.set()
+                if new := [r for r in new if isinstance(r, Row)]:
                     self._guarded(self._admit, new)
                 if self.batch is not None:  # rows whose clients left end without a new token
                     self._leave(self.batch, [i for i, r in enumerate(self.batch.rows) if r.gen.cancel.is_set()],
@@ -2533,9 +2594,9 @@ class BatchEngine:
             self._end(row, RuntimeError(f"model '{self.name}' was unloaded"))
         self.batch = None
 
-    def _take(self, block: bool) -> list[Row] | None:
-        """Every request waiting now (blocking for the first when idle); None when closed."""
-        rows: list[Row] = []
+    def _take(self, block: bool) -> list[Row | Chore] | None:
+        """Every request (and chore) waiting now (blocking for the first when idle); None when closed."""
+        rows: list[Row | Chore] = []
         with contextlib.suppress(queue.Empty):
             while (row := self.inbox.get(block=block and not rows)) is not None:
                 rows.append(row)
@@ -2561,10 +2622,12 @@ class BatchEngine:
                 self._end(row, exc)
             free_torch_memory()
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+    def _forward(self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
                  media: dict[str, Any] | None = None) -> torch.Tensor:
+        """One forward pass; with adapters attached, each row through its own (PEFT's mixed-adapter batch)."""
+        adapters = {"adapter_names": [r.adapter or "__base__" for r in rows]} if self.peft else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, **self.logits_kw, **(media or {}))
+                         use_cache=True, **self.logits_kw, **(media or {}), **adapters)
         return out.logits[:, -1, :]
 
     def _key(self, row: Row) -> list[int]:
@@ -2617,7 +2680,7 @@ class BatchEngine:
         mask = torch.tensor([[0] * (width + reused - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
         positions = (mask.cumsum(dim=1)[:, reused:] - 1).clamp(min=0)
         try:
-            logits = self._forward(ids, mask, positions, cache, media)
+            logits = self._forward(rows, ids, mask, positions, cache, media)
         except Exception as exc:  # nothing was sampled yet: retry each row alone, so only the one at fault fails
             if len(rows) == 1:
                 raise
@@ -2640,7 +2703,7 @@ class BatchEngine:
         last = torch.tensor([[row.ids[-1]] for row in batch.rows], device=self.model.device)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         positions = batch.mask.sum(dim=1, keepdim=True) - 1
-        logits = self._forward(last, batch.mask, positions, batch.cache)
+        logits = self._forward(batch.rows, last, batch.mask, positions, batch.cache)
         self.steps += 1
         self._sample(batch, logits)
 
@@ -2739,12 +2802,16 @@ class TransformersBackend(Backend):
         media = media_on(model, prompt.media) if prompt.media else None
         if loaded.engine is not None:
             key = -1 - int(prompt.media_digest[:15], 16)
+            # An adapter's rows keep out of the prefix cache: their KV is not the base's.
             loaded.engine.run(Row(list(prompt.ids), params.max_tokens, RowSampler(loaded, model, params), gen, eos,
-                                  cache_prompt=params.cache_prompt, media=media, media_key=key if media else 0))
+                                  cache_prompt=params.cache_prompt and not params.adapter, media=media,
+                                  media_key=key if media else 0, adapter=params.adapter))
             return gen.finish(len(prompt.ids), params.max_tokens, eos)
         input_ids = torch.tensor([prompt.ids], device=model.device)
         processors = hf_logits_processors(loaded, model, params)
         seed_torch(params)
+        if (peft := loaded.cache.get("peft")) is not None:  # adapters attached: this request's, or none
+            model, media = peft, {**(media or {}), "adapter_names": [params.adapter or "__base__"]}
         with torch.inference_mode():
             model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **(media or {}),
                            generation_config=hf_generation_config(model, tokenizer, params),
@@ -2753,6 +2820,30 @@ class TransformersBackend(Backend):
 
     def embed(self, loaded: Loaded, texts: list[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
         return hf_mean_embeddings(loaded.handle, loaded.tokenizer, texts, normalize, truncate, loaded.max_positions)
+
+    def add_adapter(self, loaded: Loaded, name: str, path: str) -> None:
+        """PEFT's LoRA layers injected into the loaded model once (a PeftModel around it, the base weights
+        shared), each adapter loaded beside the others; none is active by default, so a forward pass that names
+        none (the base's requests, embeddings) is the base's own. On the batch engine's thread between steps."""
+        from peft import PeftModel
+
+        def attach() -> None:
+            try:
+                if (peft := loaded.cache.get("peft")) is None:
+                    peft = loaded.cache["peft"] = PeftModel.from_pretrained(loaded.handle, path, adapter_name=name)
+                else:
+                    peft.load_adapter(path, adapter_name=name)
+            except (ValueError, RuntimeError, KeyError, OSError) as exc:  # shapes that do not fit, a bad file
+                raise BadRequest(f"the LoRA adapter '{name}' does not fit its base model: {exc}") from None
+            finally:
+                if (peft := loaded.cache.get("peft")) is not None:
+                    peft.base_model.set_adapter([])
+            if loaded.engine is not None:
+                loaded.engine.model, loaded.engine.peft = peft, True
+
+        loaded.engine.call(attach) if loaded.engine is not None else attach()
+        loaded.adapters[name] = files_size_bytes(Path(path))
+        loaded.memory_bytes = (loaded.memory_bytes or 0) + loaded.adapters[name]
 
     def prompt_logprobs(self, loaded: Loaded, ids: list[int], n: int) -> list[TokenLogprob]:
         """One forward pass of its own over the prompt (beside any batch generating, as embeddings)."""
@@ -3990,6 +4081,7 @@ class LoadedModel:
     keep_alive_s: float = 300.0
     idle_since: float = dataclasses.field(default_factory=time.monotonic)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    adapter_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # one attach at a time
     throughput: Throughput = dataclasses.field(default_factory=Throughput)
     num_ctx: int = 0  # the context of its latest generation (/api/ps), 0 before the first
 
@@ -3998,6 +4090,13 @@ class LoadedModel:
             return self.backend.generate(self.loaded, prompt, params, gen)
         with self.lock:  # one generation at a time per model; the RNG seed is per request
             return in_fresh_thread(self.backend.generate, self.loaded, prompt, params, gen)
+
+    def attach(self, name: str, path: str) -> None:
+        """A LoRA adapter attached beside the weights (called on a fresh thread, once per adapter)."""
+        if self.loaded.engine is not None:  # the engine attaches it between its steps
+            return self.backend.add_adapter(self.loaded, name, path)
+        with self.lock:  # no generation runs meanwhile
+            return self.backend.add_adapter(self.loaded, name, path)
 
     def images(self, params: ImageParams, job: ImageJob, metrics: Metrics) -> list[tuple[Any, int]]:
         with self.lock:  # its sampler is set on the shared pipeline; a fresh thread: see in_fresh_thread
@@ -4167,6 +4266,9 @@ class ModelCache:
             self.release(model, keep_alive_s)
 
     async def acquire(self, rec: ModelRecord) -> tuple[LoadedModel, int]:
+        """The loaded model, held (release it); a LoRA adapter's is its base's, with the adapter attached."""
+        if rec.base:
+            return await self._acquire_adapter(rec)
         key = rec.name
         if (model := self.loaded.get(key)) is not None:
             self.loaded.move_to_end(key)
@@ -4182,6 +4284,25 @@ class ModelCache:
         model = await asyncio.shield(task)
         model.refs += 1
         return model, model.load_ns if started_here else 0
+
+    async def _acquire_adapter(self, rec: ModelRecord) -> tuple[LoadedModel, int]:
+        base = self.registry.get_model(rec.base)
+        if base is None:
+            raise NotFound(f"'{rec.name}' is a LoRA adapter of '{rec.base}', which is no longer here: pull "
+                           f"'{rec.base}' again")
+        model, load_ns = await self.acquire(base)
+        try:
+            async with model.adapter_lock:
+                if rec.name not in model.loaded.adapters:
+                    start = time.perf_counter_ns()
+                    await run_in_daemon_thread(model.attach, rec.name, rec.path)
+                    load_ns += time.perf_counter_ns() - start
+                    log.info("model %s: LoRA adapter %s attached (%d bytes)", base.name, rec.name,
+                             model.loaded.adapters[rec.name])
+        except BaseException:
+            self.release(model)
+            raise
+        return model, load_ns
 
     def release(self, model: LoadedModel, keep_alive_s: float | None = None) -> None:
         model.refs -= 1
@@ -4741,6 +4862,8 @@ class GenerationRun:
     def __init__(self, admission: Admission, rec: ModelRecord,
                  build: Callable[[LoadedModel, threading.Event], Prompt], params: GenParams,
                  keep_alive_s: float | None, request: Request | None = None, prefer_slot: int | None = None):
+        # A LoRA adapter runs on its base model's engine, its rows through the adapter.
+        params = dataclasses.replace(params, adapter=rec.name) if rec.base else params
         self.admission, self.rec, self.build, self.params = admission, rec, build, params
         self.keep_alive_s, self.request = keep_alive_s, request
         self.slot = prefer_slot  # llama.cpp's id_slot: the one asked for, then the one it holds once admitted
@@ -5239,8 +5362,9 @@ class PullManager:
             size = files_size_bytes(path)
             quant = choose_quantization(job.quantize, size, self.settings.q4_threshold_bytes, self.bnb_usable)
             arch = read_architecture(path)
+        base = adapter_base(self.registry, path) if model_format(str(path)) == "peft" else None
         rec = ModelRecord(job.model, plan.repo_id, job.revision, plan.sha, str(path), size, quant, arch,
-                          job.trust_remote_code, "hub", utc_now_iso())
+                          job.trust_remote_code, "hub", utc_now_iso(), base=base.name if base else "")
         self.models.evict(rec.name)  # a re-pull replaces the files: never serve the old ones
         self.models.cooldowns.pop(rec.name, None)
         self.registry.put_model(rec)
@@ -6467,7 +6591,12 @@ DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 def model_details(rec: ModelRecord) -> dict[str, Any]:
-    parent = model_preset(rec).get("from", "")  # the model a created one was made from
+    parent = rec.base or model_preset(rec).get("from", "")  # an adapter's base; the model a created one was made from
+    if rec.base:  # a LoRA adapter: PEFT's safetensors, its rank as the size
+        adapter = read_json(Path(rec.path) / "adapter_config.json")
+        return {"parent_model": parent, "format": "safetensors", "family": "lora", "families": ["lora"],
+                "parameter_size": format_parameter_size(parameter_count(rec.path)),
+                "quantization_level": f"r{adapter.get('r', '?')}"}
     index = read_json(Path(rec.path) / "model_index.json")
     if index:  # diffusers: the family is the pipeline class (StableDiffusionPipeline)
         family = str(index.get("_class_name", "diffusers"))

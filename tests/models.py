@@ -294,3 +294,21 @@ def make_tiny_qwen2_audio(out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def make_tiny_lora(out: Path, base: Path, base_name: str, seed: int = 0, rank: int = 4) -> Path:
+    """A random LoRA adapter (PEFT, q/v projections; init_lora_weights=False, so it changes the output) over the
+    tiny model in `base`, saved as a Hub adapter repo names its base: base_model_name_or_path = `base_name`."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base_name}, indent=2))
+    return out

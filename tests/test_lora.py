@@ -1,0 +1,125 @@
+"""LoRA adapters as models: PEFT adapters made here over the tiny test model (tiny/llama-a), published on the local
+hub, pulled after their base and served by name on every API by the transformers backend, several at once beside
+one copy of the base weights; the batch engine runs rows of different adapters (and the base) in the same step.
+Checked against PEFT's own generate on the merged model."""
+
+from __future__ import annotations
+
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ollama
+import openai
+import pytest
+from conftest import ServerProcess
+from models import make_tiny_lora, make_tiny_model
+
+BASE = "tiny/llama-a"  # seed 0 in conftest's hub
+ADAPTERS = {"tiny/lora-one": 11, "tiny/lora-two": 12}
+PROMPT = "hello world, the quick"
+
+
+def adapter_files(seed: int, base_name: str = BASE, **edit) -> dict[str, bytes]:
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = make_tiny_model(Path(tmp) / "base", 0)
+        folder = make_tiny_lora(Path(tmp) / "lora", base, base_name, seed)
+        files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    if edit:
+        files["adapter_config.json"] = json.dumps({**json.loads(files["adapter_config.json"]), **edit}).encode()
+    return files
+
+
+@pytest.fixture(scope="module")
+def server(hub, tmp_path_factory):
+    for name, seed in ADAPTERS.items():
+        hub.add_repo(name, adapter_files(seed))
+    tmp = tmp_path_factory.mktemp("lora")
+    s = ServerProcess(tmp / "home", hub.url, tmp / "server.log", AI_SERVER_BACKENDS="transformers", DTYPE="fp32").start()
+    s.pull_ok(BASE)
+    for name in ADAPTERS:
+        s.pull_ok(name)
+    yield s
+    s.stop()
+
+
+def complete(server, model: str) -> list[int]:
+    """The greedy output's token ids (a random model's text may be bytes that decode to nothing)."""
+    r = server.client.post("/completion", json={"model": model, "prompt": PROMPT, "n_predict": 8, "temperature": 0,
+                                                 "return_tokens": True})
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def peft_reference(seed: int) -> list[int]:
+    """PEFT's own greedy generate on the base merged with the adapter, in this process (fp32, as the server)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = make_tiny_model(Path(tmp) / "base", 0)
+        lora = make_tiny_lora(Path(tmp) / "lora", base, BASE, seed)
+        tok = AutoTokenizer.from_pretrained(base)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), lora)
+        model = model.merge_and_unload().eval()
+        ids = tok(PROMPT, return_tensors="pt")["input_ids"]  # as /completion tokenizes it
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        return out[0, ids.shape[1]:].tolist()
+
+
+def test_adapters_are_listed_as_models_of_their_base(server):
+    tags = {m["name"]: m for m in server.client.get("/api/tags").json()["models"]}
+    for name in ADAPTERS:
+        entry = tags[f"{name}:latest"]
+        assert entry["details"]["parent_model"] == BASE and entry["details"]["family"] == "lora"
+    assert "completion" in ollama.Client(host=server.url).show("tiny/lora-one").capabilities
+
+
+def test_an_adapter_answers_as_peft_does_and_leaves_the_base_alone(server):
+    base_before = complete(server, BASE)
+    one, two = complete(server, "tiny/lora-one"), complete(server, "tiny/lora-two")
+    assert one == peft_reference(ADAPTERS["tiny/lora-one"])
+    assert two == peft_reference(ADAPTERS["tiny/lora-two"])
+    assert len({tuple(base_before), tuple(one), tuple(two)}) == 3
+    assert complete(server, BASE) == base_before  # attaching adapters changed nothing for the base
+    # the openai client names the adapter as its model (as with vLLM's --enable-lora)
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+    reply = oa.completions.create(model="tiny/lora-one", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=0)
+    assert reply.model == "tiny/lora-one" and len(reply.choices[0].logprobs.tokens) == len(one)
+
+
+def test_adapters_and_base_interleaved_keep_their_own_outputs(server):
+    want = {m: complete(server, m) for m in (BASE, *ADAPTERS)}
+    models = [m for _ in range(16) for m in (BASE, *ADAPTERS)]
+    with ThreadPoolExecutor(len(models)) as pool:
+        got = list(pool.map(lambda m: (m, complete(server, m)), models))
+    assert all(text == want[m] for m, text in got), [x for x in got if x[1] != want[x[0]]]
+    entry = next(m for m in server.client.get("/status").json()["cache"] if m["name"].startswith(BASE))
+    assert entry["batching"]["steps"] > 0 and entry["batching"]["running_rows"] == 0
+
+
+def test_adapters_add_their_size_not_the_base(server):
+    complete(server, "tiny/lora-one")
+    complete(server, "tiny/lora-two")
+    ps = server.client.get("/api/ps").json()["models"]
+    assert [m["name"] for m in ps] == [f"{BASE}:latest"]  # one copy of the base: the adapters live in it
+    sizes = {m["name"]: m["size"] for m in server.client.get("/api/tags").json()["models"]}
+    adapters = sum(sizes[f"{n}:latest"] for n in ADAPTERS)
+    assert adapters < sizes[f"{BASE}:latest"] / 4
+    memory = next(m for m in server.client.get("/status").json()["cache"] if m["name"].startswith(BASE))["memory_bytes"]
+    assert memory >= adapters
+
+
+def test_an_adapter_needs_its_base_pulled_first(server, hub):
+    hub.add_repo("tiny/lora-of-b", adapter_files(13, base_name="tiny/llama-b"))
+    job = server.wait_job(server.pull("tiny/lora-of-b")["job_id"])
+    assert job["status"] == "failed" and "pull 'tiny/llama-b' first" in job["error"], job
+    hub.add_repo("tiny/lora-mistral", adapter_files(14, auto_mapping={"base_model_class": "MistralForCausalLM"}))
+    job = server.wait_job(server.pull("tiny/lora-mistral")["job_id"])
+    assert job["status"] == "failed" and "made for a MistralForCausalLM" in job["error"], job
+    r = server.client.post("/api/chat", json={"model": "tiny/lora-nothing", "messages": [{"role": "user",
+                                                                                          "content": "hi"}]})
+    assert r.status_code == 404
