@@ -1465,18 +1465,26 @@ def adapter_base(registry: Registry, folder: Path) -> ModelRecord:
     """The pulled model a LoRA adapter applies to: its adapter_config.json's base_model_name_or_path, matched by
     repo (or by name) among the transformers models here. BadRequest naming the base to pull when there is none:
     a base is never fetched behind the user's back."""
-    config = read_json(folder / "adapter_config.json")
-    wanted, kind = config.get("base_model_name_or_path"), config.get("peft_type", "LORA")
-    if kind != "LORA":
-        raise BadRequest(f"this adapter is {kind}: only LoRA adapters are served")
+    wanted = read_json(folder / "adapter_config.json").get("base_model_name_or_path")
     if not isinstance(wanted, str) or not wanted:
         raise BadRequest("this adapter's adapter_config.json names no base model (base_model_name_or_path)")
-    found = [r for r in registry.list_models() if not r.base and model_format(r.path) == "hf" and (
+    found = [r for r in registry.list_models() if not r.base and (
         r.repo_id.lower() == wanted.lower() or r.name in name_candidates(wanted))]
     if not found:
         raise BadRequest(f"this is a LoRA adapter of '{wanted}', which is not pulled here: pull '{wanted}' first, "
                          "then the adapter")
-    base = found[0]
+    return check_adapter(folder, found[0])
+
+
+def check_adapter(folder: Path, base: ModelRecord) -> ModelRecord:
+    """`base`, when the PEFT adapter in `folder` can be served on it: LoRA, made for its architecture, over a
+    transformers model (a GGUF base takes GGUF adapters, not PEFT's); BadRequest saying why not."""
+    config = read_json(folder / "adapter_config.json")
+    if (kind := config.get("peft_type", "LORA")) != "LORA":
+        raise BadRequest(f"this adapter is {kind}: only LoRA adapters are served")
+    if model_format(base.path) != "hf":
+        raise BadRequest(f"'{base.name}' is not a transformers model ({model_format(base.path)}): a PEFT adapter needs "
+                         "the safetensors base it was trained on")
     made_for = ((config.get("auto_mapping") or {}).get("base_model_class") or "").removeprefix("Peft")
     if made_for and base.architecture and made_for != base.architecture:
         raise BadRequest(f"this adapter was made for a {made_for}, and '{base.name}' is a {base.architecture}")
@@ -6696,12 +6704,14 @@ def create_model(state: AppState, body: CreateBody) -> list[str]:
     name = body.model or body.name
     if not name:
         raise BadRequest("invalid model name: give `model`")
-    if body.quantize or body.adapters:
-        raise BadRequest("quantize and adapters are not supported by /api/create here: pull with "
+    if body.quantize:
+        raise BadRequest("quantize is not supported by /api/create here: pull with "
                          '{"quantize": "q4"} (bitsandbytes) or a GGUF quant tag instead')
     if (taken := find_model(state, name)) is not None and taken.source != "created" and taken.preset == "{}":
         raise Conflict(f"model '{display_name(taken.name)}' already exists and was not made by /api/create: "
                        "delete it first, or create another name")
+    if body.adapters:  # Modelfile FROM + ADAPTER: a LoRA adapter (uploaded PEFT files) served on its base
+        return create_adapter(state, body, name, taken)
     if body.from_:
         base = require_model(state, body.from_, f'model "{body.from_}" not found, try pulling it first')
         preset = {**preset_of(body, model_preset(base)), "from": display_name(base.name)}  # Ollama's parent_model
@@ -6711,28 +6721,14 @@ def create_model(state: AppState, body: CreateBody) -> list[str]:
         return [f"using existing model {display_name(base.name)}", "writing manifest"]
     if not body.files:
         raise BadRequest("give `from` (an existing model) or `files` (uploaded with POST /api/blobs/<digest>)")
-    statuses, blobs = [], {}
-    for filename, digest in body.files.items():
-        parts = Path(filename).parts
-        if not parts or filename.startswith("/") or ".." in parts:
-            raise BadRequest(f"invalid file name {filename!r}: a relative path inside the model folder")
-        if not (blob := blob_path(state.settings, digest)).exists():
-            raise BadRequest(f"blob {digest} not found: upload it first with POST /api/blobs/{digest}")
-        blobs[filename] = blob
-        statuses.append(f"using existing layer {digest}")
+    blobs, statuses = uploaded_blobs(state, body.files)
     ggufs = [f for f in blobs if f.lower().endswith(".gguf")]
     if not ggufs and "config.json" not in blobs:
         raise BadRequest("files must be a GGUF file, or a safetensors model with its config.json and tokenizer files")
     preset = compact_json(preset_of(body, {}))
-    folder = state.settings.home / "models" / "created" / re.sub(r"[^A-Za-z0-9_.-]", "_", name) / new_id()
+    folder = created_folder(state, name)
     try:
-        for filename, blob in blobs.items():
-            target = folder / filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(blob, target)  # the blob's bytes, not a copy
-            except OSError:
-                shutil.copyfile(blob, target)
+        link_blobs(blobs, folder)
         architectures = read_json(folder / "config.json").get("architectures") or [None]
         if not ggufs and not isinstance(architectures[0], str):
             raise BadRequest("config.json needs `architectures`: a list of class names (as transformers saves it)")
@@ -6749,6 +6745,65 @@ def create_model(state: AppState, body: CreateBody) -> list[str]:
     replace_created(state, taken, rec)
     log.info("model %s: created from %d uploaded files", name, len(blobs))
     return [*statuses, "writing manifest"]
+
+
+def uploaded_blobs(state: AppState, files: dict[str, str]) -> tuple[dict[str, Path], list[str]]:
+    """The uploaded blobs (POST /api/blobs) a create names, by the file name each takes, and its statuses."""
+    blobs, statuses = {}, []
+    for filename, digest in files.items():
+        parts = Path(filename).parts
+        if not parts or filename.startswith("/") or ".." in parts:
+            raise BadRequest(f"invalid file name {filename!r}: a relative path inside the model folder")
+        if not (blob := blob_path(state.settings, digest)).exists():
+            raise BadRequest(f"blob {digest} not found: upload it first with POST /api/blobs/{digest}")
+        blobs[filename] = blob
+        statuses.append(f"using existing layer {digest}")
+    return blobs, statuses
+
+
+def created_folder(state: AppState, name: str) -> Path:
+    return state.settings.home / "models" / "created" / re.sub(r"[^A-Za-z0-9_.-]", "_", name) / new_id()
+
+
+def link_blobs(blobs: dict[str, Path], folder: Path) -> None:
+    """The blobs as files of `folder` (hard links: their bytes, not a copy); OSError for names a disk refuses."""
+    for filename, blob in blobs.items():
+        target = folder / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(blob, target)
+        except OSError:
+            shutil.copyfile(blob, target)
+
+
+def create_adapter(state: AppState, body: CreateBody, name: str, taken: ModelRecord | None) -> list[str]:
+    """Ollama's create with `adapters` (Modelfile ADAPTER): PEFT's adapter_config.json and weights, uploaded, over
+    the model `from` names; the new name serves base + adapter (the base's weights shared, ModelCache.acquire)."""
+    if not body.from_:
+        raise BadRequest("adapters need `from`: the base model they were trained on (Modelfile FROM)")
+    base = require_model(state, body.from_, f'model "{body.from_}" not found, try pulling it first')
+    if base.base:
+        raise BadRequest(f"'{body.from_}' is itself a LoRA adapter: create from its base, '{base.base}'")
+    blobs, statuses = uploaded_blobs(state, body.adapters or {})
+    if "adapter_config.json" not in blobs or not any(f.endswith(".safetensors") for f in blobs):
+        raise BadRequest("adapters must be a PEFT LoRA adapter: adapter_config.json and adapter_model.safetensors")
+    folder = created_folder(state, name)
+    try:
+        link_blobs(blobs, folder)
+        check_adapter(folder, base)
+    except (OSError, ValueError) as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise BadRequest(f"cannot lay out these files: {exc}; use plain relative file names") from None
+    except BadRequest:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    preset = {**preset_of(body, model_preset(base)), "from": display_name(base.name)}
+    rec = ModelRecord(name, name, "local", content_digest(str(folder), ""), str(folder),
+                      sum(b.stat().st_size for b in blobs.values()), "no", base.architecture, False, "created",
+                      utc_now_iso(), compact_json(preset), base=base.name)
+    replace_created(state, taken, rec)
+    log.info("model %s: created as a LoRA adapter of %s", name, base.name)
+    return [f"using existing model {display_name(base.name)}", *statuses, "writing manifest"]
 
 
 def modelfile(rec: ModelRecord, preset: dict[str, Any], template: str, params: list[str]) -> str:

@@ -123,3 +123,20 @@ def test_an_adapter_needs_its_base_pulled_first(server, hub):
     r = server.client.post("/api/chat", json={"model": "tiny/lora-nothing", "messages": [{"role": "user",
                                                                                           "content": "hi"}]})
     assert r.status_code == 404
+
+
+def test_ollama_create_with_adapters_serves_base_plus_adapter(server, tmp_path):
+    """Modelfile FROM + ADAPTER through the ollama client: blobs uploaded, then create(from_, adapters)."""
+    client = ollama.Client(host=server.url)
+    digests = {}
+    for name, data in adapter_files(ADAPTERS["tiny/lora-one"]).items():
+        (tmp_path / name).write_bytes(data)
+        digests[name] = client.create_blob(tmp_path / name)
+    client.create(model="my-lora", from_=BASE, adapters=digests, system="You are terse.")
+    assert complete(server, "my-lora") == complete(server, "tiny/lora-one")
+    show = client.show("my-lora")
+    assert show.details.parent_model == BASE and show.details.family == "lora"
+    r = server.client.post("/api/create", json={"model": "bad-lora", "from": "tiny/lora-one", "adapters": digests})
+    assert r.status_code == 400 and "itself a LoRA adapter" in r.json()["error"]
+    r = server.client.post("/api/create", json={"model": "bad-lora", "adapters": digests})
+    assert r.status_code == 400 and "need `from`" in r.json()["error"]
