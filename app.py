@@ -128,7 +128,7 @@ declares (openapi_extra; /openapi.json shows it as x-gateway). Each route sectio
   anthropic_api (18b) /v1/messages, /v1/messages/count_tokens
   responses_api (18c) /v1/responses, /v1/responses/{id}
   llamacpp_api (19)   /completion(s), /infill, /tokenize, /detokenize, /apply-template, /embedding(s), /rerank,
-                      /props, /slots, /template
+                      /props, /slots, /template, /lora-adapters
   images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, options, samplers, schedulers, progress, interrupt},
                       /generate-image
 
@@ -1476,6 +1476,24 @@ def adapter_base(registry: Registry, folder: Path) -> ModelRecord:
     return check_adapter(folder, found[0])
 
 
+def check_gguf_adapter(path: Path, base: ModelRecord) -> ModelRecord:
+    """`base`, when the GGUF file at `path` is a LoRA adapter llama-server can apply to it (the same
+    architecture, a GGUF base); BadRequest saying why not."""
+    try:
+        meta = read_gguf_metadata(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise BadRequest(f"the adapter is not a readable GGUF file: {exc}") from None
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise BadRequest("the GGUF file is not a LoRA adapter (general.type adapter, adapter.type lora): make one with "
+                         "llama.cpp's convert_lora_to_gguf.py")
+    if not is_gguf_path(base.path):
+        raise BadRequest(f"'{base.name}' is not a GGUF model: a GGUF adapter runs on llama-server over a GGUF base")
+    if (arch := meta.get("general.architecture")) != gguf_metadata(base.path).get("general.architecture"):
+        raise BadRequest(f"this adapter was made for a {arch} model, and '{base.name}' is a "
+                         f"{gguf_metadata(base.path).get('general.architecture')}")
+    return base
+
+
 def check_adapter(folder: Path, base: ModelRecord) -> ModelRecord:
     """`base`, when the PEFT adapter in `folder` can be served on it: LoRA, made for its architecture, over a
     transformers model (a GGUF base takes GGUF adapters, not PEFT's); BadRequest saying why not."""
@@ -1708,6 +1726,7 @@ class GenParams:
     cache_prompt: bool = True  # reuse (and keep) the prompt's KV in the prefix cache
     max_predict_ms: float = 0.0  # >0: stop this long after the first token once a newline came (llama.cpp)
     adapter: str | None = None  # the LoRA adapter (its model name) the request runs with on its base; None: the base
+    lora: list[dict[str, Any]] | None = None  # llama.cpp's per-request [{"id", "scale"}] (/lora-adapters' ids)
 
     def __post_init__(self) -> None:
         # A temperature this small is greedy (vLLM's rule); dividing logits by 1e-40 made them inf.
@@ -2078,6 +2097,7 @@ class LoadPlan:
     trust_remote_code: bool
     device: str
     dtype: str = "auto"  # bf16, fp16, fp32 or auto (the checkpoint's): see choose_dtype
+    adapters: tuple[tuple[str, str], ...] = ()  # a GGUF base's LoRA adapters (name, .gguf path): llama-server's --lora
 
 
 @dataclasses.dataclass
@@ -3126,13 +3146,16 @@ class LlamaLaunch:
     gpu_layers: str
     cache_mib: int
     mmproj: str | None = None
+    loras: tuple[str, ...] = ()  # LoRA adapters (.gguf), loaded at scale 0: each request sets its own scales
     marker: str = dataclasses.field(default_factory=lambda: f"<__media_{secrets.token_hex(8)}__>")
 
     def args(self, port: int) -> list[str]:
         return [str(self.binary), "-m", self.gguf, "--host", "127.0.0.1", "--port", str(port),
                 "-np", str(self.slots), "-c", str(self.slots * self.ctx), "-kvu", "--jinja", "--no-webui",
                 "-ngl", self.gpu_layers, "--cache-ram", str(self.cache_mib), "--log-colors", "off",
-                *(["--mmproj", self.mmproj] if self.mmproj else [])]
+                *(["--mmproj", self.mmproj] if self.mmproj else []),
+                *[arg for lora in self.loras for arg in ("--lora", lora)],
+                *(["--lora-init-without-apply"] if self.loras else [])]
 
 
 class LlamaServer:
@@ -3260,6 +3283,21 @@ class LlamaServer:
                               "send the request again: it starts again on the next request", status=502) from None
         finally:
             done.set()
+            conn.close()
+
+    def call_json(self, method: str, path: str, body: Any = None) -> Any:
+        """One request to this llama-server's own JSON routes (/lora-adapters), its answer parsed."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.ensure_running(), timeout=LLAMA_SERVER_READ_S)
+        try:
+            conn.request(method, path, None if body is None else json.dumps(body), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            raw = response.read()
+            if response.status != 200:
+                raise llama_server_error(response.status, raw)
+            return json.loads(raw)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise ServerError(f"llama-server for '{self.name}' did not answer {path}: {exc}", status=502) from None
+        finally:
             conn.close()
 
     def memory_bytes(self) -> int | None:
@@ -3391,7 +3429,8 @@ class LlamaCppBackend(Backend):
         projector = gguf_projector(plan.path)
         launch = LlamaLaunch(self.binary, plan.path, self.settings.num_parallel, ctx,
                              llama_gpu_layers(self.settings.llama_gpu_layers, plan.device),
-                             max(0, self.settings.prefix_cache_bytes // 2**20), str(projector) if projector else None)
+                             max(0, self.settings.prefix_cache_bytes // 2**20), str(projector) if projector else None,
+                             tuple(path for _, path in plan.adapters))
         server = LlamaServer(plan.name, launch)
         server.ensure_running()
         quant = meta["file_type_name"]
@@ -3399,11 +3438,23 @@ class LlamaCppBackend(Backend):
         return Loaded(server, tokenizer, dtype=quant, quantized=quant, device=plan.device,
                       memory_bytes=server.memory_bytes(), max_positions=ctx, vocab_size=len(tokenizer), engine=server,
                       note=f"GGUF {quant} served by llama-server {self.version}{seeing}",
-                      media_marker=launch.marker if projector else None)
+                      media_marker=launch.marker if projector else None,
+                      adapters={name: Path(path).stat().st_size for name, path in plan.adapters})
+
+    def add_adapter(self, loaded: Loaded, name: str, path: str) -> None:
+        """llama-server takes its adapters when it starts (the load passes every adapter of the base); one
+        registered since is taken by the next load: the registration evicted the base (create_adapter)."""
+        raise Busy(f"the LoRA adapter '{name}' was added after its base loaded; the base reloads with it when its "
+                   "running requests end: retry", headers={"Retry-After": "2"})
 
     def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
-        """Token ids, or with images the prompt's text (its markers where they go) and their bytes."""
+        """Token ids, or with images the prompt's text (its markers where they go) and their bytes. With LoRA
+        adapters loaded: an adapter's request sets every scale (its own 1, the others 0), a request with
+        llama.cpp's `lora` its own; the base's requests none, so the global ones (/lora-adapters) apply."""
         body = llama_completion_body(prompt.ids, params)
+        if loaded.adapters and (params.lora is not None or params.adapter):
+            body["lora"] = params.lora if params.lora is not None else [
+                {"id": i, "scale": 1.0 if name == params.adapter else 0.0} for i, name in enumerate(loaded.adapters)]
         if prompt.pictures:
             body["prompt"] = {"prompt_string": prompt.text,
                               "multimodal_data": [base64.b64encode(p.data).decode() for p in prompt.pictures]}
@@ -4340,8 +4391,10 @@ class ModelCache:
             self.evict(next(iter(self.loaded)))
         trust = self.settings.remote_code_allowed(rec.repo_id)  # never a request's flag (a page could make one: CSRF -> RCE)
         device = pick_device(self.settings.device)
+        adapters = tuple((r.name, r.path) for r in self.registry.list_models() if r.base == rec.name and
+                         is_gguf_path(r.path)) if is_gguf_path(rec.path) else ()  # llama-server takes them at start
         plan = LoadPlan(rec.name, rec.path, rec.quantization, trust, device,
-                        choose_dtype(rec.quantization, self.settings.dtype, device))
+                        choose_dtype(rec.quantization, self.settings.dtype, device), tuple(sorted(adapters)))
         fmt, kind = model_format(rec.path), model_capabilities(rec.path)[0]
         backends = [b for b in self.special_backends.get(kind, self.backends) if fmt in b.formats]
         attempts: list[dict[str, str]] = [] if backends else [
@@ -6600,11 +6653,13 @@ DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 def model_details(rec: ModelRecord) -> dict[str, Any]:
     parent = rec.base or model_preset(rec).get("from", "")  # an adapter's base; the model a created one was made from
-    if rec.base:  # a LoRA adapter: PEFT's safetensors, its rank as the size
-        adapter = read_json(Path(rec.path) / "adapter_config.json")
-        return {"parent_model": parent, "format": "safetensors", "family": "lora", "families": ["lora"],
-                "parameter_size": format_parameter_size(parameter_count(rec.path)),
-                "quantization_level": f"r{adapter.get('r', '?')}"}
+    if rec.base:  # a LoRA adapter: PEFT's safetensors (its rank as the level), or a GGUF adapter
+        gguf = is_gguf_path(rec.path)
+        adapter = {} if gguf else read_json(Path(rec.path) / "adapter_config.json")
+        return {"parent_model": parent, "format": "gguf" if gguf else "safetensors", "family": "lora",
+                "families": ["lora"], "parameter_size": "" if gguf else format_parameter_size(parameter_count(rec.path)),
+                "quantization_level": gguf_metadata(rec.path).get("file_type_name", "") if gguf else
+                f"r{adapter.get('r', '?')}"}
     index = read_json(Path(rec.path) / "model_index.json")
     if index:  # diffusers: the family is the pipeline class (StableDiffusionPipeline)
         family = str(index.get("_class_name", "diffusers"))
@@ -6785,12 +6840,15 @@ def create_adapter(state: AppState, body: CreateBody, name: str, taken: ModelRec
     if base.base:
         raise BadRequest(f"'{body.from_}' is itself a LoRA adapter: create from its base, '{base.base}'")
     blobs, statuses = uploaded_blobs(state, body.adapters or {})
-    if "adapter_config.json" not in blobs or not any(f.endswith(".safetensors") for f in blobs):
-        raise BadRequest("adapters must be a PEFT LoRA adapter: adapter_config.json and adapter_model.safetensors")
+    ggufs = [f for f in blobs if f.lower().endswith(".gguf")]
+    if len(ggufs) != 1 if ggufs else "adapter_config.json" not in blobs or not any(f.endswith(".safetensors")
+                                                                                    for f in blobs):
+        raise BadRequest("adapters must be one LoRA adapter: a GGUF adapter file (for a GGUF base), or PEFT's "
+                         "adapter_config.json and adapter_model.safetensors (for a safetensors base)")
     folder = created_folder(state, name)
     try:
         link_blobs(blobs, folder)
-        check_adapter(folder, base)
+        check_gguf_adapter(folder / ggufs[0], base) if ggufs else check_adapter(folder, base)
     except (OSError, ValueError) as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise BadRequest(f"cannot lay out these files: {exc}; use plain relative file names") from None
@@ -6798,10 +6856,12 @@ def create_adapter(state: AppState, body: CreateBody, name: str, taken: ModelRec
         shutil.rmtree(folder, ignore_errors=True)
         raise
     preset = {**preset_of(body, model_preset(base)), "from": display_name(base.name)}
-    rec = ModelRecord(name, name, "local", content_digest(str(folder), ""), str(folder),
+    rec = ModelRecord(name, name, "local", content_digest(str(folder), ""), str(folder / ggufs[0] if ggufs else folder),
                       sum(b.stat().st_size for b in blobs.values()), "no", base.architecture, False, "created",
                       utc_now_iso(), compact_json(preset), base=base.name)
     replace_created(state, taken, rec)
+    if ggufs:  # llama-server takes adapters when it starts: the base reloads with this one once it is idle
+        state.models.evict(base.name)
     log.info("model %s: created as a LoRA adapter of %s", name, base.name)
     return [f"using existing model {display_name(base.name)}", *statuses, "writing manifest"]
 
@@ -8207,6 +8267,14 @@ class LlamaCppBody(WireModel):
     model: ModelName | None = None
 
 
+class LoraScale(WireModel):
+    """One adapter's scale, as llama.cpp's /lora-adapters and per-request `lora` take it."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: int = Field(ge=0, le=1_000_000)
+    scale: float = Field(ge=-100, le=100)
+
+
 class LlamaSamplingBody(LlamaCppBody):
     """llama.cpp's sampling fields (tools/server/README.md), with its defaults. Unknown fields
     (dry_*, xtc_*, samplers, lora, ...) are ignored, as llama-server ignores those it does not use."""
@@ -8238,6 +8306,7 @@ class LlamaSamplingBody(LlamaCppBody):
     response_fields: list[Annotated[str, Field(max_length=200)]] | None = Field(None, max_length=64)
     id_slot: int = Field(-1, ge=-1, le=1_000_000)
     n_keep: int = Field(0, ge=-1)  # context shift is not done here (a prompt too long is a 400): accepted
+    lora: list[LoraScale] | None = Field(None, max_length=256)  # this request's adapter scales (/lora-adapters ids)
 
 
 class LlamaMultimodalPrompt(WireModel):
@@ -8562,17 +8631,44 @@ async def merged_events(completions: list[LlamaCompletion]):
             c.run.cancel()
 
 
+def lora_adapters(state: AppState, base: ModelRecord) -> list[ModelRecord]:
+    """A base model's LoRA adapters, in /lora-adapters' order (their ids; llama-server's --lora order)."""
+    return sorted((r for r in state.registry.list_models() if r.base == base.name), key=lambda r: r.name)
+
+
+def with_lora(state: AppState, rec: ModelRecord, lora: list[LoraScale] | None
+              ) -> tuple[ModelRecord, list[dict[str, Any]] | None]:
+    """The model a llama.cpp request runs on and the adapter scales it passes, from its per-request `lora`
+    (/lora-adapters ids): on llama-server the scales go as they are; on transformers one adapter at scale 1
+    runs as that adapter's model (as naming it would)."""
+    if lora is None:
+        return rec, None
+    base = (state.registry.get_model(rec.base) or rec) if rec.base else rec
+    adapters = lora_adapters(state, base)
+    if bad := [x.id for x in lora if x.id >= len(adapters)]:
+        raise BadRequest(f"invalid adapter id {bad[0]}: '{base.name}' has {len(adapters)} LoRA adapters "
+                         "(GET /lora-adapters lists them)")
+    if is_gguf_path(base.path):
+        return base, [{"id": x.id, "scale": x.scale} for x in lora]
+    if not (on := [x for x in lora if x.scale != 0]):
+        return base, None
+    if len(on) > 1 or on[0].scale != 1:
+        raise BadRequest("on a transformers model one adapter runs at a time, at scale 1 (or name it as the model); "
+                         "other scales and mixes need a GGUF model on llama-server")
+    return adapters[on[0].id], None
+
+
 async def llamacpp_generate(request: Request, body: LlamaSamplingBody, prompts: list[list[str | int]],
                             builder: Callable[[list[str | int], GenParams], Callable]) -> Any:
     """The shared path of /completion and /infill: one GenerationRun per prompt; one reply (or an
     array), or one SSE stream whose chunks carry their prompt's `index`."""
     state = state_of(request)
-    rec = llamacpp_model(state, body.model)
+    rec, lora = with_lora(state, llamacpp_model(state, body.model), body.lora)
     require_generative(rec, body.model or rec.name)
     name = display_name(rec.name)
     completions = []
     for i, parts in enumerate(prompts):
-        params = llamacpp_params(body)
+        params = dataclasses.replace(llamacpp_params(body), lora=lora)
         prefer = body.id_slot if body.id_slot >= 0 and len(prompts) == 1 else None
         run = GenerationRun(state.admission, rec, builder(parts, params), params, None, request, prefer)
         completions.append(LlamaCompletion(i, name, run, body))
@@ -8823,6 +8919,39 @@ async def slots(request: Request, model: str | None = None) -> list[dict[str, An
                                                                                 run.gen.stream.text),
                                     "n_remain": -1, "n_decoded": decoded}]})
     return out
+
+
+@llamacpp_api.get("/lora-adapters", openapi_extra=BY_MODEL)
+async def get_lora_adapters(request: Request, model: str | None = None) -> list[dict[str, Any]]:
+    """llama.cpp's /lora-adapters: the model's LoRA adapters (models whose base it is), by id, with their global
+    scales (llama-server's live ones for a loaded GGUF base; 0 otherwise: an adapter applies to the requests that
+    name it, or that set `lora`)."""
+    state = state_of(request)
+    base = llamacpp_model(state, model)
+    live: dict[int, float] = {}
+    if (held := state.models.loaded.get(base.name)) is not None and held.loaded.adapters and is_gguf_path(base.path):
+        with contextlib.suppress(ServerError, AttributeError):  # unloaded meanwhile: its scales are 0 again
+            live = {a["id"]: a["scale"] for a in await asyncio.to_thread(held.loaded.engine.call_json, "GET",
+                                                                            "/lora-adapters")}
+    return [{"id": i, "path": r.path, "scale": live.get(i, 0.0)} for i, r in enumerate(lora_adapters(state, base))]
+
+
+@llamacpp_api.post("/lora-adapters", openapi_extra=BY_MODEL)
+async def set_lora_adapters(scales: list[LoraScale], request: Request, model: str | None = None) -> dict[str, bool]:
+    """llama.cpp's global adapter scales: the base's requests that set no `lora` run with them (llama-server's
+    own, on a GGUF base: they last while it runs). A transformers base keeps its outputs: name an adapter."""
+    state = state_of(request)
+    base = llamacpp_model(state, model)
+    if not is_gguf_path(base.path):
+        raise BadRequest(f"'{base.name}' runs on transformers, where a request names its adapter (as the model, or "
+                         "with `lora`); global scales are llama-server's, for GGUF models")
+    with_lora(state, base, scales)  # ids checked
+    async with state.models.use(base) as (held, _):
+        if not held.loaded.adapters:
+            raise BadRequest(f"'{base.name}' has no LoRA adapters loaded")
+        await asyncio.to_thread(held.loaded.engine.call_json, "POST", "/lora-adapters",
+                                [x.model_dump() for x in scales])
+    return {"success": True}
 
 
 # LLM for Unity 2.x's own template names, and the marks of each family's chat template. Its client asks

@@ -43,3 +43,34 @@ def rewrite_gguf(source: Path, out: Path, quant: str | None = None, split_max_te
     if not split_max_tensors:
         return [out]
     return sorted(out.parent.glob(out.name.removesuffix(".gguf") + "-*-of-*.gguf"))
+
+
+def smollm2_lora_gguf(hf_folder: Path, out: Path, seed: int = 0) -> Path:
+    """A random PEFT LoRA (r=8, alpha=16, q_proj and v_proj, not zero-initialized: it changes greedy output)
+    over `hf_folder` (smollm2_dir), converted by llama.cpp's convert_lora_to_gguf.py to
+    out/smollm2-lora-<seed>-F16.gguf. Returns that path."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from vision_files import llama_cpp_source
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    target = out / f"smollm2-lora-{seed}-F16.gguf"
+    src = llama_cpp_source()
+    with tempfile.TemporaryDirectory() as tmp:
+        lora = Path(tmp) / target.stem  # its name becomes general.name
+        get_peft_model(model, config).save_pretrained(lora)
+        (lora / "README.md").unlink()  # its base_model (hf_folder's path) would go into general.base_model.*
+        proc = subprocess.run([sys.executable, str(src / "convert_lora_to_gguf.py"), lora, "--base", hf_folder,
+                               "--outtype", "f16", "--outfile", str(target)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
+    if proc.returncode:
+        raise RuntimeError(f"convert_lora_to_gguf.py failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return target

@@ -101,6 +101,23 @@ def test_adapters_and_base_interleaved_keep_their_own_outputs(server):
     assert entry["batching"]["steps"] > 0 and entry["batching"]["running_rows"] == 0
 
 
+def test_llama_cpp_lora_adapters_and_per_request_lora(server):
+    """llama.cpp's /lora-adapters lists a base's adapters by id; a /completion's `lora` picks one by id (on
+    transformers: one at scale 1, as naming it would)."""
+    listed = server.client.get("/lora-adapters", params={"model": BASE}).json()
+    assert [a["id"] for a in listed] == list(range(len(listed))) and all(a["scale"] == 0.0 for a in listed)
+    one = next(a["id"] for a in listed if "lora-one" in a["path"])
+    r = server.client.post("/completion", json={"model": BASE, "prompt": PROMPT, "n_predict": 8, "temperature": 0,
+                                                 "return_tokens": True, "lora": [{"id": one, "scale": 1.0}]})
+    assert r.status_code == 200 and r.json()["tokens"] == complete(server, "tiny/lora-one"), r.text
+    for lora, says in (([{"id": one, "scale": 0.5}], "one adapter runs at a time"), ([{"id": 99, "scale": 1}],
+                                                                                       "invalid adapter id 99")):
+        r = server.client.post("/completion", json={"model": BASE, "prompt": PROMPT, "n_predict": 2, "lora": lora})
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+    r = server.client.post("/lora-adapters", params={"model": BASE}, json=[{"id": one, "scale": 0.5}])
+    assert r.status_code == 400 and "global scales are llama-server's" in r.json()["error"]["message"]
+
+
 def test_adapters_add_their_size_not_the_base(server):
     complete(server, "tiny/lora-one")
     complete(server, "tiny/lora-two")
