@@ -3146,7 +3146,7 @@ class LlamaLaunch:
     gpu_layers: str
     cache_mib: int
     mmproj: str | None = None
-    loras: tuple[str, ...] = ()  # LoRA adapters (.gguf), loaded at scale 0: each request sets its own scales
+    loras: tuple[str, ...] = ()  # LoRA adapters (.gguf), loaded at scale 0: every request sends all their scales
     marker: str = dataclasses.field(default_factory=lambda: f"<__media_{secrets.token_hex(8)}__>")
 
     def args(self, port: int) -> list[str]:
@@ -3154,8 +3154,8 @@ class LlamaLaunch:
                 "-np", str(self.slots), "-c", str(self.slots * self.ctx), "-kvu", "--jinja", "--no-webui",
                 "-ngl", self.gpu_layers, "--cache-ram", str(self.cache_mib), "--log-colors", "off",
                 *(["--mmproj", self.mmproj] if self.mmproj else []),
-                *[arg for lora in self.loras for arg in ("--lora", lora)],
-                *(["--lora-init-without-apply"] if self.loras else [])]
+                # --lora-init-without-apply leaves this build's global scales at 1: each adapter at 0 instead
+                *(["--lora-scaled", ",".join(f"{lora}:0" for lora in self.loras)] if self.loras else [])]
 
 
 class LlamaServer:
@@ -3173,6 +3173,9 @@ class LlamaServer:
         self.closed = False
         self.failed: tuple[float, str] | None = None  # (monotonic time to try again, why the start failed)
         self.tail: collections.deque[str] = collections.deque(maxlen=30)  # its last log lines, for errors
+        # The global adapter scales (llama.cpp's POST /lora-adapters), kept here and sent with every request: a
+        # request without its own `lora` list would reuse a slot's cache made under other scales.
+        self.lora_scales = [0.0] * len(launch.loras)
 
     def ensure_running(self) -> int:
         """The port of a live process, starting one if there is none (first use, or it died)."""
@@ -3283,21 +3286,6 @@ class LlamaServer:
                               "send the request again: it starts again on the next request", status=502) from None
         finally:
             done.set()
-            conn.close()
-
-    def call_json(self, method: str, path: str, body: Any = None) -> Any:
-        """One request to this llama-server's own JSON routes (/lora-adapters), its answer parsed."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.ensure_running(), timeout=LLAMA_SERVER_READ_S)
-        try:
-            conn.request(method, path, None if body is None else json.dumps(body), {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            raw = response.read()
-            if response.status != 200:
-                raise llama_server_error(response.status, raw)
-            return json.loads(raw)
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise ServerError(f"llama-server for '{self.name}' did not answer {path}: {exc}", status=502) from None
-        finally:
             conn.close()
 
     def memory_bytes(self) -> int | None:
@@ -3449,12 +3437,15 @@ class LlamaCppBackend(Backend):
 
     def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
         """Token ids, or with images the prompt's text (its markers where they go) and their bytes. With LoRA
-        adapters loaded: an adapter's request sets every scale (its own 1, the others 0), a request with
-        llama.cpp's `lora` its own; the base's requests none, so the global ones (/lora-adapters) apply."""
+        adapters loaded, every request sends every adapter's scale (llama-server then keeps each slot's cache to
+        the scales it was made under): an adapter's request its own at 1, the others 0; one with llama.cpp's
+        `lora` list those (the others 0); the base's requests the global scales (/lora-adapters)."""
         body = llama_completion_body(prompt.ids, params)
-        if loaded.adapters and (params.lora is not None or params.adapter):
-            body["lora"] = params.lora if params.lora is not None else [
-                {"id": i, "scale": 1.0 if name == params.adapter else 0.0} for i, name in enumerate(loaded.adapters)]
+        if loaded.adapters:
+            given = {x["id"]: x["scale"] for x in params.lora or ()}
+            scales = [given.get(i, 0.0) for i in range(len(loaded.adapters))] if params.lora is not None else \
+                [float(name == params.adapter) for name in loaded.adapters] if params.adapter else loaded.engine.lora_scales
+            body["lora"] = [{"id": i, "scale": scale} for i, scale in enumerate(scales)]
         if prompt.pictures:
             body["prompt"] = {"prompt_string": prompt.text,
                               "multimodal_data": [base64.b64encode(p.data).decode() for p in prompt.pictures]}
@@ -6189,6 +6180,8 @@ def delete_model(state: AppState, rec: ModelRecord) -> None:
     if state.pulls.active_job(rec.name):
         raise Conflict(f"model '{rec.name}' is being pulled; wait for the job to end, then delete")
     state.models.evict(rec.name)
+    if rec.base:  # an adapter: its base drops it (llama-server reloads with the others; PEFT's copy goes with it)
+        state.models.evict(rec.base)
     state.registry.delete_model(rec.name)
     others = state.registry.list_models()
     if not any(r.path == rec.path for r in others):
@@ -8928,18 +8921,17 @@ async def get_lora_adapters(request: Request, model: str | None = None) -> list[
     name it, or that set `lora`)."""
     state = state_of(request)
     base = llamacpp_model(state, model)
-    live: dict[int, float] = {}
-    if (held := state.models.loaded.get(base.name)) is not None and held.loaded.adapters and is_gguf_path(base.path):
-        with contextlib.suppress(ServerError, AttributeError):  # unloaded meanwhile: its scales are 0 again
-            live = {a["id"]: a["scale"] for a in await asyncio.to_thread(held.loaded.engine.call_json, "GET",
-                                                                            "/lora-adapters")}
-    return [{"id": i, "path": r.path, "scale": live.get(i, 0.0)} for i, r in enumerate(lora_adapters(state, base))]
+    held = state.models.loaded.get(base.name)
+    live = held.loaded.engine.lora_scales if held and held.loaded.adapters and is_gguf_path(base.path) else []
+    return [{"id": i, "path": r.path, "scale": live[i] if i < len(live) else 0.0, "task_name": "", "prompt_prefix": ""}
+            for i, r in enumerate(lora_adapters(state, base))]
 
 
 @llamacpp_api.post("/lora-adapters", openapi_extra=BY_MODEL)
 async def set_lora_adapters(scales: list[LoraScale], request: Request, model: str | None = None) -> dict[str, bool]:
-    """llama.cpp's global adapter scales: the base's requests that set no `lora` run with them (llama-server's
-    own, on a GGUF base: they last while it runs). A transformers base keeps its outputs: name an adapter."""
+    """llama.cpp's global adapter scales (every one: an adapter not listed is at 0): the base's requests that
+    set no `lora` run with them, while the base stays loaded. A transformers base keeps its outputs: a request
+    names its adapter there."""
     state = state_of(request)
     base = llamacpp_model(state, model)
     if not is_gguf_path(base.path):
@@ -8949,8 +8941,8 @@ async def set_lora_adapters(scales: list[LoraScale], request: Request, model: st
     async with state.models.use(base) as (held, _):
         if not held.loaded.adapters:
             raise BadRequest(f"'{base.name}' has no LoRA adapters loaded")
-        await asyncio.to_thread(held.loaded.engine.call_json, "POST", "/lora-adapters",
-                                [x.model_dump() for x in scales])
+        given = {x.id: x.scale for x in scales}
+        held.loaded.engine.lora_scales = [given.get(i, 0.0) for i in range(len(held.loaded.adapters))]
     return {"success": True}
 
 

@@ -14,6 +14,7 @@ import openai
 import pytest
 from conftest import ServerProcess
 from models import make_tiny_lora, make_tiny_model
+from test_gguf import BINARY, needs_binary
 
 BASE = "tiny/llama-a"  # seed 0 in conftest's hub
 ADAPTERS = {"tiny/lora-one": 11, "tiny/lora-two": 12}
@@ -157,3 +158,73 @@ def test_ollama_create_with_adapters_serves_base_plus_adapter(server, tmp_path):
     assert r.status_code == 400 and "itself a LoRA adapter" in r.json()["error"]
     r = server.client.post("/api/create", json={"model": "bad-lora", "adapters": digests})
     assert r.status_code == 400 and "need `from`" in r.json()["error"]
+
+
+# --- GGUF: a LoRA of SmolLM2 converted by llama.cpp's convert_lora_to_gguf.py, on the embedded Q4_1 GGUF, served
+# by the real llama-server (--lora-scaled at 0; every request sends every scale)
+GGUF_BASE = "hf.co/test/smol-lora-base:Q4_1"
+
+
+def llama_text(url: str, body: dict) -> str:
+    import httpx
+
+    r = httpx.post(f"{url}/completion", timeout=120, json={"prompt": "Once upon a time", "n_predict": 16,
+                                                            "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()["content"]
+
+
+@needs_binary
+def test_gguf_adapters_on_llama_server_match_bare_llama_server(hub, start_server, smollm2_dir, tmp_path):
+    import contextlib
+    import os
+    import subprocess
+    import threading
+
+    import httpx
+    from conftest import free_port
+    from gguf_files import smollm2_lora_gguf
+    from test_gguf import embedded_gguf
+
+    hub.add_repo("test/smol-lora-base", {"SmolLM2-135M-Instruct-Q4_1.gguf": embedded_gguf().read_bytes()})
+    adapter = smollm2_lora_gguf(smollm2_dir, tmp_path, seed=0)
+    s = start_server(AI_SERVER_BACKENDS="llamacpp", LLAMA_SERVER=str(BINARY), NUM_PARALLEL="2")
+    s.pull_ok(GGUF_BASE)
+    base_before = llama_text(s.url, {"model": GGUF_BASE})
+    client = ollama.Client(host=s.url)
+    client.create(model="smol-lora", from_=GGUF_BASE, adapters={adapter.name: client.create_blob(adapter)})
+    assert client.show("smol-lora").details.parent_model == GGUF_BASE.removeprefix("hf.co/")
+    ours = llama_text(s.url, {"model": "smol-lora"})
+    assert ours != base_before and llama_text(s.url, {"model": GGUF_BASE}) == base_before
+    listed = s.client.get("/lora-adapters", params={"model": GGUF_BASE}).json()
+    assert [(a["id"], a["scale"], Path(a["path"]).name) for a in listed] == [(0, 0.0, adapter.name)]
+    assert llama_text(s.url, {"model": GGUF_BASE, "lora": [{"id": 0, "scale": 1.0}]}) == ours
+    half = llama_text(s.url, {"model": GGUF_BASE, "lora": [{"id": 0, "scale": 0.5}]})
+    # llama.cpp's global scales: the base's requests without `lora` take them, and the cache never mixes them
+    assert s.client.post("/lora-adapters", params={"model": GGUF_BASE}, json=[{"id": 0, "scale": 1.0}]).json() == {
+        "success": True}
+    assert llama_text(s.url, {"model": GGUF_BASE}) == ours
+    assert s.client.get("/lora-adapters", params={"model": GGUF_BASE}).json()[0]["scale"] == 1.0
+    s.client.post("/lora-adapters", params={"model": GGUF_BASE}, json=[])
+    assert llama_text(s.url, {"model": GGUF_BASE}) == base_before
+    r = s.client.post("/completion", json={"model": GGUF_BASE, "prompt": "x", "lora": [{"id": 3, "scale": 1}]})
+    assert r.status_code == 400 and "invalid adapter id 3" in r.json()["error"]["message"]
+    # bare llama-server on the same files: the adapter at 1 and at 0.5 give the same text as ours
+    port = free_port()
+    bare = subprocess.Popen([str(BINARY), "-m", str(embedded_gguf()), "--lora-scaled", f"{adapter}:0", "-c", "512",
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=os.environ)
+    try:
+        for _ in range(300):
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            threading.Event().wait(0.1)
+        theirs = f"http://127.0.0.1:{port}"
+        assert llama_text(theirs, {"lora": [{"id": 0, "scale": 1.0}]}) == ours
+        assert llama_text(theirs, {"lora": [{"id": 0, "scale": 0.5}]}) == half
+        assert llama_text(theirs, {"lora": [{"id": 0, "scale": 0.0}]}) == base_before
+        assert [set(a) for a in httpx.get(f"{theirs}/lora-adapters").json()] == [set(a) for a in listed]
+    finally:
+        bare.terminate()
+        bare.wait()
