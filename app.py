@@ -1182,7 +1182,8 @@ def plan_snapshot(api: HfApi, name: str, revision: str) -> SnapshotPlan:
     chosen = choose_gguf(repo_id, models, tag) if tag_names_gguf or (models and not hf_weights) else None
     if chosen is not None:  # its file(s), its vision projector if the repo has one, the small text files
         projector = choose_projector(chosen.paths[0], [f.path for f in files])
-        files = [f for f in files if f.path in chosen.paths or f.path == projector or f.path.endswith(GGUF_TEXT_SUFFIXES)]
+        files = [f for f in files
+                 if f.path in chosen.paths or f.path == projector or f.path.endswith(GGUF_TEXT_SUFFIXES)]
     elif models:  # transformers weights and GGUF quants side by side: the pull is the former only
         files = [f for f in files if not f.path.lower().endswith(".gguf")]
     if chosen is None and voices:  # Piper voices: the ones the tag names (rhasspy/piper-voices holds hundreds)
@@ -1372,8 +1373,9 @@ TTS_TYPES, TTS_SUFFIXES = ("vits",), ("ForTextToSpeech", "ForTextToWaveform")
 @functools.lru_cache(maxsize=256)
 def model_format(path: str) -> str:
     """What kind of files a model is, so the loader knows which backends can read it: "gguf", "diffusers",
-    "ct2" (faster-whisper), "piper" (ONNX voices), "peft" (a LoRA adapter) or "hf" (a transformers folder). Cached per path, as
-    model_capabilities is: every listing asks it of every model, and a pulled folder does not change."""
+    "ct2" (faster-whisper), "piper" (ONNX voices), "peft" (a LoRA adapter) or "hf" (a transformers folder).
+    Cached per path, as model_capabilities is: every listing asks it of every model, and a pulled folder does
+    not change."""
     if is_gguf_path(path):
         return "gguf"
     folder = Path(path)
@@ -1460,7 +1462,6 @@ def parameter_count(path: str) -> int:
     return total
 
 
-@functools.lru_cache(maxsize=1024)
 def adapter_base(registry: Registry, folder: Path) -> ModelRecord:
     """The pulled model a LoRA adapter applies to: its adapter_config.json's base_model_name_or_path, matched by
     repo (or by name) among the transformers models here. BadRequest naming the base to pull when there is none:
@@ -1509,6 +1510,7 @@ def check_adapter(folder: Path, base: ModelRecord) -> ModelRecord:
     return base
 
 
+@functools.lru_cache(maxsize=1024)
 def content_digest(path: str, sha: str) -> str:
     """What a model's files hold, not when they came: a pulled snapshot's files are links to blobs
     named by their content hash (LFS sha256 or git blob id), so the same files give the same digest
@@ -2299,8 +2301,11 @@ def load_hf_multimodal(plan: LoadPlan) -> tuple[Any, Any]:
             raise
         raise RuntimeError(f"this model's processor needs torchvision ({type(exc).__name__}: {exc}); install the "
                            f"torchvision release built for torch {torch.__version__} (pip install torchvision from "
-                           "the index torch came from; setup_cuda_pytorch.ps1 on Windows), then load it again") from None
-    model = transformers.AutoModelForMultimodalLM.from_pretrained(plan.path, **hf_model_kwargs(plan))
+                           "the index torch came from; setup_cuda_pytorch.ps1 on Windows), then load it again"
+                           ) from None
+    # AutoModelForMultimodalLM (5.19 has it) also maps the models that hear; an older transformers, those that see
+    auto = getattr(transformers, "AutoModelForMultimodalLM", None) or transformers.AutoModelForImageTextToText
+    model = auto.from_pretrained(plan.path, **hf_model_kwargs(plan))
     if hasattr(model, "thinker"):  # an omni model, text out: the talker (speech out) would only take memory
         model.disable_talker()
         model = model.thinker
@@ -3443,8 +3448,11 @@ class LlamaCppBackend(Backend):
         body = llama_completion_body(prompt.ids, params)
         if loaded.adapters:
             given = {x["id"]: x["scale"] for x in params.lora or ()}
-            scales = [given.get(i, 0.0) for i in range(len(loaded.adapters))] if params.lora is not None else \
-                [float(name == params.adapter) for name in loaded.adapters] if params.adapter else loaded.engine.lora_scales
+            if params.lora is not None:
+                scales = [given.get(i, 0.0) for i in range(len(loaded.adapters))]
+            else:
+                scales = [float(name == params.adapter) for name in loaded.adapters] if params.adapter else \
+                    loaded.engine.lora_scales
             body["lora"] = [{"id": i, "scale": scale} for i, scale in enumerate(scales)]
         if prompt.pictures:
             body["prompt"] = {"prompt_string": prompt.text,
@@ -5981,10 +5989,12 @@ def sorted_media(message: dict[str, Any]) -> dict[str, Any]:
              and is_audio_base64(x)]
     if not heard:
         return message
-    return {**message, "images": [x for x in sources if x not in heard], "audio": [*(message.get("audio") or []), *heard]}
+    return {**message, "images": [x for x in sources if x not in heard],
+            "audio": [*(message.get("audio") or []), *heard]}
 
 
-async def take_media(state: AppState, rec: ModelRecord, name: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def take_media(state: AppState, rec: ModelRecord, name: str,
+                     messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The chat-template dicts with their media (each message's "images" and "audio": what a wire API sent)
     decoded into Pictures and Sounds, once, off the event loop: the one seam every chat route passes. A 400 when
     the model cannot see (or hear) them, for more than MAX_PROMPT_IMAGES items, or for an item that is not
@@ -6650,7 +6660,8 @@ def model_details(rec: ModelRecord) -> dict[str, Any]:
         gguf = is_gguf_path(rec.path)
         adapter = {} if gguf else read_json(Path(rec.path) / "adapter_config.json")
         return {"parent_model": parent, "format": "gguf" if gguf else "safetensors", "family": "lora",
-                "families": ["lora"], "parameter_size": "" if gguf else format_parameter_size(parameter_count(rec.path)),
+                "families": ["lora"],
+                "parameter_size": "" if gguf else format_parameter_size(parameter_count(rec.path)),
                 "quantization_level": gguf_metadata(rec.path).get("file_type_name", "") if gguf else
                 f"r{adapter.get('r', '?')}"}
     index = read_json(Path(rec.path) / "model_index.json")
@@ -8877,7 +8888,8 @@ async def props(request: Request, model: str | None = None) -> dict[str, Any]:
                                             "n_ctx": model_context_length(rec, state.settings)},
             "total_slots": state.settings.num_parallel, "model_alias": display_name(rec.name),
             "model_ftype": (held.loaded.dtype if held else rec.quantization).upper(), "model_path": rec.path,
-            "modalities": {"vision": vision, "video": False, "audio": False}, "media_marker": MEDIA_MARKER if vision else "",
+            "modalities": {"vision": vision, "video": False, "audio": False},
+            "media_marker": MEDIA_MARKER if vision else "",
             "endpoint_slots": True, "endpoint_props": False, "endpoint_metrics": True, "ui": False,
             "ui_settings": {}, "chat_template": template, "chat_template_caps": chat_template_caps(template),
             "bos_token": token_text(tokens.get("bos_token")), "eos_token": token_text(tokens.get("eos_token")),

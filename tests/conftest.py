@@ -45,6 +45,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class BareLlamaServer:
+    """llama.cpp's own llama-server (the peer the differential tests compare with), started with `args` (its
+    -m included) on a free loopback port; `stop()` ends it."""
+
+    def __init__(self, binary: Path, log: Path, *args: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([str(binary), "--host", "127.0.0.1", "--port", str(self.port), *args],
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"llama-server exited: {log.read_text()[-2000:]}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"llama-server did not start: {log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
 class ServerProcess:
     """ai-server in its own process; `restart()` keeps the same home, cache and port."""
 

@@ -198,6 +198,14 @@ VISION_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+def tiny_text_config(tok, model_type: str, max_positions: int) -> dict:
+    """The text model of the tiny multimodal models: 2 layers, 64 wide, 4 heads (2 for keys and values)."""
+    return {"model_type": model_type, "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": max_positions, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+
 def make_tiny_llava(out: Path, seed: int = 0) -> Path:
     """A random LLaVA (2-layer CLIP vision tower, 28 px images in 14 px patches: 4 image tokens; 2-layer
     Llama) with the tokenizer above plus an `<image>` token and a chat template taking image parts."""
@@ -215,10 +223,7 @@ def make_tiny_llava(out: Path, seed: int = 0) -> Path:
     cfg = LlavaConfig(
         vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
                        "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 28, "patch_size": 14},
-        text_config={"model_type": "llama", "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "max_position_embeddings": 512, "bos_token_id": tok.bos_token_id,
-                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+        text_config=tiny_text_config(tok, "llama", 512),
         image_token_id=tok.image_token_id)
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(cfg).save_pretrained(out)
@@ -282,10 +287,7 @@ def make_tiny_qwen2_audio(out: Path, seed: int = 0) -> Path:
         audio_config={"model_type": "qwen2_audio_encoder", "d_model": 32, "encoder_layers": 1,
                       "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "num_mel_bins": 80,
                       "max_source_positions": 1500},
-        text_config={"model_type": "qwen2", "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "max_position_embeddings": 2048, "bos_token_id": tok.bos_token_id,
-                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+        text_config=tiny_text_config(tok, "qwen2", 2048),
         audio_token_index=tok.audio_token_id)
     torch.manual_seed(seed)
     model = Qwen2AudioForConditionalGeneration(cfg)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, ServerProcess, copy_home, free_port
+from conftest import ROOT, BareLlamaServer, ServerProcess, copy_home
 
 BINARY = Path(os.environ.get("LLAMA_SERVER") or subprocess.run(  # where the build script puts (or would put) it
     [str(ROOT / "scripts/build-llama-server.sh"), "--path"], capture_output=True, text=True).stdout.strip())
@@ -27,27 +26,9 @@ pytestmark = pytest.mark.skipif(
            "cores, or set LLAMA_SERVER), or the SmolLM2 GGUF is not installed (scripts/setup.sh)")
 
 
-class LlamaServer:
-    def __init__(self, log: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # 2 slots of 4096 tokens: the n_ctx ai-server gives each request (CONTEXT_LENGTH).
-        self.proc = subprocess.Popen([str(BINARY), "-m", str(GGUF), "--port", str(self.port), "-np", "2", "-c", "8192",
-                                      "-t", "2", *args], stdout=log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"llama-server exited: {log.read_text()[-2000:]}"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"llama-server did not start: {log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+def LlamaServer(log: Path, *args: str) -> BareLlamaServer:  # noqa: N802 (it was a class)
+    # 2 slots of 4096 tokens: the n_ctx ai-server gives each request (CONTEXT_LENGTH).
+    return BareLlamaServer(BINARY, log, "-m", str(GGUF), "-np", "2", "-c", "8192", "-t", "2", *args)
 
 
 @pytest.fixture(scope="module")

@@ -176,13 +176,8 @@ def llama_text(url: str, body: dict) -> str:
 
 @needs_binary
 def test_gguf_adapters_on_llama_server_match_bare_llama_server(hub, start_server, smollm2_dir, tmp_path):
-    import contextlib
-    import os
-    import subprocess
-    import threading
-
     import httpx
-    from conftest import free_port
+    from conftest import BareLlamaServer
     from gguf_files import smollm2_lora_gguf
     from test_gguf import embedded_gguf
 
@@ -210,21 +205,12 @@ def test_gguf_adapters_on_llama_server_match_bare_llama_server(hub, start_server
     r = s.client.post("/completion", json={"model": GGUF_BASE, "prompt": "x", "lora": [{"id": 3, "scale": 1}]})
     assert r.status_code == 400 and "invalid adapter id 3" in r.json()["error"]["message"]
     # bare llama-server on the same files: the adapter at 1 and at 0.5 give the same text as ours
-    port = free_port()
-    bare = subprocess.Popen([str(BINARY), "-m", str(embedded_gguf()), "--lora-scaled", f"{adapter}:0", "-c", "512",
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=os.environ)
+    bare = BareLlamaServer(BINARY, tmp_path / "llama-server.log", "-m", str(embedded_gguf()), "--lora-scaled",
+                           f"{adapter}:0", "-c", "512")
     try:
-        for _ in range(300):
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            threading.Event().wait(0.1)
-        theirs = f"http://127.0.0.1:{port}"
-        assert llama_text(theirs, {"lora": [{"id": 0, "scale": 1.0}]}) == ours
-        assert llama_text(theirs, {"lora": [{"id": 0, "scale": 0.5}]}) == half
-        assert llama_text(theirs, {"lora": [{"id": 0, "scale": 0.0}]}) == base_before
-        assert [set(a) for a in httpx.get(f"{theirs}/lora-adapters").json()] == [set(a) for a in listed]
+        assert llama_text(bare.url, {"lora": [{"id": 0, "scale": 1.0}]}) == ours
+        assert llama_text(bare.url, {"lora": [{"id": 0, "scale": 0.5}]}) == half
+        assert llama_text(bare.url, {"lora": [{"id": 0, "scale": 0.0}]}) == base_before
+        assert [set(a) for a in httpx.get(f"{bare.url}/lora-adapters").json()] == [set(a) for a in listed]
     finally:
-        bare.terminate()
-        bare.wait()
+        bare.stop()

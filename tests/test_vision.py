@@ -7,11 +7,8 @@ two greedy answers, and the prompt grows by the image's tokens."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import http.server
 import io
-import os
-import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +17,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from conftest import free_port
+from conftest import BareLlamaServer
 from models import folder_files, make_tiny_llava
 from test_gguf import BINARY, needs_binary
 
@@ -314,21 +311,13 @@ def test_a_gguf_vision_model_runs_on_llama_server_with_its_projector(gguf_vision
     ours = s.client.post("/completion", json={"model": name, "n_predict": 8, "temperature": 0, "prompt": {
         "prompt_string": text, "multimodal_data": [b64(BLUE)]}})
     assert ours.status_code == 200, ours.text
-    port = free_port()
-    bare = subprocess.Popen([str(BINARY), "-m", str(model), "--mmproj", str(mmproj), "-c", "512", "--host",
-                             "127.0.0.1", "--port", str(port)], env={**os.environ, "LLAMA_MEDIA_MARKER": "<__media__>"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bare = BareLlamaServer(BINARY, tmp_path / "llama-server.log", "-m", str(model), "--mmproj", str(mmproj), "-c", "512",
+                           env={"LLAMA_MEDIA_MARKER": "<__media__>"})
     try:
-        for _ in range(300):
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            threading.Event().wait(0.1)
-        theirs = httpx.post(f"http://127.0.0.1:{port}/completion", timeout=60, json={
+        theirs = httpx.post(f"{bare.url}/completion", timeout=60, json={
             "n_predict": 8, "temperature": 0, "prompt": {"prompt_string": text, "multimodal_data": [b64(BLUE)]}}).json()
     finally:
-        bare.terminate()
-        bare.wait()
+        bare.stop()
     assert ours.json()["content"] == theirs["content"]
     assert ours.json()["tokens_evaluated"] == theirs["tokens_evaluated"]
     # The same model pulled from a repo without a projector has no vision: our 400, not llama-server's 500
