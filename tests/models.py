@@ -230,6 +230,28 @@ def make_tiny_llava(out: Path, seed: int = 0) -> Path:
     processor.save_pretrained(out)
     return out
 
+def make_tiny_idefics3(out: Path, seed: int = 0) -> Path:
+    """A random Idefics3 (SmolVLM's architecture: a 2-layer SigLIP-style tower on 28 px images, pixel-shuffled to
+    one image token; 2-layer Llama) with the tokenizer above plus Idefics3's image tokens; no image splitting."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    try:
+        from transformers import Idefics3ImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import Idefics3ImageProcessor as ImageProcessor
+
+    tok = make_tokenizer(VISION_TEMPLATE, special={"image_token": "<image>", "global_image_token": "<global-img>",
+                                                   "fake_image_token": "<fake_token_around_image>"})
+    images = ImageProcessor(size={"longest_edge": 28}, max_image_size={"longest_edge": 28}, do_image_splitting=False)
+    cfg = Idefics3Config(vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                        "num_attention_heads": 4, "image_size": 28, "patch_size": 14},
+                         text_config=tiny_text_config(tok, "llama", 512), scale_factor=2, image_token_id=tok.image_token_id)
+    torch.manual_seed(seed)
+    Idefics3ForConditionalGeneration(cfg).save_pretrained(out)
+    Idefics3Processor(images, tok, image_seq_len=1, chat_template=VISION_TEMPLATE).save_pretrained(out)
+    return out
+
+
 def make_tiny_gemma3(out: Path, seed: int = 0) -> Path:
     """A random Gemma 3 (2-layer SigLIP tower on 56 px images, pooled to 4 image tokens; 2-layer text model)
     with the tokenizer above plus Gemma's image tokens; image parts render as `<start_of_image>`. Unlike

@@ -259,6 +259,22 @@ def test_image_urls_are_fetched_only_when_allowed_and_never_from_private_address
         assert app.is_public_address(address) is public, address
 
 
+def test_idefics3_sees_in_the_batch_engine(server, hub):
+    """Idefics3 (SmolVLM's architecture) takes pixel_values with their pixel_attention_mask, batched."""
+    from models import make_tiny_idefics3
+
+    hub.add_repo("tiny/idefics3", folder_files(make_tiny_idefics3))
+    server.pull_ok("tiny/idefics3")
+    client = ollama.Client(host=server.url)
+    answers = [client.chat(model="tiny/idefics3", options={"temperature": 0, "num_predict": 8}, messages=[
+        {"role": "user", "content": ASK, **({"images": [b64(image)]} if image else {})}]) for image in (RED, BLUE, None)]
+    assert answers[0].message.content != answers[1].message.content
+    assert answers[0].prompt_eval_count == answers[2].prompt_eval_count + 4  # <fake><global-img><image><fake>
+    batching = next(m for m in server.client.get("/status").json()["cache"]
+                    if m["name"].startswith("tiny/idefics3"))["batching"]
+    assert batching["steps"] > 0 and batching["running_rows"] == 0  # the batch engine ran them
+
+
 def test_gemma3_sees_through_generate(server, hub):
     """Gemma 3 (sliding-window layers: not batched) runs its images through model.generate."""
     from models import make_tiny_gemma3
