@@ -2299,7 +2299,8 @@ def load_hf_multimodal(plan: LoadPlan) -> tuple[Any, Any]:
     except (ImportError, AttributeError, ValueError, TypeError) as exc:
         if probe_import("torchvision") is None:
             raise
-        raise RuntimeError(f"this model's processor needs torchvision ({type(exc).__name__}: {exc}); install the "
+        why = " ".join(str(exc).split())[:300]
+        raise RuntimeError(f"this model's processor needs torchvision ({type(exc).__name__}: {why}); install the "
                            f"torchvision release built for torch {torch.__version__} (pip install torchvision from "
                            "the index torch came from; setup_cuda_pytorch.ps1 on Windows), then load it again"
                            ) from None

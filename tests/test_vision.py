@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import importlib.util
 import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -427,3 +428,21 @@ def test_sound_is_refused_where_it_cannot_be_heard(hearing):
         "content": [{"type": "input_audio", "input_audio": {"data": b64(b"RIFF0000WAVEnot audio at all"),
                                                               "format": "wav"}}]}]})
     assert r.status_code == 400 and "could not be decoded" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here")
+def test_a_processor_that_needs_torchvision_says_so_on_load(tmp_path):
+    """Qwen2-VL's processor (its video processor) needs torchvision: the load fails saying how to install it."""
+    import json
+
+    from models import VISION_TEMPLATE, make_tokenizer
+
+    make_tokenizer(VISION_TEMPLATE).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2VLForConditionalGeneration"],
+                                                      "model_type": "qwen2_vl", "vision_config": {"depth": 1}}))
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        (tmp_path / name).write_text(json.dumps({"image_processor_type": "Qwen2VLImageProcessor",
+                                                 "processor_class": "Qwen2VLProcessor"}))
+    assert "vision" in app.model_capabilities(str(tmp_path))
+    with pytest.raises(RuntimeError, match="needs torchvision .* install the torchvision release built for torch"):
+        app.load_hf_multimodal(app.LoadPlan("qwen2-vl", str(tmp_path), "no", False, "cpu", "fp32"))
