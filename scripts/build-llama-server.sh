@@ -4,6 +4,8 @@
 #   scripts/build-llama-server.sh            build (or reuse) the CPU binary: ~15-20 min on 2 cores
 #   LLAMA_CUDA=1 scripts/build-llama-server.sh   build with CUDA (needs nvcc and a GPU; much longer)
 #   scripts/build-llama-server.sh --path     print where the binary is (or would be), build nothing
+#   LLAMA_SRC=dir-or.tar.xz scripts/build-llama-server.sh   build from sources at hand, no download (offline;
+#       scripts/gpu_wheelhouse.sh packs llama.cpp-src.tar.xz for the GPU machine)
 # Where: $LLAMA_BUILD_DIR, default ~/.cache/ai-server/llama-server-<pin>[-cuda]. Point LLAMA_SERVER at the
 # binary (app.py and the tests also look in the default folder on their own).
 set -euo pipefail
@@ -24,14 +26,19 @@ if [ -x "$bin" ] && "$bin" --version >/dev/null 2>&1; then
 fi
 
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-echo "llama-server: downloading the llama-cpp-python==$PIN sdist"
-"$PY" -m pip download -q --no-binary :all: --no-deps -d "$work" "llama-cpp-python==$PIN"
-tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
-src=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
+if [ -n "${LLAMA_SRC:-}" ]; then  # the sources at hand: a llama.cpp folder, or a .tar.xz holding llama.cpp/ (offline)
+  if [ -d "$LLAMA_SRC" ]; then src=$LLAMA_SRC; else tar -xJf "$LLAMA_SRC" -C "$work"; src="$work/llama.cpp"; fi
+else
+  echo "llama-server: downloading the llama-cpp-python==$PIN sdist"
+  "$PY" -m pip download -q --no-binary :all: --no-deps -d "$work" "llama-cpp-python==$PIN"
+  tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
+  src=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
+fi
 
 flags=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF
        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF)
-[ "$cuda" = 1 ] && flags+=(-DGGML_CUDA=ON)
+# CUDA: the kernels of one architecture (the card's own, found by CMake; LLAMA_CUDA_ARCH to name one, 89 or 90)
+[ "$cuda" = 1 ] && flags+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=${LLAMA_CUDA_ARCH:-native}")
 if [ "$(uname -m)" = x86_64 ]; then
   # -march=native turns on ggml's AMX kernels where the CPU lists AMX, but a VM may not grant the tile
   # state: llama-server then segfaults in ggml_backend_amx_mul_mat on its first decode (seen here).

@@ -33,10 +33,13 @@ CHECKS = [
     ("vision", 90, "a vision model (tiny LLaVA) in the batch engine: two images, two answers"),
     ("audio", 90, "a model that hears (tiny Qwen2-Audio): two sounds, two answers"),
     ("lora", 90, "two LoRA adapters beside one base, rows of each in one step, equal to PEFT's merged model"),
-    ("llama_server", 30, "llama-server built with CUDA (-ngl all): a separate command, see the README"),
     ("compiled_decoding", 10, "CUDA graphs in the batch engine"),
     ("vllm", 10, "vLLM on CUDA"),
+    # Last, and on the GPU machine a command of its own (--only llama_server): its CUDA build takes minutes
+    ("llama_server", 500, "llama-server built for this machine (CUDA: the card's architecture) serving a vision GGUF "
+                          "with -ngl all"),
 ]
+WHEELHOUSE = Path(os.environ.get("GPU_WHEELHOUSE") or ROOT / ".gpu-wheelhouse")
 
 
 class Skip(Exception):
@@ -249,8 +252,63 @@ def check_lora(app, device: str) -> dict:
 
 
 def check_llama_server(app, device: str) -> dict:
-    raise Skip("llama-server's CUDA build needs llama.cpp's sources (the llama-cpp-python sdist) beside the wheels: "
-               "a second command, `LLAMA_CUDA=1 scripts/build-llama-server.sh` with the sdist carried; see README 'GPU'")
+    """Built here from the carried sources when there is no binary (only when asked for by --only: minutes), then a
+    tiny Gemma 3 GGUF with its projector (made by scripts/gpu_wheelhouse.sh; here, by llama.cpp's converter) with
+    every layer on the GPU (-ngl 0 on CPU) answers an image."""
+    import base64
+    import urllib.request
+
+    env = {**os.environ, **({"LLAMA_CUDA": "1"} if device == "cuda" else {})}
+    script = str(ROOT / "scripts/build-llama-server.sh")
+    binary = Path(subprocess.run([script, "--path"], env=env, capture_output=True, text=True).stdout.strip())
+    out: dict = {"binary": str(binary)}
+    if not binary.is_file():
+        source = WHEELHOUSE / "llama" / "llama.cpp-src.tar.xz"
+        if not source.is_file() or not os.environ.get("GPU_CHECK_BUILD_LLAMA"):
+            raise Skip(f"no llama-server at {binary}: build it with {'LLAMA_CUDA=1 ' if device == 'cuda' else ''}"
+                       "scripts/build-llama-server.sh, or run `scripts/gpu_check.sh --only llama_server` with the "
+                       "wheelhouse's llama/ folder (scripts/gpu_wheelhouse.sh) carried")
+        start = time.perf_counter()
+        built = subprocess.run([script], env={**env, "LLAMA_SRC": str(source)}, capture_output=True, text=True)
+        assert built.returncode == 0 and binary.is_file(), built.stdout[-3000:] + built.stderr[-2000:]
+        out["build_seconds"] = round(time.perf_counter() - start)
+    model, mmproj = WHEELHOUSE / "llama" / "tiny-gemma3-Q8_0.gguf", WHEELHOUSE / "llama" / "mmproj-tiny-gemma3-f16.gguf"
+    if not model.is_file():
+        from models import make_tiny_gemma3
+        from vision_files import gemma3_gguf
+
+        model, mmproj = gemma3_gguf(tiny(make_tiny_gemma3), Path(tempfile.mkdtemp(prefix="gpu-check-")))
+    port = app.loopback_port()
+    log = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "llama-server.log"
+    proc = subprocess.Popen([str(binary), "-m", str(model), "--mmproj", str(mmproj), "-c", "512", "--host", "127.0.0.1",
+                             "--port", str(port), "-ngl", "all" if device == "cuda" else "0"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env={**env, "LLAMA_MEDIA_MARKER": "<m>"})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.3)
+        body = {"prompt": {"prompt_string": "<|im_start|>user\n<m>describe<|im_end|>\n<|im_start|>assistant\n",
+                           "multimodal_data": [base64.b64encode(image("red")).decode()]}, "n_predict": 8, "temperature": 0}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            answer = json.loads(reply.read())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = log.read_text(errors="replace")
+    offloaded = [line.strip() for line in text.splitlines() if "offloaded" in line and "layers to GPU" in line]
+    out.update(tokens_evaluated=answer.get("tokens_evaluated"), predicted=answer.get("tokens_predicted"),
+               offloaded=offloaded[-1] if offloaded else None)
+    assert answer.get("tokens_predicted") and answer.get("tokens_evaluated", 0) > 10, answer
+    if device == "cuda":
+        assert offloaded and "offloaded 0/" not in offloaded[-1], text[-2000:]
+    return out
 
 
 def check_compiled_decoding(app, device: str) -> dict:
@@ -293,6 +351,8 @@ def main() -> int:
         print(json.dumps(run_one(args.one, device)))
         return 0
     wanted = set(args.only.split(",")) if args.only else None
+    if wanted and "llama_server" in wanted:  # asked for by name: it may build llama-server (minutes)
+        os.environ["GPU_CHECK_BUILD_LLAMA"] = "1"
     deadline, report = time.monotonic() + args.budget_s, []
     for name, budget, what in CHECKS:
         if wanted and name not in wanted:
