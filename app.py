@@ -4654,9 +4654,10 @@ def processed_prompt(processor: Any, text: str, pictures: list[Picture], sounds:
 def marked_prompt(loaded: Loaded, text: str, pictures: list[Picture]) -> Prompt:
     """A raw prompt (no template) whose MEDIA_MARKERs say where its pictures go, as the model's engine takes
     it: the processor's image token in their place, or llama-server's own marker."""
-    if loaded.processor is not None:
-        return processed_prompt(loaded.processor, text.replace(
-            MEDIA_MARKER, getattr(loaded.processor, "image_token", None) or "<image>"), pictures)
+    if loaded.processor is not None:  # the token its processor expands: Gemma 3's begin-of-image, else the image's
+        processor = loaded.processor
+        token = getattr(processor, "boi_token", None) or getattr(processor, "image_token", None) or "<image>"
+        return processed_prompt(processor, text.replace(MEDIA_MARKER, token), pictures)
     if loaded.media_marker is None:
         raise cannot_take("images")
     text = text.replace(MEDIA_MARKER, loaded.media_marker)
