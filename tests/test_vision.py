@@ -260,17 +260,22 @@ def test_image_urls_are_fetched_only_when_allowed_and_never_from_private_address
         assert app.is_public_address(address) is public, address
 
 
+def red_blue_none(url: str, model: str) -> list[ollama.ChatResponse]:
+    """The model's greedy answers to ASK with the red image, the blue one, and none."""
+    client = ollama.Client(host=url)
+    return [client.chat(model=model, options={"temperature": 0, "num_predict": 8}, messages=[
+        {"role": "user", "content": ASK, **({"images": [b64(image)]} if image else {})}]) for image in (RED, BLUE, None)]
+
+
 def test_idefics3_sees_in_the_batch_engine(server, hub):
     """Idefics3 (SmolVLM's architecture) takes pixel_values with their pixel_attention_mask, batched."""
     from models import make_tiny_idefics3
 
     hub.add_repo("tiny/idefics3", folder_files(make_tiny_idefics3))
     server.pull_ok("tiny/idefics3")
-    client = ollama.Client(host=server.url)
-    answers = [client.chat(model="tiny/idefics3", options={"temperature": 0, "num_predict": 8}, messages=[
-        {"role": "user", "content": ASK, **({"images": [b64(image)]} if image else {})}]) for image in (RED, BLUE, None)]
-    assert answers[0].message.content != answers[1].message.content
-    assert answers[0].prompt_eval_count == answers[2].prompt_eval_count + 4  # <fake><global-img><image><fake>
+    red, blue, none = red_blue_none(server.url, "tiny/idefics3")
+    assert red.message.content != blue.message.content
+    assert red.prompt_eval_count == none.prompt_eval_count + 4  # <fake><global-img><image><fake>
     batching = next(m for m in server.client.get("/status").json()["cache"]
                     if m["name"].startswith("tiny/idefics3"))["batching"]
     assert batching["steps"] > 0 and batching["running_rows"] == 0  # the batch engine ran them
@@ -282,12 +287,10 @@ def test_gemma3_sees_through_generate(server, hub):
 
     hub.add_repo("tiny/gemma3", folder_files(make_tiny_gemma3))
     server.pull_ok("tiny/gemma3")
-    client = ollama.Client(host=server.url)
-    answers = [client.chat(model="tiny/gemma3", options={"temperature": 0, "num_predict": 8}, messages=[
-        {"role": "user", "content": ASK, **({"images": [b64(image)]} if image else {})}]) for image in (RED, BLUE, None)]
-    assert answers[0].message.content != answers[1].message.content
-    assert answers[0].prompt_eval_count == answers[2].prompt_eval_count + 10  # "\n\n", <boi>, 4 image tokens, <eoi>, "\n\n"
-    assert "vision" in client.show("tiny/gemma3").capabilities
+    red, blue, none = red_blue_none(server.url, "tiny/gemma3")
+    assert red.message.content != blue.message.content
+    assert red.prompt_eval_count == none.prompt_eval_count + 10  # "\n\n", <boi>, 4 image tokens, <eoi>, "\n\n"
+    assert "vision" in ollama.Client(host=server.url).show("tiny/gemma3").capabilities
 
 
 # --- GGUF: the tiny Gemma 3 converted by llama.cpp's convert_hf_to_gguf.py (text model + mmproj), served by
@@ -318,11 +321,10 @@ def test_a_gguf_vision_model_runs_on_llama_server_with_its_projector(gguf_vision
     assert fetched == {model.name, "mmproj-tiny-gemma3-Q8_0.gguf"}, fetched
     client = ollama.Client(host=s.url)
     assert "vision" in client.show(name).capabilities
-    answers = [client.chat(model=name, options={"temperature": 0, "num_predict": 8}, messages=[
-        {"role": "user", "content": ASK, **({"images": [b64(image)]} if image else {})}]) for image in (RED, BLUE, None)]
-    assert answers[0].message.content != answers[1].message.content
-    assert answers[0].prompt_eval_count == answers[2].prompt_eval_count + 7  # <boi>, 4 image embeddings, <eoi>, and "\n" after it
-    assert "--mmproj" in s.log() or "mmproj" in s.client.get("/status").json()["cache"][0]["note"]
+    red, blue, none = red_blue_none(s.url, name)
+    assert red.message.content != blue.message.content
+    assert red.prompt_eval_count == none.prompt_eval_count + 7  # <boi>, 4 image embeddings, <eoi>, the "\n" after
+    assert "vision projector mmproj-tiny-gemma3-Q8_0.gguf" in s.client.get("/status").json()["cache"][0]["note"]
     # The same files on bare llama-server give the same greedy text for the same image and prompt
     text = f"<|im_start|>user\n<__media__>{ASK}<|im_end|>\n<|im_start|>assistant\n"
     ours = s.client.post("/completion", json={"model": name, "n_predict": 8, "temperature": 0, "prompt": {
