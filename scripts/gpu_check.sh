@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WHEELS=${GPU_WHEELHOUSE:-.gpu-wheelhouse}
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
+case " $* " in *" --cpu "*) rehearsal=1 ;; *) rehearsal="" ;; esac  # the rehearsal uses this machine's packages
+if [ -z "$rehearsal" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
   target=${TMPDIR:-/tmp}/ai-server-gpu-site
   echo "gpu_check: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $target (no index, no deps)"
   "$PY" -m pip install -q --no-index --no-deps --upgrade --target "$target" "$WHEELS"/*.whl
