@@ -1675,6 +1675,17 @@ def fetch_image(url: str, public: Callable[[str], bool] = is_public_address) -> 
     raise BadRequest(f"the image URL redirected more than {IMAGE_FETCH_REDIRECTS} times")
 
 
+def base64_media(source: str, what: str) -> bytes:
+    """The bytes of a media entry sent as base64: raw, or a data: URI; BadRequest naming `what` (image, audio)."""
+    header, comma, payload = source.partition(",") if source.startswith("data:") else ("", "", source)
+    if source.startswith("data:") and (not comma or not header.endswith(";base64")):
+        raise BadRequest(f"invalid {what} input: a data: URI must be base64 (data:<media type>;base64,...)")
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except ValueError:
+        raise BadRequest(f"invalid {what} input: the {what} is not valid base64") from None
+
+
 def picture_of(source: str, settings: Settings, fetch: Callable[[str], bytes] = fetch_image) -> Picture:
     """One image as a client sent it (raw base64, a data: URI, or an http(s) URL when FETCH_IMAGE_URLS=1)
     as a Picture; BadRequest that says what to send instead. Blocking: run it off the event loop."""
@@ -1684,13 +1695,7 @@ def picture_of(source: str, settings: Settings, fetch: Callable[[str], bytes] = 
                              "data:image/png;base64,... URI), or have the operator set FETCH_IMAGE_URLS=1")
         data = fetch(source)
     else:
-        header, comma, payload = source.partition(",") if source.startswith("data:") else ("", "", source)
-        if source.startswith("data:") and (not comma or not header.endswith(";base64")):
-            raise BadRequest("invalid image input: a data: URI must be base64 (data:image/png;base64,...)")
-        try:
-            data = base64.b64decode("".join(payload.split()), validate=True)
-        except ValueError:
-            raise BadRequest("invalid image input: the image is not valid base64") from None
+        data = base64_media(source, "image")
     return Picture(decode_image(data, settings.max_image_pixels), data, hashlib.sha256(data).hexdigest())
 
 
@@ -3029,6 +3034,8 @@ class VllmBackend(Backend):
             raise ValueError("vLLM has no bitsandbytes 8-bit mode; the next backend can load q8")
         quant = {"quantization": "bitsandbytes"} if plan.quantization == "q4" else {}
         s, eager = self.settings, self.settings.vllm_enforce_eager
+        caps = model_capabilities(plan.path)
+        limits = {kind: s.max_prompt_images for kind, cap in (("image", "vision"), ("audio", "audio")) if cap in caps}
         if s.vllm_distributed_executor_backend:  # "ray": the stages and shards span a Ray cluster's nodes
             quant = {**quant, "distributed_executor_backend": s.vllm_distributed_executor_backend}
         return AsyncEngineArgs(
@@ -3040,9 +3047,7 @@ class VllmBackend(Backend):
             # Graph capture pays off on GPUs; on CPU it more than doubles the start (86 s vs 35 s here).
             enforce_eager=plan.device == "cpu" if eager is None else eager, **quant,
             # vLLM's default differs by version (999 for newer Qwen-VL): ours is MAX_PROMPT_IMAGES, said once
-            **({"limit_mm_per_prompt": {k: s.max_prompt_images for k, cap in (("image", "vision"), ("audio", "audio"))
-                                        if cap in model_capabilities(plan.path)}}
-               if {"vision", "audio"} & set(model_capabilities(plan.path)) else {}))
+            **({"limit_mm_per_prompt": limits} if limits else {}))
 
     def load(self, plan: LoadPlan) -> Loaded:
         engine = VllmEngine(self.engine_args(plan))
@@ -3448,12 +3453,13 @@ class LlamaCppBackend(Backend):
         `lora` list those (the others 0); the base's requests the global scales (/lora-adapters)."""
         body = llama_completion_body(prompt.ids, params)
         if loaded.adapters:
-            given = {x["id"]: x["scale"] for x in params.lora or ()}
             if params.lora is not None:
+                given = {x["id"]: x["scale"] for x in params.lora}
                 scales = [given.get(i, 0.0) for i in range(len(loaded.adapters))]
+            elif params.adapter:
+                scales = [float(name == params.adapter) for name in loaded.adapters]
             else:
-                scales = [float(name == params.adapter) for name in loaded.adapters] if params.adapter else \
-                    loaded.engine.lora_scales
+                scales = loaded.engine.lora_scales
             body["lora"] = [{"id": i, "scale": scale} for i, scale in enumerate(scales)]
         if prompt.pictures:
             body["prompt"] = {"prompt_string": prompt.text,
@@ -3766,11 +3772,7 @@ def sound_of(source: str, max_s: float) -> Sound:
     """A sound clip a chat request carries (raw base64 or a data: URI, never a URL) as a Sound."""
     if not isinstance(source, str) or source.startswith(("http://", "https://")):
         raise BadRequest("audio in chat is sent as base64 data (input_audio.data), not as a URL")
-    try:
-        data = base64.b64decode("".join(source.partition(",")[2].split() if source.startswith("data:") else
-                                        source.split()), validate=True)
-    except ValueError:
-        raise BadRequest("invalid audio input: the audio is not valid base64") from None
+    data = base64_media(source, "audio")
     return Sound(decode_audio(data, max_s), data, hashlib.sha256(data).hexdigest())
 
 
