@@ -56,9 +56,14 @@ def plan(app, path: Path, device: str, dtype: str, quantization: str = "no"):
 
 
 def greedy(app, loaded, ids: list[int], n: int = 16, adapter: str | None = None) -> list[int]:
+    return answer(app, loaded, app.Prompt("", list(ids)), n, adapter)
+
+
+def answer(app, loaded, prompt, n: int = 8, adapter: str | None = None) -> list[int]:
+    """The greedy output ids of `prompt` (a media prompt too) on the transformers backend."""
     params = app.GenParams(max_tokens=n, temperature=0.0, adapter=adapter)
     gen = app.DecodeState(loaded.tokenizer, params, lambda _t: None, lambda _n: None)
-    return app.TransformersBackend(app.Settings()).generate(loaded, app.Prompt("", list(ids)), params, gen).output_ids
+    return app.TransformersBackend(app.Settings()).generate(loaded, prompt, params, gen).output_ids
 
 
 def streams(app, loaded, ids: list[int], count: int, n: int = 32) -> float:
@@ -194,10 +199,8 @@ def check_vision(app, device: str) -> dict:
     answers = []
     for color in ("red", "blue"):
         picture = app.picture_of(base64.b64encode(image(color)).decode(), app.Settings())
-        prompt = app.render_prompt(loaded, [{"role": "user", "content": "describe", "images": [picture]}])
-        params = app.GenParams(max_tokens=8, temperature=0.0)
-        gen = app.DecodeState(loaded.tokenizer, params, lambda _t: None, lambda _n: None)
-        answers.append(backend.generate(loaded, prompt, params, gen).output_ids)
+        answers.append(answer(app, loaded, app.render_prompt(loaded, [
+            {"role": "user", "content": "describe", "images": [picture]}])))
     out = {"dtype": loaded.dtype, "batch_engine": loaded.engine is not None, "answers_differ": answers[0] != answers[1]}
     backend.unload(loaded)
     assert out["answers_differ"], out
@@ -214,10 +217,8 @@ def check_audio(app, device: str) -> dict:
     for hz in (200, 1800):
         samples = (0.4 * np.sin(2 * np.pi * hz * np.arange(32000) / 16000)).astype(np.float32)
         sound = app.Sound(samples, b"", str(hz))
-        prompt = app.render_prompt(loaded, [{"role": "user", "content": "what", "audio": [sound]}])
-        params = app.GenParams(max_tokens=8, temperature=0.0)
-        gen = app.DecodeState(loaded.tokenizer, params, lambda _t: None, lambda _n: None)
-        answers.append(backend.generate(loaded, prompt, params, gen).output_ids)
+        answers.append(answer(app, loaded, app.render_prompt(loaded, [
+            {"role": "user", "content": "what", "audio": [sound]}])))
     out = {"dtype": loaded.dtype, "answers_differ": answers[0] != answers[1]}
     backend.unload(loaded)
     assert out["answers_differ"], out
