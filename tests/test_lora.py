@@ -162,7 +162,8 @@ def test_ollama_create_with_adapters_serves_base_plus_adapter(server, tmp_path):
 
 # --- GGUF: a LoRA of SmolLM2 converted by llama.cpp's convert_lora_to_gguf.py, on the embedded Q4_1 GGUF, served
 # by the real llama-server (--lora-scaled at 0; every request sends every scale)
-GGUF_BASE = "hf.co/test/smol-lora-base:Q4_1"
+PULLED_ADAPTER = "hf.co/ggml-org/LoRA-SmolLM2-135M-Instruct-test-F16-GGUF"
+GGUF_BASE = "hf.co/bartowski/SmolLM2-135M-Instruct-GGUF:Q4_1"  # a re-upload, as most GGUF bases are
 
 
 def llama_text(url: str, body: dict) -> str:
@@ -181,9 +182,14 @@ def test_gguf_adapters_on_llama_server_match_bare_llama_server(hub, start_server
     from gguf_files import smollm2_lora_gguf
     from test_gguf import embedded_gguf
 
-    hub.add_repo("test/smol-lora-base", {"SmolLM2-135M-Instruct-Q4_1.gguf": embedded_gguf().read_bytes()})
+    hub.add_repo("bartowski/SmolLM2-135M-Instruct-GGUF", {"SmolLM2-135M-Instruct-Q4_1.gguf":
+                                                           embedded_gguf().read_bytes()})
     adapter = smollm2_lora_gguf(smollm2_dir, tmp_path, seed=0)
+    # a GGUF adapter repo, as ggml-org publishes them: the file names its HF base (general.base_model.0)
+    hub.add_repo("ggml-org/LoRA-SmolLM2-135M-Instruct-test-F16-GGUF", {adapter.name: adapter.read_bytes()})
     s = start_server(AI_SERVER_BACKENDS="llamacpp", LLAMA_SERVER=str(BINARY), NUM_PARALLEL="2")
+    job = s.wait_job(s.pull(PULLED_ADAPTER)["job_id"])
+    assert job["status"] == "failed" and "no GGUF of it is pulled here" in job["error"], job
     s.pull_ok(GGUF_BASE)
     base_before = llama_text(s.url, {"model": GGUF_BASE})
     client = ollama.Client(host=s.url)
@@ -214,3 +220,8 @@ def test_gguf_adapters_on_llama_server_match_bare_llama_server(hub, start_server
         assert [set(a) for a in httpx.get(f"{bare.url}/lora-adapters").json()] == [set(a) for a in listed]
     finally:
         bare.stop()
+    # the same adapter pulled from the hub: matched to the GGUF base here (its repo's stem), served by name
+    s.pull_ok(PULLED_ADAPTER)
+    assert client.show(PULLED_ADAPTER).details.parent_model == GGUF_BASE.removeprefix("hf.co/")
+    assert llama_text(s.url, {"model": PULLED_ADAPTER}) == ours
+    assert len(s.client.get("/lora-adapters", params={"model": GGUF_BASE}).json()) == 2

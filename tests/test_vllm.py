@@ -137,3 +137,55 @@ def test_vllm_sees_images(start_server, hub):
     assert server.model("tiny/llava-vllm")["backend"] == "vllm"
     assert red["message"]["content"] != blue["message"]["content"]
     assert red["prompt_eval_count"] == none["prompt_eval_count"] + 3  # 4 image tokens for the one placeholder
+
+
+def test_vllm_serves_lora_adapters_by_name(start_server, smollm2_home, smollm2_dir, hub, tmp_path):
+    """enable_lora with the base's adapters: the adapter's name as `model`, as vLLM serves them, rows of the base
+    and of the adapter in the same batches; greedy ids equal PEFT's merged model's. An adapter above vLLM's rank
+    limit is a 400 that says what to do."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt, lora = "Once upon a time", tmp_path / "lora"
+    torch.manual_seed(0)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32), LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(lora)
+    config = {**json.loads((lora / "adapter_config.json").read_text()),
+              "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    files = {"adapter_model.safetensors": (lora / "adapter_model.safetensors").read_bytes(),
+             "adapter_config.json": json.dumps(config).encode()}
+    hub.add_repo("test/smol-lora-vllm", files)
+    hub.add_repo("test/smol-lora-huge", {**files, "adapter_config.json": json.dumps({**config, "r": 1024}).encode()})
+    ids = AutoTokenizer.from_pretrained(smollm2_dir)(prompt)["input_ids"]  # as /completion tokenizes it
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32),
+                                       lora).merge_and_unload().eval()
+    out = merged.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=8, do_sample=False)
+    reference = out[0, len(ids):].tolist()
+
+    server = start_server(home=copy_home(smollm2_home, tmp_path / "home"), AI_SERVER_BACKENDS="vllm", DTYPE="fp32",
+                          VLLM_CPU_KVCACHE_SPACE="1", VLLM_MAX_MODEL_LEN="512")
+
+    def tokens(model: str) -> list[int]:
+        r = server.client.post("/completion", json={"model": model, "prompt": prompt, "n_predict": 8,
+                                                     "temperature": 0, "return_tokens": True})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    base = tokens("smollm2:135m")  # loaded without adapters; the pull below reloads it with enable_lora
+    server.pull_ok("test/smol-lora-vllm")
+    with ThreadPoolExecutor(8) as pool:
+        runs = list(pool.map(tokens, ["smollm2:135m", "test/smol-lora-vllm"] * 4))
+    assert runs == [base, reference] * 4 and reference != base
+    assert server.model("smollm2:135m")["backend"] == "vllm"
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    text = client.completions.create(model="test/smol-lora-vllm", prompt=prompt, max_tokens=8, temperature=0)
+    assert text.choices[0].text == AutoTokenizer.from_pretrained(smollm2_dir).decode(reference)
+    server.pull_ok("test/smol-lora-huge")
+    r = server.client.post("/v1/completions", json={"model": "test/smol-lora-huge", "prompt": prompt})
+    assert r.status_code == 400 and "rank 1024, above vLLM's limit of 512" in r.json()["error"]["message"], r.text
