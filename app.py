@@ -38,6 +38,8 @@ Environment (one place for each default: `Settings` below; only these names conf
 |                            | pipeline                   | those that load its format: hf or gguf)   |
 | LLAMA_SERVER               | PATH, then the build folder| llama-server binary (llamacpp backend)    |
 | LLAMA_GPU_LAYERS           | auto                       | llama-server -ngl: all on CUDA, 0 on CPU  |
+| CONVERT_HF_TO_GGUF         | auto                       | HF text models on llama-server, converted |
+|                            |                            | once: auto on CPU, 1 always, 0 never      |
 | AI_SERVER_DEVICE           | auto                       | auto, cpu or cuda                         |
 | DTYPE                      | auto                       | auto: bf16 on CPUs with native bf16, else |
 |                            |                            | fp32; the checkpoint's on GPUs            |
@@ -329,6 +331,7 @@ class Settings(BaseSettings):
     context_length: int = Field(4096, ge=16, validation_alias=AliasChoices("CONTEXT_LENGTH", "OLLAMA_CONTEXT_LENGTH"))
     llama_server: str = Field("", validation_alias="LLAMA_SERVER")  # "": PATH, then the build script's folder
     llama_gpu_layers: str = Field("auto", pattern=r"^(auto|all|\d+)$", validation_alias="LLAMA_GPU_LAYERS")
+    convert_hf_to_gguf: str = Field("auto", pattern=r"^(auto|0|1)$", validation_alias="CONVERT_HF_TO_GGUF")
     vllm_max_model_len: int | None = Field(None, ge=16, validation_alias="VLLM_MAX_MODEL_LEN")
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, validation_alias="VLLM_GPU_MEMORY_UTILIZATION")
     vllm_enforce_eager: bool | None = Field(None, validation_alias="VLLM_ENFORCE_EAGER")  # None: eager on CPU
@@ -1581,10 +1584,19 @@ def choose_quantization(requested: str, size_bytes: int, threshold_bytes: int, b
     return "q4" if bnb_usable and size_bytes >= threshold_bytes else "no"
 
 
+def converted_gguf(settings: Settings, folder: str) -> Path:
+    """Where an HF model's GGUF conversion is kept (8c): named by the folder's content, so a re-pull of other
+    weights is converted anew."""
+    return settings.home / "gguf" / f"{content_digest(folder, '')[:16]}.gguf"
+
+
 def delete_model_files(rec: ModelRecord, settings: Settings, repo_shared: bool = False) -> None:
     """Remove a model's files, but only inside the folders this server owns or pulls into, and never
-    files another registered name of the same repo (`repo_shared`) may use."""
+    files another registered name of the same repo (`repo_shared`) may use; its GGUF conversion goes too."""
     path = Path(rec.path).resolve()
+    if not is_gguf_path(rec.path) and not repo_shared:
+        for made in converted_gguf(settings, rec.path).parent.glob(f"{converted_gguf(settings, rec.path).stem}.*"):
+            made.unlink(missing_ok=True)
     repo = settings.hf_cache.resolve() / repo_folder_name(repo_id=rec.repo_id, repo_type="model") \
         if rec.source == "hub" else path  # created and embedded models' names need not be repo ids
     if rec.source == "hub" and is_gguf_path(rec.path):  # other quants of the repo share its folder
@@ -2191,6 +2203,10 @@ class Backend:
 
     def probe(self) -> str | None:
         return probe_import(self.module)
+
+    def accepts(self, plan: LoadPlan) -> bool:
+        """Whether the loader tries it for this model: its format is one of `formats`."""
+        return model_format(plan.path) in self.formats
 
     def load(self, plan: LoadPlan) -> Loaded:
         raise NotImplementedError
@@ -3223,6 +3239,44 @@ def die_with_parent() -> None:
         PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+GGUF_CONVERT_S = 3600.0  # the longest an HF model's conversion may take (it reads and writes every weight once)
+
+
+def gguf_converter(binary: Path) -> Path | None:
+    """llama.cpp's convert_hf_to_gguf.py, which scripts/build-llama-server.sh puts beside the binary (bin/../convert),
+    from the same pinned sources."""
+    script = binary.resolve().parent.parent / "convert" / "convert_hf_to_gguf.py"
+    return script if script.is_file() else None
+
+
+def convert_hf_to_gguf(converter: Path, folder: str, out: Path) -> tuple[Path, str]:
+    """`folder` (an HF text model) as a GGUF file at its own precision (--outtype auto: bf16 stays bf16, so the
+    answers stay the model's), made by llama.cpp's converter in a child process once and kept at `out` (named by the
+    files' content); a failure is kept too (`out`.failed: its reason), so a model is tried once. Returns the file and
+    what it cost, for the log and /status. RuntimeError with the converter's last lines when it fails."""
+    failed = out.with_suffix(".failed")
+    if out.is_file():
+        return out, f"converted before, {out.stat().st_size / 2**20:.0f} MiB"
+    if failed.is_file():
+        raise RuntimeError(f"llama.cpp's converter failed on it before: {failed.read_text()[-300:]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial, start = out.with_suffix(f".{os.getpid()}.partial"), time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, str(converter), folder, "--outtype", "auto", "--outfile", str(partial)],
+                              capture_output=True, text=True, errors="replace", timeout=GGUF_CONVERT_S,
+                              env={**os.environ, "PYTHONPATH": str(converter.parent / "gguf-py")})
+    except subprocess.TimeoutExpired:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"llama.cpp's converter ran past {GGUF_CONVERT_S:.0f} s") from None
+    if proc.returncode != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and "Writing:" not in ln]
+        failed.write_text(" | ".join(lines[-3:]) or f"exit {proc.returncode}")
+        raise RuntimeError(f"llama.cpp's converter failed (exit {proc.returncode}): {failed.read_text()[-300:]}")
+    partial.rename(out)
+    return out, f"converted in {time.monotonic() - start:.1f} s, {out.stat().st_size / 2**20:.0f} MiB"
+
+
 def loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -3484,7 +3538,7 @@ class LlamaCppBackend(Backend):
     runs GGUF models); ai-server stays the control plane: names, LRU, scheduler, every API."""
 
     name = "llamacpp"
-    formats = ("gguf",)
+    formats = ("gguf", "hf")  # an HF text model converted to GGUF once (accepts: CONVERT_HF_TO_GGUF)
     adapters_at_start = True  # llama-server's --lora
 
     def __init__(self, settings: Settings | None = None):
@@ -3503,15 +3557,39 @@ class LlamaCppBackend(Backend):
         return None
 
     def public(self) -> dict[str, Any]:
-        return {"path": str(self.binary) if self.binary else None, "version": self.version}
+        return {"path": str(self.binary) if self.binary else None, "version": self.version,
+                "converter": str(gguf_converter(self.binary)) if self.binary and gguf_converter(self.binary) else None}
+
+    def accepts(self, plan: LoadPlan) -> bool:
+        """GGUF files, and HF text models where it runs them converted (CONVERT_HF_TO_GGUF: auto, on the CPU,
+        where llama.cpp's kernels were measured ~3x faster for one stream than PyTorch's; 1 everywhere): in their
+        own precision (bitsandbytes' q4 and q8 are transformers'), with no PEFT adapters, and only when the
+        converter is beside the binary. What they cannot do goes on to the next backend."""
+        fmt, mode = model_format(plan.path), self.settings.convert_hf_to_gguf
+        if fmt != "hf":
+            return fmt == "gguf"
+        caps = model_capabilities(plan.path)
+        return ((mode == "1" or (mode == "auto" and plan.device == "cpu")) and plan.quantization == "no"
+                and caps[0] == "completion" and not {"vision", "audio"} & set(caps) and not plan.adapters
+                and self.binary is not None and gguf_converter(self.binary) is not None)
 
     def load(self, plan: LoadPlan) -> Loaded:
         if self.binary is None:
             raise RuntimeError(self.probe() or "llama-server not probed")
+        source, converted = plan, ""
+        if model_format(plan.path) == "hf":  # converted once, then served as any GGUF (a failure: the next backend)
+            gguf, converted = convert_hf_to_gguf(gguf_converter(self.binary), plan.path,
+                                                 converted_gguf(self.settings, plan.path))
+            log.info("model %s: HF weights as GGUF %s (%s)", plan.name, gguf.name, converted)
+            plan = dataclasses.replace(plan, path=str(gguf))
         meta = gguf_metadata(plan.path)
         trained = gguf_context_length(meta)
         ctx = min(self.settings.context_length, trained) if trained else self.settings.context_length
-        tokenizer = gguf_tokenizer(plan.path)  # ours: prompts are rendered and counted here, sent as token ids
+        # ours: prompts are rendered and counted here, sent as token ids (a converted model's: its own, the same ids)
+        from transformers import AutoTokenizer
+
+        tokenizer = gguf_tokenizer(plan.path) if source is plan else AutoTokenizer.from_pretrained(
+            source.path, local_files_only=True, trust_remote_code=plan.trust_remote_code)
         projector = gguf_projector(plan.path)
         launch = LlamaLaunch(self.binary, plan.path, self.settings.num_parallel, ctx,
                              llama_gpu_layers(self.settings.llama_gpu_layers, plan.device),
@@ -3521,9 +3599,10 @@ class LlamaCppBackend(Backend):
         server.ensure_running()
         quant = meta["file_type_name"]
         seeing = f", vision projector {projector.name}" if projector else ""
-        return Loaded(server, tokenizer, dtype=quant, quantized=quant, device=plan.device,
+        made = f"HF weights converted to GGUF {quant} ({converted})" if converted else f"GGUF {quant}"
+        return Loaded(server, tokenizer, dtype=quant, quantized=quant if not converted else None, device=plan.device,
                       memory_bytes=server.memory_bytes(), max_positions=ctx, vocab_size=len(tokenizer), engine=server,
-                      note=f"GGUF {quant} served by llama-server {self.version}{seeing}",
+                      note=f"{made} served by llama-server {self.version}{seeing}",
                       media_marker=launch.marker if projector else None,
                       adapters={name: Path(path).stat().st_size for name, path in plan.adapters})
 
@@ -4479,7 +4558,7 @@ class ModelCache:
         plan = LoadPlan(rec.name, rec.path, rec.quantization, trust, device,
                         choose_dtype(rec.quantization, self.settings.dtype, device), tuple(sorted(adapters)))
         fmt, kind = model_format(rec.path), model_capabilities(rec.path)[0]
-        backends = [b for b in self.special_backends.get(kind, self.backends) if fmt in b.formats]
+        backends = [b for b in self.special_backends.get(kind, self.backends) if b.accepts(plan)]
         attempts: list[dict[str, str]] = [] if backends else [
             {"backend": "-", "error": f"no backend in AI_SERVER_BACKENDS loads {fmt} models "
                                       f"(llamacpp or transformers load GGUF files)"}]

@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}; ROUNDS=${ROUNDS:-2}; LEVELS=${LEVELS:-1,4,16}; MAX_TOKENS=${MAX_TOKENS:-128}
-PHASES=${PHASES:-throughput,llamacpp,chat,bare,vllm,scaleout}; LLAMA_VENV=${LLAMA_VENV:-}
+PHASES=${PHASES:-throughput,llamacpp,hf-gguf,chat,bare,vllm,scaleout}; LLAMA_VENV=${LLAMA_VENV:-}
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=2
 mkdir -p "$OUT/logs"
 HOME_DIR=$(realpath "$OUT")/home
@@ -96,6 +96,14 @@ peer() {  # peer LABEL: start it; TARGET = its bench.py --target
             kill -0 "$PID" 2>/dev/null || { echo "$1 died:"; tail -20 "$OUT/logs/$1.log"; return 1; }; sleep 0.5
           done
           TARGET="$1=http://127.0.0.1:$port,openai,smollm2,$PID" ;;
+    llama-server-hf) # bare, on the GGUF ai-server converted from the HF folder (BF16, the same weights)
+          start "$1" 8112 "$LLAMA_SERVER" -m "$GGUF_HF" --host 127.0.0.1 --port 8112 -np $NP -c $((NP * CTX)) -kvu \
+            --jinja --no-webui --cache-ram 256 -ngl 0
+          until curl -sf "http://127.0.0.1:8112/health" >/dev/null; do sleep 0.5; done
+          TARGET="$1=http://127.0.0.1:8112,openai,smollm2,$PID" ;;
+    ai-server-hf-llamacpp) start ai-hf 8113 ai 8113 AI_SERVER_BACKENDS=llamacpp,transformers CONVERT_HF_TO_GGUF=1
+          curl -sf http://127.0.0.1:8113/api/generate -d '{"model":"smollm2:135m"}' >/dev/null  # load it now
+          TARGET="ai-server-hf-llamacpp=http://127.0.0.1:8113,openai,smollm2:135m,$PID" ;;
     ai-server-llamacpp) start ai-llamacpp 8111 ai 8111 AI_SERVER_BACKENDS=llamacpp DEFAULT_MODEL=smollm2:135m-q4_1
           curl -sf http://127.0.0.1:8111/api/generate -d '{"model":"smollm2:135m-q4_1"}' >/dev/null  # load it now
           TARGET="ai-server-llamacpp=http://127.0.0.1:8111,openai,smollm2:135m-q4_1,$PID" ;;
@@ -150,6 +158,14 @@ if has llamacpp && [ -x "$LLAMA_SERVER" ]; then
     from gguf_files import rewrite_gguf; rewrite_gguf(Path(sys.argv[1]), Path(sys.argv[2]), 'Q8_0')" "$GGUF" "$GGUF_Q8")
   AI_SERVER_HOME=$HOME_DIR EMBED_MODEL="" DEFAULT_MODEL=smollm2:135m-q4_1 .venv/bin/python app.py import-default >/dev/null
   rounds "$OUT/llamacpp" llama-server ai-server-llamacpp llama-server-q8 ai-server
+fi
+
+# 1c. HF weights: ai-server serving the embedded HF model (bf16) converted to GGUF on llama-server (the CPU
+# default), on transformers, and bare llama-server on the converted file.
+if has hf-gguf && [ -x "$LLAMA_SERVER" ]; then
+  peer ai-server-hf-llamacpp; stop  # converts once, into $HOME_DIR/gguf
+  GGUF_HF=$(ls "$HOME_DIR"/gguf/*.gguf | head -1)
+  rounds "$OUT/hf-gguf" llama-server-hf ai-server-hf-llamacpp ai-server
 fi
 
 # 2. Prefix reuse: a 6-turn chat with and without the prefix cache (both servers up; 32-token replies).

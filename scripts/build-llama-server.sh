@@ -6,8 +6,9 @@
 #   scripts/build-llama-server.sh --path     print where the binary is (or would be), build nothing
 #   LLAMA_SRC=dir-or.tar.xz scripts/build-llama-server.sh   build from sources at hand, no download (offline;
 #       scripts/gpu_wheelhouse.sh packs llama.cpp-src.tar.xz for the GPU machine)
-# Where: $LLAMA_BUILD_DIR, default ~/.cache/ai-server/llama-server-<pin>[-cuda]. Point LLAMA_SERVER at the
-# binary (app.py and the tests also look in the default folder on their own).
+# Where: $LLAMA_BUILD_DIR, default ~/.cache/ai-server/llama-server-<pin>[-cuda]: bin/llama-server, and convert/
+# (llama.cpp's convert_hf_to_gguf.py). Point LLAMA_SERVER at the binary (app.py and the tests also look in the
+# default folder on their own).
 set -euo pipefail
 PIN=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 PY=${PYTHON:-python3}
@@ -21,19 +22,30 @@ dest=${LLAMA_BUILD_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ai-server/llama-server-$
 bin="$dest/bin/llama-server"
 if [ "${1:-}" = "--path" ]; then echo "$bin"; exit 0; fi
 
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+sources() {
+  if [ -n "${LLAMA_SRC:-}" ]; then  # the sources at hand: a llama.cpp folder, or a .tar.xz holding llama.cpp/ (offline)
+    if [ -d "$LLAMA_SRC" ]; then src=$LLAMA_SRC; else tar -xJf "$LLAMA_SRC" -C "$work"; src="$work/llama.cpp"; fi
+  else
+    echo "llama-server: downloading the llama-cpp-python==$PIN sdist"
+    "$PY" -m pip download -q --no-binary :all: --no-deps -d "$work" "llama-cpp-python==$PIN"
+    tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
+    src=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
+  fi
+}
+# llama.cpp's HF-to-GGUF converter (a script, its conversion/ package and gguf-py) beside the binary, in
+# $dest/convert: app.py converts HF models with it (CONVERT_HF_TO_GGUF). Added to a cached build too.
+converter() {
+  rm -rf "$dest/convert.partial"; mkdir -p "$dest/convert.partial"
+  cp -r "$src/convert_hf_to_gguf.py" "$src/conversion" "$src/gguf-py" "$dest/convert.partial/"
+  rm -rf "$dest/convert"; mv "$dest/convert.partial" "$dest/convert"
+}
+
 if [ -x "$bin" ] && "$bin" --version >/dev/null 2>&1; then
+  [ -f "$dest/convert/convert_hf_to_gguf.py" ] || { sources; converter; }
   echo "llama-server: reusing $bin"; echo "$bin"; exit 0
 fi
-
-work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-if [ -n "${LLAMA_SRC:-}" ]; then  # the sources at hand: a llama.cpp folder, or a .tar.xz holding llama.cpp/ (offline)
-  if [ -d "$LLAMA_SRC" ]; then src=$LLAMA_SRC; else tar -xJf "$LLAMA_SRC" -C "$work"; src="$work/llama.cpp"; fi
-else
-  echo "llama-server: downloading the llama-cpp-python==$PIN sdist"
-  "$PY" -m pip download -q --no-binary :all: --no-deps -d "$work" "llama-cpp-python==$PIN"
-  tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
-  src=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
-fi
+sources
 
 flags=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF
        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF)
@@ -52,5 +64,6 @@ cmake --build "$work/build" --target llama-server -j"$(nproc)" >"$work/build.log
 mkdir -p "$dest/bin.partial"
 cp "$work/build/bin/llama-server" "$dest/bin.partial/"
 rm -rf "$dest/bin"; mv "$dest/bin.partial" "$dest/bin"   # a half-copied folder is never taken for a build
+converter
 "$bin" --version 2>&1 | head -2 || true
 echo "$bin"

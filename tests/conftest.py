@@ -80,7 +80,10 @@ class ServerProcess:
         self.env = {**os.environ, "AI_SERVER_HOME": str(home), "HF_HUB_CACHE": str(home / "hf-cache"),
                     "HF_ENDPOINT": hub_url, "HF_HUB_DISABLE_XET": "1", "AI_SERVER_PORT": str(self.port),
                     "DEFAULT_MODEL": "", "EMBED_MODEL": "", "STT_MODEL": "", "TTS_MODEL": "",
-                    "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **env}
+                    "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2",
+                    # the engine a test names, or transformers for HF models: the tests that convert them to GGUF
+                    # for llama-server say so (tests/test_gguf_convert.py)
+                    "CONVERT_HF_TO_GGUF": "0", **env}
         self.proc: subprocess.Popen | None = None
         self.client = httpx.Client(base_url=self.url, timeout=300)
 

@@ -119,16 +119,26 @@ def test_llama_cpp_lora_adapters_and_per_request_lora(server):
     assert r.status_code == 400 and "global scales are llama-server's" in r.json()["error"]["message"]
 
 
-def test_adapters_add_their_size_not_the_base(server):
-    complete(server, "tiny/lora-one")
-    complete(server, "tiny/lora-two")
+def test_adapters_add_their_size_not_the_base(server, hub):
+    hub.add_repo("tiny/lora-three", adapter_files(15))
+    server.pull_ok("tiny/lora-three")
+    three = [*ADAPTERS, "tiny/lora-three"]
+
+    def memory() -> int:
+        return next(m for m in server.client.get("/status").json()["cache"] if m["name"].startswith(BASE))[
+            "memory_bytes"]
+
+    server.client.post("/api/generate", json={"model": BASE, "keep_alive": 0})  # unloaded: then the base alone
+    complete(server, BASE)
+    alone = memory()
+    for name in three:
+        complete(server, name)
     ps = server.client.get("/api/ps").json()["models"]
     assert [m["name"] for m in ps] == [f"{BASE}:latest"]  # one copy of the base: the adapters live in it
     sizes = {m["name"]: m["size"] for m in server.client.get("/api/tags").json()["models"]}
-    adapters = sum(sizes[f"{n}:latest"] for n in ADAPTERS)
+    adapters = sum(sizes[f"{n}:latest"] for n in three)
     assert adapters < sizes[f"{BASE}:latest"] / 4
-    memory = next(m for m in server.client.get("/status").json()["cache"] if m["name"].startswith(BASE))["memory_bytes"]
-    assert memory >= adapters
+    assert memory() == alone + adapters
 
 
 def test_an_adapter_needs_its_base_pulled_first(server, hub):
