@@ -40,6 +40,8 @@ Environment (one place for each default: `Settings` below; only these names conf
 | LLAMA_GPU_LAYERS           | auto                       | llama-server -ngl: all on CUDA, 0 on CPU  |
 | CONVERT_HF_TO_GGUF         | auto                       | HF text models on llama-server, converted |
 |                            |                            | once: auto on CPU, 1 always, 0 never      |
+| LLAMA_SPEC_TYPE            | unset (off)                | llama-server --spec-type: speculative     |
+|                            |                            | decoding, e.g. ngram-map-k                |
 | AI_SERVER_DEVICE           | auto                       | auto, cpu or cuda                         |
 | DTYPE                      | auto                       | auto: bf16 on CPUs with native bf16, else |
 |                            |                            | fp32; the checkpoint's on GPUs            |
@@ -332,6 +334,8 @@ class Settings(BaseSettings):
     llama_server: str = Field("", validation_alias="LLAMA_SERVER")  # "": PATH, then the build script's folder
     llama_gpu_layers: str = Field("auto", pattern=r"^(auto|all|\d+)$", validation_alias="LLAMA_GPU_LAYERS")
     convert_hf_to_gguf: str = Field("auto", pattern=r"^(auto|0|1)$", validation_alias="CONVERT_HF_TO_GGUF")
+    llama_spec_type: str = Field("", pattern=r"^(ngram-[a-z0-9-]+(,ngram-[a-z0-9-]+)*)?$",
+                                 validation_alias="LLAMA_SPEC_TYPE")  # draft tokens from the context's n-grams
     vllm_max_model_len: int | None = Field(None, ge=16, validation_alias="VLLM_MAX_MODEL_LEN")
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, validation_alias="VLLM_GPU_MEMORY_UTILIZATION")
     vllm_enforce_eager: bool | None = Field(None, validation_alias="VLLM_ENFORCE_EAGER")  # None: eager on CPU
@@ -717,6 +721,10 @@ class Metrics:
         self.generations = Counter("ai_server_generations", "Generations started", ["model"], registry=r)
         self.generated_tokens = Counter("ai_server_generated_tokens", "Tokens generated", ["model"], registry=r)
         self.prompt_tokens = Counter("ai_server_prompt_tokens", "Prompt tokens evaluated", ["model"], registry=r)
+        self.draft_tokens = Counter("ai_server_draft_tokens", "Speculative decoding: tokens drafted", ["model"],
+                                    registry=r)
+        self.draft_accepted = Counter("ai_server_draft_accepted_tokens", "Speculative decoding: drafted tokens the "
+                                      "model accepted", ["model"], registry=r)
         self.load_seconds = Histogram("ai_server_model_load_seconds", "Model load time", ["model", "backend"],
                                       buckets=latency, registry=r)
         self.load_failures = Counter("ai_server_model_load_failures", "Loads where every backend failed", ["model"],
@@ -1852,6 +1860,7 @@ class DecodeResult:
     stopping_word: str = ""
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     logprobs: list[TokenLogprob] | None = None
+    drafted: tuple[int, int] = (0, 0)  # speculative decoding: (tokens drafted, of them accepted)
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -3194,7 +3203,7 @@ class VllmBackend(Backend):
 # 8c. Backends: llama.cpp's llama-server (GGUF), one process per model
 # ============================================================================
 # Where scripts/build-llama-server.sh builds (keep in step with its PIN and RECIPE), CUDA build first.
-LLAMA_SERVER_BUILDS = ("llama-server-0.3.36-r2-cuda", "llama-server-0.3.36-r2")
+LLAMA_SERVER_BUILDS = ("llama-server-0.3.36-r3-cuda", "llama-server-0.3.36-r3")
 LLAMA_SERVER_START_S = 300.0  # a big model's load (mmap + warmup) on a slow disk
 LLAMA_SERVER_STOP_S = 10.0  # SIGTERM, then this long before SIGKILL
 LLAMA_SERVER_READ_S = 300.0  # silence on a request's stream (a long prefill included) that ends it
@@ -3277,6 +3286,30 @@ def convert_hf_to_gguf(converter: Path, folder: str, out: Path) -> tuple[Path, s
     return out, f"converted in {time.monotonic() - start:.1f} s, {out.stat().st_size / 2**20:.0f} MiB"
 
 
+# llama-quantize's types that need no importance matrix, as Ollama's create names them (any case)
+QUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
+               "Q5_K_S", "Q5_K_M", "Q6_K", "F16", "BF16")
+UNQUANTIZED = ("F32", "F16", "BF16")  # what llama-quantize takes as its source (never a quantized file again)
+
+
+def quantize_gguf(binary: Path, source: Path, out: Path, quant: str, report: Callable[[int, int], None]) -> None:
+    """llama.cpp's llama-quantize: `source` (an F32/F16/BF16 GGUF) as `out` in `quant`, reporting (tensors done,
+    tensors) from its per-tensor lines. RuntimeError with its last lines when it fails; `out` is then gone."""
+    partial = out.with_suffix(".partial")
+    proc = subprocess.Popen([str(binary), str(source), str(partial), quant], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            preexec_fn=die_with_parent)
+    tail: collections.deque[str] = collections.deque(maxlen=4)
+    for line in proc.stdout:
+        tail.append(line.strip())
+        if match := re.match(r"\[\s*(\d+)/\s*(\d+)\]", line.strip()):
+            report(int(match.group(1)), int(match.group(2)))
+    if proc.wait() != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"llama-quantize failed (exit {proc.returncode}): {' | '.join(tail)}")
+    partial.rename(out)
+
+
 def loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -3298,6 +3331,7 @@ class LlamaLaunch:
     cache_mib: int
     mmproj: str | None = None
     loras: tuple[str, ...] = ()  # LoRA adapters (.gguf), loaded at scale 0: every request sends all their scales
+    spec_type: str = ""  # --spec-type (LLAMA_SPEC_TYPE): n-gram speculative decoding; "" none
     marker: str = dataclasses.field(default_factory=lambda: f"<__media_{secrets.token_hex(8)}__>")
 
     def args(self, port: int) -> list[str]:
@@ -3305,6 +3339,7 @@ class LlamaLaunch:
                 "-np", str(self.slots), "-c", str(self.slots * self.ctx), "-kvu", "--jinja", "--no-webui",
                 "-ngl", self.gpu_layers, "--cache-ram", str(self.cache_mib), "--log-colors", "off",
                 *(["--mmproj", self.mmproj] if self.mmproj else []),
+                *(["--spec-type", self.spec_type] if self.spec_type else []),
                 # --lora-init-without-apply leaves this build's global scales at 1: each adapter at 0 instead
                 *(["--lora-scaled", ",".join(f"{lora}:0" for lora in self.loras)] if self.loras else [])]
 
@@ -3513,9 +3548,12 @@ def llama_completion_body(ids: list[int], params: GenParams) -> dict[str, Any]:
     # A seeded request re-reads its whole prompt: llama.cpp's logits for a cached prefix differ with the
     # batch size they are computed in, so with prompt reuse the same seed would give another reply.
     cache_prompt = params.cache_prompt and params.seed is None
+    # Greedy: top-1 is the token temperature 0 picks, and spares llama-server's sampler a pass over the whole
+    # vocabulary for each row of each step (not with n_probs: those come from the candidates the chain keeps).
+    greedy = params.temperature <= 0 and not params.top_logprobs
     body = {"prompt": ids, "stream": True, "return_tokens": True, "cache_prompt": cache_prompt,
             "n_predict": -1 if params.max_tokens is None else params.max_tokens, "temperature": params.temperature,
-            "top_k": params.top_k or 0, "top_p": 1.0 if params.top_p is None else params.top_p,
+            "top_k": 1 if greedy else params.top_k or 0, "top_p": 1.0 if params.top_p is None else params.top_p,
             "min_p": params.min_p or 0.0, "typical_p": 1.0 if params.typical_p is None else params.typical_p,
             "repeat_penalty": params.repeat_penalty, "repeat_last_n": params.repeat_last_n,
             "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
@@ -3594,7 +3632,7 @@ class LlamaCppBackend(Backend):
         launch = LlamaLaunch(self.binary, plan.path, self.settings.num_parallel, ctx,
                              llama_gpu_layers(self.settings.llama_gpu_layers, plan.device),
                              max(0, self.settings.prefix_cache_bytes // 2**20), str(projector) if projector else None,
-                             tuple(path for _, path in plan.adapters))
+                             tuple(path for _, path in plan.adapters), self.settings.llama_spec_type)
         server = LlamaServer(plan.name, launch)
         server.ensure_running()
         quant = meta["file_type_name"]
@@ -3628,6 +3666,8 @@ class LlamaCppBackend(Backend):
         result = gen.finish(len(prompt.ids), params.max_tokens, {loaded.tokenizer.eos_token_id})
         if prompt.pictures and final.get("tokens_evaluated"):
             result.prompt_tokens = final["tokens_evaluated"]  # an image's tokens are counted by llama-server alone
+        timings = final.get("timings") or {}
+        result.drafted = (int(timings.get("draft_n") or 0), int(timings.get("draft_n_accepted") or 0))
         if result.stop_type != "word" and final.get("stop_type") in ("eos", "limit"):
             result.stop_type = final["stop_type"]
             result.done_reason = "length" if final["stop_type"] == "limit" else "stop"
@@ -5192,6 +5232,9 @@ class GenerationRun:
             prompt, params, result = self._result(future)
             metrics.prompt_tokens.labels(self.rec.name).inc(result.prompt_tokens)
             metrics.generated_tokens.labels(self.rec.name).inc(result.output_tokens)
+            if result.drafted[0]:
+                metrics.draft_tokens.labels(self.rec.name).inc(result.drafted[0])
+                metrics.draft_accepted.labels(self.rec.name).inc(result.drafted[1])
             yield Finished(prompt, result, load_ns, time.perf_counter_ns() - start, params, self.params.max_tokens)
         finally:
             gen.cancel.set()
@@ -6936,9 +6979,6 @@ def create_model(state: AppState, body: CreateBody) -> list[str]:
     name = body.model or body.name
     if not name:
         raise BadRequest("invalid model name: give `model`")
-    if body.quantize:
-        raise BadRequest("quantize is not supported by /api/create here: pull with "
-                         '{"quantize": "q4"} (bitsandbytes) or a GGUF quant tag instead')
     if (taken := find_model(state, name)) is not None and taken.source != "created" and taken.preset == "{}":
         raise Conflict(f"model '{display_name(taken.name)}' already exists and was not made by /api/create: "
                        "delete it first, or create another name")
@@ -6977,6 +7017,86 @@ def create_model(state: AppState, body: CreateBody) -> list[str]:
     replace_created(state, taken, rec)
     log.info("model %s: created from %d uploaded files", name, len(blobs))
     return [*statuses, "writing manifest"]
+
+
+@dataclasses.dataclass
+class QuantizePlan:
+    """What a create with `quantize` makes: `name` from the model `base`, its `source` GGUF (or None: the
+    base's HF weights, converted first) in `quant`, by `binary` (llama-quantize)."""
+
+    name: str
+    taken: ModelRecord | None
+    base: ModelRecord
+    quant: str
+    binary: Path
+    source: Path | None
+
+
+def plan_quantize(state: AppState, body: CreateBody) -> QuantizePlan:
+    """Ollama's create with `quantize`, checked before any work: a quant llama-quantize makes without an importance
+    matrix, `from` an unquantized GGUF (F32, F16, BF16) or a transformers text model llama.cpp's converter takes,
+    and llama-quantize beside llama-server. BadRequest saying what to change otherwise."""
+    name = body.model or body.name
+    if not name:
+        raise BadRequest("invalid model name: give `model`")
+    quant = next((q for q in QUANT_TYPES if q.lower() == (body.quantize or "").lower()), None)
+    if quant is None:
+        raise BadRequest(f"unsupported quantization type {body.quantize!r}: use one of {', '.join(QUANT_TYPES)}")
+    if not body.from_ or body.files or body.adapters:
+        raise BadRequest("quantize needs `from`: an existing model (create one from uploaded files first)")
+    if (taken := find_model(state, name)) is not None and taken.source != "created" and taken.preset == "{}":
+        raise Conflict(f"model '{display_name(taken.name)}' already exists and was not made by /api/create: "
+                       "delete it first, or create another name")
+    base = require_model(state, body.from_, f'model "{body.from_}" not found, try pulling it first')
+    if is_gguf_path(base.path):
+        if (have := gguf_metadata(base.path)["file_type_name"]) not in UNQUANTIZED:
+            raise BadRequest(f"'{display_name(base.name)}' is already quantized ({have}): quantize from an F16, BF16 "
+                             "or F32 GGUF, or from the model's transformers weights")
+        source: Path | None = Path(base.path)
+    elif model_format(base.path) == "hf" and model_capabilities(base.path)[0] == "completion":
+        source = None
+    else:
+        raise BadRequest(f"'{display_name(base.name)}' is not a text model llama.cpp runs: quantize a GGUF or a "
+                         "transformers text model")
+    binary = find_llama_server(state.settings.llama_server)
+    quantize = binary.resolve().parent / "llama-quantize" if binary else None
+    if quantize is None or not quantize.is_file() or (source is None and gguf_converter(binary) is None):
+        raise BadRequest("quantize needs llama.cpp's llama-quantize and converter beside llama-server: build them "
+                         "with scripts/setup.sh --llama")
+    return QuantizePlan(name, taken, base, quant, quantize, source)
+
+
+def create_quantized(state: AppState, body: CreateBody, plan: QuantizePlan, report: Callable[[str], None]) -> None:
+    """Makes and registers the quantized model, reporting Ollama's progress lines (NDJSON) as it goes: the base's HF
+    weights converted to GGUF first when it has no GGUF, then llama-quantize, tensor by tensor."""
+    source = plan.source
+    if source is None:
+        report(compact_json({"status": "converting model to GGUF"}))
+        source, how = convert_hf_to_gguf(gguf_converter(find_llama_server(state.settings.llama_server)),
+                                         plan.base.path, converted_gguf(state.settings, plan.base.path))
+        log.info("model %s: HF weights as GGUF %s (%s)", plan.base.name, source.name, how)
+    have = gguf_metadata(str(source))["file_type_name"]
+    status = f"quantizing {have} model to {plan.quant}"
+    report(compact_json({"status": status}))
+    folder = created_folder(state, plan.name)
+    folder.mkdir(parents=True)
+    out = folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', plan.name.rsplit('/', 1)[-1])}-{plan.quant}.gguf"
+    start = time.monotonic()
+    try:
+        quantize_gguf(plan.binary, source, out, plan.quant, lambda done, total: report(compact_json(
+            {"status": status, "digest": "0000000000000000000", "total": total, "completed": done})))
+    except RuntimeError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ServerError(str(exc)) from None
+    meta = gguf_metadata(str(out))
+    log.info("model %s: quantized %s -> %s in %.1f s (%d -> %d bytes)", plan.name, have, plan.quant,
+             time.monotonic() - start, source.stat().st_size, out.stat().st_size)
+    preset = {**preset_of(body, model_preset(plan.base)), "from": display_name(plan.base.name)}
+    rec = ModelRecord(plan.name, plan.name, "local", content_digest(str(folder), ""), str(out), out.stat().st_size,
+                      meta["file_type_name"], meta.get("general.architecture"), False, "created", utc_now_iso(),
+                      compact_json(preset))
+    replace_created(state, plan.taken, rec)
+    report(compact_json({"status": "writing manifest"}))
 
 
 def uploaded_blobs(state: AppState, files: dict[str, str]) -> tuple[dict[str, Path], list[str]]:
@@ -7252,11 +7372,36 @@ async def api_embeddings(body: OllamaLegacyEmbedBody, request: Request) -> dict[
 
 @ollama_api.post("/api/create", openapi_extra=BY_MODEL)
 async def api_create(body: CreateBody, request: Request) -> Any:
+    if body.quantize:  # long work: checked first (errors are HTTP errors), then its progress streams
+        return await quantize_response(state_of(request), body)
     statuses = await asyncio.to_thread(create_model, state_of(request), body)
     if not body.stream:
         return {"status": "success"}
     return StreamingResponse(aiter_of(*(compact_json({"status": s}) + "\n" for s in [*statuses, "success"])),
                              media_type="application/x-ndjson")
+
+
+async def quantize_response(state: AppState, body: CreateBody) -> Any:
+    plan = await asyncio.to_thread(plan_quantize, state, body)
+    loop, lines = asyncio.get_running_loop(), asyncio.Queue()
+    work = asyncio.ensure_future(run_in_daemon_thread(
+        create_quantized, state, body, plan, lambda line: loop.call_soon_threadsafe(lines.put_nowait, line + "\n")))
+    if not body.stream:
+        await work
+        return {"status": "success"}
+
+    async def progress():
+        while not (work.done() and lines.empty()):
+            getter = asyncio.ensure_future(lines.get())
+            await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+        await work  # its error, if any, becomes the stream's error line
+        yield compact_json({"status": "success"}) + "\n"
+
+    return stream_response(progress(), OLLAMA)
 
 
 @ollama_api.head("/api/blobs/{digest}", openapi_extra=BY_MODEL)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's `llama-server` from the llama.cpp sources vendored in a pinned llama-cpp-python sdist,
+# Builds llama.cpp's `llama-server` and `llama-quantize` from the llama.cpp sources vendored in a pinned llama-cpp-python sdist,
 # into a cache folder outside the repo that later runs reuse. Prints the binary's path on its last line.
 #   scripts/build-llama-server.sh            build (or reuse) the CPU binary: ~15-20 min on 2 cores
 #   LLAMA_CUDA=1 scripts/build-llama-server.sh   build with CUDA (needs nvcc and a GPU; much longer)
 #   scripts/build-llama-server.sh --path     print where the binary is (or would be), build nothing
 #   LLAMA_SRC=dir-or.tar.xz scripts/build-llama-server.sh   build from sources at hand, no download (offline;
 #       scripts/gpu_wheelhouse.sh packs llama.cpp-src.tar.xz for the GPU machine)
-# Where: $LLAMA_BUILD_DIR, default ~/.cache/ai-server/llama-server-<pin>[-cuda]: bin/llama-server, and convert/
+# Where: $LLAMA_BUILD_DIR, default ~/.cache/ai-server/llama-server-<pin>-r<recipe>[-cuda]: bin/llama-server,
+# bin/llama-quantize (quantize on create), and convert/
 # (llama.cpp's convert_hf_to_gguf.py). Point LLAMA_SERVER at the binary (app.py and the tests also look in the
 # default folder on their own).
 set -euo pipefail
@@ -17,7 +18,7 @@ if [ -z "$cuda" ] && command -v nvcc >/dev/null && command -v nvidia-smi >/dev/n
   cuda=1   # nvcc alone is not enough: a CUDA build with no GPU to run it on costs an hour for nothing
 fi
 suffix=""; [ "$cuda" = 1 ] && suffix="-cuda"
-RECIPE=2   # bump when the flags below change: a cached build of another recipe is not reused
+RECIPE=3   # bump when the flags or targets below change: a cached build of another recipe is not reused
 dest=${LLAMA_BUILD_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ai-server/llama-server-$PIN-r$RECIPE$suffix}
 bin="$dest/bin/llama-server"
 if [ "${1:-}" = "--path" ]; then echo "$bin"; exit 0; fi
@@ -59,10 +60,11 @@ if [ "$(uname -m)" = x86_64 ]; then
 fi
 echo "llama-server: building (cuda=${cuda:-0}); this takes a while"
 cmake -S "$src" -B "$work/build" "${flags[@]}" >"$work/cmake.log" 2>&1 || { tail -30 "$work/cmake.log"; exit 1; }
-cmake --build "$work/build" --target llama-server -j"$(nproc)" >"$work/build.log" 2>&1 || { tail -40 "$work/build.log"; exit 1; }
+cmake --build "$work/build" --target llama-server llama-quantize -j"$(nproc)" >"$work/build.log" 2>&1 || {
+  tail -40 "$work/build.log"; exit 1; }
 
 mkdir -p "$dest/bin.partial"
-cp "$work/build/bin/llama-server" "$dest/bin.partial/"
+cp "$work/build/bin/llama-server" "$work/build/bin/llama-quantize" "$dest/bin.partial/"
 rm -rf "$dest/bin"; mv "$dest/bin.partial" "$dest/bin"   # a half-copied folder is never taken for a build
 converter
 "$bin" --version 2>&1 | head -2 || true
