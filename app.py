@@ -133,8 +133,8 @@ declares (openapi_extra; /openapi.json shows it as x-gateway). Each route sectio
   responses_api (18c) /v1/responses, /v1/responses/{id}
   llamacpp_api (19)   /completion(s), /infill, /tokenize, /detokenize, /apply-template, /embedding(s), /rerank,
                       /props, /slots, /template, /lora-adapters
-  images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, options, samplers, schedulers, progress, interrupt},
-                      /generate-image
+  images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, options, samplers, schedulers, progress, interrupt,
+                      png-info}, /generate-image
 
 Life of a request: POST /api/chat {"model": "smollm2:135m", "messages": [...], "stream": true}
   CORSMiddleware, HttpMetrics, AccessControl (Origin, Host, key, body cap; refusals in the route's API shape,
@@ -9453,6 +9453,59 @@ async def a1111_generate(request: Request, body: A1111Body, init_images: list[An
     params = a1111_params(body, state.settings, init_images)
     result = await run_images(state.admission, rec, params, None, request)
     return await asyncio.to_thread(a1111_reply, params, result, rec.name, body.model_dump())  # PNGs: off the loop
+
+
+class PngInfoBody(WireModel):
+    model_config = ConfigDict(extra="ignore")
+    image: str = Field(min_length=1)  # base64, or a data: URI (the body is bounded by MAX_BODY_BYTES)
+
+
+INFOTEXT_FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # `Key: value,` or `Key: "quoted"`
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """A1111's infotext as its png-info `parameters`: the prompt lines, `Negative prompt:`, then the last line's
+    `Key: value` pairs (a WxH value split into Key-1 and Key-2), as A1111's own parser reads them."""
+    if not text.strip():
+        return {}
+    *lines, last = text.strip().split("\n")
+    if len(INFOTEXT_FIELD.findall(last)) < 3:  # no settings line: all of it is prompt
+        lines, last = [*lines, last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line.removeprefix("Negative prompt:")
+        (negative if in_negative else prompt).append(line.strip())
+    out: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in INFOTEXT_FIELD.findall(last):
+        if value.startswith('"') and value.endswith('"') and len(value) > 1:
+            with contextlib.suppress(ValueError):
+                value = json.loads(value)
+        if size := re.fullmatch(r"(\d+)x(\d+)", str(value)):
+            out[f"{key}-1"], out[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            out[key] = value
+    return out
+
+
+def png_info(data: bytes) -> dict[str, Any]:
+    """A1111's png-info answer for an image's bytes: its `parameters` text chunk (what txt2img writes) as `info`
+    and parsed, and its other text chunks as `items`. Only the header and chunks are read, never the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            chunks = {k: v for k, v in image.info.items() if isinstance(v, str)}
+    except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise BadRequest("invalid image input: send a base64-encoded PNG (or JPEG, WebP) image") from None
+    info = chunks.pop("parameters", "")
+    return {"info": info, "items": chunks, "parameters": parse_infotext(info)}
+
+
+@images_api.post("/sdapi/v1/png-info", openapi_extra=LOCAL)
+async def a1111_png_info(body: PngInfoBody) -> dict[str, Any]:
+    """Reads back the generation parameters an image carries (A1111's, and ours: the same infotext)."""
+    return await asyncio.to_thread(png_info, base64_media(body.image, "image"))
 
 
 @images_api.post("/sdapi/v1/txt2img", openapi_extra=BY_MODEL)

@@ -86,6 +86,13 @@ def test_a1111_client_seeds_batches_and_info(image_server):
     other = api.txt2img(prompt="a red cube", seed=43, width=64, height=64, cfg_scale=5)
     assert other.json["images"][0] != first.json["images"][0]
     assert png(first.json["images"][0]).info["parameters"] == first.info["infotexts"][0]  # A1111's PNG text
+    read = api.png_info(first.image).json  # webuiapi sends the PIL image again with its text chunks
+    assert read["info"] == first.info["infotexts"][0] and read["items"] == {}
+    assert {k: read["parameters"][k] for k in ("Prompt", "Seed", "Sampler", "Size-1", "Size-2")} == {
+        "Prompt": "a red cube", "Seed": "42", "Sampler": "Euler a", "Size-1": "64", "Size-2": "64"}
+    for junk in ("not base64!", base64.b64encode(b"GIF89a nothing").decode()):
+        r = image_server.client.post("/sdapi/v1/png-info", json={"image": junk})
+        assert r.status_code == 400 and "image" in r.json()["error"], r.text
 
     batch = a1111(image_server, seed=7, batch_size=2, n_iter=2, width=32, height=48).json()
     info = json.loads(batch["info"])  # a JSON string, as A1111 sends it
