@@ -133,8 +133,8 @@ declares (openapi_extra; /openapi.json shows it as x-gateway). Each route sectio
   responses_api (18c) /v1/responses, /v1/responses/{id}
   llamacpp_api (19)   /completion(s), /infill, /tokenize, /detokenize, /apply-template, /embedding(s), /rerank,
                       /props, /slots, /template, /lora-adapters
-  images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, options, samplers, schedulers, progress, interrupt,
-                      png-info}, /generate-image
+  images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, options, samplers, schedulers, upscalers,
+                      latent-upscale-modes, progress, interrupt, png-info}, /generate-image
 
 Life of a request: POST /api/chat {"model": "smollm2:135m", "messages": [...], "stream": true}
   CORSMiddleware, HttpMetrics, AccessControl (Origin, Host, key, body cap; refusals in the route's API shape,
@@ -3787,6 +3787,29 @@ def a1111_sampler_names() -> list[str]:
 MAX_IMAGE_SEED = 2**32 - 1
 
 
+# A1111's hires-fix upscalers: the latent ones resize the first pass's latents (torch's interpolate mode, antialiased),
+# the others its decoded image (PIL's filter). A1111 lists the first at /sdapi/v1/latent-upscale-modes.
+LATENT_UPSCALERS = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
+                    "Latent (bicubic)": ("bicubic", False), "Latent (bicubic antialiased)": ("bicubic", True),
+                    "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
+IMAGE_UPSCALERS = {"None": "LANCZOS", "Lanczos": "LANCZOS", "Nearest": "NEAREST"}  # A1111's None: a plain resize
+
+
+@dataclasses.dataclass(frozen=True)
+class Hires:
+    """A1111's hires fix: the first pass's result upscaled to width x height, then denoised again (img2img at
+    `strength`, `steps` x strength steps) with its own sampler, when given."""
+
+    width: int
+    height: int
+    upscaler: str  # a key of LATENT_UPSCALERS or IMAGE_UPSCALERS
+    steps: int
+    strength: float
+    scale: float  # as asked (hr_scale), for the infotext; 0 when hr_resize_x/y gave the size
+    sampler: str | None = None
+    scheduler: str | None = None
+
+
 @dataclasses.dataclass
 class ImageParams:
     """One image request, whatever API it came from (A1111's fields)."""
@@ -3804,9 +3827,12 @@ class ImageParams:
     n_iter: int = 1
     init_images: list[Any] = dataclasses.field(default_factory=list)  # PIL images: img2img
     denoising_strength: float = 0.75
+    hires: Hires | None = None  # txt2img's hires fix: a second pass at a larger size
 
     def denoising_steps(self, default: int) -> int:
         steps = self.steps or default
+        if self.hires is not None:
+            return steps + max(1, int(self.hires.steps * self.hires.strength))
         return max(1, int(steps * self.denoising_strength)) if self.init_images else steps
 
     def seeds(self) -> list[int]:
@@ -3826,11 +3852,12 @@ class ImageJob:
     started: float = dataclasses.field(default_factory=time.monotonic)
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     interrupted: bool = False  # by /sdapi/v1/interrupt: the images so far are returned
+    passes: int = 1  # pipeline runs per image (2 with hires fix): the total is then the estimate it came with
 
     def on_step(self, pipe: Any, n_iter: int, metrics: Metrics) -> None:
         """Called by the pipeline after each step: counts it, learns the run's real length (Heun-type
         schedulers take 2n-1 steps), and stops the run at this step when cancelled."""
-        if self.step == 0 and getattr(pipe, "num_timesteps", None):
+        if self.step == 0 and self.passes == 1 and getattr(pipe, "num_timesteps", None):
             self.total_steps = pipe.num_timesteps * n_iter
         self.step += 1
         metrics.image_steps.labels(self.model).inc()
@@ -3883,13 +3910,17 @@ class DiffusersBackend(Backend):
         return loaded
 
     @staticmethod
-    def pipeline_for(loaded: Loaded, params: ImageParams) -> Any:
-        """The text-to-image pipeline, or its image-to-image sibling (same weights) for init images, with
-        the request's sampler; BadRequest when the model cannot do what is asked."""
+    def pipeline_for(loaded: Loaded, params: ImageParams, second_pass: bool = False) -> Any:
+        """The text-to-image pipeline, or its image-to-image sibling (same weights) for init images and for a
+        hires fix's second pass, with the request's sampler (the hires one for that pass); BadRequest when the
+        model cannot do what is asked."""
         import diffusers
 
         pipe = loaded.handle
-        if params.init_images:
+        if second_pass and params.hires is not None and params.hires.sampler:
+            params = dataclasses.replace(params, sampler=params.hires.sampler,
+                                         scheduler=params.hires.scheduler or params.scheduler)
+        if params.init_images or second_pass:
             if "img2img" not in loaded.cache:
                 try:
                     loaded.cache["img2img"] = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
@@ -3939,13 +3970,38 @@ class DiffusersBackend(Backend):
             else:
                 kwargs.update(width=params.width, height=params.height)
             try:
-                images = pipe(**kwargs).images
+                if params.hires is None:
+                    images = pipe(**kwargs).images
+                else:
+                    images = self.hires_fix(loaded, params, kwargs, batch_seeds)
             except ValueError as exc:  # diffusers checks its arguments (steps for LCM, sizes, ...) with ValueError
                 raise BadRequest(f"the pipeline refused the request: {exc}") from None
             job.image_no += len(images)
             out += list(zip(images, batch_seeds))
         metrics.images.labels(job.model).inc(len(out))
         return out
+
+    def hires_fix(self, loaded: Loaded, params: ImageParams, kwargs: dict[str, Any], seeds: list[int]) -> list[Any]:
+        """A1111's hires fix for one batch: the first pass at the asked size, its latents (Latent upscalers) or
+        images (Lanczos, Nearest) upscaled, then image-to-image at the hires size with fresh noise from the
+        same seeds."""
+        from PIL import Image
+
+        hires = params.hires
+        latent = hires.upscaler in LATENT_UPSCALERS
+        first = self.pipeline_for(loaded, params)(**kwargs, output_type="latent" if latent else "pil").images
+        if latent:
+            mode, antialias = LATENT_UPSCALERS[hires.upscaler]
+            scale = 2 ** (len(loaded.handle.vae.config.block_out_channels) - 1)  # the VAE's pixels per latent
+            image: Any = torch.nn.functional.interpolate(first, size=(hires.height // scale, hires.width // scale),
+                                                         mode=mode, antialias=antialias)
+        else:
+            image = [im.resize((hires.width, hires.height), getattr(Image.Resampling, IMAGE_UPSCALERS[hires.upscaler]))
+                     for im in first]
+        second = {k: v for k, v in kwargs.items() if k not in ("width", "height")}
+        second.update(image=image, strength=hires.strength, num_inference_steps=hires.steps,
+                      generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
+        return self.pipeline_for(loaded, params, second_pass=True)(**second).images
 
     def unload(self, loaded: Loaded) -> None:
         loaded.handle = None
@@ -5311,7 +5367,7 @@ async def run_images(admission: Admission, rec: ModelRecord, params: ImageParams
     never runs), the model held, the pipeline run on a worker thread. A client that leaves stops it at
     the next step; /sdapi/v1/interrupt ends it early with the images made so far."""
     start = time.perf_counter_ns()
-    job = job or ImageJob(rec.name, params.n_iter * params.denoising_steps(20))
+    job = job or ImageJob(rec.name, params.n_iter * params.denoising_steps(20), passes=1 + (params.hires is not None))
     async with admitted(admission, admission.image_queue, admission.image_jobs, job, rec, request,
                         keep_alive_s) as (model, load_ns):
         if not isinstance(model.backend, DiffusersBackend):
@@ -9328,7 +9384,7 @@ images_api = wire_router(A1111)
 
 
 class A1111Body(WireModel):
-    """A1111's txt2img/img2img fields that mean something here; its others (hires fix, scripts, face
+    """A1111's txt2img/img2img fields that mean something here (hires fix: txt2img's); its others (scripts, face
     restoration, ...) are accepted and ignored, as clients such as webuiapi send them all."""
 
     model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
@@ -9346,6 +9402,14 @@ class A1111Body(WireModel):
     height: int = Field(512, ge=8, le=8192)
     denoising_strength: float | None = Field(None, ge=0, le=1)
     override_settings: dict[str, Any] = Field(default_factory=dict)
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1, le=8)
+    hr_resize_x: int = Field(0, ge=0, le=16384)
+    hr_resize_y: int = Field(0, ge=0, le=16384)
+    hr_upscaler: str | None = Field(None, max_length=100)  # None: "Latent", A1111's default
+    hr_second_pass_steps: int = Field(0, ge=0, le=150)  # 0: `steps`
+    hr_sampler_name: str | None = Field(None, max_length=100)  # None or "Use same sampler": the first pass's
+    hr_scheduler: str | None = Field(None, max_length=100)
 
 
 class A1111Img2ImgBody(A1111Body):
@@ -9412,8 +9476,35 @@ def a1111_params(body: A1111Body, settings: Settings, init_images: list[Any] | N
     strength = 0.75 if body.denoising_strength is None else body.denoising_strength
     if init_images and int(body.steps * strength) < 1:
         raise BadRequest(f"img2img runs steps x denoising_strength steps ({body.steps} x {strength} < 1): raise one")
+    hires = a1111_hires(body, settings, strength) if body.enable_hr and not init_images else None
     return ImageParams(body.prompt, body.negative_prompt, body.width, body.height, body.steps, body.cfg_scale,
-                       sampler, body.scheduler, body.seed, body.batch_size, body.n_iter, init_images or [], strength)
+                       sampler, body.scheduler, body.seed, body.batch_size, body.n_iter, init_images or [], strength,
+                       hires)
+
+
+def a1111_hires(body: A1111Body, settings: Settings, strength: float) -> Hires:
+    """A1111's hires-fix fields as a Hires: the size from hr_resize_x/y (one of them 0: the other kept to the
+    aspect ratio) or width and height times hr_scale, down to multiples of 8; bounded as any image size."""
+    upscaler = body.hr_upscaler or "Latent"
+    if upscaler not in LATENT_UPSCALERS and upscaler not in IMAGE_UPSCALERS:
+        raise BadRequest(f"unknown hr_upscaler '{upscaler}': use one of "
+                         f"{', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])} (GET /sdapi/v1/upscalers)")
+    if body.hr_resize_x or body.hr_resize_y:
+        width = body.hr_resize_x or round(body.hr_resize_y * body.width / body.height)
+        height = body.hr_resize_y or round(body.hr_resize_x * body.height / body.width)
+        scale = 0.0
+    else:
+        width, height, scale = int(body.width * body.hr_scale), int(body.height * body.hr_scale), body.hr_scale
+    width, height = max(8, width // 8 * 8), max(8, height // 8 * 8)
+    check_image_size(width, height, settings, body.batch_size * body.n_iter)
+    steps = body.hr_second_pass_steps or body.steps
+    if int(steps * strength) < 1:
+        raise BadRequest(f"the hires pass runs hr_second_pass_steps x denoising_strength steps ({steps} x {strength} "
+                         "< 1): raise one")
+    sampler = None if body.hr_sampler_name in (None, "", "Use same sampler") else body.hr_sampler_name
+    if sampler is not None:
+        resolve_sampler(sampler, body.hr_scheduler)
+    return Hires(width, height, upscaler, steps, strength, scale, sampler, body.hr_scheduler)
 
 
 def a1111_infotext(params: ImageParams, seed: int, model: str) -> str:
@@ -9422,6 +9513,10 @@ def a1111_infotext(params: ImageParams, seed: int, model: str) -> str:
     sampler = params.sampler or "Default"  # the model's own scheduler
     text = params.prompt + (f"\nNegative prompt: {params.negative_prompt}" if params.negative_prompt else "")
     extra = f", Denoising strength: {params.denoising_strength}" if params.init_images else ""
+    if (hires := params.hires) is not None:  # A1111's hires-fix lines
+        size = f"Hires upscale: {hires.scale:g}" if hires.scale else f"Hires resize: {hires.width}x{hires.height}"
+        extra = (f", Denoising strength: {hires.strength}, {size}, Hires steps: {hires.steps}, "
+                 f"Hires upscaler: {hires.upscaler}" + (f", Hires sampler: {hires.sampler}" if hires.sampler else ""))
     return (f"{text}\nSteps: {params.steps}, Sampler: {sampler}, Schedule type: {sigmas}, "
             f"CFG scale: {params.cfg_scale or 0:g}, Seed: {seed}, Size: {params.width}x{params.height}, "
             f"Model: {model}{extra}, Version: ai-server {VERSION}")
@@ -9438,7 +9533,7 @@ def a1111_reply(params: ImageParams, result: ImageResult, model: str, body: dict
             "cfg_scale": params.cfg_scale, "steps": params.steps, "batch_size": params.batch_size,
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": model, "sd_model_hash": None,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-            "denoising_strength": params.denoising_strength if params.init_images else None,
+            "denoising_strength": params.denoising_strength if params.init_images or params.hires else None,
             "extra_generation_params": {"Schedule type": (params.scheduler or "automatic").capitalize()},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "clip_skip": 1,
             "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "is_using_inpainting_conditioning": False,
@@ -9561,6 +9656,19 @@ async def a1111_samplers() -> list[dict[str, Any]]:
 @images_api.get("/sdapi/v1/schedulers", openapi_extra=BY_MODEL)
 async def a1111_schedulers() -> list[dict[str, Any]]:
     return [{"name": n, "label": n.capitalize()} for n in A1111_SIGMAS]
+
+
+@images_api.get("/sdapi/v1/upscalers", openapi_extra=LOCAL)
+async def a1111_upscalers() -> list[dict[str, Any]]:
+    """The hires fix's upscalers, in A1111's shape: the plain resizers, then the latent modes (which A1111 also
+    lists at /sdapi/v1/latent-upscale-modes)."""
+    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+            for n in [*IMAGE_UPSCALERS, *LATENT_UPSCALERS]]
+
+
+@images_api.get("/sdapi/v1/latent-upscale-modes", openapi_extra=LOCAL)
+async def a1111_latent_upscale_modes() -> list[dict[str, Any]]:
+    return [{"name": n} for n in LATENT_UPSCALERS]
 
 
 @images_api.get("/sdapi/v1/progress", openapi_extra=merged(combine="progress"))

@@ -263,3 +263,25 @@ def test_keys_browsers_and_a_full_queue(hub, start_server):
     assert busy.status_code == 503 and busy.headers["Retry-After"]  # one running, no queue
     long_run.join(120)
     assert replies[0].status_code == 200
+
+
+def test_hires_fix_scales_and_writes_its_infotext(image_server):
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=image_server.port, sampler="Euler a", steps=2)
+    plain = api.txt2img(prompt="a red cube", seed=3, width=32, height=32)
+    for upscaler in ("Latent", "Latent (nearest-exact)", "Lanczos"):
+        r = api.txt2img(prompt="a red cube", seed=3, width=32, height=32, enable_hr=True, hr_scale=2,
+                        hr_upscaler=upscaler, hr_second_pass_steps=4, denoising_strength=0.5)
+        assert r.image.size == (64, 64) and r.image != plain.image.resize((64, 64))
+        text = r.info["infotexts"][0]
+        assert f"Denoising strength: 0.5, Hires upscale: 2, Hires steps: 4, Hires upscaler: {upscaler}" in text
+        assert "Size: 32x32" in text  # A1111 writes the first pass's size
+        assert api.png_info(r.image).json["parameters"]["Hires upscaler"] == upscaler
+    resized = api.txt2img(prompt="a red cube", seed=3, width=32, height=48, enable_hr=True, hr_resize_x=64,
+                          hr_upscaler="Nearest")
+    assert resized.image.size == (64, 96) and "Hires resize: 64x96" in resized.info["infotexts"][0]
+    names = [u["name"] for u in image_server.client.get("/sdapi/v1/upscalers").json()]
+    assert {"None", "Lanczos", "Latent", "Latent (bicubic antialiased)"} <= set(names)
+    for bad, says in (({"hr_upscaler": "R-ESRGAN 4x+"}, "unknown hr_upscaler 'R-ESRGAN 4x+': use one of"),
+                      ({"hr_scale": 8, "width": 512, "height": 512}, "above MAX_IMAGE_PIXELS")):
+        r = a1111(image_server, enable_hr=True, **bad)
+        assert r.status_code == 400 and says in r.json()["error"], r.text
