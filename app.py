@@ -79,6 +79,8 @@ Environment (one place for each default: `Settings` below; only these names conf
 | VLLM_TENSOR_PARALLEL_SIZE  | 1                          | vLLM tensor-parallel GPUs                 |
 | VLLM_PIPELINE_PARALLEL_SIZE| 1                          | vLLM pipeline stages (nodes, with Ray)    |
 | VLLM_DISTRIBUTED_EXECUTOR_BACKEND | vLLM's choice       | ray (a Ray cluster's nodes) or mp         |
+| SD_MODELS_DIR              | AI_SERVER_HOME/sd-models   | A1111's models/ layout: Lora/ (image LoRAs|
+|                            |                            | for <lora:name:w> prompt tags)            |
 | MAX_IMAGE_PIXELS           | 2048*2048                  | largest image (width x height) asked for  |
 |                            |                            | (an input image: 4x that)                 |
 | MAX_PROMPT_IMAGES          | 8                          | images (and sound clips) one chat request |
@@ -133,8 +135,8 @@ declares (openapi_extra; /openapi.json shows it as x-gateway). Each route sectio
   responses_api (18c) /v1/responses, /v1/responses/{id}
   llamacpp_api (19)   /completion(s), /infill, /tokenize, /detokenize, /apply-template, /embedding(s), /rerank,
                       /props, /slots, /template, /lora-adapters
-  images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, options, samplers, schedulers, upscalers,
-                      latent-upscale-modes, progress, interrupt, png-info}, /generate-image
+  images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, loras, refresh-loras, options, samplers,
+                      schedulers, upscalers, latent-upscale-modes, progress, interrupt, png-info}, /generate-image
 
 Life of a request: POST /api/chat {"model": "smollm2:135m", "messages": [...], "stream": true}
   CORSMiddleware, HttpMetrics, AccessControl (Origin, Host, key, body cap; refusals in the route's API shape,
@@ -355,6 +357,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024, validation_alias="MAX_BODY_BYTES")  # OpenAI's upload cap
     max_audio_s: float = Field(3600.0, gt=0, validation_alias="MAX_AUDIO_SECONDS")  # decoded length of one upload
     max_image_pixels: int = Field(2048 * 2048, ge=64 * 64, validation_alias="MAX_IMAGE_PIXELS")
+    sd_models_dir: Path | None = Field(None, validation_alias="SD_MODELS_DIR")  # None: AI_SERVER_HOME/sd-models
     max_prompt_images: int = Field(8, ge=1, le=256, validation_alias="MAX_PROMPT_IMAGES")  # vLLM's limit_mm_per_prompt
     fetch_image_urls: bool = Field(False, validation_alias="FETCH_IMAGE_URLS")  # http(s) image URLs in chat
     max_queue: int = Field(512, ge=0, validation_alias=AliasChoices("MAX_QUEUE", "OLLAMA_MAX_QUEUE"))
@@ -3787,6 +3790,67 @@ def a1111_sampler_names() -> list[str]:
 MAX_IMAGE_SEED = 2**32 - 1
 
 
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]*)>")  # A1111's extra-network tags for LoRAs (LyCORIS: its old alias)
+
+
+def sd_folder(settings: Settings, kind: str) -> Path:
+    """A folder of A1111's models/ layout (Lora, ...) under SD_MODELS_DIR: point it at an A1111 install's models/."""
+    return (settings.sd_models_dir or settings.home / "sd-models").expanduser() / kind
+
+
+def image_loras(settings: Settings) -> dict[str, Path]:
+    """The image LoRAs a prompt may name: SD_MODELS_DIR/Lora/**/*.safetensors by file stem (A1111's names); read
+    when asked, so a file copied in is there at once (/sdapi/v1/refresh-loras has nothing more to do). Pickled
+    .pt/.ckpt LoRAs are never loaded."""
+    folder = sd_folder(settings, "Lora")
+    return {p.stem: p for p in sorted(folder.rglob("*.safetensors"))} if folder.is_dir() else {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLora:
+    """One `<lora:name:te[:unet]>` of a prompt: the file, and its weights on the text encoder and the UNet."""
+
+    name: str
+    path: str
+    te: float
+    unet: float
+
+
+def lora_tags(prompt: str, settings: Settings) -> tuple[ImageLora, ...]:
+    """A1111's `<lora:name:te_weight[:unet_weight]>` tags of a prompt (also `te=`, `unet=`; weights default to 1,
+    the UNet's to the text encoder's). BadRequest for an unknown name (listing the known ones) or a bad weight."""
+    found: dict[str, ImageLora] = {}
+    known = image_loras(settings) if LORA_TAG.search(prompt) else {}
+    for tag in LORA_TAG.findall(prompt):
+        name, *args = tag.split(":")
+        named = {k: v for k, _, v in (a.partition("=") for a in args if "=" in a)}
+        plain = [a for a in args if "=" not in a]
+        if name not in known:
+            have = ", ".join(known) or f"none here (put .safetensors files in {sd_folder(settings, 'Lora')})"
+            raise BadRequest(f"unknown LoRA '{name}' in the prompt: use one of {have} (GET /sdapi/v1/loras)")
+        try:
+            te = float(named.get("te", plain[0] if plain else 1.0))
+            unet = float(named.get("unet", plain[1] if len(plain) > 1 else te))
+        except ValueError:
+            raise BadRequest(f"invalid LoRA weight in <lora:{tag}>: use <lora:name:0.8> or <lora:name:te:unet>") from None
+        if not (math.isfinite(te) and math.isfinite(unet)):
+            raise BadRequest(f"invalid LoRA weight in <lora:{tag}>: weights are finite numbers")
+        found[name] = ImageLora(name, str(known[name]), te, unet)
+    return tuple(found.values())
+
+
+@functools.lru_cache(maxsize=256)
+def lora_hash(path: str, mtime_ns: int) -> str:
+    """A LoRA's short hash as A1111 writes it in `Lora hashes` (its addnet hash: sha256 of a safetensors file's
+    tensor bytes, after the header), 12 hex digits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
 # A1111's hires-fix upscalers: the latent ones resize the first pass's latents (torch's interpolate mode, antialiased),
 # the others its decoded image (PIL's filter). A1111 lists the first at /sdapi/v1/latent-upscale-modes.
 LATENT_UPSCALERS = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
@@ -3828,6 +3892,11 @@ class ImageParams:
     init_images: list[Any] = dataclasses.field(default_factory=list)  # PIL images: img2img
     denoising_strength: float = 0.75
     hires: Hires | None = None  # txt2img's hires fix: a second pass at a larger size
+    loras: tuple[ImageLora, ...] = ()  # the prompt's <lora:...> tags (the prompt keeps them: the model never sees them)
+
+    def model_prompt(self) -> str:
+        """The prompt the pipeline encodes: LoRA tags taken out, as A1111 does."""
+        return LORA_TAG.sub("", self.prompt).strip() if self.loras else self.prompt
 
     def denoising_steps(self, default: int) -> int:
         steps = self.steps or default
@@ -3942,8 +4011,39 @@ class DiffusersBackend(Backend):
         pipe.scheduler = getattr(diffusers, cls).from_config(loaded.cache["scheduler_config"], **options)
         return pipe
 
+    @staticmethod
+    def use_loras(loaded: Loaded, loras: tuple[ImageLora, ...]) -> None:
+        """The request's LoRAs active at their weights, every other one off: a file is loaded beside the weights
+        once (again when it changes), never fused, so a request without tags runs the base weights exactly."""
+        pipe, have = loaded.handle, loaded.cache.setdefault("loras", {})  # name -> (adapter id, file stamp)
+        for lora in loras:
+            stamp = (lora.path, os.stat(lora.path).st_mtime_ns)
+            if have.get(lora.name, (None, None))[1] != stamp:
+                adapter = f"lora_{hashlib.sha256(lora.name.encode()).hexdigest()[:12]}"
+                if lora.name in have:
+                    pipe.delete_adapters(adapter)
+                    del have[lora.name]
+                try:
+                    pipe.load_lora_weights(lora.path, adapter_name=adapter)
+                except (ValueError, KeyError, RuntimeError, OSError) as exc:
+                    with contextlib.suppress(Exception):  # a half-loaded adapter must not stay behind
+                        pipe.delete_adapters(adapter)
+                    raise BadRequest(f"the LoRA '{lora.name}' does not fit this model: {str(exc)[:300]}") from None
+                have[lora.name] = (adapter, stamp)
+        if not loras:
+            if have:
+                pipe.disable_lora()
+            return
+        parts = pipe.get_list_adapters()  # component -> its adapters: a LoRA's weights go to the parts it has
+        pipe.enable_lora()
+        ids = [have[lora.name][0] for lora in loras]
+        pipe.set_adapters(ids, adapter_weights=[
+            {part: lora.te if part.startswith("text_encoder") else lora.unet for part, names in parts.items()
+             if adapter in names} for adapter, lora in zip(ids, loras)])
+
     def generate_images(self, loaded: Loaded, params: ImageParams, job: ImageJob, metrics: Metrics) -> list[tuple[Any, int]]:
         """(image, seed) pairs: n_iter batches of batch_size. Stops at the next step when `job.cancel` is set."""
+        self.use_loras(loaded, params.loras)
         pipe = self.pipeline_for(loaded, params)
         accepts = set(inspect.signature(pipe.__call__).parameters)
         seeds, out = params.seeds(), []
@@ -3957,7 +4057,7 @@ class DiffusersBackend(Backend):
                 break
             batch_seeds = seeds[batch * params.batch_size:(batch + 1) * params.batch_size]
             kwargs: dict[str, Any] = {
-                "prompt": [params.prompt] * len(batch_seeds),
+                "prompt": [params.model_prompt()] * len(batch_seeds),
                 # CPU generators: the same seed gives the same noise on every device (diffusers' advice).
                 "generator": [torch.Generator("cpu").manual_seed(s) for s in batch_seeds],
                 "callback_on_step_end": on_step}
@@ -9479,7 +9579,7 @@ def a1111_params(body: A1111Body, settings: Settings, init_images: list[Any] | N
     hires = a1111_hires(body, settings, strength) if body.enable_hr and not init_images else None
     return ImageParams(body.prompt, body.negative_prompt, body.width, body.height, body.steps, body.cfg_scale,
                        sampler, body.scheduler, body.seed, body.batch_size, body.n_iter, init_images or [], strength,
-                       hires)
+                       hires, lora_tags(body.prompt, settings))
 
 
 def a1111_hires(body: A1111Body, settings: Settings, strength: float) -> Hires:
@@ -9513,6 +9613,9 @@ def a1111_infotext(params: ImageParams, seed: int, model: str) -> str:
     sampler = params.sampler or "Default"  # the model's own scheduler
     text = params.prompt + (f"\nNegative prompt: {params.negative_prompt}" if params.negative_prompt else "")
     extra = f", Denoising strength: {params.denoising_strength}" if params.init_images else ""
+    if params.loras:
+        extra += ', Lora hashes: "' + ", ".join(
+            f"{lora.name}: {lora_hash(lora.path, os.stat(lora.path).st_mtime_ns)}" for lora in params.loras) + '"'
     if (hires := params.hires) is not None:  # A1111's hires-fix lines
         size = f"Hires upscale: {hires.scale:g}" if hires.scale else f"Hires resize: {hires.width}x{hires.height}"
         extra = (f", Denoising strength: {hires.strength}, {size}, Hires steps: {hires.steps}, "
@@ -9623,6 +9726,28 @@ async def a1111_img2img(body: A1111Img2ImgBody, request: Request) -> dict[str, A
 async def a1111_models(request: Request) -> list[dict[str, Any]]:
     return [{"title": r.name, "model_name": r.name, "hash": None, "sha256": None, "filename": r.path, "config": None}
             for r in image_models(state_of(request))]
+
+
+@images_api.get("/sdapi/v1/loras", openapi_extra=merged("", "name"))
+async def a1111_loras(request: Request) -> list[dict[str, Any]]:
+    """The image LoRAs prompts may name (SD_MODELS_DIR/Lora), with their safetensors metadata (training notes)."""
+    def listed() -> list[dict[str, Any]]:
+        out = []
+        for name, path in image_loras(state_of(request).settings).items():
+            with contextlib.suppress(OSError, ValueError):
+                with open(path, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    meta = json.loads(f.read(size)).get("__metadata__", {}) if size < 100 * 2**20 else {}
+                out.append({"name": name, "alias": name, "path": str(path), "metadata": meta})
+        return out
+
+    return await asyncio.to_thread(listed)
+
+
+@images_api.post("/sdapi/v1/refresh-loras", openapi_extra=TO_EVERY_WORKER)
+async def a1111_refresh_loras() -> None:
+    """A1111's rescan: the folder is read at every request here, so there is nothing left to do."""
+    return None
 
 
 @images_api.get("/sdapi/v1/options", openapi_extra=BY_MODEL)

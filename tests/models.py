@@ -93,6 +93,39 @@ def make_tiny_diffusion(out: Path, seed: int = 0) -> Path:
     pipe.save_pretrained(out)
     return out
 
+def make_tiny_sd_lora(out: Path, seed: int = 1, kohya: bool = False) -> Path:
+    """A random LoRA (PEFT, rank 4, not zero-initialized) of the tiny pipeline's UNet attention, saved as one
+    .safetensors file at `out`: diffusers' keys (save_lora_weights), or with kohya=True the Kohya/A1111 keys
+    (lora_unet_<module path with _>.lora_down/.lora_up.weight, .alpha) that A1111 users' files have."""
+    import shutil
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = StableDiffusionPipeline.from_pretrained(make_tiny_diffusion(Path(tmp) / "sd"), local_files_only=True)
+        torch.manual_seed(seed)
+        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                         init_lora_weights=False))
+        StableDiffusionPipeline.save_lora_weights(Path(tmp) / "lora", unet_lora_layers=get_peft_model_state_dict(
+            pipe.unet), safe_serialization=True)
+        saved = Path(tmp) / "lora" / "pytorch_lora_weights.safetensors"
+        if not kohya:
+            shutil.copyfile(saved, out)
+            return out
+        kohya_sd = {}
+        for key, value in load_file(saved).items():  # unet.<path>.lora_A.weight -> lora_unet_<path_>.lora_down.weight
+            module, _, kind = key.removeprefix("unet.").rpartition(".lora_")
+            name = "lora_unet_" + module.replace(".", "_")
+            kohya_sd[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value
+            kohya_sd[f"{name}.alpha"] = torch.tensor(4.0)
+        save_file(kohya_sd, out)
+    return out
+
+
 def tiny_diffusion_files(seed: int = 0) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         root = make_tiny_diffusion(Path(tmp) / "sd", seed)

@@ -285,3 +285,34 @@ def test_hires_fix_scales_and_writes_its_infotext(image_server):
                       ({"hr_scale": 8, "width": 512, "height": 512}, "above MAX_IMAGE_PIXELS")):
         r = a1111(image_server, enable_hr=True, **bad)
         assert r.status_code == 400 and says in r.json()["error"], r.text
+
+
+def test_lora_tags_change_the_image_and_leave_the_base_alone(image_server, tmp_path):
+    """A1111's <lora:name:weight> from SD_MODELS_DIR/Lora (here the default, AI_SERVER_HOME/sd-models/Lora): a
+    diffusers-format and a Kohya-format file of the same LoRA give the same image; weight 0 and the next request
+    without a tag give the base image exactly; the tag is out of the prompt the model sees, and in the infotext."""
+    from models import make_tiny_sd_lora
+
+    folder = image_server.home / "sd-models" / "Lora"
+    folder.mkdir(parents=True, exist_ok=True)
+    make_tiny_sd_lora(folder / "tiny.safetensors")
+    make_tiny_sd_lora(folder / "tiny_kohya.safetensors", kohya=True)
+
+    def image(prompt: str) -> tuple[str, str]:
+        r = a1111(image_server, prompt=prompt, seed=11, width=32, height=32)
+        assert r.status_code == 200, r.text
+        return png(r.json()["images"][0]).tobytes(), json.loads(r.json()["info"])["infotexts"][0]  # the pixels
+
+    base, _ = image("a red cube")
+    full, text = image("a red cube <lora:tiny:1>")
+    assert full != base and 'Lora hashes: "tiny: ' in text and text.startswith("a red cube <lora:tiny:1>")
+    assert image("a red cube <lora:tiny_kohya:1>")[0] == full  # diffusers converts A1111/Kohya keys
+    assert image("a red cube <lora:tiny:0>")[0] == base
+    assert image("a red cube")[0] == base  # nothing left behind: never fused
+    assert image("a red cube <lora:tiny:0.5>")[0] not in (base, full)
+    assert image("<lora:tiny:1> a red cube")[0] == full  # the tag never reaches the text encoder
+    listed = {lora["name"]: lora for lora in image_server.client.get("/sdapi/v1/loras").json()}
+    assert set(listed) == {"tiny", "tiny_kohya"} and listed["tiny"]["path"].endswith("tiny.safetensors")
+    assert image_server.client.post("/sdapi/v1/refresh-loras").status_code == 200
+    r = a1111(image_server, prompt="x <lora:nope:1>")
+    assert r.status_code == 400 and "unknown LoRA 'nope'" in r.json()["error"] and "tiny_kohya" in r.json()["error"]
