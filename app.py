@@ -1659,6 +1659,48 @@ def decode_image(data: str | bytes, max_pixels: int) -> Any:
         raise BadRequest("invalid image input: send a base64-encoded PNG, JPEG, WebP, GIF or BMP image") from None
 
 
+def decode_mask(data: str | bytes, max_pixels: int, alpha: bool = False) -> Any:
+    """An inpainting mask as a PIL "L" image, white where the image is to be repainted: A1111's (a black and
+    white image; any colour counts by its lightness), or with `alpha` OpenAI's (a PNG whose transparent pixels
+    mark the area to edit). BadRequest when it is not one."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(data, str):
+            data = base64_media(data, "mask")
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        if image.width * image.height > 4 * max_pixels:
+            raise BadRequest(f"a mask of {image.width}x{image.height} is too large: at most {4 * max_pixels} pixels")
+        if not alpha:
+            return image.convert("L")
+        if "A" not in image.getbands() and "transparency" not in image.info:
+            raise BadRequest("the mask must be a PNG with an alpha channel: transparent where the image is to be "
+                             "edited", param="mask")
+        return image.convert("RGBA").getchannel("A").point(lambda a: 255 if a == 0 else 0)
+    except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise BadRequest("invalid mask: send a base64-encoded PNG (white where to repaint)", param="mask") from None
+
+
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")  # A1111's
+
+
+def fit_image(image: Any, width: int, height: int, mode: int) -> Any:
+    """An input image brought to width x height as A1111's resize_mode says: 0 (and 3) stretched, 1 scaled to
+    cover and cropped at the centre, 2 scaled to fit and the bands filled with its edges stretched."""
+    from PIL import Image
+
+    if mode in (0, 3) or image.size == (width, height):
+        return image.resize((width, height))
+    ratio = (max if mode == 1 else min)(width / image.width, height / image.height)
+    scaled = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))))
+    if mode == 1:
+        left, top = (scaled.width - width) // 2, (scaled.height - height) // 2
+        return scaled.crop((left, top, left + width, top + height))
+    canvas = scaled.resize((width, height))  # the bands: the image stretched (A1111 stretches its edges)
+    canvas.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))
+    return canvas if image.mode == canvas.mode else canvas.convert(image.mode) if image.mode != "L" else canvas
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Picture:
     """An image a chat request carries, as every engine takes it: decoded (RGB, PIL), with the bytes it came
@@ -3893,6 +3935,10 @@ class ImageParams:
     denoising_strength: float = 0.75
     hires: Hires | None = None  # txt2img's hires fix: a second pass at a larger size
     loras: tuple[ImageLora, ...] = ()  # the prompt's <lora:...> tags (the prompt keeps them: the model never sees them)
+    mask: Any = None  # inpainting: PIL "L" at width x height, white where to repaint (init_images are the images)
+    mask_blur: int = 4
+    inpainting_fill: int = 1  # A1111's: 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    full_res_padding: int | None = None  # A1111's inpaint_full_res ("only masked"): the margin around the mask
 
     def model_prompt(self) -> str:
         """The prompt the pipeline encodes: LoRA tags taken out, as A1111 does."""
@@ -3989,7 +4035,15 @@ class DiffusersBackend(Backend):
         if second_pass and params.hires is not None and params.hires.sampler:
             params = dataclasses.replace(params, sampler=params.hires.sampler,
                                          scheduler=params.hires.scheduler or params.scheduler)
-        if params.init_images or second_pass:
+        if params.mask is not None:
+            if "inpaint" not in loaded.cache:
+                try:
+                    loaded.cache["inpaint"] = diffusers.AutoPipelineForInpainting.from_pipe(pipe)
+                except ValueError:
+                    raise BadRequest(f"{type(pipe).__name__} has no inpainting pipeline in diffusers; send no "
+                                     "mask with this model") from None
+            pipe = loaded.cache["inpaint"]
+        elif params.init_images or second_pass:
             if "img2img" not in loaded.cache:
                 try:
                     loaded.cache["img2img"] = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
@@ -4043,6 +4097,8 @@ class DiffusersBackend(Backend):
 
     def generate_images(self, loaded: Loaded, params: ImageParams, job: ImageJob, metrics: Metrics) -> list[tuple[Any, int]]:
         """(image, seed) pairs: n_iter batches of batch_size. Stops at the next step when `job.cancel` is set."""
+        from PIL import Image
+
         self.use_loras(loaded, params.loras)
         pipe = self.pipeline_for(loaded, params)
         accepts = set(inspect.signature(pipe.__call__).parameters)
@@ -4064,13 +4120,20 @@ class DiffusersBackend(Backend):
             optional = {"negative_prompt": [params.negative_prompt] * len(batch_seeds) if params.negative_prompt
                         else None, "num_inference_steps": params.steps, "guidance_scale": params.cfg_scale}
             kwargs |= {k: v for k, v in optional.items() if v is not None and k in accepts}
-            if params.init_images:
+            if params.mask is not None:
+                originals = [params.init_images[i % len(params.init_images)] for i in range(len(batch_seeds))]
+                kwargs.update(self.inpaint_inputs(pipe, params, originals))
+            elif params.init_images:
                 kwargs.update(image=[params.init_images[i % len(params.init_images)] for i in range(len(batch_seeds))],
                               strength=params.denoising_strength)
             else:
                 kwargs.update(width=params.width, height=params.height)
             try:
-                if params.hires is None:
+                if params.mask is not None:  # outside the (blurred) mask: the original's pixels, as A1111 pastes them
+                    mask = kwargs["mask_image"]
+                    images = [Image.composite(new, old.convert(new.mode), mask) for new, old in
+                              zip(pipe(**kwargs).images, originals)]
+                elif params.hires is None:
                     images = pipe(**kwargs).images
                 else:
                     images = self.hires_fix(loaded, params, kwargs, batch_seeds)
@@ -4079,6 +4142,26 @@ class DiffusersBackend(Backend):
             job.image_no += len(images)
             out += list(zip(images, batch_seeds))
         metrics.images.labels(job.model).inc(len(out))
+        return out
+
+    @staticmethod
+    def inpaint_inputs(pipe: Any, params: ImageParams, originals: list[Any]) -> dict[str, Any]:
+        """The inpainting pipeline's image, mask and strength for A1111's fields: the mask blurred (mask_blur); the
+        masked area started from the original (fill 1), from its surroundings' colours (0: the image blurred far),
+        from plain grey (3, "latent nothing"), or from noise alone (2: strength 1); "only masked" is diffusers'
+        padding_mask_crop (the area around the mask, scaled to the request's size and pasted back)."""
+        from PIL import Image, ImageFilter
+
+        mask = pipe.mask_processor.blur(params.mask, blur_factor=params.mask_blur) if params.mask_blur else params.mask
+        fill = {0: lambda im: im.filter(ImageFilter.GaussianBlur(max(im.size) / 8)),
+                3: lambda im: Image.new(im.mode, im.size, (128,) * len(im.getbands()))}.get(params.inpainting_fill)
+        images = [Image.composite(fill(im), im, params.mask) if fill else im for im in originals]
+        out = {"image": images, "mask_image": mask,
+               "strength": 1.0 if params.inpainting_fill == 2 else params.denoising_strength}
+        if params.full_res_padding is not None:  # diffusers crops one image (the batch's prompts share it)
+            if len({id(im) for im in originals}) > 1:
+                raise BadRequest("inpaint_full_res (only masked) takes one init image: send one, or turn it off")
+            out.update(image=images[0], padding_mask_crop=params.full_res_padding)
         return out
 
     def hires_fix(self, loaded: Loaded, params: ImageParams, kwargs: dict[str, Any], seeds: list[int]) -> list[Any]:
@@ -9514,6 +9597,13 @@ class A1111Body(WireModel):
 
 class A1111Img2ImgBody(A1111Body):
     init_images: list[str] = Field(min_length=1, max_length=16)
+    resize_mode: int = Field(0, ge=0, le=3)  # RESIZE_MODES
+    mask: str | None = None  # inpainting: base64, white where to repaint
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(1, ge=0, le=3)  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = False  # "only masked": the area around the mask, at the request's size
+    inpaint_full_res_padding: int = Field(32, ge=0, le=256)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
 
 
 class UnityImageBody(WireModel):
@@ -9613,6 +9703,10 @@ def a1111_infotext(params: ImageParams, seed: int, model: str) -> str:
     sampler = params.sampler or "Default"  # the model's own scheduler
     text = params.prompt + (f"\nNegative prompt: {params.negative_prompt}" if params.negative_prompt else "")
     extra = f", Denoising strength: {params.denoising_strength}" if params.init_images else ""
+    if params.mask is not None:
+        extra += f", Mask blur: {params.mask_blur}" + (
+            f", Inpaint area: Only masked, Masked area padding: {params.full_res_padding}"
+            if params.full_res_padding is not None else "")
     if params.loras:
         extra += ', Lora hashes: "' + ", ".join(
             f"{lora.name}: {lora_hash(lora.path, os.stat(lora.path).st_mtime_ns)}" for lora in params.loras) + '"'
@@ -9645,10 +9739,14 @@ def a1111_reply(params: ImageParams, result: ImageResult, model: str, body: dict
     return {"images": pngs, "parameters": body, "info": json.dumps(info)}
 
 
-async def a1111_generate(request: Request, body: A1111Body, init_images: list[Any] | None = None) -> dict[str, Any]:
+async def a1111_generate(request: Request, body: A1111Body, init_images: list[Any] | None = None,
+                         mask: Any = None) -> dict[str, Any]:
     state = state_of(request)
     rec = pick_image_model(state, body.override_settings.get("sd_model_checkpoint"))
     params = a1111_params(body, state.settings, init_images)
+    if mask is not None:  # inpainting (img2img's mask fields)
+        params = dataclasses.replace(params, mask=mask, mask_blur=body.mask_blur, inpainting_fill=body.inpainting_fill,
+                                     full_res_padding=body.inpaint_full_res_padding if body.inpaint_full_res else None)
     result = await run_images(state.admission, rec, params, None, request)
     return await asyncio.to_thread(a1111_reply, params, result, rec.name, body.model_dump())  # PNGs: off the loop
 
@@ -9715,9 +9813,22 @@ async def a1111_txt2img(body: A1111Body, request: Request) -> dict[str, Any]:
 async def a1111_img2img(body: A1111Img2ImgBody, request: Request) -> dict[str, Any]:
     check_image_size(body.width, body.height, state_of(request).settings)  # before decoding anything
     limit = state_of(request).settings.max_image_pixels
-    pictures = await asyncio.to_thread(lambda: [decode_image(d, limit).resize((body.width, body.height))
-                                                for d in body.init_images])
-    reply = await a1111_generate(request, body, pictures)
+
+    def decoded() -> tuple[list[Any], Any]:
+        images = [decode_image(d, limit) for d in body.init_images]
+        if body.mask is None:
+            return [fit_image(im, body.width, body.height, body.resize_mode) for im in images], None
+        mask = decode_mask(body.mask, limit)
+        if mask.size != images[0].size:
+            raise BadRequest(f"the mask is {mask.width}x{mask.height} and the image {images[0].width}x"
+                             f"{images[0].height}: send a mask of the image's size", param="mask")
+        if body.inpainting_mask_invert:
+            mask = mask.point(lambda v: 255 - v)
+        return ([fit_image(im, body.width, body.height, body.resize_mode) for im in images],
+                fit_image(mask, body.width, body.height, body.resize_mode))
+
+    pictures, mask = await asyncio.to_thread(decoded)
+    reply = await a1111_generate(request, body, pictures, mask)
     reply["parameters"]["init_images"] = []  # A1111 does not echo the (large) inputs back either
     return reply
 
@@ -9872,8 +9983,8 @@ def openai_images_reply(result: ImageResult, prompt: str) -> dict[str, Any]:
 
 @openai_api.post("/v1/images/edits", openapi_extra=BY_MODEL_FORM)
 async def openai_image_edits(request: Request) -> dict[str, Any]:
-    """OpenAI's edits (multipart: image[], prompt, n, size), run as img2img at strength 0.75; masks
-    (inpainting) are refused."""
+    """OpenAI's edits (multipart: image[], prompt, n, size, mask), run as img2img at strength 0.75, or with a mask
+    (a PNG transparent where to edit, the first image's size) as inpainting."""
     state = state_of(request)
     try:
         form = await request.form(max_files=16, max_fields=32)
@@ -9883,14 +9994,19 @@ async def openai_image_edits(request: Request) -> dict[str, Any]:
     prompt = str(form.get("prompt") or "")
     if not uploads or not prompt:
         raise BadRequest("an edit needs at least one image file and a prompt", param="image" if prompt else "prompt")
-    if form.get("mask") is not None:
-        raise BadRequest("masks (inpainting) are not supported; send the image and a prompt only", param="mask")
+    mask_file = form.get("mask")
+    if mask_file is not None and not hasattr(mask_file, "read"):
+        raise BadRequest("mask must be a file (a PNG with transparent areas where to edit)", param="mask")
     if str(form.get("response_format") or "b64_json") != "b64_json":
         raise BadRequest("response_format 'url' is not supported: use response_format 'b64_json'",
                          param="response_format")
     limit = state.settings.max_image_pixels
     raw = [await f.read() for f in uploads]
     pictures = await asyncio.to_thread(lambda: [decode_image(data, limit) for data in raw])
+    mask = await asyncio.to_thread(decode_mask, await mask_file.read(), limit, True) if mask_file else None
+    if mask is not None and mask.size != pictures[0].size:
+        raise BadRequest(f"the mask is {mask.width}x{mask.height} and the image {pictures[0].width}x"
+                         f"{pictures[0].height}: send a mask of the image's size", param="mask")
     width, height = parse_image_size(str(form.get("size") or "")) or fit_pixels(pictures[0].size, limit)
     try:
         n = int(form.get("n") or 1)
@@ -9901,7 +10017,9 @@ async def openai_image_edits(request: Request) -> dict[str, Any]:
     check_image_size(width, height, state.settings, n)
     rec = pick_image_model(state, str(form.get("model") or "") or None)
     params = ImageParams(prompt, width=width, height=height, batch_size=n,
-                         init_images=[p.resize((width, height)) for p in pictures])
+                         init_images=[p.resize((width, height)) for p in pictures],
+                         mask=mask.resize((width, height)) if mask is not None else None,
+                         inpainting_fill=2)  # OpenAI's masked area is made anew: from noise
     result = await run_images(state.admission, rec, params, None, request)
     return await asyncio.to_thread(openai_images_reply, result, prompt)
 

@@ -169,10 +169,19 @@ def test_unity_openai_and_ollama_routes(image_server):
     edited = client.images.edit(model=SD, image=("in.png", source, "image/png"), prompt="a blue tree", n=1,
                                 size="64x64", response_format="b64_json")  # multipart/form-data
     assert png(edited.data[0].b64_json).size == (64, 64) and edited.data[0].b64_json != result.data[0].b64_json
-    with pytest.raises(openai.BadRequestError) as masked:
+    with pytest.raises(openai.BadRequestError) as opaque:
         client.images.edit(model=SD, image=("in.png", source, "image/png"), mask=("m.png", source, "image/png"),
                            prompt="a blue tree", size="64x64", response_format="b64_json")
-    assert "inpainting" in str(masked.value)
+    assert "alpha channel" in str(opaque.value)
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 32, 64))  # OpenAI's masks: transparent where to edit (the left half)
+    out = io.BytesIO()
+    mask.save(out, "PNG")
+    inpainted = client.images.edit(model=SD, image=("in.png", source, "image/png"), mask=("m.png", out.getvalue(),
+                                   "image/png"), prompt="a blue tree", size="64x64", response_format="b64_json")
+    before, after = png(result.data[0].b64_json).convert("RGB"), png(inpainted.data[0].b64_json).convert("RGB")
+    assert before.crop((48, 0, 64, 64)).tobytes() == after.crop((48, 0, 64, 64)).tobytes()  # past the blur: kept
+    assert before.crop((0, 0, 16, 64)).tobytes() != after.crop((0, 0, 16, 64)).tobytes()  # made anew
 
     lines = [json.loads(ln) for ln in image_server.client.post("/api/generate", json={
         "model": SD, "prompt": "a tree", "width": 64, "height": 64, "steps": 3, "options": {"seed": 5}}).text.splitlines()]
@@ -316,3 +325,35 @@ def test_lora_tags_change_the_image_and_leave_the_base_alone(image_server, tmp_p
     assert image_server.client.post("/sdapi/v1/refresh-loras").status_code == 200
     r = a1111(image_server, prompt="x <lora:nope:1>")
     assert r.status_code == 400 and "unknown LoRA 'nope'" in r.json()["error"] and "tiny_kohya" in r.json()["error"]
+
+
+def test_inpainting_keeps_the_pixels_outside_the_mask(image_server):
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=image_server.port, sampler="Euler a", steps=4)
+    source = api.txt2img(prompt="a red cube", seed=21, width=64, height=64).image
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))  # A1111's masks: white where to repaint
+    kept = (0, 0, 64, 8)  # farther from the square than the blur reaches
+    for fill in (0, 1, 2, 3):
+        r = api.img2img(images=[source], mask_image=mask, mask_blur=2, inpainting_fill=fill, prompt="a blue ball",
+                        seed=3, width=64, height=64, denoising_strength=0.9, inpaint_full_res=False)
+        assert r.image.size == (64, 64) and "Mask blur: 2" in r.info["infotexts"][0]
+        assert r.image.convert("RGB").crop(kept).tobytes() == source.convert("RGB").crop(kept).tobytes(), fill
+        assert r.image.convert("RGB").crop((24, 24, 40, 40)).tobytes() != source.convert("RGB").crop(
+            (24, 24, 40, 40)).tobytes()
+    inverted = api.img2img(images=[source], mask_image=mask, mask_blur=0, inpainting_mask_invert=1, seed=3,
+                           prompt="a blue ball", width=64, height=64, denoising_strength=0.9,
+                           inpaint_full_res=False).image.convert("RGB")
+    assert inverted.crop((20, 20, 44, 44)).tobytes() == source.convert("RGB").crop((20, 20, 44, 44)).tobytes()
+    only = api.img2img(images=[source], mask_image=mask, inpaint_full_res=True, inpaint_full_res_padding=4, seed=3,
+                       prompt="a blue ball", width=64, height=64, denoising_strength=0.9)
+    assert only.image.size == (64, 64) and "Inpaint area: Only masked" in only.info["infotexts"][0]
+    assert only.image.convert("RGB").crop(kept).tobytes() == source.convert("RGB").crop(kept).tobytes()
+    # resize modes: crop and resize, resize and fill (a 64x32 input to 32x32)
+    wide = source.resize((64, 32))
+    for mode in (1, 2):
+        assert api.img2img(images=[wide], resize_mode=mode, seed=1, width=32, height=32, prompt="x",
+                           denoising_strength=0.5).image.size == (32, 32)
+    r = image_server.client.post("/sdapi/v1/img2img", json={
+        "init_images": [webuiapi.raw_b64_img(source)], "mask": webuiapi.raw_b64_img(mask.resize((32, 32))),
+        "prompt": "x", "steps": 2, "width": 64, "height": 64})
+    assert r.status_code == 400 and "send a mask of the image's size" in r.json()["error"], r.text
