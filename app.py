@@ -80,7 +80,7 @@ Environment (one place for each default: `Settings` below; only these names conf
 | VLLM_PIPELINE_PARALLEL_SIZE| 1                          | vLLM pipeline stages (nodes, with Ray)    |
 | VLLM_DISTRIBUTED_EXECUTOR_BACKEND | vLLM's choice       | ray (a Ray cluster's nodes) or mp         |
 | SD_MODELS_DIR              | AI_SERVER_HOME/sd-models   | A1111's models/ layout: Lora/ (image LoRAs|
-|                            |                            | for <lora:name:w> prompt tags)            |
+|                            |                            | for <lora:name:w> prompt tags), VAE/      |
 | MAX_IMAGE_PIXELS           | 2048*2048                  | largest image (width x height) asked for  |
 |                            |                            | (an input image: 4x that)                 |
 | MAX_PROMPT_IMAGES          | 8                          | images (and sound clips) one chat request |
@@ -135,8 +135,9 @@ declares (openapi_extra; /openapi.json shows it as x-gateway). Each route sectio
   responses_api (18c) /v1/responses, /v1/responses/{id}
   llamacpp_api (19)   /completion(s), /infill, /tokenize, /detokenize, /apply-template, /embedding(s), /rerank,
                       /props, /slots, /template, /lora-adapters
-  images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, loras, refresh-loras, options, samplers,
-                      schedulers, upscalers, latent-upscale-modes, progress, interrupt, png-info}, /generate-image
+  images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, loras, refresh-loras, sd-vae, refresh-vae,
+                      options, samplers, schedulers, upscalers, latent-upscale-modes, progress, interrupt,
+                      png-info}, /generate-image
 
 Life of a request: POST /api/chat {"model": "smollm2:135m", "messages": [...], "stream": true}
   CORSMiddleware, HttpMetrics, AccessControl (Origin, Host, key, body cap; refusals in the route's API shape,
@@ -1402,6 +1403,9 @@ def model_format(path: str) -> str:
     return "piper" if piper_voice_files(folder) else "hf"
 
 
+VAE_CLASSES = ("AutoencoderKL",)  # a diffusers repo of one of these is a VAE for image models, not a model of its own
+
+
 @functools.lru_cache(maxsize=256)
 def model_capabilities(path: str) -> tuple[str, ...]:
     """What a model folder can do, read from its files (no load): Ollama's capability names ("vision": it
@@ -1414,6 +1418,8 @@ def model_capabilities(path: str) -> tuple[str, ...]:
     if fmt in ("diffusers", "ct2", "piper"):
         return {"diffusers": ("image",), "ct2": ("transcription",), "piper": ("speech",)}[fmt]
     config = read_json(folder / "config.json")
+    if config.get("_class_name") in VAE_CLASSES:  # a diffusers VAE repo: sd_vae names it (A1111's VAE option)
+        return ("vae",)
     architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     if any(a.endswith("ForSequenceClassification") for a in architectures):  # a cross-encoder
         return ("rerank",)
@@ -3848,6 +3854,29 @@ def image_loras(settings: Settings) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.rglob("*.safetensors"))} if folder.is_dir() else {}
 
 
+def folder_vaes(settings: Settings) -> dict[str, Path]:
+    """SD_MODELS_DIR/VAE: single-file VAEs (*.safetensors, A1111's LDM keys or diffusers') by file name, as A1111
+    names them, and diffusers VAE folders (config.json beside the weights) by folder name."""
+    folder, out = sd_folder(settings, "VAE"), {}
+    for path in sorted(folder.rglob("*.safetensors")) if folder.is_dir() else []:
+        if path.parent != folder and (path.parent / "config.json").is_file():
+            out[path.parent.name] = path.parent
+        else:
+            out[path.name] = path
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def vae_hash(path: str, mtime_ns: int) -> str:
+    """A VAE's short hash as A1111 writes it (`VAE hash`): sha256 of its weights file, 10 hex digits."""
+    file = next(iter(sorted(Path(path).glob("*.safetensors"))), None) if Path(path).is_dir() else Path(path)
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageLora:
     """One `<lora:name:te[:unet]>` of a prompt: the file, and its weights on the text encoder and the UNet."""
@@ -3939,6 +3968,7 @@ class ImageParams:
     mask_blur: int = 4
     inpainting_fill: int = 1  # A1111's: 0 fill, 1 original, 2 latent noise, 3 latent nothing
     full_res_padding: int | None = None  # A1111's inpaint_full_res ("only masked"): the margin around the mask
+    vae: tuple[str, str] | None = None  # A1111's sd_vae: (its name, its file or folder); None: the model's own
 
     def model_prompt(self) -> str:
         """The prompt the pipeline encodes: LoRA tags taken out, as A1111 does."""
@@ -4022,6 +4052,7 @@ class DiffusersBackend(Backend):
         loaded = Loaded(pipe, None, dtype=str(dtype).removeprefix("torch."), quantized=None, device=plan.device,
                         memory_bytes=memory)
         loaded.cache["scheduler_config"] = dict(pipe.scheduler.config)
+        loaded.cache["folder"], loaded.cache["own_vae"] = plan.path, getattr(pipe, "vae", None)
         return loaded
 
     @staticmethod
@@ -4095,10 +4126,40 @@ class DiffusersBackend(Backend):
             {part: lora.te if part.startswith("text_encoder") else lora.unet for part, names in parts.items()
              if adapter in names} for adapter, lora in zip(ids, loras)])
 
+    @staticmethod
+    def use_vae(loaded: Loaded, vae: tuple[str, str] | None) -> None:
+        """The request's VAE (sd_vae) on every pipeline of the model, or its own back. One other VAE is kept loaded
+        (again when its file changes); a single file takes the model's own VAE config (A1111's LDM keys are
+        converted by diffusers), a folder its own."""
+        from diffusers import AutoencoderKL
+
+        own, kept = loaded.cache["own_vae"], loaded.cache.setdefault("vae", {})  # path -> (stamp, module)
+        module = own
+        if vae is not None and own is not None:
+            name, path = vae
+            stamp = os.stat(path).st_mtime_ns
+            if kept.get(path, (None,))[0] != stamp:
+                kept.clear()
+                try:
+                    module = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=own.dtype) \
+                        if Path(path).is_dir() else AutoencoderKL.from_single_file(
+                            path, config=loaded.cache["folder"], subfolder="vae", local_files_only=True,
+                            torch_dtype=own.dtype)
+                except (ValueError, KeyError, RuntimeError, OSError) as exc:
+                    raise BadRequest(f"the VAE '{name}' does not fit this model: {str(exc)[:300]}") from None
+                module.to(own.device)
+                module.enable_slicing()
+                kept[path] = (stamp, module)
+            module = kept[path][1]
+        for pipe in (loaded.handle, loaded.cache.get("img2img"), loaded.cache.get("inpaint")):
+            if pipe is not None and getattr(pipe, "vae", None) is not module:
+                pipe.vae = module
+
     def generate_images(self, loaded: Loaded, params: ImageParams, job: ImageJob, metrics: Metrics) -> list[tuple[Any, int]]:
         """(image, seed) pairs: n_iter batches of batch_size. Stops at the next step when `job.cancel` is set."""
         from PIL import Image
 
+        self.use_vae(loaded, params.vae)
         self.use_loras(loaded, params.loras)
         pipe = self.pipeline_for(loaded, params)
         accepts = set(inspect.signature(pipe.__call__).parameters)
@@ -5787,7 +5848,7 @@ class PullManager:
                 self.registry.put_job(job)
                 log.info("pull %s: running", job.id)
                 rec = await self._download_with_retries(run)
-            if job.init:  # the job stays running until the model is loaded (or failed to)
+            if job.init and model_capabilities(rec.path) != ("vae",):  # the job stays running until it is loaded
                 await self._init(job, rec)
             self._end(run, "succeeded")
         except asyncio.CancelledError:
@@ -6341,6 +6402,7 @@ class AppState:
     tasks: list[asyncio.Task] = dataclasses.field(default_factory=list)
     import_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # embedded imports, one at a time
     image_model: str | None = None  # A1111's sd_model_checkpoint (POST /sdapi/v1/options): the default image model
+    image_vae: str = "Automatic"  # A1111's sd_vae (POST /sdapi/v1/options): Automatic, None or a VAE's name
     # OpenAI Responses kept for previous_response_id and GET /v1/responses/{id}: the newest RESPONSES_KEPT, in memory.
     responses: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
 
@@ -6430,6 +6492,9 @@ def require_generative(rec: ModelRecord, name: str, verb: str = "generate") -> N
     if "image" in caps:
         raise BadRequest(f'"{name}" is an image model: it does not support chat; use /api/generate, '
                          "/v1/images/generations or /sdapi/v1/txt2img")
+    if "vae" in caps:
+        raise BadRequest(f'"{name}" is a VAE: name it as sd_vae (POST /sdapi/v1/options, or a request\'s '
+                         "override_settings) for an image model's decode")
     for cap, route in (("transcription", "/v1/audio/transcriptions"), ("speech", "/v1/audio/speech")):
         if cap in caps:
             raise BadRequest(f'"{name}" is a {cap} model: it does not support {verb}; use {route}')
@@ -9707,6 +9772,8 @@ def a1111_infotext(params: ImageParams, seed: int, model: str) -> str:
         extra += f", Mask blur: {params.mask_blur}" + (
             f", Inpaint area: Only masked, Masked area padding: {params.full_res_padding}"
             if params.full_res_padding is not None else "")
+    if params.vae is not None:
+        extra += f", VAE hash: {vae_hash(params.vae[1], os.stat(params.vae[1]).st_mtime_ns)}, VAE: {params.vae[0]}"
     if params.loras:
         extra += ', Lora hashes: "' + ", ".join(
             f"{lora.name}: {lora_hash(lora.path, os.stat(lora.path).st_mtime_ns)}" for lora in params.loras) + '"'
@@ -9739,11 +9806,35 @@ def a1111_reply(params: ImageParams, result: ImageResult, model: str, body: dict
     return {"images": pngs, "parameters": body, "info": json.dumps(info)}
 
 
+def image_vaes(state: AppState) -> dict[str, str]:
+    """The VAEs sd_vae may name: SD_MODELS_DIR/VAE's, then pulled diffusers VAE repos (by model name)."""
+    pulled = {r.name: r.path for r in state.registry.list_models() if "vae" in model_capabilities(r.path)}
+    return {**{name: str(path) for name, path in folder_vaes(state.settings).items()}, **pulled}
+
+
+def pick_vae(state: AppState, rec: ModelRecord, choice: Any) -> tuple[str, str] | None:
+    """A1111's sd_vae: "None" (the model's own), "Automatic" (a VAE named as the model's file, `<name>.safetensors`
+    or `<name>.vae.safetensors`, else its own) or a VAE's name; BadRequest listing them for another."""
+    known = image_vaes(state)
+    if choice in (None, "", "None"):
+        return None
+    if choice == "Automatic":
+        stem = rec.name.rsplit("/", 1)[-1].split(":")[0]
+        return next(((n, p) for n, p in known.items() if n in (f"{stem}.safetensors", f"{stem}.vae.safetensors")),
+                    None)
+    if not isinstance(choice, str) or choice not in known:
+        raise BadRequest(f"unknown sd_vae {choice!r}: use Automatic, None or one of {', '.join(known) or 'none here'}"
+                         " (GET /sdapi/v1/sd-vae)")
+    return choice, known[choice]
+
+
 async def a1111_generate(request: Request, body: A1111Body, init_images: list[Any] | None = None,
                          mask: Any = None) -> dict[str, Any]:
     state = state_of(request)
     rec = pick_image_model(state, body.override_settings.get("sd_model_checkpoint"))
     params = a1111_params(body, state.settings, init_images)
+    vae = await asyncio.to_thread(pick_vae, state, rec, body.override_settings.get("sd_vae", state.image_vae))
+    params = dataclasses.replace(params, vae=vae)
     if mask is not None:  # inpainting (img2img's mask fields)
         params = dataclasses.replace(params, mask=mask, mask_blur=body.mask_blur, inpainting_fill=body.inpainting_fill,
                                      full_res_padding=body.inpaint_full_res_padding if body.inpaint_full_res else None)
@@ -9865,12 +9956,12 @@ async def a1111_refresh_loras() -> None:
 async def a1111_options(request: Request) -> dict[str, Any]:
     state = state_of(request)
     current = state.image_model or next((r.name for r in image_models(state)), None)
-    return {"sd_model_checkpoint": current, "samples_format": "png"}
+    return {"sd_model_checkpoint": current, "sd_vae": state.image_vae, "samples_format": "png"}
 
 
 @images_api.post("/sdapi/v1/options", openapi_extra=TO_EVERY_WORKER)
 async def a1111_set_options(request: Request) -> dict[str, Any]:
-    """Only `sd_model_checkpoint` means something here: the default image model."""
+    """`sd_model_checkpoint` (the default image model) and `sd_vae` mean something here; other options are ignored."""
     state = state_of(request)
     try:
         body = json.loads(await request.body() or b"{}")
@@ -9880,7 +9971,24 @@ async def a1111_set_options(request: Request) -> dict[str, Any]:
         raise BadRequest("the body must be a JSON object of options")
     if (name := body.get("sd_model_checkpoint")) is not None:
         state.image_model = pick_image_model(state, str(name)).name
+    if (vae := body.get("sd_vae")) is not None:
+        if vae not in ("Automatic", "None"):
+            await asyncio.to_thread(pick_vae, state, None, vae)  # a 400 for a name not here
+        state.image_vae = vae
     return {}
+
+
+@images_api.get("/sdapi/v1/sd-vae", openapi_extra=merged("", "model_name"))
+async def a1111_vaes(request: Request) -> list[dict[str, Any]]:
+    """The VAEs sd_vae may name (SD_MODELS_DIR/VAE, and pulled diffusers VAE repos)."""
+    vaes = await asyncio.to_thread(image_vaes, state_of(request))
+    return [{"model_name": name, "filename": path} for name, path in vaes.items()]
+
+
+@images_api.post("/sdapi/v1/refresh-vae", openapi_extra=TO_EVERY_WORKER)
+async def a1111_refresh_vae() -> None:
+    """A1111's rescan: the folder is read at every request here."""
+    return None
 
 
 @images_api.get("/sdapi/v1/samplers", openapi_extra=BY_MODEL)

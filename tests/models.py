@@ -93,6 +93,19 @@ def make_tiny_diffusion(out: Path, seed: int = 0) -> Path:
     pipe.save_pretrained(out)
     return out
 
+def make_tiny_vae(out: Path, seed: int = 5) -> Path:
+    """Another random VAE of the tiny pipeline's shape, saved as a diffusers folder (config.json and
+    diffusion_pytorch_model.safetensors, as VAE repos on the Hub are)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
+                  down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2).save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def make_tiny_sd_lora(out: Path, seed: int = 1, kohya: bool = False) -> Path:
     """A random LoRA (PEFT, rank 4, not zero-initialized) of the tiny pipeline's UNet attention, saved as one
     .safetensors file at `out`: diffusers' keys (save_lora_weights), or with kohya=True the Kohya/A1111 keys

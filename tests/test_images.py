@@ -357,3 +357,45 @@ def test_inpainting_keeps_the_pixels_outside_the_mask(image_server):
         "init_images": [webuiapi.raw_b64_img(source)], "mask": webuiapi.raw_b64_img(mask.resize((32, 32))),
         "prompt": "x", "steps": 2, "width": 64, "height": 64})
     assert r.status_code == 400 and "send a mask of the image's size" in r.json()["error"], r.text
+
+
+def test_sd_vae_changes_the_decode(image_server, hub, tmp_path):
+    """A1111's sd_vae: a single-file VAE from SD_MODELS_DIR/VAE, a pulled diffusers VAE repo, Automatic (a file
+    named as the model), None (the model's own, exactly), per request (override_settings) and as the option."""
+    import shutil
+
+    from models import make_tiny_vae
+
+    vae = make_tiny_vae(tmp_path / "vae", seed=5)
+    hub.add_repo("tiny/vae", {p.name: p.read_bytes() for p in vae.iterdir()})
+    image_server.pull_ok("tiny/vae")
+    folder = image_server.home / "sd-models" / "VAE"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(vae / "diffusion_pytorch_model.safetensors", folder / "other.safetensors")  # one flat file
+
+    def image(**settings) -> tuple[bytes, str]:
+        r = a1111(image_server, seed=4, width=32, height=32, override_settings=settings)
+        assert r.status_code == 200, r.text
+        return png(r.json()["images"][0]).tobytes(), json.loads(r.json()["info"])["infotexts"][0]
+
+    base, text = image(sd_vae="None")
+    assert "VAE" not in text
+    other, text = image(sd_vae="other.safetensors")
+    assert other != base and "VAE: other.safetensors" in text and "VAE hash: " in text
+    assert image(sd_vae="tiny/vae")[0] == other  # the same weights, pulled as a diffusers folder
+    assert image()[0] == base  # Automatic, and no VAE named as the model: its own, exactly
+    shutil.copyfile(folder / "other.safetensors", folder / "sd.safetensors")  # named as the model (tiny/sd)
+    assert image()[0] == other
+    (folder / "sd.safetensors").unlink()
+    assert image_server.client.post("/sdapi/v1/options", json={"sd_vae": "tiny/vae"}).status_code == 200
+    assert image_server.client.get("/sdapi/v1/options").json()["sd_vae"] == "tiny/vae"
+    assert image()[0] == other
+    image_server.client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"})
+    assert image()[0] == base
+    names = {v["model_name"] for v in image_server.client.get("/sdapi/v1/sd-vae").json()}
+    assert names == {"other.safetensors", "tiny/vae"}
+    for bad in (image_server.client.post("/sdapi/v1/options", json={"sd_vae": "nope"}),
+                a1111(image_server, override_settings={"sd_vae": "nope"})):
+        assert bad.status_code == 400 and "unknown sd_vae 'nope'" in bad.json()["error"], bad.text
+    r = image_server.client.post("/api/chat", json={"model": "tiny/vae", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and "is a VAE" in r.json()["error"]
