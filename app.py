@@ -192,6 +192,7 @@ import logging
 import math
 import platform
 import queue
+import pickle  # only its UnpicklingError: pickles are never loaded (checkpoint_base_repo)
 import re
 import secrets
 import shutil
@@ -203,6 +204,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -989,6 +991,63 @@ def choose_gguf(repo_id: str, models: list[GgufModel], tag: str | None) -> GgufM
                        f"(pull '{repo_id}:{have[0]}', for example)", quants=have)
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")  # single-file image checkpoints (A1111's models/Stable-diffusion)
+# What diffusers' from_single_file reads from the base pipeline repo it infers: configs and the tokenizer files.
+CHECKPOINT_CONFIG_PATTERNS = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
+
+
+def choose_checkpoint(repo_id: str, paths: list[tuple[str, int]], tag: str | None) -> str:
+    """A repo of single-file checkpoints: the file a tag names (its whole name, or the end of its stem:
+    `:pruned-fp16`, any case), else the smallest .safetensors (pruned and fp16 copies are what A1111 users keep),
+    else the smallest .ckpt. UnknownQuant listing the files when the tag names none."""
+    if tag is None:
+        safe = [p for p in paths if p[0].endswith(".safetensors")]
+        return min(safe or paths, key=lambda p: p[1])[0]
+    wanted = tag.lower()
+    names = {p: p.rsplit("/", 1)[-1].lower() for p, _ in paths}
+    found = [p for p, name in names.items() if wanted in (name, name.rsplit(".", 1)[0])] or [
+        p for p, name in names.items() if name.rsplit(".", 1)[0].endswith(("-" + wanted, "_" + wanted, "." + wanted))]
+    if not found:
+        have = sorted(names.values())
+        raise UnknownQuant(f"repo '{repo_id}' has no checkpoint for tag '{tag}'; its files: {', '.join(have)}",
+                           quants=have)
+    return min(found, key=len)
+
+
+def checkpoint_base_repo(path: str) -> str:
+    """The Hub repo whose configs a single-file checkpoint loads with: diffusers' own inference from its keys and
+    shapes (v1 -> stable-diffusion-v1-5/stable-diffusion-v1-5, xl_base -> stabilityai/stable-diffusion-xl-base-1.0,
+    ...). The tensors are read lazily, shapes only; a .ckpt with torch.load(weights_only=True), never unpickled
+    otherwise. BadRequest for a file that is neither."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS, infer_diffusers_model_type
+
+    class Shapes(dict):  # key -> an object with the tensor's .shape, read from the header
+        def __init__(self, handle: Any):
+            super().__init__({k: None for k in handle.keys()})
+            self.handle = handle
+
+        def __getitem__(self, key: str) -> Any:
+            return types.SimpleNamespace(shape=torch.Size(self.handle.get_slice(key).get_shape()))
+
+    try:
+        if path.endswith(".ckpt"):
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            weights = loaded.get("state_dict", loaded)
+            kind, keys = infer_diffusers_model_type(weights), list(weights)
+        else:
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as handle:
+                kind, keys = infer_diffusers_model_type(Shapes(handle)), list(handle.keys())
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, KeyError, AttributeError) as exc:
+        raise BadRequest(f"cannot read this checkpoint ({type(exc).__name__}): a .ckpt must hold plain weights (it is "
+                         "loaded with weights_only=True, never unpickled); convert it to .safetensors") from None
+    if kind == "v1" and not any(k.startswith("model.diffusion_model.") for k in keys):  # v1 is diffusers' fallback
+        raise BadRequest("this file is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights): a "
+                         "LoRA goes in SD_MODELS_DIR/Lora, a VAE in SD_MODELS_DIR/VAE")
+    return DIFFUSERS_DEFAULT_PIPELINE_PATHS[kind]["pretrained_model_name_or_path"]
+
+
 def choose_projector(model_path: str, candidates: list[str]) -> str | None:
     """A GGUF model's vision projector among a repo's (or a folder's) `.gguf` paths, as llama.cpp's `-hf`
     picks it: a file whose path holds "mmproj", in the deepest folder it shares with the model (and the least
@@ -1155,6 +1214,7 @@ class SnapshotPlan:
     blob_sizes: list[int]  # each file's size, as blob_names
     gguf: GgufModel | None = None  # a GGUF pull: only this model's file(s) and the small text files
     files: list[str] | None = None  # the files to fetch (None: all of them)
+    checkpoint: str | None = None  # a single-file image checkpoint's path in the repo (its base's configs follow)
 
     @property
     def total_bytes(self) -> int:
@@ -1193,6 +1253,13 @@ def plan_snapshot(api: HfApi, name: str, revision: str) -> SnapshotPlan:
     models = gguf_models([(f.path, f.size) for f in files])
     hf_weights = any(f.path.endswith((".safetensors", ".bin")) for f in files)
     voices = [f.path.removesuffix(".json") for f in files if f.path.endswith(".onnx.json")]
+    checkpoints = [(f.path, f.size) for f in files if f.path.lower().endswith(CHECKPOINT_SUFFIXES)]
+    configured = {f.path.rsplit("/", 1)[-1] for f in files} & {"config.json", "model_index.json", "adapter_config.json"}
+    if not models and not voices and checkpoints and not configured:  # single-file image checkpoints
+        picked = choose_checkpoint(repo_id, checkpoints, tag)
+        files = [f for f in files if f.path == picked or ("/" not in f.path and f.path.endswith((".md", ".txt")))]
+        return SnapshotPlan(repo_id, info.sha, [f.lfs.sha256 if f.lfs else f.blob_id for f in files],
+                            [f.size for f in files], None, [f.path for f in files], checkpoint=picked)
     tag_names_gguf = tag is not None and (models or not voices)  # else it names a voice
     chosen = choose_gguf(repo_id, models, tag) if tag_names_gguf or (models and not hf_weights) else None
     if chosen is not None:  # its file(s), its vision projector if the repo has one, the small text files
@@ -1394,8 +1461,8 @@ def model_format(path: str) -> str:
     if is_gguf_path(path):
         return "gguf"
     folder = Path(path)
-    if (folder / "model_index.json").exists():
-        return "diffusers"
+    if (folder / "model_index.json").exists() or (path.lower().endswith(CHECKPOINT_SUFFIXES) and folder.is_file()):
+        return "diffusers"  # a pipeline folder, or a single-file checkpoint (DiffusersBackend.load)
     if is_whisper_ct2(folder):
         return "ct2"
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
@@ -4031,13 +4098,34 @@ class DiffusersBackend(Backend):
     formats = ("diffusers",)
     DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+    def single_file(self, path: str, dtype: Any) -> tuple[Any, str]:
+        """A single-file checkpoint's pipeline and its config folder: the config-only snapshot of the base repo
+        diffusers infers for it, which its pull fetched; never the network here (an absent one says to pull again)."""
+        import diffusers
+
+        base = checkpoint_base_repo(path)
+        try:
+            config = snapshot_download(base, cache_dir=self.settings.hf_cache, allow_patterns=CHECKPOINT_CONFIG_PATTERNS,
+                                       local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"the configs of {base}, which this checkpoint loads with, are not here ({exc}): pull "
+                               "the model again") from None
+        cls = getattr(diffusers, read_json(Path(config) / "model_index.json").get("_class_name", ""), None)
+        if cls is None or not hasattr(cls, "from_single_file"):
+            raise RuntimeError(f"{base}'s pipeline has no single-file loader in diffusers {diffusers.__version__}")
+        return cls.from_single_file(path, config=config, local_files_only=True, torch_dtype=dtype), config
+
     def load(self, plan: LoadPlan) -> Loaded:
         from diffusers import AutoPipelineForText2Image
 
         dtype = self.DTYPES.get(plan.dtype, torch.float16 if plan.device == "cuda" else torch.float32)
-        pipe = AutoPipelineForText2Image.from_pretrained(plan.path, local_files_only=True, torch_dtype=dtype,
-                                                         trust_remote_code=plan.trust_remote_code,
-                                                         variant=diffusers_variant(Path(plan.path)))
+        folder = plan.path
+        if Path(plan.path).is_file():  # a single-file checkpoint (A1111's models/Stable-diffusion/*.safetensors)
+            pipe, folder = self.single_file(plan.path, dtype)
+        else:
+            pipe = AutoPipelineForText2Image.from_pretrained(plan.path, local_files_only=True, torch_dtype=dtype,
+                                                             trust_remote_code=plan.trust_remote_code,
+                                                             variant=diffusers_variant(Path(plan.path)))
         memory = module_bytes(pipe)
         free = available_memory_bytes("cuda") if plan.device == "cuda" else None
         if free is not None and memory > 0.8 * free:
@@ -4052,7 +4140,7 @@ class DiffusersBackend(Backend):
         loaded = Loaded(pipe, None, dtype=str(dtype).removeprefix("torch."), quantized=None, device=plan.device,
                         memory_bytes=memory)
         loaded.cache["scheduler_config"] = dict(pipe.scheduler.config)
-        loaded.cache["folder"], loaded.cache["own_vae"] = plan.path, getattr(pipe, "vae", None)
+        loaded.cache["folder"], loaded.cache["own_vae"] = folder, getattr(pipe, "vae", None)
         return loaded
 
     @staticmethod
@@ -5905,6 +5993,11 @@ class PullManager:
             raise PullCancelled("cancelled")
         if plan.gguf is not None:  # read once on a thread: ~1.5 s, and _register runs on the event loop
             await asyncio.to_thread(gguf_metadata, str(Path(path) / plan.gguf.paths[0]))
+        if plan.checkpoint is not None:  # and the configs diffusers loads it with: part of this pull, never later
+            base = await asyncio.to_thread(checkpoint_base_repo, str(Path(path) / plan.checkpoint))
+            log.info("pull %s: single-file checkpoint %s; its configs from %s", job.id, plan.checkpoint, base)
+            await run_in_daemon_thread(snapshot_download, base, cache_dir=cache, allow_patterns=CHECKPOINT_CONFIG_PATTERNS,
+                                       endpoint=self.settings.hf_endpoint, token=self._token())
         return self._register(run, plan, Path(path))
 
     def _count_bytes(self, job: PullJob, now: int) -> None:
@@ -5937,6 +6030,9 @@ class PullManager:
             quant = choose_quantization(job.quantize, size, self.settings.q4_threshold_bytes, self.bnb_usable)
             arch = read_architecture(path)
             base = adapter_base(self.registry, path) if model_format(str(path)) == "peft" else None
+            if plan.checkpoint is not None:  # the model is its file
+                path = path / plan.checkpoint
+                size, quant, arch = path.stat().st_size, "no", "single-file checkpoint"
         rec = ModelRecord(job.model, plan.repo_id, job.revision, plan.sha, str(path), size, quant, arch,
                           job.trust_remote_code, "hub", utc_now_iso(), base=base.name if base else "")
         self.models.evict(rec.name)  # a re-pull replaces the files: never serve the old ones

@@ -399,3 +399,56 @@ def test_sd_vae_changes_the_decode(image_server, hub, tmp_path):
         assert bad.status_code == 400 and "unknown sd_vae 'nope'" in bad.json()["error"], bad.text
     r = image_server.client.post("/api/chat", json={"model": "tiny/vae", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400 and "is a VAE" in r.json()["error"]
+
+
+def test_a_single_file_checkpoint_pulls_with_its_configs_and_loads_offline(image_server, hub, tmp_path):
+    """A repo of A1111-style single files (original key layout): the pull takes one file (the smallest, or the
+    one a tag names) and the config-only snapshot of the base diffusers infers for it (here v1:
+    stable-diffusion-v1-5/stable-diffusion-v1-5); it then loads with the hub unreachable, and the same seed
+    gives the same image as the diffusers-format copy of the same weights (tiny/sd)."""
+    import pickle
+    import shutil
+
+    from models import make_tiny_diffusion
+    from safetensors.torch import load_file, save_file
+    from sd_checkpoint import config_only_files, make_single_file
+
+    root = make_tiny_diffusion(tmp_path / "sd", 0)  # tiny/sd's weights
+    hub.add_repo("stable-diffusion-v1-5/stable-diffusion-v1-5", config_only_files(root))
+    pruned = make_single_file(root, tmp_path / "pruned.safetensors")
+    full = tmp_path / "full.safetensors"
+    save_file({**load_file(pruned), "model_ema.decay": __import__("torch").ones(4096)}, full)
+    hub.add_repo("tiny/sd-single", {"tiny-v1-pruned.safetensors": pruned.read_bytes(),
+                                    "tiny-v1-full.safetensors": full.read_bytes(), "README.md": b"# tiny"})
+    image_server.pull_ok("tiny/sd-single")
+    entry = next(m for m in image_server.client.get("/sdapi/v1/sd-models").json() if m["model_name"] == "tiny/sd-single")
+    assert entry["filename"].endswith("tiny-v1-pruned.safetensors")  # the smallest, without a tag
+    job = image_server.wait_job(image_server.pull("tiny/sd-single:nope")["job_id"])
+    assert job["status"] == "failed" and "tiny-v1-full.safetensors" in job["error"], job
+    image_server.pull_ok("tiny/sd-single:full")
+
+    def pixels(server, model: str) -> bytes:
+        r = a1111(server, seed=4, width=32, height=32, override_settings={"sd_model_checkpoint": model})
+        assert r.status_code == 200, r.text
+        return png(r.json()["images"][0]).tobytes()
+
+    diffusers_copy = pixels(image_server, SD)
+    assert pixels(image_server, "tiny/sd-single") == diffusers_copy
+    assert pixels(image_server, "tiny/sd-single:full") == diffusers_copy
+    # the same home, the hub unreachable and huggingface_hub offline: it loads from what the pull fetched
+    home = tmp_path / "offline-home"
+    shutil.copytree(image_server.home, home)  # the registry's WAL too: its newest rows are there
+    offline = ServerProcess(home, "http://127.0.0.1:9", tmp_path / "offline.log", AI_SERVER_BACKENDS="transformers",
+                            HF_HUB_OFFLINE="1", MAX_IMAGE_PIXELS=str(256 * 256)).start()
+    try:
+        assert pixels(offline, "tiny/sd-single") == diffusers_copy
+    finally:
+        offline.stop()
+
+    class Payload:  # a pickle that would run code when loaded
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    hub.add_repo("tiny/sd-pickle", {"model.ckpt": pickle.dumps({"state_dict": Payload()})})
+    job = image_server.wait_job(image_server.pull("tiny/sd-pickle")["job_id"])
+    assert job["status"] == "failed" and "never unpickled" in job["error"], job
