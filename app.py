@@ -135,7 +135,7 @@ declares (openapi_extra; /openapi.json shows it as x-gateway). Each route sectio
   responses_api (18c) /v1/responses, /v1/responses/{id}
   llamacpp_api (19)   /completion(s), /infill, /tokenize, /detokenize, /apply-template, /embedding(s), /rerank,
                       /props, /slots, /template, /lora-adapters
-  images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, loras, refresh-loras, sd-vae, refresh-vae,
+  images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, refresh-checkpoints, loras, refresh-loras, sd-vae, refresh-vae,
                       options, samplers, schedulers, upscalers, latent-upscale-modes, progress, interrupt,
                       png-info}, /generate-image
 
@@ -787,7 +787,7 @@ class ModelRecord:
     quantization: str  # what the loader will ask for: q4, q8, bf16, fp16, fp32 or no
     architecture: str | None
     trust_remote_code: bool
-    source: str  # "hub", "embedded" or "created" (POST /api/create from uploaded files)
+    source: str  # "hub", "embedded", "created" (POST /api/create) or "local" (SD_MODELS_DIR's checkpoints)
     created_at: str
     # POST /api/create's Modelfile settings, JSON: system, template, parameters, messages, from ("{}": none).
     preset: str = "{}"
@@ -1046,6 +1046,25 @@ def checkpoint_base_repo(path: str) -> str:
         raise BadRequest("this file is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights): a "
                          "LoRA goes in SD_MODELS_DIR/Lora, a VAE in SD_MODELS_DIR/VAE")
     return DIFFUSERS_DEFAULT_PIPELINE_PATHS[kind]["pretrained_model_name_or_path"]
+
+
+def fetch_checkpoint_configs(settings: Settings, path: str) -> str:
+    """The base repo's config-only snapshot a single-file checkpoint loads with (checkpoint_base_repo): the one
+    here, else fetched now from HF_ENDPOINT (an explicit register: a pull, a create, a checkpoints refresh).
+    BadRequest saying what to do when the hub cannot be reached."""
+    base = checkpoint_base_repo(path)
+    try:
+        snapshot_download(base, cache_dir=settings.hf_cache, allow_patterns=CHECKPOINT_CONFIG_PATTERNS,
+                          local_files_only=True)
+    except (OSError, ValueError, hf_errors.LocalEntryNotFoundError):
+        try:
+            snapshot_download(base, cache_dir=settings.hf_cache, allow_patterns=CHECKPOINT_CONFIG_PATTERNS,
+                              endpoint=settings.hf_endpoint,
+                              token=settings.hf_token.get_secret_value() if settings.hf_token else None)
+        except (OSError, ValueError, hf_errors.HfHubHTTPError) as exc:
+            raise BadRequest(f"this checkpoint loads with the configs of {base}, which are not here and could not be "
+                             f"fetched ({type(exc).__name__}): reach the hub once (HF_ENDPOINT) to register it") from None
+    return base
 
 
 def choose_projector(model_path: str, candidates: list[str]) -> str | None:
@@ -4151,6 +4170,8 @@ class DiffusersBackend(Backend):
         import diffusers
 
         pipe = loaded.handle
+        if "Inpaint" in type(pipe).__name__ and params.mask is None:
+            raise BadRequest("this is an inpainting checkpoint: use img2img with a mask (or OpenAI's edits with one)")
         if second_pass and params.hires is not None and params.hires.sampler:
             params = dataclasses.replace(params, sampler=params.hires.sampler,
                                          scheduler=params.hires.scheduler or params.scheduler)
@@ -4305,7 +4326,7 @@ class DiffusersBackend(Backend):
         fill = {0: lambda im: im.filter(ImageFilter.GaussianBlur(max(im.size) / 8)),
                 3: lambda im: Image.new(im.mode, im.size, (128,) * len(im.getbands()))}.get(params.inpainting_fill)
         images = [Image.composite(fill(im), im, params.mask) if fill else im for im in originals]
-        out = {"image": images, "mask_image": mask,
+        out = {"image": images, "mask_image": mask, "width": params.width, "height": params.height,  # else its default
                "strength": 1.0 if params.inpainting_fill == 2 else params.denoising_strength}
         if params.full_res_padding is not None:  # diffusers crops one image (the batch's prompts share it)
             if len({id(im) for im in originals}) > 1:
@@ -7395,8 +7416,12 @@ def create_model(state: AppState, body: CreateBody) -> list[str]:
         raise BadRequest("give `from` (an existing model) or `files` (uploaded with POST /api/blobs/<digest>)")
     blobs, statuses = uploaded_blobs(state, body.files)
     ggufs = [f for f in blobs if f.lower().endswith(".gguf")]
+    if not ggufs and "config.json" not in blobs and len(blobs) == 1 and next(iter(blobs)).lower().endswith(
+            CHECKPOINT_SUFFIXES):  # one single-file image checkpoint (A1111's)
+        return create_checkpoint(state, body, name, taken, blobs, statuses)
     if not ggufs and "config.json" not in blobs:
-        raise BadRequest("files must be a GGUF file, or a safetensors model with its config.json and tokenizer files")
+        raise BadRequest("files must be a GGUF file, a safetensors model with its config.json and tokenizer files, "
+                         "or one Stable Diffusion checkpoint (.safetensors)")
     preset = compact_json(preset_of(body, {}))
     folder = created_folder(state, name)
     try:
@@ -7497,6 +7522,56 @@ def create_quantized(state: AppState, body: CreateBody, plan: QuantizePlan, repo
                       compact_json(preset))
     replace_created(state, plan.taken, rec)
     report(compact_json({"status": "writing manifest"}))
+
+
+def create_checkpoint(state: AppState, body: CreateBody, name: str, taken: ModelRecord | None,
+                      blobs: dict[str, Path], statuses: list[str]) -> list[str]:
+    """A single-file Stable Diffusion checkpoint uploaded as a blob, registered as an image model (its base's
+    configs fetched now if they are not here: see fetch_checkpoint_configs)."""
+    filename, blob = next(iter(blobs.items()))
+    folder = created_folder(state, name)
+    try:
+        link_blobs({Path(filename).name: blob}, folder)
+        base = fetch_checkpoint_configs(state.settings, str(folder / Path(filename).name))
+    except BadRequest:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    path = folder / Path(filename).name
+    rec = ModelRecord(name, name, "local", content_digest(str(folder), ""), str(path), path.stat().st_size, "no",
+                      "single-file checkpoint", False, "created", utc_now_iso(), compact_json(preset_of(body, {})))
+    replace_created(state, taken, rec)
+    log.info("model %s: created from an uploaded checkpoint (configs of %s)", name, base)
+    return [*statuses, f"using the configs of {base}", "writing manifest"]
+
+
+def refresh_checkpoints(state: AppState) -> list[str]:
+    """A1111's refresh-checkpoints: SD_MODELS_DIR/Stable-diffusion's .safetensors (and weights-only .ckpt) files
+    registered as image models named by their path there (sub/name.safetensors -> sub/name), source "local"
+    (never deleted by /api/delete); ones whose file is gone are unregistered. Returns the names added."""
+    folder = sd_folder(state.settings, "Stable-diffusion")
+    files = {p: p.relative_to(folder).with_suffix("").as_posix() for p in sorted(folder.rglob("*"))
+             if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file()} if folder.is_dir() else {}
+    for rec in state.registry.list_models():
+        if rec.source == "local" and Path(rec.path).is_relative_to(folder) and not Path(rec.path).is_file():
+            state.models.evict(rec.name)
+            state.registry.delete_model(rec.name)
+            log.info("model %s: its checkpoint file is gone; unregistered", rec.name)
+    known = {r.path for r in state.registry.list_models()}
+    added = []
+    for path, name in files.items():
+        if str(path) in known or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*", name):
+            continue
+        try:
+            fetch_checkpoint_configs(state.settings, str(path))
+        except BadRequest as exc:
+            log.warning("checkpoint %s: not registered: %s", path.name, exc.message)
+            continue
+        state.registry.put_model(ModelRecord(name, name, "local", content_digest(str(path), ""), str(path),
+                                             path.stat().st_size, "no", "single-file checkpoint", False, "local",
+                                             utc_now_iso()))
+        added.append(name)
+    log.info("checkpoints refreshed: %d added from %s", len(added), folder)
+    return added
 
 
 def uploaded_blobs(state: AppState, files: dict[str, str]) -> tuple[dict[str, Path], list[str]]:
@@ -10024,6 +10099,12 @@ async def a1111_img2img(body: A1111Img2ImgBody, request: Request) -> dict[str, A
 async def a1111_models(request: Request) -> list[dict[str, Any]]:
     return [{"title": r.name, "model_name": r.name, "hash": None, "sha256": None, "filename": r.path, "config": None}
             for r in image_models(state_of(request))]
+
+
+@images_api.post("/sdapi/v1/refresh-checkpoints", openapi_extra=TO_EVERY_WORKER)
+async def a1111_refresh_checkpoints(request: Request) -> None:
+    """A1111's rescan of models/Stable-diffusion: SD_MODELS_DIR/Stable-diffusion's checkpoints become image models."""
+    await asyncio.to_thread(refresh_checkpoints, state_of(request))
 
 
 @images_api.get("/sdapi/v1/loras", openapi_extra=merged("", "name"))

@@ -348,6 +348,9 @@ def test_inpainting_keeps_the_pixels_outside_the_mask(image_server):
                        prompt="a blue ball", width=64, height=64, denoising_strength=0.9)
     assert only.image.size == (64, 64) and "Inpaint area: Only masked" in only.info["infotexts"][0]
     assert only.image.convert("RGB").crop(kept).tobytes() == source.convert("RGB").crop(kept).tobytes()
+    bigger = api.img2img(images=[source.resize((96, 96))], mask_image=mask.resize((96, 96)), seed=3, prompt="x",
+                         width=96, height=96, denoising_strength=0.9, inpaint_full_res=False)
+    assert bigger.image.size == (96, 96)  # not the pipeline's default size
     # resize modes: crop and resize, resize and fill (a 64x32 input to 32x32)
     wide = source.resize((64, 32))
     for mode in (1, 2):
@@ -435,6 +438,16 @@ def test_a_single_file_checkpoint_pulls_with_its_configs_and_loads_offline(image
     diffusers_copy = pixels(image_server, SD)
     assert pixels(image_server, "tiny/sd-single") == diffusers_copy
     assert pixels(image_server, "tiny/sd-single:full") == diffusers_copy
+    # A1111's habit: a file dropped in SD_MODELS_DIR/Stable-diffusion, registered by refresh-checkpoints
+    local = image_server.home / "sd-models" / "Stable-diffusion" / "mine"
+    local.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(pruned, local / "tiny.safetensors")
+    assert image_server.client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+    assert pixels(image_server, "mine/tiny") == diffusers_copy
+    # Ollama's create with an uploaded checkpoint blob
+    client = __import__("ollama").Client(host=image_server.url)
+    client.create(model="uploaded-sd", files={"tiny.safetensors": client.create_blob(pruned)})
+    assert pixels(image_server, "uploaded-sd") == diffusers_copy
     # the same home, the hub unreachable and huggingface_hub offline: it loads from what the pull fetched
     home = tmp_path / "offline-home"
     shutil.copytree(image_server.home, home)  # the registry's WAL too: its newest rows are there
@@ -452,3 +465,6 @@ def test_a_single_file_checkpoint_pulls_with_its_configs_and_loads_offline(image
     hub.add_repo("tiny/sd-pickle", {"model.ckpt": pickle.dumps({"state_dict": Payload()})})
     job = image_server.wait_job(image_server.pull("tiny/sd-pickle")["job_id"])
     assert job["status"] == "failed" and "never unpickled" in job["error"], job
+    (local / "tiny.safetensors").unlink()  # gone from the folder: gone from the list at the next refresh
+    image_server.client.post("/sdapi/v1/refresh-checkpoints")
+    assert "mine/tiny" not in {m["model_name"] for m in image_server.client.get("/sdapi/v1/sd-models").json()}
