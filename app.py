@@ -4170,7 +4170,8 @@ class DiffusersBackend(Backend):
         import diffusers
 
         pipe = loaded.handle
-        if "Inpaint" in type(pipe).__name__ and params.mask is None:
+        unet = getattr(pipe, "unet", None)  # an inpainting UNet also takes the mask and the masked image's latents
+        if params.mask is None and unet is not None and unet.config.in_channels > unet.config.out_channels:
             raise BadRequest("this is an inpainting checkpoint: use img2img with a mask (or OpenAI's edits with one)")
         if second_pass and params.hires is not None and params.hires.sampler:
             params = dataclasses.replace(params, sampler=params.hires.sampler,

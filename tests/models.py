@@ -60,7 +60,7 @@ def corrupt(files: dict[str, bytes]) -> dict[str, bytes]:
     """Same repo, but weights that no loader can read."""
     return {**files, "model.safetensors": b"\x00" * 4096}
 
-def make_tiny_diffusion(out: Path, seed: int = 0) -> Path:
+def make_tiny_diffusion(out: Path, seed: int = 0, inpainting: bool = False) -> Path:
     """A random Stable Diffusion pipeline with the tiny configs diffusers' own tests use (UNet and VAE of
     4/8 channels, a 2-layer CLIP text encoder of width 8) and a byte-level CLIP tokenizer made here (no
     merges: every character is a token). Saved with save_pretrained: model_index.json and one folder each."""
@@ -79,7 +79,8 @@ def make_tiny_diffusion(out: Path, seed: int = 0) -> Path:
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
         tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4,
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=32,
+                                in_channels=9 if inpainting else 4,  # an inpainting UNet: + the mask and masked image
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
                                 norm_num_groups=2)
@@ -88,8 +89,11 @@ def make_tiny_diffusion(out: Path, seed: int = 0) -> Path:
     text = CLIPTextModel(CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=8,
                                         intermediate_size=37, num_attention_heads=2, num_hidden_layers=2,
                                         vocab_size=1000))
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=DDIMScheduler(),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    from diffusers import StableDiffusionInpaintPipeline
+
+    cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = cls(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=DDIMScheduler(),
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
     return out
 
@@ -139,9 +143,9 @@ def make_tiny_sd_lora(out: Path, seed: int = 1, kohya: bool = False) -> Path:
     return out
 
 
-def tiny_diffusion_files(seed: int = 0) -> dict[str, bytes]:
+def tiny_diffusion_files(seed: int = 0, inpainting: bool = False) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
-        root = make_tiny_diffusion(Path(tmp) / "sd", seed)
+        root = make_tiny_diffusion(Path(tmp) / "sd", seed, inpainting)
         return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 def tiny_cross_encoder_files(seed: int = 0) -> dict[str, bytes]:

@@ -87,6 +87,17 @@ def ldm_state_dict(folder: Path) -> dict:
     return out
 
 
+def ldm_vae_state_dict(folder: Path) -> dict:
+    """A diffusers VAE folder as a single-file VAE in the original key layout (A1111's `vae-ft-mse-*.safetensors`:
+    `encoder.down.0.block.0.*`, no prefix)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder)
+    prefixes = vae_prefixes(dict(vae.config))
+    return {renamed(key, prefixes, (("conv_shortcut", "nin_shortcut"),) if "resnets" in key else VAE_ATTENTION
+                    if "attentions" in key else ()): value.contiguous() for key, value in vae.state_dict().items()}
+
+
 def check_round_trip(folder: Path, checkpoint: dict) -> None:
     """diffusers' own conversion of `checkpoint` gives back every weight of the folder's UNet and VAE."""
     import torch

@@ -386,6 +386,11 @@ def test_sd_vae_changes_the_decode(image_server, hub, tmp_path):
     other, text = image(sd_vae="other.safetensors")
     assert other != base and "VAE: other.safetensors" in text and "VAE hash: " in text
     assert image(sd_vae="tiny/vae")[0] == other  # the same weights, pulled as a diffusers folder
+    from safetensors.torch import save_file
+    from sd_checkpoint import ldm_vae_state_dict
+
+    save_file(ldm_vae_state_dict(vae), folder / "ldm.safetensors")  # A1111's key layout: diffusers converts it
+    assert image(sd_vae="ldm.safetensors")[0] == other
     assert image()[0] == base  # Automatic, and no VAE named as the model: its own, exactly
     shutil.copyfile(folder / "other.safetensors", folder / "sd.safetensors")  # named as the model (tiny/sd)
     assert image()[0] == other
@@ -396,7 +401,7 @@ def test_sd_vae_changes_the_decode(image_server, hub, tmp_path):
     image_server.client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"})
     assert image()[0] == base
     names = {v["model_name"] for v in image_server.client.get("/sdapi/v1/sd-vae").json()}
-    assert names == {"other.safetensors", "tiny/vae"}
+    assert names == {"other.safetensors", "ldm.safetensors", "tiny/vae"}
     for bad in (image_server.client.post("/sdapi/v1/options", json={"sd_vae": "nope"}),
                 a1111(image_server, override_settings={"sd_vae": "nope"})):
         assert bad.status_code == 400 and "unknown sd_vae 'nope'" in bad.json()["error"], bad.text
@@ -468,3 +473,24 @@ def test_a_single_file_checkpoint_pulls_with_its_configs_and_loads_offline(image
     (local / "tiny.safetensors").unlink()  # gone from the folder: gone from the list at the next refresh
     image_server.client.post("/sdapi/v1/refresh-checkpoints")
     assert "mine/tiny" not in {m["model_name"] for m in image_server.client.get("/sdapi/v1/sd-models").json()}
+
+
+def test_an_inpainting_checkpoint_inpaints_and_refuses_txt2img(image_server, hub):
+    hub.add_repo("tiny/sd-inpaint", tiny_diffusion_files(inpainting=True))
+    image_server.pull_ok("tiny/sd-inpaint")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=image_server.port, sampler="Euler a", steps=4)
+    source = api.txt2img(prompt="a red cube", seed=21, width=64, height=64,
+                         override_settings={"sd_model_checkpoint": SD}).image
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    r = image_server.client.post("/sdapi/v1/img2img", json={
+        "init_images": [webuiapi.raw_b64_img(source)], "mask": webuiapi.raw_b64_img(mask), "mask_blur": 2, "seed": 3,
+        "prompt": "a blue ball", "steps": 4, "width": 64, "height": 64, "denoising_strength": 0.9,
+        "override_settings": {"sd_model_checkpoint": "tiny/sd-inpaint"}})
+    assert r.status_code == 200, r.text
+    out = png(r.json()["images"][0]).convert("RGB")
+    assert out.crop((0, 0, 64, 8)).tobytes() == source.convert("RGB").crop((0, 0, 64, 8)).tobytes()
+    assert out.crop((24, 24, 40, 40)).tobytes() != source.convert("RGB").crop((24, 24, 40, 40)).tobytes()
+    r = a1111(image_server, override_settings={"sd_model_checkpoint": "tiny/sd-inpaint"})
+    assert r.status_code == 400 and "inpainting checkpoint" in r.json()["error"], r.text
+    image_server.client.request("DELETE", "/api/delete", json={"model": "tiny/sd-inpaint"})  # not the newest default
