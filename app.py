@@ -4115,6 +4115,10 @@ class DiffusersBackend(Backend):
 
     name, module = "diffusers", "diffusers"
     formats = ("diffusers",)
+    SIBLINGS = {"img2img": ("AutoPipelineForImage2Image", "no image-to-image pipeline in diffusers; use txt2img with "
+                            "this model"),
+                "inpaint": ("AutoPipelineForInpainting", "no inpainting pipeline in diffusers; send no mask with this "
+                            "model")}
     DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
     def single_file(self, path: str, dtype: Any) -> tuple[Any, str]:
@@ -4176,22 +4180,15 @@ class DiffusersBackend(Backend):
         if second_pass and params.hires is not None and params.hires.sampler:
             params = dataclasses.replace(params, sampler=params.hires.sampler,
                                          scheduler=params.hires.scheduler or params.scheduler)
-        if params.mask is not None:
-            if "inpaint" not in loaded.cache:
+        kind = "inpaint" if params.mask is not None else "img2img" if params.init_images or second_pass else None
+        if kind is not None:  # a sibling pipeline over the same weights, made once
+            if kind not in loaded.cache:
+                auto, advice = DiffusersBackend.SIBLINGS[kind]
                 try:
-                    loaded.cache["inpaint"] = diffusers.AutoPipelineForInpainting.from_pipe(pipe)
+                    loaded.cache[kind] = getattr(diffusers, auto).from_pipe(pipe)
                 except ValueError:
-                    raise BadRequest(f"{type(pipe).__name__} has no inpainting pipeline in diffusers; send no "
-                                     "mask with this model") from None
-            pipe = loaded.cache["inpaint"]
-        elif params.init_images or second_pass:
-            if "img2img" not in loaded.cache:
-                try:
-                    loaded.cache["img2img"] = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
-                except ValueError:
-                    raise BadRequest(f"{type(pipe).__name__} has no image-to-image pipeline in diffusers; "
-                                     "use txt2img with this model") from None
-            pipe = loaded.cache["img2img"]
+                    raise BadRequest(f"{type(pipe).__name__} has {advice}") from None
+            pipe = loaded.cache[kind]
         own = getattr(diffusers, loaded.cache["scheduler_config"]["_class_name"], None)
         if params.sampler is None:
             pipe.scheduler = own.from_config(loaded.cache["scheduler_config"]) if own else pipe.scheduler
