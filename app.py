@@ -107,7 +107,9 @@ Sections, in order; each uses only those above it (tests/test_map.py checks it):
   4. Helpers (names, ids)                15. App state and shared route helpers (matched_route, the
   5. Errors, 5b. Metrics                     gateway policies a route declares: BY_MODEL, merged(...), ...)
   6. Registry and Hub pulls              16. Routes: Ollama (/api/chat, /api/generate); 16b. its model
-     6b. Media in prompts (pictures,         management (/api/tags, /api/show, /api/pull, /api/create, ...)
+     6a. Model files (formats, capa-         management (/api/tags, /api/show, /api/pull, /api/create, ...)
+     bilities, adapters, digests)
+     6b. Media in prompts (pictures,
      sounds)
   7. Decoding (stops, grammars, tools)   17. Routes: native (/pull, /jobs, /models, /chat, /status, ...)
   8. Backends: the contract              18. Routes: OpenAI (/v1/*); 18b. Anthropic (/v1/messages);
@@ -1431,6 +1433,9 @@ def pull_error_text(exc: BaseException, repo_id: str, revision: str, settings: S
     return f"{type(exc).__name__}: {exc}"
 
 
+# ============================================================================
+# 6a. Model files: formats, capabilities, adapters' bases, content digests, deletion
+# ============================================================================
 def read_architecture(path: Path) -> str | None:
     with contextlib.suppress(OSError, ValueError):
         config = json.loads((path / "config.json").read_text())
