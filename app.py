@@ -137,9 +137,9 @@ declares (openapi_extra; /openapi.json shows it as x-gateway). Each route sectio
   responses_api (18c) /v1/responses, /v1/responses/{id}
   llamacpp_api (19)   /completion(s), /infill, /tokenize, /detokenize, /apply-template, /embedding(s), /rerank,
                       /props, /slots, /template, /lora-adapters
-  images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, refresh-checkpoints, loras, refresh-loras, sd-vae, refresh-vae,
-                      options, samplers, schedulers, upscalers, latent-upscale-modes, progress, interrupt,
-                      png-info}, /generate-image
+  images_api (20)     /sdapi/v1/{txt2img, img2img, sd-models, refresh-checkpoints, loras, refresh-loras,
+                      sd-vae, refresh-vae, options, samplers, schedulers, upscalers, latent-upscale-modes,
+                      progress, interrupt, png-info}, /generate-image
 
 Life of a request: POST /api/chat {"model": "smollm2:135m", "messages": [...], "stream": true}
   CORSMiddleware, HttpMetrics, AccessControl (Origin, Host, key, body cap; refusals in the route's API shape,
@@ -1065,7 +1065,8 @@ def fetch_checkpoint_configs(settings: Settings, path: str) -> str:
                               token=settings.hf_token.get_secret_value() if settings.hf_token else None)
         except (OSError, ValueError, hf_errors.HfHubHTTPError) as exc:
             raise BadRequest(f"this checkpoint loads with the configs of {base}, which are not here and could not be "
-                             f"fetched ({type(exc).__name__}): reach the hub once (HF_ENDPOINT) to register it") from None
+                             f"fetched ({type(exc).__name__}): reach the hub once (HF_ENDPOINT) to register it"
+                             ) from None
     return base
 
 
@@ -3994,7 +3995,8 @@ def lora_tags(prompt: str, settings: Settings) -> tuple[ImageLora, ...]:
             te = float(named.get("te", plain[0] if plain else 1.0))
             unet = float(named.get("unet", plain[1] if len(plain) > 1 else te))
         except ValueError:
-            raise BadRequest(f"invalid LoRA weight in <lora:{tag}>: use <lora:name:0.8> or <lora:name:te:unet>") from None
+            raise BadRequest(f"invalid LoRA weight in <lora:{tag}>: use <lora:name:0.8> or <lora:name:te:unet>"
+                             ) from None
         if not (math.isfinite(te) and math.isfinite(unet)):
             raise BadRequest(f"invalid LoRA weight in <lora:{tag}>: weights are finite numbers")
         found[name] = ImageLora(name, str(known[name]), te, unet)
@@ -4133,8 +4135,8 @@ class DiffusersBackend(Backend):
 
         base = checkpoint_base_repo(path)
         try:
-            config = snapshot_download(base, cache_dir=self.settings.hf_cache, allow_patterns=CHECKPOINT_CONFIG_PATTERNS,
-                                       local_files_only=True)
+            config = snapshot_download(base, cache_dir=self.settings.hf_cache, local_files_only=True,
+                                       allow_patterns=CHECKPOINT_CONFIG_PATTERNS)
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"the configs of {base}, which this checkpoint loads with, are not here ({exc}): pull "
                                "the model again") from None
@@ -6020,8 +6022,8 @@ class PullManager:
         if plan.checkpoint is not None:  # and the configs diffusers loads it with: part of this pull, never later
             base = await asyncio.to_thread(checkpoint_base_repo, str(Path(path) / plan.checkpoint))
             log.info("pull %s: single-file checkpoint %s; its configs from %s", job.id, plan.checkpoint, base)
-            await run_in_daemon_thread(snapshot_download, base, cache_dir=cache, allow_patterns=CHECKPOINT_CONFIG_PATTERNS,
-                                       endpoint=self.settings.hf_endpoint, token=self._token())
+            await run_in_daemon_thread(snapshot_download, base, cache_dir=cache, endpoint=self.settings.hf_endpoint,
+                                       allow_patterns=CHECKPOINT_CONFIG_PATTERNS, token=self._token())
         return self._register(run, plan, Path(path))
 
     def _count_bytes(self, job: PullJob, now: int) -> None:

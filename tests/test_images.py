@@ -288,8 +288,9 @@ def test_hires_fix_scales_and_writes_its_infotext(image_server):
     resized = api.txt2img(prompt="a red cube", seed=3, width=32, height=48, enable_hr=True, hr_resize_x=64,
                           hr_upscaler="Nearest")
     assert resized.image.size == (64, 96) and "Hires resize: 64x96" in resized.info["infotexts"][0]
-    names = [u["name"] for u in image_server.client.get("/sdapi/v1/upscalers").json()]
+    names = [u["name"] for u in api.get_upscalers()]
     assert {"None", "Lanczos", "Latent", "Latent (bicubic antialiased)"} <= set(names)
+    assert [m["name"] for m in api.get_latent_upscale_modes()][0] == "Latent"
     for bad, says in (({"hr_upscaler": "R-ESRGAN 4x+"}, "unknown hr_upscaler 'R-ESRGAN 4x+': use one of"),
                       ({"hr_scale": 8, "width": 512, "height": 512}, "above MAX_IMAGE_PIXELS")):
         r = a1111(image_server, enable_hr=True, **bad)
@@ -320,7 +321,7 @@ def test_lora_tags_change_the_image_and_leave_the_base_alone(image_server, tmp_p
     assert image("a red cube")[0] == base  # nothing left behind: never fused
     assert image("a red cube <lora:tiny:0.5>")[0] not in (base, full)
     assert image("<lora:tiny:1> a red cube")[0] == full  # the tag never reaches the text encoder
-    listed = {lora["name"]: lora for lora in image_server.client.get("/sdapi/v1/loras").json()}
+    listed = {lora["name"]: lora for lora in webuiapi.WebUIApi(port=image_server.port).get_loras()}
     assert set(listed) == {"tiny", "tiny_kohya"} and listed["tiny"]["path"].endswith("tiny.safetensors")
     assert image_server.client.post("/sdapi/v1/refresh-loras").status_code == 200
     r = a1111(image_server, prompt="x <lora:nope:1>")
@@ -395,12 +396,13 @@ def test_sd_vae_changes_the_decode(image_server, hub, tmp_path):
     shutil.copyfile(folder / "other.safetensors", folder / "sd.safetensors")  # named as the model (tiny/sd)
     assert image()[0] == other
     (folder / "sd.safetensors").unlink()
-    assert image_server.client.post("/sdapi/v1/options", json={"sd_vae": "tiny/vae"}).status_code == 200
-    assert image_server.client.get("/sdapi/v1/options").json()["sd_vae"] == "tiny/vae"
+    api = webuiapi.WebUIApi(port=image_server.port)
+    api.set_options({"sd_vae": "tiny/vae"})
+    assert api.get_options()["sd_vae"] == "tiny/vae"
     assert image()[0] == other
     image_server.client.post("/sdapi/v1/options", json={"sd_vae": "Automatic"})
     assert image()[0] == base
-    names = {v["model_name"] for v in image_server.client.get("/sdapi/v1/sd-vae").json()}
+    names = {v["model_name"] for v in api.get_sd_vae()}
     assert names == {"other.safetensors", "ldm.safetensors", "tiny/vae"}
     for bad in (image_server.client.post("/sdapi/v1/options", json={"sd_vae": "nope"}),
                 a1111(image_server, override_settings={"sd_vae": "nope"})):
@@ -447,7 +449,9 @@ def test_a_single_file_checkpoint_pulls_with_its_configs_and_loads_offline(image
     local = image_server.home / "sd-models" / "Stable-diffusion" / "mine"
     local.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(pruned, local / "tiny.safetensors")
-    assert image_server.client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+    api = webuiapi.WebUIApi(port=image_server.port)
+    api.refresh_checkpoints()
+    assert "mine/tiny" in {m["model_name"] for m in api.get_sd_models()}
     assert pixels(image_server, "mine/tiny") == diffusers_copy
     # Ollama's create with an uploaded checkpoint blob
     client = __import__("ollama").Client(host=image_server.url)
