@@ -419,6 +419,8 @@ def test_a_single_file_checkpoint_pulls_with_its_configs_and_loads_offline(image
     import pickle
     import shutil
 
+    import ollama
+    import torch
     from models import make_tiny_diffusion
     from safetensors.torch import load_file, save_file
     from sd_checkpoint import config_only_files, make_single_file
@@ -427,7 +429,7 @@ def test_a_single_file_checkpoint_pulls_with_its_configs_and_loads_offline(image
     hub.add_repo("stable-diffusion-v1-5/stable-diffusion-v1-5", config_only_files(root))
     pruned = make_single_file(root, tmp_path / "pruned.safetensors")
     full = tmp_path / "full.safetensors"
-    save_file({**load_file(pruned), "model_ema.decay": __import__("torch").ones(4096)}, full)
+    save_file({**load_file(pruned), "model_ema.decay": torch.ones(4096)}, full)  # a bigger file of the same model
     hub.add_repo("tiny/sd-single", {"tiny-v1-pruned.safetensors": pruned.read_bytes(),
                                     "tiny-v1-full.safetensors": full.read_bytes(), "README.md": b"# tiny"})
     image_server.pull_ok("tiny/sd-single")
@@ -454,7 +456,7 @@ def test_a_single_file_checkpoint_pulls_with_its_configs_and_loads_offline(image
     assert "mine/tiny" in {m["model_name"] for m in api.get_sd_models()}
     assert pixels(image_server, "mine/tiny") == diffusers_copy
     # Ollama's create with an uploaded checkpoint blob
-    client = __import__("ollama").Client(host=image_server.url)
+    client = ollama.Client(host=image_server.url)
     client.create(model="uploaded-sd", files={"tiny.safetensors": client.create_blob(pruned)})
     assert pixels(image_server, "uploaded-sd") == diffusers_copy
     # the same home, the hub unreachable and huggingface_hub offline: it loads from what the pull fetched
