@@ -1704,7 +1704,8 @@ def delete_model_files(rec: ModelRecord, settings: Settings, repo_shared: bool =
     files another registered name of the same repo (`repo_shared`) may use; its GGUF conversion goes too."""
     path = Path(rec.path).resolve()
     if not is_gguf_path(rec.path) and not repo_shared:
-        for made in converted_gguf(settings, rec.path).parent.glob(f"{converted_gguf(settings, rec.path).stem}.*"):
+        converted = converted_gguf(settings, rec.path)
+        for made in converted.parent.glob(f"{converted.stem}.*"):  # the .gguf, or the .failed of a failed try
             made.unlink(missing_ok=True)
     repo = settings.hf_cache.resolve() / repo_folder_name(repo_id=rec.repo_id, repo_type="model") \
         if rec.source == "hub" else path  # created and embedded models' names need not be repo ids
@@ -1779,9 +1780,6 @@ def decode_mask(data: str | bytes, max_pixels: int, alpha: bool = False) -> Any:
         raise BadRequest("invalid mask: send a base64-encoded PNG (white where to repaint)", param="mask") from None
 
 
-RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")  # A1111's
-
-
 def fit_image(image: Any, width: int, height: int, mode: int) -> Any:
     """An input image brought to width x height as A1111's resize_mode says: 0 (and 3) stretched, 1 scaled to
     cover and cropped at the centre, 2 scaled to fit and the bands filled with its edges stretched."""
@@ -1796,7 +1794,7 @@ def fit_image(image: Any, width: int, height: int, mode: int) -> Any:
         return scaled.crop((left, top, left + width, top + height))
     canvas = scaled.resize((width, height))  # the bands: the image stretched (A1111 stretches its edges)
     canvas.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))
-    return canvas if image.mode == canvas.mode else canvas.convert(image.mode) if image.mode != "L" else canvas
+    return canvas
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -3738,8 +3736,9 @@ class LlamaCppBackend(Backend):
         return None
 
     def public(self) -> dict[str, Any]:
+        converter = gguf_converter(self.binary) if self.binary else None
         return {"path": str(self.binary) if self.binary else None, "version": self.version,
-                "converter": str(gguf_converter(self.binary)) if self.binary and gguf_converter(self.binary) else None}
+                "converter": str(converter) if converter else None}
 
     def accepts(self, plan: LoadPlan) -> bool:
         """GGUF files, and HF text models where it runs them converted (CONVERT_HF_TO_GGUF: auto, on the CPU,
@@ -4265,7 +4264,7 @@ class DiffusersBackend(Backend):
                 module.enable_slicing()
                 kept[path] = (stamp, module)
             module = kept[path][1]
-        for pipe in (loaded.handle, loaded.cache.get("img2img"), loaded.cache.get("inpaint")):
+        for pipe in (loaded.handle, *(loaded.cache.get(kind) for kind in DiffusersBackend.SIBLINGS)):
             if pipe is not None and getattr(pipe, "vae", None) is not module:
                 pipe.vae = module
 
@@ -4295,12 +4294,12 @@ class DiffusersBackend(Backend):
             optional = {"negative_prompt": [params.negative_prompt] * len(batch_seeds) if params.negative_prompt
                         else None, "num_inference_steps": params.steps, "guidance_scale": params.cfg_scale}
             kwargs |= {k: v for k, v in optional.items() if v is not None and k in accepts}
+            originals = [params.init_images[i % len(params.init_images)] for i in range(len(batch_seeds))
+                         ] if params.init_images else []
             if params.mask is not None:
-                originals = [params.init_images[i % len(params.init_images)] for i in range(len(batch_seeds))]
                 kwargs.update(self.inpaint_inputs(pipe, params, originals))
             elif params.init_images:
-                kwargs.update(image=[params.init_images[i % len(params.init_images)] for i in range(len(batch_seeds))],
-                              strength=params.denoising_strength)
+                kwargs.update(image=originals, strength=params.denoising_strength)
             else:
                 kwargs.update(width=params.width, height=params.height)
             try:
@@ -6051,14 +6050,14 @@ class PullManager:
             meta = gguf_metadata(str(path))
             size, quant, arch = plan.gguf.size_bytes, meta["file_type_name"], meta.get("general.architecture")
             base = gguf_adapter_base(self.registry, path) if meta.get("general.type") == "adapter" else None
+        elif plan.checkpoint is not None:  # a single-file image checkpoint: the model is its file
+            path = path / plan.checkpoint
+            size, quant, arch, base = path.stat().st_size, "no", "single-file checkpoint", None
         else:
             size = files_size_bytes(path)
             quant = choose_quantization(job.quantize, size, self.settings.q4_threshold_bytes, self.bnb_usable)
             arch = read_architecture(path)
             base = adapter_base(self.registry, path) if model_format(str(path)) == "peft" else None
-            if plan.checkpoint is not None:  # the model is its file
-                path = path / plan.checkpoint
-                size, quant, arch = path.stat().st_size, "no", "single-file checkpoint"
         rec = ModelRecord(job.model, plan.repo_id, job.revision, plan.sha, str(path), size, quant, arch,
                           job.trust_remote_code, "hub", utc_now_iso(), base=base.name if base else "")
         self.models.evict(rec.name)  # a re-pull replaces the files: never serve the old ones
@@ -9838,7 +9837,7 @@ class A1111Body(WireModel):
 
 class A1111Img2ImgBody(A1111Body):
     init_images: list[str] = Field(min_length=1, max_length=16)
-    resize_mode: int = Field(0, ge=0, le=3)  # RESIZE_MODES
+    resize_mode: int = Field(0, ge=0, le=3)  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 as 0 (fit_image)
     mask: str | None = None  # inpainting: base64, white where to repaint
     mask_blur: int = Field(4, ge=0, le=64)
     inpainting_fill: int = Field(1, ge=0, le=3)  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
@@ -10082,17 +10081,15 @@ async def a1111_img2img(body: A1111Img2ImgBody, request: Request) -> dict[str, A
     limit = state_of(request).settings.max_image_pixels
 
     def decoded() -> tuple[list[Any], Any]:
-        images = [decode_image(d, limit) for d in body.init_images]
-        if body.mask is None:
-            return [fit_image(im, body.width, body.height, body.resize_mode) for im in images], None
-        mask = decode_mask(body.mask, limit)
-        if mask.size != images[0].size:
-            raise BadRequest(f"the mask is {mask.width}x{mask.height} and the image {images[0].width}x"
-                             f"{images[0].height}: send a mask of the image's size", param="mask")
-        if body.inpainting_mask_invert:
-            mask = mask.point(lambda v: 255 - v)
-        return ([fit_image(im, body.width, body.height, body.resize_mode) for im in images],
-                fit_image(mask, body.width, body.height, body.resize_mode))
+        images, mask = [decode_image(d, limit) for d in body.init_images], None
+        if body.mask is not None:
+            mask = decode_mask(body.mask, limit)
+            if mask.size != images[0].size:
+                raise BadRequest(f"the mask is {mask.width}x{mask.height} and the image {images[0].width}x"
+                                 f"{images[0].height}: send a mask of the image's size", param="mask")
+            mask = mask.point(lambda v: 255 - v) if body.inpainting_mask_invert else mask
+        fit = functools.partial(fit_image, width=body.width, height=body.height, mode=body.resize_mode)
+        return [fit(im) for im in images], fit(mask) if mask is not None else None
 
     pictures, mask = await asyncio.to_thread(decoded)
     reply = await a1111_generate(request, body, pictures, mask)
@@ -10117,12 +10114,11 @@ async def a1111_loras(request: Request) -> list[dict[str, Any]]:
     """The image LoRAs prompts may name (SD_MODELS_DIR/Lora), with their safetensors metadata (training notes)."""
     def listed() -> list[dict[str, Any]]:
         out = []
+        from safetensors import SafetensorError, safe_open
+
         for name, path in image_loras(state_of(request).settings).items():
-            with contextlib.suppress(OSError, ValueError):
-                with open(path, "rb") as f:
-                    size = int.from_bytes(f.read(8), "little")
-                    meta = json.loads(f.read(size)).get("__metadata__", {}) if size < 100 * 2**20 else {}
-                out.append({"name": name, "alias": name, "path": str(path), "metadata": meta})
+            with contextlib.suppress(OSError, SafetensorError), safe_open(path, "pt") as handle:
+                out.append({"name": name, "alias": name, "path": str(path), "metadata": handle.metadata() or {}})
         return out
 
     return await asyncio.to_thread(listed)
