@@ -9954,8 +9954,8 @@ def a1111_infotext(params: ImageParams, seed: int, model: str) -> str:
             f"{lora.name}: {lora_hash(lora.path, os.stat(lora.path).st_mtime_ns)}" for lora in params.loras) + '"'
     if (hires := params.hires) is not None:  # A1111's hires-fix lines
         size = f"Hires upscale: {hires.scale:g}" if hires.scale else f"Hires resize: {hires.width}x{hires.height}"
-        extra = (f", Denoising strength: {hires.strength}, {size}, Hires steps: {hires.steps}, "
-                 f"Hires upscaler: {hires.upscaler}" + (f", Hires sampler: {hires.sampler}" if hires.sampler else ""))
+        extra += (f", Denoising strength: {hires.strength}, {size}, Hires steps: {hires.steps}, "
+                  f"Hires upscaler: {hires.upscaler}" + (f", Hires sampler: {hires.sampler}" if hires.sampler else ""))
     return (f"{text}\nSteps: {params.steps}, Sampler: {sampler}, Schedule type: {sigmas}, "
             f"CFG scale: {params.cfg_scale or 0:g}, Seed: {seed}, Size: {params.width}x{params.height}, "
             f"Model: {model}{extra}, Version: ai-server {VERSION}")

@@ -321,6 +321,9 @@ def test_lora_tags_change_the_image_and_leave_the_base_alone(image_server, tmp_p
     assert image("a red cube")[0] == base  # nothing left behind: never fused
     assert image("a red cube <lora:tiny:0.5>")[0] not in (base, full)
     assert image("<lora:tiny:1> a red cube")[0] == full  # the tag never reaches the text encoder
+    hires = a1111(image_server, prompt="a red cube <lora:tiny:1>", seed=11, width=32, height=32, enable_hr=True)
+    text = json.loads(hires.json()["info"])["infotexts"][0]
+    assert 'Lora hashes: "tiny: ' in text and "Hires upscale: 2" in text  # both, in one infotext
     listed = {lora["name"]: lora for lora in webuiapi.WebUIApi(port=image_server.port).get_loras()}
     assert set(listed) == {"tiny", "tiny_kohya"} and listed["tiny"]["path"].endswith("tiny.safetensors")
     assert image_server.client.post("/sdapi/v1/refresh-loras").status_code == 200
