@@ -7398,15 +7398,21 @@ def replace_created(state: AppState, taken: ModelRecord | None, rec: ModelRecord
     state.registry.put_model(rec)
 
 
+def replaceable(state: AppState, name: str) -> ModelRecord | None:
+    """The model a create of `name` replaces (one made by /api/create before), None; Conflict for a pulled one."""
+    if (taken := find_model(state, name)) is not None and taken.source != "created" and taken.preset == "{}":
+        raise Conflict(f"model '{display_name(taken.name)}' already exists and was not made by /api/create: "
+                       "delete it first, or create another name")
+    return taken
+
+
 def create_model(state: AppState, body: CreateBody) -> list[str]:
     """A new name: from an existing model (its files shared, as /api/copy) or from uploaded blobs (linked
     into a folder of their own), with its Modelfile settings. Returns the progress statuses."""
     name = body.model or body.name
     if not name:
         raise BadRequest("invalid model name: give `model`")
-    if (taken := find_model(state, name)) is not None and taken.source != "created" and taken.preset == "{}":
-        raise Conflict(f"model '{display_name(taken.name)}' already exists and was not made by /api/create: "
-                       "delete it first, or create another name")
+    taken = replaceable(state, name)
     if body.adapters:  # Modelfile FROM + ADAPTER: a LoRA adapter (uploaded PEFT files) served on its base
         return create_adapter(state, body, name, taken)
     if body.from_:
@@ -7473,9 +7479,7 @@ def plan_quantize(state: AppState, body: CreateBody) -> QuantizePlan:
         raise BadRequest(f"unsupported quantization type {body.quantize!r}: use one of {', '.join(QUANT_TYPES)}")
     if not body.from_ or body.files or body.adapters:
         raise BadRequest("quantize needs `from`: an existing model (create one from uploaded files first)")
-    if (taken := find_model(state, name)) is not None and taken.source != "created" and taken.preset == "{}":
-        raise Conflict(f"model '{display_name(taken.name)}' already exists and was not made by /api/create: "
-                       "delete it first, or create another name")
+    taken = replaceable(state, name)
     base = require_model(state, body.from_, f'model "{body.from_}" not found, try pulling it first')
     if is_gguf_path(base.path):
         if (have := gguf_metadata(base.path)["file_type_name"]) not in UNQUANTIZED:
